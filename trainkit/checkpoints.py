@@ -1,0 +1,138 @@
+"""Checkpoint directories: atomic writes, resume discovery, top-K retention.
+
+A checkpoint is written into a hidden temp directory and renamed to `checkpoint-<step>`
+only when complete, so a crash during a save never leaves a directory that resume
+would pick. `trainer_state.json` is written last inside the temp directory; a
+`checkpoint-<step>` without it is never picked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from trainkit.runlog import CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, TRAINER_STATE_FILE, read_json
+
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete `checkpoint-<step>` directories of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        m = _CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and (child / TRAINER_STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def final_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"{FINAL_CHECKPOINT_PREFIX}{step}"
+
+
+def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
+    state = read_json(Path(checkpoint) / TRAINER_STATE_FILE)
+    if not isinstance(state, dict) or "step" not in state:
+        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no {TRAINER_STATE_FILE})")
+    return state
+
+
+def remove_partial_saves(run_dir: str | os.PathLike) -> None:
+    """Delete temp directories left by a save that a crash interrupted."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            if child.name.startswith(TMP_PREFIX) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """Hidden temp directory beside `final`; the same name on every process of a run."""
+    final = Path(final)
+    return final.with_name(f"{TMP_PREFIX}{final.name}")
+
+
+def commit_directory(staging: Path, final: str | os.PathLike) -> None:
+    """Make a complete staging directory visible as `final` in one rename."""
+    final = Path(final)
+    _fsync_tree(staging)
+    if final.exists():
+        # Same step saved again (after a resume): move the old copy aside first so that a
+        # crash between the two renames still leaves one complete copy.
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Single-process writer: yield a staging directory that replaces `final` on success."""
+    staging = staging_dir(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        commit_directory(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def directory_size(path: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def checkpoints_to_delete(scored: list[tuple[int, float | None]], keep_top_k: int,
+                          greater_is_better: bool) -> list[int]:
+    """Steps to delete: keep the `keep_top_k` best by metric, plus the latest.
+
+    `scored` holds (step, metric); a checkpoint without a metric ranks below every
+    scored one, newer before older.
+    """
+    if not scored:
+        return []
+    latest = max(step for step, _ in scored)
+
+    def rank(item):
+        step, metric = item
+        if metric is None or (isinstance(metric, float) and math.isnan(metric)):
+            return (1, -step)
+        return (0, -metric if greater_is_better else metric)
+
+    keep = {step for step, _ in sorted(scored, key=rank)[:keep_top_k]} | {latest}
+    return sorted(step for step, _ in scored if step not in keep)

@@ -1,0 +1,247 @@
+"""The run directory: the contract between the trainers and the dashboard.
+
+Every trainer writes, and every reader reads, the layout below. Field names live in
+this module (and in README.md, "Run directory"); nothing here imports torch, so a
+reader can interpret a run without importing a trainer.
+
+    <output_dir>/<run_name>/
+      run.json                     RUN_FIELDS
+      logs/training_log.jsonl      TRAINING_FIELDS, one line per logged optimizer step
+      logs/eval_log.jsonl          EVAL_FIELDS, one line per evaluation
+      logs/expert_usage_log.jsonl  EXPERT_FIELDS, MoE router statistics
+      logs/error_log.jsonl         ERROR_FIELDS, one line per error
+      logs/events.jsonl            EVENT_FIELDS, one line per event (EVENTS)
+      checkpoint-<step>/           adapter + tokenizer + accelerate state + trainer_state.json
+      best-adapter/                copy of the best checkpoint's adapter
+      final-checkpoint-<step>/
+
+Every JSONL line is one JSON object with at least ``step`` and ``time`` (unix
+seconds). Only the main process writes. A line is written with a single ``write`` of
+the whole line and flushed, so a reader sees it whole or not at all; readers skip a
+partial last line. After a resume from step S the lines with step > S from the earlier
+attempt are dropped (``RunLog.truncate_after``); a reader that sees a step go backwards
+must also drop the later steps of the earlier attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+LOGS_DIR = "logs"
+RUN_INFO_FILE = "run.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # inside every checkpoint-<step>/
+BEST_ADAPTER_DIR = "best-adapter"
+CHECKPOINT_PREFIX = "checkpoint-"
+FINAL_CHECKPOINT_PREFIX = "final-checkpoint-"
+
+STREAMS = {
+    "training": "training_log.jsonl",
+    "eval": "eval_log.jsonl",
+    "experts": "expert_usage_log.jsonl",
+    "errors": "error_log.jsonl",
+    "events": "events.jsonl",
+}
+
+# run.json
+RUN_FIELDS = {
+    "run_name": "name of the run (the directory name)",
+    "script": "entry point that wrote the run (train_qlora.py, train_lora.py, distill.py)",
+    "status": "running | finished | failed (a reader may show 'stalled' for a running run whose logs stopped)",
+    "start_time": "unix seconds of the first start",
+    "last_start_time": "unix seconds of the latest start or resume",
+    "end_time": "unix seconds when the run finished or failed, else null",
+    "total_steps": "optimizer steps the run will take",
+    "world_size": "number of processes",
+    "num_machines": "number of nodes",
+    "mixed_precision": "no | bf16 | fp16",
+    "host": "hostname of the main process",
+    "pid": "process id of the main process",
+    "resumed_from": "checkpoint path of the latest resume, else null",
+    "versions": "python, torch, transformers, accelerate, peft, bitsandbytes, datasets versions",
+    "model": "model summary: name, family, is_moe, parameter counts, 4-bit parameter count",
+    "config": "the full validated config (secrets redacted)",
+    "error": "one-line message of the fatal error, when status is failed",
+}
+
+# logs/training_log.jsonl
+TRAINING_FIELDS = {
+    "step": "optimizer step (1-based) this line reports",
+    "time": "unix seconds",
+    "epoch": "fractional epoch at this step",
+    "loss": "mean training loss over the steps since the last logged line",
+    "lr": "learning rate used at this step",
+    "grad_norm": "global gradient norm before clipping",
+    "tokens": "cumulative non-padding tokens seen (all processes)",
+    "tokens_per_sec": "non-padding tokens per second over the logged interval (all processes)",
+    "step_time": "mean seconds per optimizer step over the logged interval",
+    "eta_seconds": "estimated seconds to the end of training",
+    "total_steps": "optimizer steps the run will take",
+    "memory_allocated_gb": "device memory allocated now (GiB; CPU runs: process RSS)",
+    "memory_peak_gb": "peak device memory allocated since start (GiB; CPU runs: peak RSS)",
+    "router_aux_loss": "MoE router load-balancing loss (null for dense models)",
+}
+
+# logs/eval_log.jsonl
+EVAL_FIELDS = {
+    "step": "optimizer step of the evaluation",
+    "time": "unix seconds",
+    "eval_loss": "mean token-level loss on the validation split",
+    "perplexity": "exp(eval_loss)",
+    "eval_tokens": "number of target tokens evaluated",
+    "eval_seconds": "seconds the evaluation took",
+    "metric": "name of the metric used to pick the best checkpoint",
+    "metric_value": "its value at this evaluation",
+    "is_best": "true when this evaluation is the best so far",
+}
+
+# logs/expert_usage_log.jsonl
+EXPERT_FIELDS = {
+    "step": "optimizer step of the snapshot",
+    "time": "unix seconds",
+    "num_experts": "experts per MoE layer",
+    "top_k": "experts chosen per token",
+    "tokens_routed": "token-expert assignments counted in the snapshot window",
+    "mean_load_imbalance": "mean over layers of max/mean tokens per expert",
+    "total_dead_experts": "experts that got no token in the window, summed over layers",
+    "layers": "list of {layer, tokens_per_expert, load_imbalance, router_entropy, dead_experts}",
+}
+
+# logs/error_log.jsonl
+ERROR_FIELDS = {
+    "step": "optimizer step when the error happened",
+    "time": "unix seconds",
+    "type": "exception class name, or NonFiniteLoss",
+    "message": "one-line message",
+    "traceback": "full traceback text (null for non-fatal errors)",
+    "fatal": "true when the run stopped because of it",
+}
+
+# logs/events.jsonl
+EVENT_FIELDS = {
+    "step": "optimizer step of the event",
+    "time": "unix seconds",
+    "event": "one of EVENTS",
+    "message": "human-readable one-line description",
+}
+EVENTS = {
+    "start": "a fresh run started (total_steps, world_size)",
+    "resume": "the run resumed (path: checkpoint it resumed from)",
+    "eval": "an evaluation finished (eval_loss, metric, metric_value)",
+    "new_best": "a new best checkpoint by the configured metric (metric, metric_value, path)",
+    "checkpoint_saved": "a checkpoint was written (path, size_bytes, metric, metric_value)",
+    "checkpoint_deleted": "a checkpoint was removed by top-K retention (path)",
+    "nan_skip": "a non-finite loss or gradient skipped an optimizer step (consecutive)",
+    "stop": "the run ended (reason: finished | failed | nan_limit | max_steps)",
+}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as null so every reader can parse the line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield the complete, parseable JSON objects of a JSONL file; skip a partial last line."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # partial last line: its writer has not finished it
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    yield obj
+    except FileNotFoundError:
+        return
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return default
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write a JSON file through a temp file and rename, so readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(_finite(obj), f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Writes the JSONL streams and run.json of one run. Inert on non-main processes."""
+
+    def __init__(self, run_dir: str | os.PathLike, is_main: bool = True):
+        self.run_dir = Path(run_dir)
+        self.logs_dir = self.run_dir / LOGS_DIR
+        self.is_main = is_main
+        if is_main:
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, stream: str) -> Path:
+        return self.logs_dir / STREAMS[stream]
+
+    def write(self, stream: str, record: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"step": record.get("step", 0), "time": record.get("time", time.time()), **record}
+        line = json.dumps(_finite(record), default=str, separators=(",", ":")) + "\n"
+        # One write() of the whole line on an O_APPEND file: readers never see half a line
+        # except while it is being written, and then without its newline.
+        with open(self.path(stream), "a") as f:
+            f.write(line)
+            f.flush()
+
+    def event(self, step: int, event: str, message: str = "", **fields: Any) -> None:
+        assert event in EVENTS, f"unknown event {event!r}"
+        self.write("events", {"step": step, "event": event, "message": message, **fields})
+
+    def error(self, step: int, type_: str, message: str, traceback: str | None = None, fatal: bool = False) -> None:
+        self.write("errors", {"step": step, "type": type_, "message": message,
+                              "traceback": traceback, "fatal": fatal})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines with step > ``step`` from every stream (after a resume from ``step``)."""
+        if not self.is_main:
+            return
+        for stream in STREAMS:
+            path = self.path(stream)
+            if not path.exists():
+                continue
+            kept = [json.dumps(r, separators=(",", ":")) + "\n" for r in iter_jsonl(path)
+                    if isinstance(r.get("step"), (int, float)) and r["step"] <= step]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+    def update_run_info(self, **fields: Any) -> dict:
+        if not self.is_main:
+            return {}
+        path = self.run_dir / RUN_INFO_FILE
+        info = read_json(path, default={}) or {}
+        info.update(fields)
+        info.setdefault("run_name", self.run_dir.name)
+        info.setdefault("host", socket.gethostname())
+        write_json_atomic(path, info)
+        return info

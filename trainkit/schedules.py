@@ -1,0 +1,40 @@
+"""Learning-rate schedules (transformers' implementations), chosen by `optimization.lr_scheduler`."""
+
+from __future__ import annotations
+
+import torch
+from transformers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+    get_wsd_schedule,
+)
+
+SCHEDULES = ("cosine", "linear", "constant", "polynomial", "wsd")
+
+
+def warmup_steps(opt: dict, total_steps: int) -> int:
+    if opt.get("warmup_steps"):
+        return min(int(opt["warmup_steps"]), total_steps)
+    return int(round(opt.get("warmup_ratio", 0.0) * total_steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, opt: dict, total_steps: int):
+    """LambdaLR for `opt["lr_scheduler"]`, stepped once per optimizer step."""
+    name = opt["lr_scheduler"]
+    warmup = warmup_steps(opt, total_steps)
+    min_ratio = opt.get("min_lr_ratio", 0.0)
+    if name == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total_steps, min_lr_rate=min_ratio)
+    if name == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if name == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if name == "polynomial":
+        peak = optimizer.defaults["lr"]
+        return get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total_steps, lr_end=peak * min_ratio)
+    if name == "wsd":
+        decay = max(1, int(round(opt.get("decay_ratio", 0.1) * total_steps)))
+        return get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total_steps, min_lr_ratio=min_ratio)
+    raise ValueError(f"unknown lr_scheduler {name!r} (one of {', '.join(SCHEDULES)})")
