@@ -1,0 +1,55 @@
+"""Shared by the train_qlora tests: a tiny config and a way to run the script as users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MOE = {
+    "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "max_position_embeddings": 256, "router_aux_loss_coef": 0.01,
+}
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    """Write a tiny-model config under tmp_path; `sections` update the defaults per section."""
+    cfg = {
+        "script": "train_qlora.py",
+        "paths": {"data_path": str(REPO / "data" / "tiny_corpus.jsonl"), "output_dir": str(tmp_path / "out"),
+                  "run_name": "tiny"},
+        "model": {"config": dict(TINY_MOE)},
+        "training": {"max_steps": 12, "seed": 7, "max_seq_length": 64, "val_split": 0.05, "max_eval_batches": 2},
+        "optimization": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+                         "warmup_steps": 2, "lr_scheduler": "cosine"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "logging": {"log_interval": 2, "eval_interval": 4, "checkpoint_interval": 4, "keep_top_k": 1,
+                    "expert_stats_interval": 4, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def script_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def run_script(args: list[str], script: str = "train_qlora.py", timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=script_env(**env))
