@@ -16,15 +16,16 @@ ASSISTANT_TOKEN = "<|assistant|>"
 SYSTEM_TOKEN = "<|system|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, SYSTEM_TOKEN]
 
-# Each turn: "<|role|>\n{content}\n"; an assistant turn ends with eos so that a tuned model
-# learns to stop. `{% generation %}` marks what `return_assistant_tokens_mask` reports.
+# Each turn: "<|role|>\n{content}\n"; an assistant turn ends with eos instead of "\n", so a
+# tuned model learns to stop and its labelled span is exactly content + eos.
+# `{% generation %}` marks what `return_assistant_tokens_mask` reports.
 BYTE_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' ~ message['role'] ~ ': expected system, user or assistant') }}"
     "{% endif %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] ~ '<|endoftext|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] ~ '<|endoftext|>' }}{% endgeneration %}"
     "{% else %}"
     "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '\n' }}"
     "{% endif %}"

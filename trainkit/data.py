@@ -1,0 +1,414 @@
+"""Datasets for causal-LM fine-tuning: load rows, split, tokenize, pack, collate.
+
+Row formats (detected from the columns):
+  text                   continued pre-training: documents + eos, packed into full windows
+  messages               chat: [{role, content}, ...] through the tokenizer's chat template,
+                         loss only on assistant turns
+  prompt / response      loss only on the response (also accepts `completion` for `response`)
+
+The train/validation split is made on rows, before tokenization, from `training.seed`, so it
+is the same every run and no document is cut across the two. Everything is built in memory
+(`keep_in_memory=True`): no cache files can be shared wrongly between tokenizers or lengths,
+and a few MB take seconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainkit.config import ConfigError, looks_local
+
+IGNORE_INDEX = -100
+FORMATS = ("text", "messages", "prompt_response")
+RESPONSE_KEYS = ("response", "completion")
+MAP_BATCH = 1000
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "rt", encoding="utf-8")
+
+
+def _read_jsonl(path: Path, shown: str) -> list[dict]:
+    rows = []
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"paths.data_path: {shown} line {lineno} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"paths.data_path: {shown} line {lineno} is a JSON {type(row).__name__}, expected an object")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise ConfigError(f"paths.data_path: cannot read {shown}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return rows
+
+
+def _jsonl_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
+
+
+def load_rows(cfg: dict):
+    """The raw rows of `paths.data_path` (JSONL file, directory of *.jsonl[.gz], or HF datasets id)."""
+    import datasets
+
+    paths = cfg["paths"]
+    source = paths["data_path"]
+    local = Path(os.path.expanduser(source))
+    if local.is_dir():
+        files = _jsonl_files(local)
+        if not files:
+            found = sorted(p.name for p in local.iterdir())[:5]
+            raise ConfigError(f"paths.data_path: no *.jsonl or *.jsonl.gz files in directory {source}"
+                              f" (found: {', '.join(found) if found else 'nothing'})")
+        rows = [row for f in files for row in _read_jsonl(f, str(f))]
+    elif local.is_file():
+        rows = _read_jsonl(local, source)
+    elif looks_local(source):
+        raise ConfigError(f"paths.data_path: no such file or directory: {source}")
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=paths.get("data_split") or "train", cache_dir=paths.get("cache_dir"))
+        except Exception as e:  # hub/network/builder errors all mean "cannot use this id"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"paths.data_path: cannot load dataset {source!r} (split {paths.get('data_split')!r}): {reason}") from None
+        if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)) or not isinstance(ds, datasets.Dataset):
+            raise ConfigError(f"paths.data_path: {source!r} did not give one split; set paths.data_split")
+        if len(ds) == 0:
+            raise ConfigError(f"paths.data_path: dataset {source!r} split {paths.get('data_split')!r} has no rows")
+        return ds
+    if not rows:
+        raise ConfigError(f"paths.data_path: {source} holds no rows (empty file or only blank lines)")
+    return _rows_to_dataset(rows, source)
+
+
+def _rows_to_dataset(rows: list[dict], source: str):
+    """Only the columns of the detected format, normalized, so arrow never sees mixed schemas."""
+    import datasets
+
+    fmt = detect_format(set().union(*(r.keys() for r in rows[:1000])))
+    if fmt == "text":
+        col = _column(rows, "text", source, str)
+        return datasets.Dataset.from_dict({"text": col})
+    if fmt == "prompt_response":
+        rkey = next(k for k in RESPONSE_KEYS if k in rows[0])
+        return datasets.Dataset.from_dict({"prompt": _column(rows, "prompt", source, str),
+                                           "response": _column(rows, rkey, source, str)})
+    messages = []
+    for i, row in enumerate(rows, 1):
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            raise ConfigError(f"paths.data_path: {source} row {i}: `messages` must be a list of {{role, content}} strings")
+        messages.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    return datasets.Dataset.from_dict({"messages": messages})
+
+
+def _column(rows: list[dict], key: str, source: str, typ) -> list:
+    out = []
+    for i, row in enumerate(rows, 1):
+        value = row.get(key)
+        if not isinstance(value, typ):
+            got = "missing" if key not in row else type(value).__name__
+            raise ConfigError(f"paths.data_path: {source} row {i}: `{key}` must be a string (got {got})")
+        out.append(value)
+    return out
+
+
+def detect_format(columns) -> str:
+    """'messages', 'prompt_response' or 'text' from the column names; ConfigError otherwise."""
+    columns = set(columns)
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and any(k in columns for k in RESPONSE_KEYS):
+        return "prompt_response"
+    if "text" in columns:
+        return "text"
+    found = ", ".join(sorted(columns)) or "none"
+    raise ConfigError(f"paths.data_path: unknown row format (columns: {found}); expected `text`, `messages`, or `prompt` and `response`")
+
+
+# ---------------------------------------------------------------------------------- split
+
+def split_indices(n_rows: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic row split: validation gets round(n*val_split) rows, at least 1 (when
+    val_split > 0 and n >= 2) and never all of them. Both lists in ascending order."""
+    if val_split <= 0 or n_rows < 2:
+        return list(range(n_rows)), []
+    n_val = min(max(1, int(round(n_rows * val_split))), n_rows - 1)
+    perm = np.random.RandomState(seed).permutation(n_rows)  # legacy RandomState: stable across numpy versions
+    val = sorted(int(i) for i in perm[:n_val])
+    train = sorted(int(i) for i in perm[n_val:])
+    return train, val
+
+
+# ---------------------------------------------------------------------------------- tokenize
+
+def _tokenizer_fingerprint(tokenizer, *extra) -> str:
+    h = hashlib.sha256()
+    for part in (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+                 getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, *extra):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _ids(tokenizer, texts: list[str], offsets: bool = False, specials: bool = False):
+    return tokenizer(texts, add_special_tokens=specials, return_offsets_mapping=offsets,
+                     return_attention_mask=False, verbose=False)
+
+
+def _tokenize_text(batch, tokenizer, eos: list[int]):
+    return {"input_ids": [ids + eos for ids in _ids(tokenizer, batch["text"])["input_ids"]]}
+
+
+def _label_spans(ids, offsets, spans, max_len):
+    """Truncated example whose labels are the ids of tokens overlapping a char span [a, b)
+    (IGNORE_INDEX elsewhere); `_truncated` tells whether anything was cut."""
+    labels = [tok if e > s and any(s < b and e > a for a, b in spans) else IGNORE_INDEX
+              for tok, (s, e) in zip(ids, offsets)]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "attention_mask": [1] * min(len(ids), max_len),
+            "_truncated": len(ids) > max_len}
+
+
+def _collect(examples):
+    return {k: [ex[k] for ex in examples] for k in ("input_ids", "labels", "attention_mask", "_truncated")}
+
+
+def _tokenize_prompt_response(batch, tokenizer, max_len, eos):
+    full = [p + r for p, r in zip(batch["prompt"], batch["response"])]
+    # Specials on: a tokenizer that adds bos (Llama) gets it; bos has an empty span, so it is masked.
+    enc = _ids(tokenizer, full, offsets=True, specials=True)
+    examples = []
+    for ids, offs, p, text in zip(enc["input_ids"], enc["offset_mapping"], batch["prompt"], full):
+        # Tokens holding any response character are targets, and so is the appended eos (learn to stop).
+        ids = list(ids) + eos
+        offs = list(offs) + [(len(text), len(text) + 1)] * len(eos)
+        examples.append(_label_spans(ids, offs, [(len(p), len(text) + 1)], max_len))
+    return _collect(examples)
+
+
+def _render_chat(tokenizer, messages):
+    """Full chat text and the char spans of each assistant turn (with its end-of-turn tokens)."""
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start_text = render(messages[:i], True) if i else ""
+        end_text = render(messages[: i + 1], False)
+        if full.startswith(start_text) and full.startswith(end_text) and len(end_text) > len(start_text):
+            spans.append((len(start_text), len(end_text)))
+        else:
+            # Templates that rewrite earlier turns (e.g. drop reasoning) are not prefix-stable:
+            # fall back to the assistant's content itself, searched after the last span.
+            at = full.find(m["content"], spans[-1][1] if spans else 0)
+            if at >= 0 and m["content"]:
+                spans.append((at, at + len(m["content"])))
+    return full, spans
+
+
+def _tokenize_messages(batch, tokenizer, max_len):
+    texts, spans = [], []
+    for msgs in batch["messages"]:
+        try:
+            text, sp = _render_chat(tokenizer, msgs)
+        except Exception as e:  # jinja errors: unknown roles, bad alternation, ...
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"paths.data_path: chat template failed on a `messages` row: {reason}") from None
+        texts.append(text)
+        spans.append(sp)
+    enc = _ids(tokenizer, texts, offsets=True)  # the template itself holds bos/special tokens
+    return _collect([_label_spans(list(ids), list(offs), sp, max_len)
+                     for ids, offs, sp in zip(enc["input_ids"], enc["offset_mapping"], spans)])
+
+
+def _int_lists(arr_2d: np.ndarray):
+    import pyarrow as pa
+
+    n, width = arr_2d.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr_2d.reshape(-1), pa.int64()), width).cast(pa.list_(pa.int64()))
+
+
+def _pack(tokenized, max_len: int, keep_partial: bool):
+    """One stream of all documents cut into windows of exactly max_len; the tail is dropped
+    (kept as one shorter window only when `keep_partial` and no full window exists)."""
+    import datasets
+    import pyarrow as pa
+
+    flat = tokenized.data.column("input_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    n_windows = len(flat) // max_len
+    if n_windows == 0 and keep_partial and len(flat) > 1:
+        windows = flat.reshape(1, -1)
+    else:
+        windows = flat[: n_windows * max_len].reshape(n_windows, max_len)
+    ids = _int_lists(windows)
+    table = pa.table({"input_ids": ids, "labels": ids, "attention_mask": _int_lists(np.ones_like(windows))})
+    return datasets.Dataset(table), int(len(flat)), int(windows.size)
+
+
+def _empty_dataset():
+    import datasets
+
+    feature = datasets.List(datasets.Value("int64")) if hasattr(datasets, "List") else datasets.Sequence(datasets.Value("int64"))
+    return datasets.Dataset.from_dict({k: [] for k in ("input_ids", "labels", "attention_mask")},
+                                      features=datasets.Features({k: feature for k in ("input_ids", "labels", "attention_mask")}))
+
+
+def _build_split(rows, fmt, tokenizer, train_cfg, fingerprint):
+    max_len = train_cfg["max_seq_length"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stats = {"rows": len(rows), "dropped_rows": 0, "truncated_rows": 0}
+    if len(rows) == 0:
+        return _empty_dataset(), stats
+    # In memory, no cache files, explicit fingerprints: nothing can be reused across tokenizers,
+    # lengths or data, and datasets never has to hash the tokenizer.
+    map_kw = dict(batched=True, batch_size=MAP_BATCH, keep_in_memory=True, load_from_cache_file=False)
+    if fmt == "text":
+        tok = rows.map(_tokenize_text, fn_kwargs={"tokenizer": tokenizer, "eos": eos}, remove_columns=rows.column_names,
+                       new_fingerprint=fingerprint + "-tok", **map_kw)
+        if train_cfg.get("packing", True):
+            # Validation keeps a short last window if it has no full one, so it is never empty.
+            ds, n_tokens, kept = _pack(tok, max_len, keep_partial=fingerprint.endswith("-val"))
+            stats.update(tokens_before_packing=n_tokens, dropped_tokens=n_tokens - kept)
+            return ds, stats
+
+        def truncate(batch):
+            ids = [x[:max_len] for x in batch["input_ids"]]
+            return {"input_ids": ids, "labels": ids, "attention_mask": [[1] * len(x) for x in ids],
+                    "_truncated": [len(x) > max_len for x in batch["input_ids"]]}
+        ds = tok.map(truncate, remove_columns=tok.column_names, new_fingerprint=fingerprint + "-trunc", **map_kw)
+    elif fmt == "prompt_response":
+        ds = rows.map(_tokenize_prompt_response, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len, "eos": eos},
+                      remove_columns=rows.column_names, new_fingerprint=fingerprint + "-pr", **map_kw)
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"paths.tokenizer_name_or_path: tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no "
+                              "chat_template, needed for `messages` rows (use prompt/response rows or a chat tokenizer)")
+        ds = rows.map(_tokenize_messages, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len},
+                      remove_columns=rows.column_names, new_fingerprint=fingerprint + "-chat", **map_kw)
+    stats["truncated_rows"] = int(sum(ds["_truncated"]))
+    # labels[0] is never a target (the loss shifts by one): a row needs a target after it.
+    keep = [i for i, lab in enumerate(ds["labels"]) if any(x != IGNORE_INDEX for x in lab[1:])]
+    stats["dropped_rows"] = len(ds) - len(keep)
+    ds = ds.remove_columns("_truncated")
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
+    return ds, stats
+
+
+def build_datasets(cfg: dict, tokenizer):
+    """(train_dataset, val_dataset, info): rows loaded, split by seed, tokenized, packed/masked.
+
+    Items are dicts of python int lists: input_ids, labels (IGNORE_INDEX where no loss),
+    attention_mask. `info` counts rows, examples and tokens per split."""
+    import datasets
+
+    train_cfg = cfg["training"]
+    max_len = train_cfg["max_seq_length"]
+    rows = load_rows(cfg)
+    fmt = detect_format(rows.column_names)
+    if fmt == "prompt_response" and "response" not in rows.column_names:
+        rows = rows.rename_column("completion", "response")
+    keep_cols = {"text": ["text"], "messages": ["messages"], "prompt_response": ["prompt", "response"]}[fmt]
+    rows = rows.select_columns(keep_cols)
+    train_idx, val_idx = split_indices(len(rows), train_cfg["val_split"], train_cfg["seed"])
+    fingerprint = _tokenizer_fingerprint(tokenizer, fmt, max_len, train_cfg.get("packing", True),
+                                         train_cfg["seed"], train_cfg["val_split"], rows._fingerprint)
+    was_verbose = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()  # quiet maps: the trainer prints `info`
+    try:
+        train, train_stats = _build_split(rows.select(train_idx), fmt, tokenizer, train_cfg, fingerprint + "-train")
+        val, val_stats = _build_split(rows.select(val_idx), fmt, tokenizer, train_cfg, fingerprint + "-val")
+    finally:
+        if was_verbose:
+            datasets.utils.logging.enable_progress_bar()
+    if len(train) == 0:
+        if fmt == "text" and train_cfg.get("packing", True):
+            raise ConfigError(f"paths.data_path: {train_stats.get('tokens_before_packing', 0)} training tokens, fewer than one "
+                              f"window of training.max_seq_length={max_len}")
+        raise ConfigError(f"paths.data_path: no training examples left ({train_stats['rows']} rows, "
+                          f"{train_stats['dropped_rows']} dropped with no target tokens within training.max_seq_length={max_len})")
+
+    def tokens(ds, col, pred):  # counted in arrow/numpy: python loops over ~1M ints take seconds
+        if not len(ds):
+            return 0
+        values = ds.data.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return int(pred(values).sum())
+
+    info: dict[str, Any] = {
+        "format": fmt,
+        "source": cfg["paths"]["data_path"],
+        "rows": len(rows),
+        "train_rows": len(train_idx),
+        "val_rows": len(val_idx),
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "train_tokens": tokens(train, "attention_mask", lambda x: x == 1),
+        "val_tokens": tokens(val, "attention_mask", lambda x: x == 1),
+        "train_target_tokens": tokens(train, "labels", lambda x: x != IGNORE_INDEX),
+        "max_seq_length": max_len,
+        "packing": bool(fmt == "text" and train_cfg.get("packing", True)),
+        "dropped_rows": train_stats["dropped_rows"] + val_stats["dropped_rows"],
+        "truncated_rows": train_stats["truncated_rows"] + val_stats["truncated_rows"],
+    }
+    if "dropped_tokens" in train_stats:
+        info["dropped_tail_tokens"] = train_stats["dropped_tokens"] + val_stats["dropped_tokens"]
+    return train, val, info
+
+
+# ---------------------------------------------------------------------------------- batches
+
+def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """list of examples -> right-padded LongTensors: input_ids (pad id), labels (-100), attention_mask (0)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    def as_list(x):
+        return x.tolist() if hasattr(x, "tolist") else list(x)
+
+    def collate(examples: list[dict]) -> dict:
+        ids = [as_list(e["input_ids"]) for e in examples]
+        labels = [as_list(e["labels"]) if "labels" in e else list(i) for e, i in zip(examples, ids)]
+        masks = [as_list(e["attention_mask"]) if "attention_mask" in e else [1] * len(i) for e, i in zip(examples, ids)]
+        width = max((len(x) for x in ids), default=0)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        out_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+        out_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, (i, lab, m) in enumerate(zip(ids, labels, masks)):
+            n = len(i)
+            out_ids[row, :n] = torch.tensor(i, dtype=torch.long)
+            out_labels[row, :n] = torch.tensor(lab, dtype=torch.long)
+            out_mask[row, :n] = torch.tensor(m, dtype=torch.long)
+        return {"input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
+
+    return collate
+
+
+def count_target_tokens(batch) -> int:
+    """Tokens that carry loss (labels != -100) in a collated batch (for tokens/s)."""
+    labels = batch["labels"] if isinstance(batch, dict) else batch
+    if hasattr(labels, "ne"):
+        return int(labels.ne(IGNORE_INDEX).sum().item())
+    return sum(1 for seq in labels for x in seq if x != IGNORE_INDEX)
