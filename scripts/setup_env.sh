@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Set up the Python environment trainkit runs in. Idempotent: a no-op (well under a
+# second) when requirements.txt and the Python version have not changed since the last
+# successful run.
+#
+#   ./scripts/setup_env.sh                  # create/refresh .venv
+#   ./scripts/setup_env.sh --print-python   # the same, then print the interpreter to use
+#
+# What it does, the first time:
+#   1. python3 -m venv --system-site-packages .venv   (a torch you already have, e.g. a
+#      CUDA build on a GPU node, stays visible and is never replaced)
+#   2. if `import torch` fails in the venv: install torch. No NVIDIA GPU (nvidia-smi -L
+#      fails): the CPU build, torch==2.13.0+cpu from the PyTorch CPU index; with a GPU:
+#      torch from PyPI. TORCH_SPEC overrides, e.g. TORCH_SPEC="torch==2.13.0".
+#   3. pip install -r requirements.txt, with torch pinned to the installed version so
+#      nothing upgrades or replaces it.
+#   4. writes a stamp (hash of requirements.txt + Python version) into the venv.
+#
+# Environment:
+#   TRAINKIT_VENV=PATH     venv location (default: <repo>/.venv)
+#   TRAINKIT_NO_VENV=1     use the current python3 as is: no venv, no installs; only
+#                          check that the packages are importable
+#   TORCH_SPEC=SPEC        pip requirement for torch when it has to be installed
+#   PYTHON=EXE             base interpreter (default: python3)
+#
+# All messages go to stderr; on failure it exits non-zero with a one-line reason.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REQUIREMENTS="$REPO/requirements.txt"
+VENV="${TRAINKIT_VENV:-$REPO/.venv}"
+BASE_PYTHON="${PYTHON:-python3}"
+CPU_TORCH_SPEC="torch==2.13.0+cpu"
+CPU_TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+# Import names of what requirements.txt installs, for the quick checks below.
+MODULES="torch transformers accelerate peft bitsandbytes datasets tokenizers safetensors yaml tqdm flask matplotlib pynvml pytest"
+
+say() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+PRINT_PYTHON=0
+case "${1:-}" in
+    --print-python) PRINT_PYTHON=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    "") ;;
+    *) die "unknown option $1 (see --help)" ;;
+esac
+
+done_python() {  # print the interpreter for callers that asked for it
+    if [[ $PRINT_PYTHON == 1 ]]; then echo "$1"; fi
+    exit 0
+}
+
+missing_modules() {  # $1: interpreter; prints the modules of MODULES it cannot find
+    "$1" - $MODULES <<'PY'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+PY
+}
+
+# ---------------------------------------------------------------- TRAINKIT_NO_VENV=1
+if [[ "${TRAINKIT_NO_VENV:-0}" == 1 ]]; then
+    py="$(command -v "$BASE_PYTHON" || true)"
+    [[ -n "$py" ]] || die "TRAINKIT_NO_VENV=1 but $BASE_PYTHON is not on PATH"
+    missing="$(missing_modules "$py")" || die "$py does not run"
+    [[ -z "$missing" ]] || die "TRAINKIT_NO_VENV=1 but $py lacks: $missing (pip install -r requirements.txt, and torch)"
+    done_python "$py"
+fi
+
+# ---------------------------------------------------------------- fast path: stamp matches
+[[ -f "$REQUIREMENTS" ]] || die "no requirements.txt in $REPO"
+command -v "$BASE_PYTHON" >/dev/null || die "$BASE_PYTHON not found: install Python >= 3.10"
+PY_VERSION="$("$BASE_PYTHON" -c 'import platform; print(platform.python_version())')" \
+    || die "$BASE_PYTHON does not run"
+"$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || die "Python >= 3.10 needed, $BASE_PYTHON is $PY_VERSION (set PYTHON=python3.11 or similar)"
+if command -v sha256sum >/dev/null; then
+    REQ_HASH="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
+else
+    REQ_HASH="$(shasum -a 256 "$REQUIREMENTS" | cut -d' ' -f1)"
+fi
+STAMP="$VENV/.trainkit-setup-stamp"
+WANT_STAMP="requirements=$REQ_HASH python=$PY_VERSION"
+VPY="$VENV/bin/python"
+if [[ -x "$VPY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]; then
+    done_python "$VPY"
+fi
+
+# ---------------------------------------------------------------- slow path, under a lock
+# Several launches at once (e.g. every node of a multi-node job on a shared disk) must
+# not build the same venv concurrently.
+mkdir -p "$(dirname "$VENV")"
+if command -v flock >/dev/null; then
+    exec 9>"$VENV.lock"
+    flock 9
+    if [[ -x "$VPY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]; then
+        done_python "$VPY"  # another process finished the setup while we waited
+    fi
+fi
+start=$SECONDS
+
+# 1. the venv
+if [[ -f "$STAMP" ]] && ! grep -q "python=$PY_VERSION\$" "$STAMP"; then
+    say "Python changed ($(sed 's/.*python=//' "$STAMP") -> $PY_VERSION): recreating $VENV"
+    "$BASE_PYTHON" -m venv --clear --system-site-packages "$VENV" >&2 \
+        || die "python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)"
+elif [[ ! -x "$VPY" ]]; then
+    say "creating $VENV (python $PY_VERSION, --system-site-packages: a torch you already have is kept)"
+    "$BASE_PYTHON" -m venv --system-site-packages "$VENV" >&2 \
+        || die "python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)"
+else
+    say "updating $VENV (requirements.txt changed or an earlier setup did not finish)"
+fi
+"$VPY" -c 'pass' 2>/dev/null || die "$VPY does not run: remove $VENV and run again"
+pip_install() { "$VPY" -m pip install --disable-pip-version-check "$@" >&2; }
+
+# 2. torch: keep the one that is there; otherwise the build that fits this machine
+if "$VPY" -c 'import torch' 2>/dev/null; then
+    say "keeping the installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+else
+    if [[ -n "${TORCH_SPEC:-}" ]]; then
+        say "installing $TORCH_SPEC (from TORCH_SPEC)"
+        # word splitting on purpose: TORCH_SPEC may carry pip options
+        # shellcheck disable=SC2086
+        pip_install $TORCH_SPEC || die "pip install $TORCH_SPEC failed (see above)"
+    elif nvidia-smi -L >/dev/null 2>&1; then
+        say "NVIDIA GPU found: installing torch from PyPI (CUDA build)"
+        pip_install torch || die "pip install torch failed (see above)"
+    elif [[ "$(uname -s)" == Linux ]]; then
+        say "no NVIDIA GPU: installing the CPU build $CPU_TORCH_SPEC"
+        # Few retries and a short timeout: an unreachable PyTorch index must not stall
+        # the setup when another configured index has the wheel.
+        pip_install "$CPU_TORCH_SPEC" --extra-index-url "$CPU_TORCH_INDEX" --retries 1 --timeout 10 \
+            || die "pip install $CPU_TORCH_SPEC failed (set TORCH_SPEC to another torch requirement)"
+    else
+        say "no NVIDIA GPU on $(uname -s): installing torch from PyPI"
+        pip_install torch || die "pip install torch failed (see above)"
+    fi
+fi
+TORCH_VERSION="$("$VPY" -c 'import torch; print(torch.__version__)' 2>/dev/null)" \
+    || die "torch is installed but does not import in $VENV"
+
+# 3. everything else, with torch pinned so pip never swaps it
+CONSTRAINTS="$VENV/.trainkit-constraints.txt"
+echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
+say "installing requirements.txt (torch pinned to $TORCH_VERSION)"
+pip_install -r "$REQUIREMENTS" -c "$CONSTRAINTS" \
+    || die "pip install -r requirements.txt failed (see above; a requirement may need a newer torch than $TORCH_VERSION)"
+missing="$(missing_modules "$VPY")"
+[[ -z "$missing" ]] || die "installed, but these do not import: $missing"
+
+# 4. stamp
+echo "$WANT_STAMP" >"$STAMP"
+say "ready: $VENV (torch $TORCH_VERSION, python $PY_VERSION) in $((SECONDS - start)) s"
+done_python "$VPY"
