@@ -131,7 +131,16 @@ def corpus(r: random.Random, n_docs: int) -> list[dict]:
 
 
 def qa_pair(r: random.Random) -> tuple[str, str]:
-    kind = r.randrange(6)
+    kind = r.randrange(9)
+    if kind == 6:
+        a, b = r.randint(0, 12), r.randint(0, 12)
+        return f"What is {a} times {b}?", f"{a} times {b} is {a * b}."
+    if kind == 7:
+        a, b = sorted((r.randint(0, 30), r.randint(0, 30)), reverse=True)
+        return f"What is {a} - {b}?", f"{a} - {b} = {a - b}."
+    if kind == 8:
+        m = r.randrange(12)
+        return f"Which month comes after {MONTHS[m]}?", f"After {MONTHS[m]} comes {MONTHS[(m + 1) % 12]}."
     if kind == 0:
         c = r.choice(sorted(CAPITALS))
         return f"What is the capital of {c}?", f"The capital of {c} is {CAPITALS[c]}."
@@ -152,23 +161,28 @@ def qa_pair(r: random.Random) -> tuple[str, str]:
 
 
 def instructions(r: random.Random, n: int) -> list[dict]:
-    rows = []
-    for _ in range(n):
+    rows, seen = [], set()
+    while len(rows) < n:  # unique rows: a duplicate could land in both train and validation
         q, a = qa_pair(r)
-        rows.append({"prompt": f"Question: {q}\nAnswer:", "response": f" {a}"})
+        if q not in seen:
+            seen.add(q)
+            rows.append({"prompt": f"Question: {q}\nAnswer:", "response": f" {a}"})
     return rows
 
 
 def chats(r: random.Random, n: int) -> list[dict]:
-    rows = []
-    for _ in range(n):
+    rows, seen = [], set()
+    while len(rows) < n:
         msgs = []
         if r.random() < 0.3:
             msgs.append({"role": "system", "content": "You are a helpful assistant who answers in one short sentence."})
         for _ in range(r.randint(1, 3)):
             q, a = qa_pair(r)
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        rows.append({"messages": msgs})
+        key = json.dumps(msgs)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"messages": msgs})
     return rows
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from trainkit.config import ConfigError, looks_local
+from trainkit.tokenizer import one_line
 
 IGNORE_INDEX = -100
 FORMATS = ("text", "messages", "prompt_response")
@@ -54,7 +55,7 @@ def _read_jsonl(path: Path, shown: str) -> list[dict]:
                     raise ConfigError(f"paths.data_path: {shown} line {lineno} is a JSON {type(row).__name__}, expected an object")
                 rows.append(row)
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise ConfigError(f"paths.data_path: cannot read {shown}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ConfigError(f"paths.data_path: cannot read {shown}: {one_line(e)}") from None
     return rows
 
 
@@ -84,8 +85,7 @@ def load_rows(cfg: dict):
         try:
             ds = datasets.load_dataset(source, split=paths.get("data_split") or "train", cache_dir=paths.get("cache_dir"))
         except Exception as e:  # hub/network/builder errors all mean "cannot use this id"
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"paths.data_path: cannot load dataset {source!r} (split {paths.get('data_split')!r}): {reason}") from None
+            raise ConfigError(f"paths.data_path: cannot load dataset {source!r} (split {paths.get('data_split')!r}): {one_line(e)}") from None
         if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)) or not isinstance(ds, datasets.Dataset):
             raise ConfigError(f"paths.data_path: {source!r} did not give one split; set paths.data_split")
         if len(ds) == 0:
@@ -230,8 +230,7 @@ def _tokenize_messages(batch, tokenizer, max_len):
         try:
             text, sp = _render_chat(tokenizer, msgs)
         except Exception as e:  # jinja errors: unknown roles, bad alternation, ...
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"paths.data_path: chat template failed on a `messages` row: {reason}") from None
+            raise ConfigError(f"paths.data_path: chat template failed on a `messages` row: {one_line(e)}") from None
         texts.append(text)
         spans.append(sp)
     enc = _ids(tokenizer, texts, offsets=True)  # the template itself holds bos/special tokens

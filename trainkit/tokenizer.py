@@ -89,9 +89,10 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception as one line (messages of ConfigError stay one line), capped in length."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_tokenizer(cfg: dict):
@@ -114,7 +115,7 @@ def load_tokenizer(cfg: dict):
             trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
         )
     except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot use this"
-        raise ConfigError(f"{key}: cannot load tokenizer from {source}: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: cannot load tokenizer from {source}: {one_line(e)}") from None
     if isinstance(tokenizer, bool) or not hasattr(tokenizer, "encode"):
         raise ConfigError(f"{key}: cannot load tokenizer from {source}: got {type(tokenizer).__name__}")
     return ensure_pad_token(tokenizer)
