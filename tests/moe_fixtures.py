@@ -1,0 +1,58 @@
+"""Tiny MoE / dense configs and a loader shared by test_models.py and test_moe.py."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from trainkit.models import load_model
+
+TINY = {
+    "mixtral": {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+                "num_experts_per_tok": 2, "max_position_embeddings": 128},
+    "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                  "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128},
+    "glm4_moe": {"model_type": "glm4_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                 "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1,
+                 "topk_group": 1, "first_k_dense_replace": 1, "max_position_embeddings": 128},
+    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128},
+}
+VOCAB = 256
+
+
+class ByteTok:
+    """Just what load_model needs from a tokenizer."""
+    pad_token_id = 0
+    eos_token_id = 1
+    bos_token_id = None
+
+    def __len__(self):
+        return VOCAB
+
+
+def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, checkpointing=True, seed=11,
+             attn="sdpa") -> dict:
+    return {
+        "paths": {"model_name_or_path": None, "cache_dir": None},
+        "model": {"config": copy.deepcopy(TINY[family]), "attn_implementation": attn,
+                  "trust_remote_code": False, "local_files_only": True},
+        "training": {"seed": seed},
+        "quantization": {"load_in_4bit": load_in_4bit, "quant_type": "nf4", "double_quant": True,
+                         "compute_dtype": "bfloat16", "quantize_moe_experts": quantize_experts},
+        "memory": {"gradient_checkpointing": checkpointing},
+    }
+
+
+def load(family: str, device="cpu", **kw):
+    return load_model(make_cfg(family, **kw), device, ByteTok())
+
+
+def batch(seed=0, b=2, t=24, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (b, t), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -1,0 +1,183 @@
+"""LoRA adapters through PEFT: target presets per model family, variants lora/dora/rslora.
+
+Target names are resolved here into the explicit list of full module names of the
+linear layers (``nn.Linear`` / bitsandbytes ``Linear4bit``) that PEFT should wrap, so:
+- a fused MoE expert bank (``experts.down_proj``, a 3-D tensor / NF4ExpertBank) is never
+  mistaken for the dense ``down_proj`` of a shared expert or dense layer;
+- the output head and router gates are never adapted by a preset;
+- a user-given name that matches no linear layer is a ConfigError naming
+  ``lora.target_modules`` and listing the names that exist.
+The adapter is saved by PEFT in its standard format (``PeftModel.from_pretrained`` loads it;
+for qwen2_moe-style families with dense/shared-expert targets use ``load_adapter``, which
+turns off PEFT's v4->v5 MoE target remap that would otherwise drop those adapters).
+
+Module names checked against transformers 5.23 modeling code:
+  llama / mistral / qwen2 / qwen3: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj
+  mixtral: self_attn.{q,k,v,o}_proj; experts are fused 3-D tensors (mlp.experts.gate_up_proj/down_proj),
+           router mlp.gate (MixtralTopKRouter)
+  qwen2_moe: attention + mlp.shared_expert.{gate,up,down}_proj (+ dense mlp.* in mlp_only_layers);
+           mlp.shared_expert_gate is a Linear(H, 1) gate, not adapted
+  qwen3_moe: attention + dense mlp.{gate,up,down}_proj in mlp_only_layers (no shared expert)
+  glm4_moe: attention + mlp.{gate,up,down}_proj of the first_k_dense_replace dense layers and
+           mlp.shared_experts.{gate,up,down}_proj; router mlp.gate (Glm4MoeTopkRouter)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from trainkit.config import ConfigError
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+PRESETS: dict[str, list[str]] = {
+    "attention": ATTENTION,
+    "llama": ATTENTION + MLP,
+    "mistral": ATTENTION + MLP,
+    "qwen": ATTENTION + MLP,
+    "qwen2": ATTENTION + MLP,
+    "qwen3": ATTENTION + MLP,
+    "qwen_moe": ATTENTION + MLP,      # MLP names match only the shared expert / dense layers
+    "qwen2_moe": ATTENTION + MLP,
+    "qwen3_moe": ATTENTION + MLP,
+    "mixtral": ATTENTION,             # experts are fused 3-D tensors: no per-expert Linear to adapt
+    "glm_moe": ATTENTION + MLP,
+    "glm4_moe": ATTENTION + MLP,
+    "all_linear": ["*"],
+}
+FAMILY_PRESET = {
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "llama",
+    "gemma2": "llama", "gemma3_text": "llama", "olmo2": "llama",
+    "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "glm4_moe": "glm4_moe",
+}
+# last name components never adapted by a preset or the fallback
+EXCLUDED_LEAVES = {"lm_head", "gate", "router", "shared_expert_gate", "score", "classifier"}
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every nn.Linear (Linear4bit included) of the model, in order."""
+    return [name for name, m in _inner(model).named_modules() if isinstance(m, nn.Linear)]
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _excluded(name: str) -> bool:
+    leaf = _leaf(name)
+    return leaf in EXCLUDED_LEAVES or "router" in leaf
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
+    """Turn 'auto' | preset name | list of names into full module names of linear layers."""
+    linears = linear_module_names(model)
+    family = getattr(getattr(_inner(model), "config", None), "model_type", None)
+    user_list = False
+    if target_modules in (None, "auto"):
+        preset = FAMILY_PRESET.get(family)
+        targets = PRESETS[preset] if preset else ["*"]
+    elif isinstance(target_modules, str):
+        if target_modules in PRESETS:
+            targets = PRESETS[target_modules]
+        elif target_modules in ("all-linear", "all_linear"):
+            targets = ["*"]
+        else:
+            targets, user_list = [t.strip() for t in target_modules.split(",") if t.strip()], True
+    else:
+        targets, user_list = [str(t) for t in target_modules], True
+    if not targets:
+        raise ConfigError("lora.target_modules: empty list")
+
+    if targets == ["*"]:
+        chosen = [n for n in linears if not _excluded(n)]
+        if not chosen:
+            raise ConfigError("lora.target_modules: the model has no linear layer to adapt")
+        return chosen
+
+    available = sorted({_leaf(n) for n in linears})
+    chosen: list[str] = []
+    for target in targets:
+        hits = [n for n in linears if _matches(n, target) and (user_list or not _excluded(n))]
+        if not hits:
+            if user_list or not any(True for _ in linears):
+                raise ConfigError(f"lora.target_modules: {target!r} matches no linear layer of this "
+                                  f"{family or 'model'} model; available: {', '.join(available)}")
+            continue  # a preset name absent in this architecture variant (e.g. no dense layers)
+        chosen.extend(h for h in hits if h not in chosen)
+    if not chosen:
+        raise ConfigError(f"lora.target_modules: {target_modules!r} matches no linear layer; "
+                          f"available: {', '.join(available)}")
+    return [n for n in linears if n in set(chosen)]
+
+
+@contextlib.contextmanager
+def no_peft_moe_remap(model_type: str | None):
+    """Stop PEFT (>= 0.19 on transformers 5) from rewriting `*.gate_proj/up_proj/down_proj`
+    targets of qwen2_moe-style families (qwen3_moe, glm4_moe, ...) into the fused expert
+    parameters `gate_up_proj`/`down_proj`. That v4->v5 compatibility remap assumes every such
+    name is an expert; for the shared-expert and dense-layer Linears our presets target it
+    silently drops the adapters (and moves them onto the frozen expert banks)."""
+    try:
+        from peft.utils import transformers_weight_conversion as twc
+        table = twc._MODEL_TO_CONVERSION_PATTERN
+    except Exception:  # older PEFT: no remap
+        yield
+        return
+    saved = table.pop(model_type, None) if model_type else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            table[model_type] = saved
+
+
+def load_adapter(model: nn.Module, path, is_trainable: bool = False, **kwargs):
+    """``PeftModel.from_pretrained`` with the MoE remap disabled (see no_peft_moe_remap)."""
+    from peft import PeftModel
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    with no_peft_moe_remap(model_type):
+        return PeftModel.from_pretrained(model, path, is_trainable=is_trainable, **kwargs)
+
+
+def apply_lora(model: nn.Module, lora_cfg: dict):
+    """Wrap `model` with PEFT LoRA adapters; returns the PeftModel.
+
+    lora_cfg: r, alpha, dropout, target_modules ('auto' | preset | list), variant
+    (lora | dora | rslora), bias (none | all | lora_only). The returned model carries
+    ``trainkit_lora_info`` = {target_modules, num_targets, trainable, variant}.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    variant = lora_cfg.get("variant", "lora")
+    if variant not in ("lora", "dora", "rslora"):
+        raise ConfigError(f"lora.variant: {variant!r} is not one of lora, dora, rslora")
+    targets = resolve_target_modules(model, lora_cfg.get("target_modules", "auto"))
+    config = LoraConfig(
+        r=int(lora_cfg.get("r", 16)),
+        lora_alpha=float(lora_cfg.get("alpha", 32)),
+        lora_dropout=float(lora_cfg.get("dropout", 0.0)),
+        target_modules=targets,
+        bias=lora_cfg.get("bias", "none"),
+        use_dora=variant == "dora",
+        use_rslora=variant == "rslora",
+        task_type="CAUSAL_LM",
+    )
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    with no_peft_moe_remap(model_type):
+        peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    peft_model.trainkit_lora_info = {"target_modules": sorted({_leaf(t) for t in targets}),
+                                     "num_targets": len(targets), "trainable": trainable, "variant": variant}
+    return peft_model

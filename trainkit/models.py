@@ -1,0 +1,182 @@
+"""Loading the base model for QLoRA: NF4 4-bit (experts too), bf16 compute, checkpointing.
+
+``load_model(cfg, device, tokenizer) -> (model, info)`` is the one entry point. A model
+given by ``paths.model_name_or_path`` (hub id or local directory) and a model built from
+``model.config`` (random init, seeded by ``training.seed``) go through the same
+``from_pretrained`` call: the built one is saved to a temp directory first, so the tests
+exercise the real loading path.
+
+Deliberately NOT used: ``peft.prepare_model_for_kbit_training``. It upcasts every
+non-quantized weight (norms, embeddings, lm_head) to fp32, which makes the whole
+residual stream fp32 and the step several times slower (DESIGN.md, Known traps).
+Norms and embeddings stay in the compute dtype; LoRA weights are fp32 (PEFT's default),
+so optimizer updates are not rounded away, while the base matmuls run in bf16.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainkit.quantization import (count_parameters, iter_expert_modules, non_embedding_parameters,
+                                   quantize_moe_experts)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# modules never quantized: the output head and router/gate projections (tiny, and routing
+# decisions are sensitive to quantization error)
+SKIP_QUANT_MODULES = ["lm_head", "gate", "router", "shared_expert_gate"]
+_MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_MOE_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
+
+_TEMP_DIRS: list[str] = []
+
+
+@atexit.register
+def _cleanup_temp_dirs() -> None:
+    for d in _TEMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def moe_fields(config) -> tuple[int, int]:
+    """(num_experts, top_k) from an HF config; (0, 0) for a dense model."""
+    cfg = getattr(config, "get_text_config", lambda: config)()
+    num = next((int(v) for k in _MOE_EXPERT_KEYS if isinstance(v := getattr(cfg, k, None), int) and v > 0), 0)
+    top_k = next((int(v) for k in _MOE_TOPK_KEYS if isinstance(v := getattr(cfg, k, None), int) and v > 0), 0)
+    return num, (top_k if num else 0)
+
+
+def is_moe(model: nn.Module) -> bool:
+    """True when the model holds fused `*Experts` modules (quantized or not) or MoE blocks."""
+    if any(True for _ in iter_expert_modules(model)):
+        return True
+    return any(type(m).__name__.endswith(("SparseMoeBlock", "MoE", "MoeBlock")) for m in model.modules())
+
+
+def _quantization_config(qcfg: dict, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=qcfg.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(qcfg.get("double_quant", True)),
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=list(SKIP_QUANT_MODULES),
+    )
+
+
+def build_random_model_dir(model_config: dict, vocab_size: int, seed: int, dtype: torch.dtype,
+                           tokenizer=None) -> str:
+    """Random-init model from an HF config dict, saved with save_pretrained; returns the directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kwargs = dict(model_config)
+    model_type = kwargs.pop("model_type")
+    kwargs["vocab_size"] = vocab_size
+    if tokenizer is not None:
+        for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, attr, None)
+            if value is not None and attr not in kwargs:
+                kwargs[attr] = value
+    config = AutoConfig.for_model(model_type, **kwargs)
+    fork_devices = []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out = tempfile.mkdtemp(prefix="trainkit-model-")
+    _TEMP_DIRS.append(out)
+    model.save_pretrained(out)
+    del model
+    return out
+
+
+def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]:
+    """Load (or build) the base model in 4 bit on `device`; returns (model, info).
+
+    info: name, family, is_moe, num_experts, top_k, parameters (count_parameters),
+    fraction_4bit, non_embedding_parameters, quantized_expert_banks, summary (the
+    "4-bit base parameters: X of Y (Z%)" line for the caller to print).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    paths, mcfg = cfg["paths"], cfg.get("model") or {}
+    qcfg = cfg.get("quantization") or {}
+    mem = cfg.get("memory") or {}
+    seed = int((cfg.get("training") or {}).get("seed", 42))
+    compute_dtype = DTYPES[qcfg.get("compute_dtype", "bfloat16")]
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    source = paths.get("model_name_or_path")
+    name = source
+    common = dict(trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
+                  cache_dir=paths.get("cache_dir"), local_files_only=bool(mcfg.get("local_files_only", False)))
+    if not source:
+        if not mcfg.get("config"):
+            raise ValueError("load_model: paths.model_name_or_path or model.config is required")
+        source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, compute_dtype, tokenizer)
+        name = f"random-init {mcfg['config']['model_type']}"
+        common.update(local_files_only=True, cache_dir=None)
+
+    config = AutoConfig.from_pretrained(source, **common)
+    num_experts, top_k = moe_fields(config)
+    if num_experts:
+        config.output_router_logits = True      # outputs carry aux_loss (added to loss by the model)
+        text = getattr(config, "get_text_config", lambda: config)()
+        text.output_router_logits = True
+    config.use_cache = False
+
+    load_4bit = bool(qcfg.get("load_in_4bit", True))
+    kwargs: dict[str, Any] = dict(config=config, dtype=compute_dtype, device_map={"": device},
+                                  attn_implementation=mcfg.get("attn_implementation", "sdpa"), **common)
+    if load_4bit:
+        kwargs["quantization_config"] = _quantization_config(qcfg, compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+    banks = 0
+    if load_4bit and qcfg.get("quantize_moe_experts", True):
+        banks = quantize_moe_experts(model, device=device, compute_dtype=compute_dtype,
+                                     quant_type=qcfg.get("quant_type", "nf4"),
+                                     double_quant=bool(qcfg.get("double_quant", True)))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # norms / embeddings / head stay in the compute dtype (no fp32 upcast)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(compute_dtype)
+
+    if mem.get("gradient_checkpointing", True):
+        with warnings.catch_warnings():  # renamed activation_checkpointing_enable in transformers 5.2x
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode; checkpointing only acts in train mode
+
+    counts = count_parameters(model)
+    non_emb = non_embedding_parameters(model)
+    summary = (f"4-bit base parameters: {counts['quantized_4bit']:,} of {counts['total']:,} "
+               f"({100 * counts['fraction_4bit']:.1f}%; {100 * counts['quantized_4bit'] / max(non_emb, 1):.1f}% "
+               f"of non-embedding parameters)")
+    info = {
+        "name": name,
+        "family": getattr(config, "model_type", type(model).__name__),
+        "is_moe": bool(num_experts) or is_moe(model),
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "parameters": counts,
+        "fraction_4bit": counts["fraction_4bit"],
+        "non_embedding_parameters": non_emb,
+        "quantized_expert_banks": banks,
+        "load_in_4bit": load_4bit,
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "gradient_checkpointing": bool(mem.get("gradient_checkpointing", True)),
+        "attn_implementation": mcfg.get("attn_implementation", "sdpa"),
+        "summary": summary,
+    }
+    return model, info
