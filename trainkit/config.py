@@ -19,7 +19,18 @@ from typing import Any, Callable
 import yaml
 
 SECRET_PATTERN = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+# Names that contain KEY or TOKEN but hold no secret: model shapes (num_key_value_heads),
+# token ids and counts (pad_token_id, eval_tokens, max_new_tokens), tokenizers
+# (tokenizer_name_or_path, TOKENIZERS_PARALLELISM). Redacting them would blank out
+# config values the dashboard and run.json must show.
+NOT_SECRET_PATTERN = re.compile(r"TOKENI[SZ]|TOKENS|TOKEN_IDS?$|KEY_VALUE|KV_HEADS", re.IGNORECASE)
 REDACTED = "***"
+
+
+def is_secret_name(name: str) -> bool:
+    """True when a value stored under `name` must not be printed or logged."""
+    name = str(name)
+    return bool(SECRET_PATTERN.search(name)) and not NOT_SECRET_PATTERN.search(name)
 
 
 class ConfigError(ValueError):
@@ -265,7 +276,7 @@ def check_paths(cfg: dict) -> None:
 def redact(obj: Any, key: str = "") -> Any:
     """Copy of `obj` with values under names containing KEY/TOKEN/SECRET/PASSWORD replaced."""
     if isinstance(obj, dict):
-        return {k: (REDACTED if SECRET_PATTERN.search(str(k)) and v not in (None, "") and not isinstance(v, (dict, list))
+        return {k: (REDACTED if is_secret_name(k) and v not in (None, "") and not isinstance(v, (dict, list))
                     else redact(v, str(k))) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v, key) for v in obj]

@@ -1,0 +1,339 @@
+"""Helpers for launch_training.sh; nothing here imports torch, so every call is quick.
+
+    python -m trainkit.launcher info --config FILE [--accelerate-config NAME|PATH]
+                                     [--resume-from PATH] [--shell-file F] [overrides...]
+        Validate the config (exit 2 and one line when it is bad or a model/data path is
+        missing), print the script, run dir, latest checkpoint, the environment the
+        launch uses and the config, with secrets redacted. --shell-file writes the
+        facts as shell assignments for the launcher to `source`.
+    python -m trainkit.launcher archive RUN_DIR
+        Move a run directory aside to RUN_DIR.old-<timestamp> (never deletes anything).
+    python -m trainkit.launcher show-command -- ARGS...
+        Print a command line with secret-looking `key=value` arguments redacted.
+    python -m trainkit.launcher exec SCRIPT ARGS...
+        Run SCRIPT as __main__ (what `accelerate launch -m trainkit.launcher exec` starts on
+        every process) and record its exit code in $TRAINKIT_EXIT_DIR/rank-<RANK>, so the
+        launcher can exit with the script's own code (accelerate turns every failure
+        into 1).
+
+Validation: the sections of BASE_SCHEMA are checked strictly, together with whatever the
+named script declares: a script that defines a module-level `SCHEMA` (or exactly one
+`*_SCHEMA` dict other than BASE_SCHEMA) and keeps its top-level imports light gets its
+own keys checked here too; otherwise sections and keys outside BASE_SCHEMA are passed
+through for the script to check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import runpy
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from trainkit.config import (BASE_SCHEMA, REDACTED, ConfigError, check_paths, is_secret_name, load_config, load_raw,
+                             merge_schema, public_config, redact)
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIG_DIR = REPO / "configs" / "accelerate"
+DEFAULT_SCRIPT = "train_qlora.py"
+# Environment variables worth showing before a launch (values redacted by name).
+ENV_PREFIXES = ("CUDA_", "NCCL_", "TORCH_", "PYTORCH_", "ACCELERATE_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_",
+                "TOKENIZERS_", "WANDB_", "TRITON_", "OMP_", "MKL_", "DS_", "HP_", "MASTER_", "TRAINKIT_")
+ENV_NAMES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+def accelerate_config_names() -> list[str]:
+    return sorted(p.stem for p in ACCELERATE_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_accelerate_config(value: str) -> Path:
+    """A name from configs/accelerate/ (single_gpu, ddp, ...) or a path to a YAML file."""
+    if "/" not in value and not value.endswith((".yaml", ".yml")):
+        path = ACCELERATE_CONFIG_DIR / f"{value}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"--accelerate-config: no config named {value!r} (one of {', '.join(accelerate_config_names())}, or a path)")
+        return path
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--accelerate-config: no such file: {value}")
+    return path
+
+
+def read_accelerate_config(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--accelerate-config: {path} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict) or "distributed_type" not in data:
+        raise ConfigError(f"--accelerate-config: {path} is not an accelerate config (no distributed_type)")
+    return data
+
+
+def _defines_schema(script: Path) -> bool:
+    """Cheap look at the source: does the script define SCHEMA or *_SCHEMA at module level?"""
+    try:
+        tree = ast.parse(script.read_text(), str(script))
+    except (OSError, SyntaxError):
+        return False
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id.endswith("SCHEMA"):
+                return True
+    return False
+
+
+def script_schema(script: Path) -> dict | None:
+    """The config schema a script declares, or None when it declares none or cannot be imported.
+
+    The script is imported under another module name (its `if __name__ == "__main__"`
+    block does not run); the entry points keep heavy imports inside main(), so this is quick.
+    """
+    if not _defines_schema(script):
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_trainkit_script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # a broken script reports itself when it runs; the base sections are still checked
+        return None
+    finally:
+        sys.path.remove(str(script.parent))
+    schema = getattr(module, "SCHEMA", None)
+    if not isinstance(schema, dict):
+        found = [v for k, v in vars(module).items()
+                 if k.endswith("_SCHEMA") and isinstance(v, dict) and v is not BASE_SCHEMA]
+        schema = found[0] if len(found) == 1 else None
+    return schema
+
+
+def lenient_load(config: str, overrides: list[str]) -> dict:
+    """load_config against BASE_SCHEMA, passing through the sections and keys it does not know.
+
+    Every unknown key gets a permissive spec (any type, may be null), so BASE_SCHEMA's
+    keys are still checked strictly and the script checks the rest when it starts.
+    """
+    from trainkit.config import TOP_LEVEL_KEYS, Key, parse_override
+
+    raw = load_raw(config)
+    extra: dict[str, set] = {}
+    for section, keys in raw.items():
+        if section not in TOP_LEVEL_KEYS:
+            extra.setdefault(section, set()).update(keys if isinstance(keys, dict) else ())
+    for text in overrides:
+        (section, key), _ = parse_override(text)
+        if section not in TOP_LEVEL_KEYS:
+            extra.setdefault(section, set()).add(key)
+    passthrough = {section: {k: Key(object, None, "checked by the script", nullable=True)
+                             for k in keys if k not in BASE_SCHEMA.get(section, {})}
+                   for section, keys in extra.items()}
+    return load_config(config, overrides, merge_schema(BASE_SCHEMA, passthrough))
+
+
+def load_for_launch(config: str, overrides: list[str]) -> tuple[dict, Path, str]:
+    """(validated config, script path, how it was validated)."""
+    raw = load_raw(config)
+    name = raw.get("script") or DEFAULT_SCRIPT
+    if not isinstance(name, str):
+        raise ConfigError(f"script: expected str, got {type(name).__name__} {name!r}")
+    script = Path(name) if Path(name).is_absolute() else REPO / name
+    if not script.is_file():
+        raise ConfigError(f"script: no such entry point: {name}")
+    schema = script_schema(script)
+    if schema is not None:
+        cfg, how = load_config(config, overrides, schema), f"checked against {script.name}'s schema"
+    else:
+        cfg, how = lenient_load(config, overrides), "base sections checked; the script checks the rest"
+    check_paths(cfg)
+    return cfg, script, how
+
+
+def active_pid(run_dir: Path) -> int | None:
+    """pid of a live training on this host that writes run_dir (run.json says running)."""
+    from trainkit.runlog import RUN_INFO_FILE, read_json
+
+    info = read_json(run_dir / RUN_INFO_FILE) or {}
+    pid = info.get("pid")
+    if info.get("status") != "running" or not isinstance(pid, int) or info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid if pid != os.getpid() else None
+
+
+def relevant_env(environ=None) -> dict:
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(environ.items())
+            if (k.startswith(ENV_PREFIXES) or k in ENV_NAMES) and k != "TRAINKIT_EXIT_DIR"}
+
+
+def cmd_info(args) -> int:
+    from trainkit.checkpoints import find_latest_checkpoint, read_trainer_state
+
+    cfg, script, how = load_for_launch(args.config, args.overrides)
+    run_dir = Path(cfg["run_dir"])
+    latest = find_latest_checkpoint(run_dir)
+    if args.resume_from:
+        try:
+            read_trainer_state(args.resume_from)
+        except FileNotFoundError:
+            raise ConfigError(f"--resume-from: {args.resume_from} is not a complete checkpoint directory (no trainer_state.json)")
+    acc_path, acc = None, {}
+    if args.accelerate_config:
+        acc_path = resolve_accelerate_config(args.accelerate_config)
+        acc = read_accelerate_config(acc_path)
+    has_data = run_dir.is_dir() and any(run_dir.iterdir())
+    pid = active_pid(run_dir)
+    from trainkit.runlog import RUN_INFO_FILE, read_json
+
+    status = (read_json(run_dir / RUN_INFO_FILE) or {}).get("status") if has_data else None
+
+    facts = {
+        "TK_SCRIPT": str(script.relative_to(REPO) if script.is_relative_to(REPO) else script),
+        "TK_RUN_DIR": str(run_dir),
+        "TK_OUTPUT_DIR": cfg["paths"]["output_dir"],
+        "TK_LATEST_CHECKPOINT": str(latest) if latest else "",
+        "TK_RUN_DIR_HAS_DATA": "1" if has_data else "",
+        "TK_ACTIVE_PID": str(pid or ""),
+        "TK_RUN_STATUS": str(status or ""),
+        "TK_ACCELERATE_CONFIG": str(acc_path or ""),
+        "TK_ACCELERATE_DISTRIBUTED_TYPE": str(acc.get("distributed_type", "")),
+        "TK_ACCELERATE_USE_CPU": "1" if acc.get("use_cpu") else "",
+    }
+    if args.shell_file:
+        with open(args.shell_file, "w") as f:
+            f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in facts.items())
+
+    step = ""
+    if latest:
+        try:
+            step = f" (step {read_trainer_state(latest)['step']})"
+        except FileNotFoundError:
+            pass
+    print(f"config:      {args.config} ({how})")
+    print(f"script:      {script.relative_to(REPO) if script.is_relative_to(REPO) else script}")
+    print(f"run dir:     {run_dir}" + (f" (status: {status})" if status else ""))
+    print(f"checkpoint:  {latest}{step}" if latest else "checkpoint:  none")
+    if acc_path:
+        print(f"accelerate:  {acc_path} (distributed_type {acc.get('distributed_type')})")
+    if args.print_config:
+        print("environment (secrets redacted):")
+        for k, v in redact(relevant_env()).items():
+            print(f"  {k}={v}")
+        print("validated config (secrets redacted):")
+        text = yaml.safe_dump(public_config(cfg), sort_keys=False, default_flow_style=False, width=100)
+        print("".join(f"  {line}\n" for line in text.splitlines()), end="")
+    return 0
+
+
+def archive_name(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    return target
+
+
+def cmd_archive(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.exists():
+        return 0
+    target = archive_name(run_dir)
+    os.rename(run_dir, target)  # a rename: nothing is copied or deleted
+    print(target)
+    return 0
+
+
+def redact_args(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, sep, _ = arg.partition("=")
+        if sep and not name.startswith("-") and is_secret_name(name.rsplit(".", 1)[-1]):
+            arg = f"{name}={REDACTED}"
+        out.append(arg)
+    return out
+
+
+def cmd_show_command(args) -> int:
+    print(shlex.join(redact_args(args.argv)))
+    return 0
+
+
+def cmd_exec(argv: list[str]) -> int:
+    """Run a script as __main__ and record its exit code for the launcher."""
+    if not argv:
+        print("usage: python -m trainkit.launcher exec SCRIPT [ARGS...]", file=sys.stderr)
+        return 2
+    script = os.path.abspath(argv[0])
+    sys.argv = [argv[0], *argv[1:]]
+    sys.path[0] = os.path.dirname(script)  # as `python SCRIPT` would
+    code: object = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    except BaseException:
+        code = 1
+        raise
+    finally:
+        exit_dir = os.environ.get("TRAINKIT_EXIT_DIR")
+        if exit_dir:
+            number = 0 if code is None else code if isinstance(code, int) else 1
+            try:
+                with open(os.path.join(exit_dir, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
+                    f.write(f"{number}\n")
+            except OSError:
+                pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["exec"]:
+        return cmd_exec(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m trainkit.launcher", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="validate a config and print what a launch would do")
+    p.add_argument("--config", default="training_config.yaml")
+    p.add_argument("--accelerate-config")
+    p.add_argument("--resume-from")
+    p.add_argument("--shell-file")
+    p.add_argument("--print-config", action="store_true", help="also print the environment and the config (redacted)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p = sub.add_parser("archive", help="move a run directory aside to RUN_DIR.old-<timestamp>")
+    p.add_argument("run_dir")
+    p = sub.add_parser("show-command", help="print a command with secret-looking key=value arguments redacted")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    sub.add_parser("exec", help="run SCRIPT ARGS... as __main__, recording its exit code")
+    args = parser.parse_args(argv)
+    if args.command == "show-command" and args.argv[:1] == ["--"]:
+        args.argv = args.argv[1:]
+    try:
+        return {"info": cmd_info, "archive": cmd_archive, "show-command": cmd_show_command}[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
