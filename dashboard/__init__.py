@@ -1,0 +1,76 @@
+"""Live training dashboard: a Flask app that reads run directories (never writes them).
+
+    python -m dashboard --logdir outputs             # development server
+    gunicorn -k gthread -w 1 --threads 32 'dashboard:create_app()'   # production
+
+Settings come from keyword arguments, else DASHBOARD_* environment variables (see
+``dashboard.settings``). One process holds the in-memory index of the logs, so run one
+gunicorn worker with threads, not several workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException
+
+from .gpu import GpuMonitor
+from .runs import RunStore
+from .settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+
+class FiniteJSONProvider(DefaultJSONProvider):
+    """Flask would write NaN, which is not JSON; send null instead."""
+    sort_keys = False
+
+    def dumps(self, obj, **kwargs):
+        from .api import _finite
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(_finite(obj), **kwargs)
+
+
+def create_app(logdir: str | None = None, **overrides) -> Flask:
+    """App factory. ``overrides`` are Settings fields (token, stall_seconds, poll_interval, ...)."""
+    settings = Settings.from_env(logdir=logdir, **overrides)
+    app = Flask(__name__, template_folder=str(REPO_ROOT / "templates"))
+    app.json = FiniteJSONProvider(app)
+    app.config["DASHBOARD"] = settings
+
+    store = RunStore(settings.logdir, poll_interval=settings.poll_interval, stall_seconds=settings.stall_seconds)
+    gpu = GpuMonitor(interval=settings.gpu_interval)
+    store.on_pass.append(gpu.sample_if_due)
+    app.extensions["dashboard.store"] = store
+    app.extensions["dashboard.gpu"] = gpu
+
+    from . import api, auth, pages
+    api.init_streams(app)
+    app.before_request(auth.check_token)
+    app.before_request(store.ensure_started)
+    app.after_request(auth.remember_token)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        # 404/405 from routing (e.g. an encoded '/' in a run name) answer JSON like the API
+        response = jsonify(error=exc.name.lower().replace(" ", "_"), message=exc.description,
+                           path=request.path)
+        response.status_code = exc.code or 500
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        log.exception("unexpected error answering %s", request.path)
+        response = jsonify(error="internal_error", message=f"{type(exc).__name__}: {exc}")
+        response.status_code = 500
+        return response
+
+    store.ensure_started()   # start reading before the first request comes
+    return app
