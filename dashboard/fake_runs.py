@@ -176,14 +176,18 @@ class SyntheticRun:
         self.log.update_run_info(status="finished", end_time=self.clock)
 
     def fail(self) -> None:
-        self.log.error(self.step, "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.50 GiB",
-                       traceback=OOM_TRACEBACK, fatal=True)
+        self.error("OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.50 GiB", OOM_TRACEBACK, fatal=True)
         self.log.event(self.step, "stop", "training failed: CUDA out of memory", time=self.clock, reason="failed")
         self.log.update_run_info(status="failed", end_time=self.clock,
                                  error="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.50 GiB")
 
+    def error(self, type_: str, message: str, traceback: str | None = None, fatal: bool = False) -> None:
+        # RunLog.error stamps the wall clock; a simulated run needs its own clock
+        self.log.write("errors", {"step": self.step, "time": self.clock, "type": type_, "message": message,
+                                  "traceback": traceback, "fatal": fatal})
+
     def nan_skip(self) -> None:
-        self.log.error(self.step, "NonFiniteLoss", f"loss is nan at step {self.step}; optimizer step skipped")
+        self.error("NonFiniteLoss", f"loss is nan at step {self.step}; optimizer step skipped")
         self.log.event(self.step, "nan_skip", "non-finite loss, step skipped", time=self.clock, consecutive=1)
 
     def resume_from(self, step: int) -> None:
@@ -226,9 +230,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0) -> d
     run = SyntheticRun(out, "moe-resumed", moe=True, total_steps=n(350), seed=seed + 2, start_time=now - 3600)
     for _ in range(n(260)):
         run.advance()
-    run.log.error(run.step, "RuntimeError", "NCCL watchdog timeout on rank 3", traceback=
-                  "Traceback (most recent call last):\n  ...\nRuntimeError: NCCL watchdog timeout on rank 3",
-                  fatal=True)
+    run.error("RuntimeError", "NCCL watchdog timeout on rank 3",
+              "Traceback (most recent call last):\n  ...\nRuntimeError: NCCL watchdog timeout on rank 3", fatal=True)
     run.resume_from(n(200))
     while run.step < run.total_steps:
         run.advance()

@@ -123,6 +123,9 @@ def _series_plot(fig, title, steps, data, key, color, label=None, log_y=False, b
     ax.plot(steps, series["value"], color=color, linewidth=1.3, label=label or key)
     if log_y and np.nanmin(series["value"]) > 0:
         ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 5))
+        ax.yaxis.get_offset_text().set_color(MUTED)
     return ax
 
 
