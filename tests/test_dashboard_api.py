@@ -1,0 +1,318 @@
+"""The dashboard's HTTP API against a real server (werkzeug, threaded) and fake run directories."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import time
+import types
+
+import pytest
+
+from dashboard import create_app
+from dashboard.fake_runs import RUN_NAMES, SyntheticRun, generate
+from dashboard.gpu import GpuMonitor
+from dashboard.testing import ThreadedServer, get, get_json, wait_until
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    generate(root, seed=1)
+    (root / "secret.txt").write_text("outside any run")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(logdir):
+    app = create_app(str(logdir), poll_interval=0.1, stall_seconds=600, stream_seconds=3)
+    with ThreadedServer(app) as srv:
+        wait_until(lambda: get_json(srv.url + "/health")[1]["indexing_done"] and
+                   get_json(srv.url + "/health")[1]["runs"] == len(RUN_NAMES), message="indexing")
+        yield srv
+
+
+def raw_get(server, path):
+    """Send the path exactly as written (no client-side normalization of '..' or %2F)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return response.status, response.getheader("Content-Type", ""), body
+
+
+def test_health_and_runs_newest_first_with_statuses(server):
+    status, health = get_json(server.url + "/health")
+    assert status == 200 and health["status"] == "ok" and health["runs"] == 5
+    status, data = get_json(server.url + "/api/runs")
+    names = [r["name"] for r in data["runs"]]
+    assert names[0] == "moe-qlora-running" and set(names) == set(RUN_NAMES)
+    statuses = {r["name"]: r["status"] for r in data["runs"]}
+    assert statuses == {"dense-qlora-finished": "finished", "moe-qlora-running": "running",
+                        "dense-lora-failed": "failed", "moe-resumed": "finished", "dense-stalled": "stalled"}
+
+
+def test_stats_of_a_running_moe_run(server):
+    status, stats = get_json(server.url + "/api/runs/moe-qlora-running/stats")
+    assert status == 200
+    assert stats["step"] == 300 and stats["total_steps"] == 1000 and stats["progress"] == pytest.approx(0.3)
+    assert stats["is_moe"] and stats["status"] == "running"
+    for key in ("loss", "loss_smoothed", "lr", "grad_norm", "tokens_per_sec", "memory_allocated_gb"):
+        assert isinstance(stats[key], float), key
+    assert 1.5 < stats["loss"] < 3.5
+    assert stats["best_eval"]["metric"] == "eval_loss" and stats["best_eval"]["is_best"] is True
+    assert stats["errors"] == 1 and stats["evals"] == 6 and stats["checkpoints"] == 2
+
+
+def test_resume_drops_the_earlier_attempts_steps(server):
+    _, stats = get_json(server.url + "/api/runs/moe-resumed/stats")
+    assert stats["resumes"] and stats["resumes"][0]["from_step"] == 260 and stats["resumes"][0]["to_step"] == 201
+    assert stats["attempt"] == 2
+    _, metrics = get_json(server.url + "/api/runs/moe-resumed/metrics?keys=loss&max_points=10000")
+    steps = metrics["step"]
+    assert steps == sorted(set(steps)) and len(steps) == 350 and steps[-1] == 350
+
+
+def test_metrics_downsampled_with_band(server):
+    status, data = get_json(server.url + "/api/runs/dense-qlora-finished/metrics?keys=loss,lr&max_points=50")
+    assert status == 200 and data["downsampled"] and data["points"] == 50 and data["rows"] == 400
+    assert data["step"][0] == 1 and data["step"][-1] == 400
+    loss = data["series"]["loss"]
+    assert all(lo <= v <= hi for lo, v, hi in zip(loss["min"], loss["value"], loss["max"]))
+    _, full = get_json(server.url + "/api/runs/dense-qlora-finished/metrics?keys=loss&max_points=1000")
+    assert full["series"]["loss"]["value"][0] == loss["value"][0]
+    assert full["series"]["loss"]["value"][-1] == loss["value"][-1]
+    assert max(full["series"]["loss"]["value"]) == max(loss["max"])
+    _, since = get_json(server.url + "/api/runs/dense-qlora-finished/metrics?keys=loss&since_step=390")
+    assert since["step"] == list(range(391, 401)) and not since["downsampled"]
+    _, evals = get_json(server.url + "/api/runs/dense-qlora-finished/metrics?stream=eval&keys=eval_loss,perplexity")
+    assert evals["step"] == [50, 100, 150, 200, 250, 300, 350, 400]
+
+
+@pytest.mark.parametrize("query", ["max_points=abc", "max_points=2", "max_points=100000", "since_step=x",
+                                   "since_step=nan", "since_step=inf", "keys=", "keys=not_a_field",
+                                   "keys=a;b", "stream=nope", "keys=" + ",".join(["loss"] * 17)])
+def test_bad_metric_parameters_give_400_json(server, query):
+    status, data = get_json(server.url + f"/api/runs/moe-qlora-running/metrics?{query}")
+    assert status == 400 and data["error"] in ("bad_parameter", "unknown_key") and data["message"]
+
+
+@pytest.mark.parametrize("path", ["/api/runs/nope/stats", "/api/runs/nope/metrics", "/api/runs/nope/plots/loss.png",
+                                  "/api/runs/nope/checkpoints", "/api/runs/nope/events", "/api/runs/nope/errors",
+                                  "/api/runs/nope/experts", "/api/runs/nope/stream", "/api/runs/moe-qlora-running/plots/nope.png",
+                                  "/api/compare?runs=nope", "/api/nothing-here", "/nothing-here"])
+def test_unknown_names_give_404_json(server, path):
+    status, data = get_json(server.url + path)
+    assert status == 404 and data["error"]
+
+
+@pytest.mark.parametrize("path", [
+    "/api/runs/../secret.txt/stats", "/api/runs/..%2Fsecret.txt/stats", "/api/runs/%2e%2e/stats",
+    "/api/runs/%2E%2E%2Fsecret.txt/stats", "/api/runs/%2Fetc%2Fpasswd/stats", "/api/runs//etc/passwd/stats",
+    "/api/runs/..%252Fsecret.txt/stats", "/api/runs/moe-qlora-running/plots/..%2F..%2Fsecret.txt.png",
+    "/api/runs/moe-qlora-running/plots/%2Fetc%2Fpasswd.png", "/api/runs/..%5Csecret.txt/stats",
+    "/api/runs/moe-qlora-running%2F..%2Fdense-stalled/stats", "/api/runs/./stats", "/api/runs/%00/stats",
+    "/api/compare?runs=../secret.txt", "/api/compare.png?runs=/etc/passwd",
+])
+def test_path_traversal_gives_404_and_reads_nothing_outside(server, path):
+    status, content_type, body = raw_get(server, path)
+    assert status == 404, (path, status, body[:200])
+    assert "application/json" in content_type
+    assert b"outside any run" not in body and b"root:" not in body
+
+
+def test_plots_are_png_cached_and_redrawn_when_data_changes(server, logdir):
+    _, index = get_json(server.url + "/api/runs/dense-stalled/plots")
+    names = {p["name"] for p in index["plots"]}
+    assert {"loss", "eval", "lr", "grad_norm", "throughput", "memory", "experts_heatmap", "experts_imbalance"} <= names
+    for plot in index["plots"]:
+        status, headers, body = get(server.url + plot["url"])
+        assert status == 200 and headers["Content-Type"] == "image/png" and body.startswith(b"\x89PNG")
+    status, headers, first = get(server.url + "/api/runs/dense-stalled/plots/loss.png")
+    assert get(server.url + "/api/runs/dense-stalled/plots/loss.png")[2] == first       # cached
+    status, _, _ = get(server.url + "/api/runs/dense-stalled/plots/loss.png", headers={"If-None-Match": headers["ETag"]})
+    assert status == 304
+    with open(logdir / "dense-stalled" / "logs" / "training_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 121, "time": time.time(), "loss": 9.0}) + "\n")
+    wait_until(lambda: get(server.url + "/api/runs/dense-stalled/plots/loss.png")[2] != first, message="redraw")
+    status, _, png = get(server.url + "/api/compare.png?runs=dense-stalled,moe-resumed&key=loss")
+    assert status == 200 and png.startswith(b"\x89PNG")
+    status, data = get_json(server.url + "/api/compare?runs=dense-stalled,moe-resumed&key=loss&max_points=20")
+    assert set(data["runs"]) == {"dense-stalled", "moe-resumed"} and len(data["runs"]["moe-resumed"]["step"]) == 20
+
+
+def test_checkpoints_kept_deleted_best(server):
+    _, data = get_json(server.url + "/api/runs/dense-qlora-finished/checkpoints")
+    rows = {c["name"]: c for c in data["checkpoints"]}
+    assert rows["checkpoint-100"]["state"] == "deleted" and rows["checkpoint-200"]["state"] == "deleted"
+    assert rows["checkpoint-300"]["state"] == "kept" and rows["checkpoint-400"]["state"] == "kept"
+    assert rows["final-checkpoint-400"]["final"] and rows["final-checkpoint-400"]["state"] == "kept"
+    kept = [c for c in data["checkpoints"] if c["state"] == "kept" and not c["final"]]
+    assert all(c["metric_name"] == "eval_loss" and isinstance(c["metric_value"], float) and c["size_bytes"] > 40_000
+               for c in kept)
+    best = [c for c in data["checkpoints"] if c["is_best"]]
+    assert best and data["best_step"] == best[0]["step"] and data["best_adapter"] is True
+
+
+def test_events_since_and_errors_with_traceback(server):
+    _, data = get_json(server.url + "/api/runs/dense-qlora-finished/events?limit=5000")
+    kinds = [e["event"] for e in data["events"]]
+    assert kinds[0] == "start" and kinds[-1] == "stop" and "checkpoint_deleted" in kinds and "new_best" in kinds
+    middle = data["events"][len(data["events"]) // 2]["time"]
+    _, later = get_json(server.url + f"/api/runs/dense-qlora-finished/events?since={middle}")
+    assert later["events"] and all(e["time"] > middle for e in later["events"])
+    _, only = get_json(server.url + "/api/runs/dense-qlora-finished/events?event=eval&limit=2")
+    assert [e["event"] for e in only["events"]] == ["eval", "eval"] and only["events"][-1]["step"] == 400
+    _, errors = get_json(server.url + "/api/runs/dense-lora-failed/errors")
+    assert errors["status"] == "failed" and "OutOfMemoryError" in errors["fatal_error"]
+    assert errors["errors"][0]["fatal"] and "Traceback" in errors["errors"][0]["traceback"]
+
+
+def test_experts(server):
+    _, data = get_json(server.url + "/api/runs/moe-qlora-running/experts")
+    assert data["is_moe"] and data["num_experts"] == 8 and data["top_k"] == 2 and data["snapshots"] == 15
+    assert len(data["latest"]["layers"]) == 6 and len(data["latest"]["layers"][0]["tokens_per_expert"]) == 8
+    _, dense = get_json(server.url + "/api/runs/dense-qlora-finished/experts")
+    assert not dense["is_moe"] and dense["latest"]["layers"] == []
+
+
+def test_legacy_endpoints_answer_for_the_most_recent_run(server):
+    for path, key in (("/api/stats", "name"), ("/api/plots", "run"), ("/api/checkpoints", "run"),
+                      ("/api/events", "run"), ("/api/errors", "run")):
+        status, data = get_json(server.url + path)
+        assert status == 200 and data[key] == "moe-qlora-running", path
+    status, gpu = get_json(server.url + "/api/gpu")
+    assert status == 200 and gpu["available"] is False and gpu["reason"]
+
+
+def test_prometheus_metrics(server):
+    status, headers, body = get(server.url + "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert 'trainkit_step{run="moe-qlora-running"} 300' in text
+    assert 'trainkit_status{run="dense-lora-failed",status="failed"} 1' in text
+    assert 'trainkit_status{run="dense-lora-failed",status="running"} 0' in text
+    assert "# TYPE trainkit_loss gauge" in text and 'trainkit_eval_loss{run="moe-resumed"}' in text
+    assert "trainkit_gpu_available 0" in text
+    for sample in (l for l in text.splitlines() if l and not l.startswith("#")):
+        float(sample.rsplit(" ", 1)[1])   # every sample value parses
+
+
+def test_live_stream_sends_updates(server, logdir):
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", "/api/runs/dense-lora-failed/stream")
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+
+    def next_update():
+        event, data = None, None
+        while True:
+            raw = response.fp.readline().decode().rstrip("\n")
+            if raw.startswith("event:"):
+                event = raw.split(":", 1)[1].strip()
+            elif raw.startswith("data:"):
+                data = json.loads(raw.split(":", 1)[1])
+            elif raw == "" and event:
+                return event, data
+
+    event, data = next_update()
+    assert event == "update" and data["stats"]["step"] == 180
+    with open(logdir / "dense-lora-failed" / "logs" / "training_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 181, "time": time.time(), "loss": 2.5}) + "\n")
+    event, data = next_update()
+    assert event == "update" and data["stats"]["step"] == 181
+    event, _ = next_update()        # stream_seconds=3: the server ends it, the browser reconnects
+    assert event == "bye"
+    connection.close()
+
+
+def test_runs_appearing_and_disappearing_over_http(server, logdir):
+    run = SyntheticRun(logdir, "zz-new-run", moe=False, total_steps=50, start_time=time.time())
+    for _ in range(5):
+        run.advance(now=time.time())
+    wait_until(lambda: "zz-new-run" in [r["name"] for r in get_json(server.url + "/api/runs")[1]["runs"]],
+               message="new run listed")
+    assert get_json(server.url + "/api/stats")[1]["name"] == "zz-new-run"   # the newest run now
+    shutil.rmtree(logdir / "zz-new-run")
+    wait_until(lambda: get_json(server.url + "/api/runs/zz-new-run/stats")[0] == 404, message="run gone")
+
+
+def test_page_is_served(server):
+    status, headers, body = get(server.url + "/")
+    assert status == 200 and b'id="run-picker"' in body and b"<script" in body
+    assert b"src=\"http" not in body          # no third-party JavaScript
+
+
+def test_token_required_when_set(logdir):
+    app = create_app(str(logdir), token="s3cret", poll_interval=0.1)
+    with ThreadedServer(app) as srv:
+        assert get(srv.url + "/health")[0] == 200
+        for path in ("/", "/api/runs", "/api/stats", "/api/gpu", "/metrics", "/api/runs/moe-resumed/plots/loss.png"):
+            status, data = get_json(srv.url + path) if path != "/" else (get(srv.url + path)[0], None)
+            assert status == 401, path
+        assert get(srv.url + "/api/runs?token=wrong")[0] == 401
+        assert get(srv.url + "/api/runs?token=s3cret")[0] == 200
+        assert get(srv.url + "/api/runs", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        status, headers, _ = get(srv.url + "/?token=s3cret")
+        assert status == 200 and "dashboard_token=s3cret" in headers["Set-Cookie"]
+        assert get(srv.url + "/api/runs", headers={"Cookie": "dashboard_token=s3cret"})[0] == 200
+
+
+class FakeNvml(types.SimpleNamespace):
+    """The few pynvml calls the monitor makes, for one fake GPU."""
+    NVML_TEMPERATURE_GPU, NVML_CLOCK_SM, NVML_CLOCK_MEM = 0, 1, 2
+
+    def __init__(self):
+        super().__init__(utilization=55)
+
+    def nvmlInit(self): pass
+    def nvmlSystemGetDriverVersion(self): return b"550.54"
+    def nvmlDeviceGetCount(self): return 1
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetName(self, h): return "NVIDIA H100 80GB HBM3"
+    def nvmlDeviceGetUUID(self, h): return "GPU-123"
+    def nvmlDeviceGetUtilizationRates(self, h): return types.SimpleNamespace(gpu=self.utilization, memory=30)
+    def nvmlDeviceGetMemoryInfo(self, h): return types.SimpleNamespace(used=40 * 2**30, total=80 * 2**30)
+    def nvmlDeviceGetTemperature(self, h, kind): return 61
+    def nvmlDeviceGetPowerUsage(self, h): return 350_000
+    def nvmlDeviceGetEnforcedPowerLimit(self, h): raise RuntimeError("not supported")
+    def nvmlDeviceGetClockInfo(self, h, kind): return 1980 if kind == 1 else 2619
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [types.SimpleNamespace(pid=1, usedGpuMemory=2**30)]
+
+
+def test_gpu_monitor_with_nvml_and_without():
+    nvml = FakeNvml()
+    monitor = GpuMonitor(interval=0, nvml=nvml)
+    monitor.sample()
+    nvml.utilization = 90
+    monitor.sample()
+    snap = monitor.snapshot()
+    gpu = snap["gpus"][0]
+    assert snap["available"] and snap["driver_version"] == "550.54"
+    assert gpu["utilization_percent"] == 90 and gpu["power_watts"] == 350.0 and gpu["power_limit_watts"] is None
+    assert gpu["temperature_c"] == 61 and gpu["sm_clock_mhz"] == 1980 and gpu["processes"][0]["pid"] == 1
+    assert [h["utilization_percent"] for h in gpu["history"]] == [55, 90]
+
+    class Broken:
+        def nvmlInit(self):
+            raise OSError("NVML Shared Library Not Found")
+    snap = GpuMonitor(nvml=Broken()).snapshot()
+    assert snap == {"available": False, "reason": "NVML unavailable: OSError: NVML Shared Library Not Found", "gpus": []}
+
+
+def test_never_a_500_for_odd_requests(server):
+    odd = ["/api/runs/moe-qlora-running/metrics?keys=%00", "/api/runs/moe-qlora-running/metrics?max_points=-1",
+           "/api/runs/moe-qlora-running/metrics?since_step=1e400", "/api/runs/moe-qlora-running/events?since=abc",
+           "/api/runs/moe-qlora-running/events?limit=0", "/api/runs/moe-qlora-running/errors?limit=x",
+           "/api/compare?runs=" + ",".join(["a"] * 20), "/api/compare?key=../../x", "/api/compare?stream=x",
+           "/api/runs/%ff%fe/stats", "/api/runs/" + "a" * 5000 + "/stats", "/api/gpu?history=0",
+           "/api/runs/moe-qlora-running/metrics?keys=loss&keys=lr", "/api/stream?run=nope"]
+    for path in odd:
+        status, _, body = raw_get(server, path)
+        assert status in (200, 400, 404), (path, status, body[:300])
+        json.loads(body)
