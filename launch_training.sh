@@ -173,7 +173,9 @@ if [[ $ON_CPU == 0 && $PER_MACHINE -gt $NUM_GPUS ]]; then
 fi
 
 # ---------------------------------------------------------------- environment for the run
-# Only set what the user has not set. HF_HUB_ENABLE_HF_TRANSFER is left alone.
+# Only set what the user has not set. HF_HUB_ENABLE_HF_TRANSFER is left alone. The old name
+# NCCL_ASYNC_ERROR_HANDLING is not set: torch >= 2.2 reads TORCH_NCCL_ASYNC_ERROR_HANDLING and
+# warns on every rank about the old one.
 SET_VARS=()
 set_default() {  # name value
     if [[ -z "${!1+x}" ]]; then export "$1=$2"; SET_VARS+=("$1"); fi
@@ -209,7 +211,7 @@ INFO_ARGS=(--config "$CONFIG" --shell-file "$SHELL_FILE" --print-config)
 [[ -z "$ACC_CONFIG" ]] || INFO_ARGS+=(--accelerate-config "$ACC_CONFIG")
 [[ -z "$RESUME_FROM" ]] || INFO_ARGS+=(--resume-from "$RESUME_FROM")
 # Validate before printing anything, so a bad config gives exactly one line (stderr).
-INFO_OUT="$("$PY" -m trainkit.launcher info "${INFO_ARGS[@]}" -- "${OVERRIDES[@]}")" \
+INFO_OUT="$("$PY" -m trainkit.launcher info "${INFO_ARGS[@]}" -- ${OVERRIDES[@]+"${OVERRIDES[@]}"})" \
     || exit 2  # the helper printed the one-line reason
 echo "$GPU_REPORT"
 echo "$INFO_OUT"
@@ -280,7 +282,7 @@ if [[ $NUM_MACHINES -gt 1 || -n "$MAIN_IP" ]]; then
 elif [[ -n "$MAIN_PORT" ]]; then
     ACC+=(--main_process_port "$MAIN_PORT")
 fi
-SCRIPT_ARGS=("$TK_SCRIPT" --config "$CONFIG" "${RESUME_ARGS[@]}" "${OVERRIDES[@]}")
+SCRIPT_ARGS=("$TK_SCRIPT" --config "$CONFIG" ${RESUME_ARGS[@]+"${RESUME_ARGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 # The script runs through `python -m trainkit.launcher exec`, which records its exit code
 # (accelerate reports every failure as 1).
 CMD=("${ACC[@]}" -m trainkit.launcher exec "${SCRIPT_ARGS[@]}")

@@ -89,9 +89,10 @@ fi
 # ---------------------------------------------------------------- slow path, under a lock
 # Several launches at once (e.g. every node of a multi-node job on a shared disk) must
 # not build the same venv concurrently.
-mkdir -p "$(dirname "$VENV")"
+mkdir -p "$VENV"
+LOCK="$VENV/.trainkit-setup.lock"
 if command -v flock >/dev/null; then
-    exec 9>"$VENV.lock"
+    exec 9>"$LOCK"
     flock 9
     if [[ -x "$VPY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]; then
         done_python "$VPY"  # another process finished the setup while we waited
@@ -102,7 +103,9 @@ start=$SECONDS
 # 1. the venv
 if [[ -f "$STAMP" ]] && ! grep -q "python=$PY_VERSION\$" "$STAMP"; then
     say "Python changed ($(sed 's/.*python=//' "$STAMP") -> $PY_VERSION): recreating $VENV"
-    "$BASE_PYTHON" -m venv --clear --system-site-packages "$VENV" >&2 \
+    # Our own venv (it has our stamp): empty it, keeping the lock we hold.
+    find "$VENV" -mindepth 1 -maxdepth 1 ! -name "$(basename "$LOCK")" -exec rm -rf {} +
+    "$BASE_PYTHON" -m venv --system-site-packages "$VENV" >&2 \
         || die "python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)"
 elif [[ ! -x "$VPY" ]]; then
     say "creating $VENV (python $PY_VERSION, --system-site-packages: a torch you already have is kept)"
