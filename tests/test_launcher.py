@@ -261,3 +261,42 @@ def test_dry_run_with_named_accelerate_config(tmp_path, name):
     cmd = command_line(r.stdout)
     assert f"--config_file {REPO}/configs/accelerate/{name}.yaml --num_processes 2" in cmd
     assert "--cpu" not in cmd and "--multi_gpu" not in cmd
+
+
+# ---------------------------------------------------------------- GPU paths, with a stand-in nvidia-smi
+
+
+@pytest.fixture
+def two_fake_gpus(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n"
+                   'if [ "$1" = -L ]; then echo "GPU 0: Fake H100"; echo "GPU 1: Fake H100"; exit 0; fi\n'
+                   'echo "0, Fake H100, 81559 MiB, 1 MiB"; echo "1, Fake H100, 81559 MiB, 1 MiB"\n')
+    smi.chmod(0o755)
+    env = launcher_env()
+    del env["CUDA_VISIBLE_DEVICES"]
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_gpu_paths_with_fake_nvidia_smi(tmp_path, two_fake_gpus):
+    def run(*args):
+        return subprocess.run([str(LAUNCHER), "--dry-run", *args, f"paths.output_dir={tmp_path}"], cwd=REPO,
+                              env=two_fake_gpus, text=True, capture_output=True, timeout=120)
+
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert "0, Fake H100, 81559 MiB, 1 MiB" in r.stdout and "no GPU" not in r.stdout
+    assert "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision bf16" in command_line(r.stdout)
+    assert "ACCELERATE_USE_CPU" not in r.stdout
+
+    r = run("--gpus", "1")
+    assert r.returncode == 0, r.stderr
+    assert "visible: CUDA_VISIBLE_DEVICES=1 (1)" in r.stdout
+    assert "--num_processes 1 --num_machines 1 --mixed_precision bf16" in command_line(r.stdout)
+
+    r = run("--num-processes", "4")
+    assert r.returncode == 2
+    assert "only 2 GPU(s) are visible" in r.stderr
