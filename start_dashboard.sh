@@ -67,6 +67,8 @@ if ! is_loopback "$HOST"; then
 fi
 
 export DASHBOARD_LOGDIR="$LOGDIR"
+# glibc gives each server thread its own malloc arena; two keep the RSS of 32 threads small
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 BIND="${HOST}:${PORT}"
 [[ "$HOST" == *:* && "$HOST" != \[* ]] && BIND="[${HOST}]:${PORT}"   # IPv6 literal
 if "$PYTHON" -c 'import gunicorn' 2>/dev/null; then

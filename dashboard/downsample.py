@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .series import round_significant
+
 
 def bucket_bounds(n: int, max_points: int) -> np.ndarray:
     """Start indices of the buckets covering rows 1..n-2 (rows 0 and n-1 stand alone)."""
@@ -20,14 +22,20 @@ def downsample(steps: np.ndarray, values: dict[str, np.ndarray], max_points: int
     """Returns {"step": [...], "series": {key: {"value", "min", "max"}}} as numpy arrays."""
     n = len(steps)
     if n <= max_points:
-        return {"step": steps, "downsampled": False,
-                "series": {k: {"value": v, "min": v, "max": v} for k, v in values.items()}}
+        series = {}
+        for key, column in values.items():
+            if column.dtype == np.float32:
+                column = round_significant(column)
+            series[key] = {"value": column, "min": column, "max": column}
+        return {"step": steps, "downsampled": False, "series": series}
     starts = bucket_bounds(n, max_points)
     ends = np.append(starts[1:], n - 1)
     middle = (starts + ends - 1) // 2
     out_steps = np.concatenate(([steps[0]], steps[middle], [steps[-1]]))
     series = {}
     for key, column in values.items():
+        short = column.dtype == np.float32
+        column = column.astype(np.float64) if short else column   # sums in float64
         inner = column[:n - 1]
         finite = np.isfinite(inner)
         sums = np.add.reduceat(np.where(finite, inner, 0.0), starts)
@@ -37,9 +45,10 @@ def downsample(steps: np.ndarray, values: dict[str, np.ndarray], max_points: int
         lows = np.fmin.reduceat(inner, starts)     # fmin/fmax ignore nan unless all are nan
         highs = np.fmax.reduceat(inner, starts)
         first, last = column[0], column[n - 1]
-        series[key] = {"value": np.concatenate(([first], means, [last])),
-                       "min": np.concatenate(([first], lows, [last])),
-                       "max": np.concatenate(([first], highs, [last]))}
+        parts = {"value": np.concatenate(([first], means, [last])),
+                 "min": np.concatenate(([first], lows, [last])),
+                 "max": np.concatenate(([first], highs, [last]))}
+        series[key] = {part: round_significant(v) if short else v for part, v in parts.items()}
     return {"step": out_steps, "downsampled": True, "series": series}
 
 

@@ -26,6 +26,9 @@ def _reject_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")  # NaN / Infinity are not JSON
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # one decoder, not one per line
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -149,7 +152,7 @@ class JsonlTail:
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw, parse_constant=_reject_constant)
+                obj = _DECODER.decode(raw.decode("utf-8"))
             except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
                 self.skipped["invalid_json"] += 1
                 continue

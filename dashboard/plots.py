@@ -102,6 +102,7 @@ def _legend(ax) -> None:
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over the last ``window`` finite values (nan-aware, O(n))."""
+    values = values.astype(np.float64)          # a float32 running sum of a million values drifts
     finite = np.isfinite(values)
     sums = np.cumsum(np.where(finite, values, 0.0))
     counts = np.cumsum(finite)

@@ -13,6 +13,22 @@ import math
 import numpy as np
 
 MAX_COLUMNS = 64  # a stream that invents new keys on every line cannot exhaust memory
+# Fields that need float64 (exact steps and token counts, unix times); every other field is
+# stored as float32, which halves the memory of a long run and keeps 7 significant digits.
+FLOAT64_FIELDS = {"step", "time", "tokens", "epoch", "eval_tokens", "tokens_routed"}
+
+
+def column_dtype(key: str):
+    return np.float64 if key in FLOAT64_FIELDS else np.float32
+
+
+def round_significant(values: np.ndarray, digits: int = 7) -> np.ndarray:
+    """float32 values as the short decimals they were written as (2.345, not 2.3450000286)."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        magnitude = np.floor(np.log10(np.abs(values)))
+        scale = np.power(10.0, digits - 1 - np.where(np.isfinite(magnitude), magnitude, 0))
+        return np.where(np.isfinite(values) & (values != 0), np.round(values * scale) / scale, values)
 
 
 def _to_float_column(values: list) -> np.ndarray:
@@ -31,7 +47,7 @@ class SeriesTable:
     def clear(self) -> None:
         self.n = 0
         self.capacity = 0
-        self.columns: dict[str, np.ndarray] = {"step": np.empty(0)}
+        self.columns: dict[str, np.ndarray] = {"step": np.empty(0, dtype=np.float64)}
         self.strings: dict[str, str] = {}     # last value of each text field (e.g. eval "metric")
         self.resumes: list[dict] = []
 
@@ -60,7 +76,10 @@ class SeriesTable:
             return None
         tail = column[max(0, self.n - 256):self.n]
         finite = np.flatnonzero(np.isfinite(tail))
-        return float(tail[finite[-1]]) if finite.size else None
+        if not finite.size:
+            return None
+        value = tail[finite[-1]]
+        return float(round_significant(value)) if column.dtype == np.float32 else float(value)
 
     def last_row(self) -> dict:
         if self.n == 0:
@@ -69,7 +88,7 @@ class SeriesTable:
         for key, column in self.columns.items():
             value = column[self.n - 1]
             if math.isfinite(value):
-                row[key] = float(value)
+                row[key] = float(round_significant(value)) if column.dtype == np.float32 else float(value)
         return row
 
     def index_after(self, step: float) -> int:
@@ -78,12 +97,25 @@ class SeriesTable:
     def _grow(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        capacity = max(needed, int(self.capacity * 1.5) + 1024)
+        self._reallocate(max(needed, int(self.capacity * 1.5) + 1024))
+
+    def _reallocate(self, capacity: int) -> None:
         for key, column in self.columns.items():
-            grown = np.empty(capacity)
+            grown = np.empty(capacity, dtype=column.dtype)
             grown[:self.n] = column[:self.n]
             self.columns[key] = grown
         self.capacity = capacity
+
+    def reserve(self, rows: int) -> None:
+        """Allocate room for ``rows`` rows at once (a big log's size is known before it is read)."""
+        if rows > self.capacity:
+            self._reallocate(rows)
+
+    def trim(self) -> None:
+        """Give back the growth slack (up to a third) once a big log has been read."""
+        slack = max(4096, self.n // 50)
+        if self.capacity > self.n + 2 * slack:
+            self._reallocate(self.n + slack)
 
     def append(self, records: list[dict]) -> list[dict]:
         """Add validated records (each with a finite numeric ``step``); returns resumes seen."""
@@ -120,7 +152,7 @@ class SeriesTable:
                     if text:
                         self.strings[key] = text[-1][:200]
                     continue   # not a numeric field
-                column = np.full(self.capacity, np.nan)
+                column = np.full(self.capacity, np.nan, dtype=column_dtype(key))
                 self.columns[key] = column
             column[start:start + len(records)] = _to_float_column(values)
         for key, column in self.columns.items():

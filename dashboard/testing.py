@@ -77,7 +77,8 @@ def start_gunicorn(logdir: str, port: int, threads: int = 32, env: dict | None =
     command = [str(gunicorn) if gunicorn.exists() else "gunicorn", "--workers", "1", "--worker-class", "gthread",
                "--threads", str(threads), "--bind", f"127.0.0.1:{port}", "--timeout", "120",
                "--log-level", "warning", "dashboard:create_app()"]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "DASHBOARD_LOGDIR": str(logdir), **(env or {})})
+    env = {**os.environ, "DASHBOARD_LOGDIR": str(logdir), "MALLOC_ARENA_MAX": "2", **(env or {})}
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env)
 
 
 def stop(process: subprocess.Popen) -> None:
