@@ -321,6 +321,8 @@ class RunState:
             finite = losses[np.isfinite(losses)]
             step, total = summary["step"], summary["total_steps"]
             eta = last.get("eta_seconds")
+            if eta is None and step is not None and total and len(training) > 1:
+                eta = self._eta_from_rate(total - step)
             if eta is not None and "time" in last:
                 eta = max(0.0, eta - max(0.0, now - last["time"]))  # the line is some seconds old
             stats = {
@@ -356,6 +358,16 @@ class RunState:
                 "indexing": self.indexing(),
             }
             return stats
+
+    def _eta_from_rate(self, remaining_steps: float) -> float | None:
+        """Seconds left at the pace of the last logged lines (when the trainer logs no ETA)."""
+        steps = self.training.steps[-50:]
+        times = self.training.column("time")[-50:]
+        ok = np.isfinite(times)
+        if ok.sum() < 2 or steps[ok][-1] <= steps[ok][0]:
+            return None
+        per_step = (times[ok][-1] - times[ok][0]) / (steps[ok][-1] - steps[ok][0])
+        return max(0.0, float(per_step * remaining_steps))
 
     def indexing(self) -> dict:
         read = sum(t.offset for t in self.tails.values())

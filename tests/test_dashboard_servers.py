@@ -1,0 +1,156 @@
+"""Starting the dashboard for real: python -m dashboard, start_dashboard.sh (gunicorn or Flask),
+bind safety, and 100 concurrent clients for 30 s against gunicorn on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from dashboard.__main__ import check_bind
+from dashboard.fake_runs import SyntheticRun, generate
+from dashboard.testing import REPO_ROOT, free_port, get, get_json, start_gunicorn, stop, wait_until
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    generate(root, seed=2, scale=0.5)
+    return root
+
+
+def spawn(command, env=None):
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHON": PYTHON, **(env or {})})
+
+
+def output_of(process, timeout=10):
+    stop(process)
+    return process.stdout.read()
+
+
+def test_python_m_dashboard_serves_and_prints_the_url(logdir):
+    port = free_port()
+    process = spawn([PYTHON, "-m", "dashboard", "--logdir", str(logdir), "--port", str(port)])
+    try:
+        wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=20, message="server up")
+        assert get_json(f"http://127.0.0.1:{port}/api/runs")[1]["runs"]
+        assert get(f"http://127.0.0.1:{port}/")[0] == 200
+    finally:
+        out = output_of(process)
+    assert f"local: http://127.0.0.1:{port}/" in out
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::"])
+def test_non_loopback_bind_needs_a_token_or_insecure(host, logdir):
+    result = subprocess.run([PYTHON, "-m", "dashboard", "--logdir", str(logdir), "--host", host, "--port", "1"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "DASHBOARD_TOKEN"})
+    assert result.returncode != 0 and "DASHBOARD_TOKEN" in result.stderr
+    result = subprocess.run(["./start_dashboard.sh", "--logdir", str(logdir), "--host", host, "--port", "1"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+                            env={**{k: v for k, v in os.environ.items() if k != "DASHBOARD_TOKEN"}, "PYTHON": PYTHON})
+    assert result.returncode == 2 and "DASHBOARD_TOKEN" in result.stderr
+    check_bind(host, insecure=True, token="")       # allowed when said explicitly
+    check_bind(host, insecure=False, token="t")     # or with a token
+    check_bind("127.0.0.1", insecure=False, token="")
+    check_bind("::1", insecure=False, token="")
+
+
+def test_start_dashboard_sh_prefers_gunicorn(logdir):
+    port = free_port()
+    process = spawn(["./start_dashboard.sh", "--logdir", str(logdir), "--port", str(port)])
+    try:
+        wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=20, message="server up")
+        ps = subprocess.run(["ps", "-o", "args=", "--ppid", str(process.pid), "-p", str(process.pid)],
+                            capture_output=True, text=True).stdout
+        assert "gunicorn" in ps
+        status, runs = get_json(f"http://127.0.0.1:{port}/api/runs")
+        assert status == 200 and len(runs["runs"]) == 5
+    finally:
+        out = output_of(process)
+    assert f"local: http://127.0.0.1:{port}/" in out and "WARNING" not in out
+
+
+def test_start_dashboard_sh_falls_back_to_flask_with_a_warning(logdir, tmp_path):
+    blocker = tmp_path / "no_gunicorn"
+    (blocker / "gunicorn").mkdir(parents=True)
+    (blocker / "gunicorn" / "__init__.py").write_text("raise ImportError('gunicorn hidden for this test')\n")
+    port = free_port()
+    process = spawn(["./start_dashboard.sh", "--logdir", str(logdir), "--port", str(port)],
+                    env={"PYTHONPATH": str(blocker), "DASHBOARD_TOKEN": "tok"})
+    try:
+        wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=20, message="server up")
+        assert get(f"http://127.0.0.1:{port}/api/runs")[0] == 401
+        assert get(f"http://127.0.0.1:{port}/api/runs?token=tok")[0] == 200
+    finally:
+        out = output_of(process)
+    assert "WARNING: gunicorn is not installed" in out
+    assert f"local: http://127.0.0.1:{port}/?token=tok" in out
+
+
+@pytest.mark.slow
+def test_100_concurrent_clients_for_30_s_against_gunicorn(logdir):
+    """No errors and every answer well-formed while a run keeps logging (loopback only)."""
+    live = SyntheticRun(logdir, "zz-live", moe=True, total_steps=100_000, start_time=time.time())
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_gunicorn(str(logdir), port, threads=32)
+    stopping = threading.Event()
+    outcomes: Counter = Counter()
+    failures: list = []
+    lock = threading.Lock()
+    paths = ["/api/runs", "/api/runs/zz-live/stats", "/api/runs/zz-live/metrics?keys=loss,lr&max_points=500",
+             "/api/runs/zz-live/plots/loss.png", "/api/runs/moe-resumed/checkpoints", "/api/stats",
+             "/api/runs/zz-live/events?limit=50", "/api/gpu", "/metrics", "/api/runs/nope/stats",
+             "/api/runs/zz-live/metrics?max_points=bad"]
+    expected = {"/api/runs/nope/stats": 404, "/api/runs/zz-live/metrics?max_points=bad": 400}
+
+    def writer():
+        while not stopping.is_set():
+            live.advance(now=time.time())
+            time.sleep(0.05)
+
+    def client(i):
+        n = i
+        while not stopping.is_set():
+            path = paths[n % len(paths)]
+            n += 1
+            try:
+                status, headers, body = get(base + path, timeout=30)
+                ok = status == expected.get(path, 200)
+                if ok and path.endswith(".png"):
+                    ok = body.startswith(b"\x89PNG")
+                elif ok and path != "/metrics":
+                    json.loads(body)
+            except Exception as exc:   # noqa: BLE001 - every failure is counted
+                ok, status = False, repr(exc)
+            with lock:
+                outcomes["ok" if ok else "error"] += 1
+                if not ok and len(failures) < 10:
+                    failures.append((path, status))
+
+    try:
+        wait_until(lambda: get(base + "/api/runs/zz-live/stats")[0] == 200, timeout=30, message="gunicorn up")
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=client, args=(i,)) for i in range(100)]
+        for thread in threads:
+            thread.start()
+        time.sleep(30)
+        stopping.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        final_step = get_json(base + "/api/runs/zz-live/stats")[1]["step"]
+    finally:
+        stopping.set()
+        stop(server)
+    assert not failures, failures
+    assert outcomes["ok"] > 1000, outcomes
+    assert final_step >= live.step - 50          # the server kept reading the growing log under load
