@@ -118,7 +118,7 @@ def ensure_chromium() -> None:
         raise RuntimeError("chromium is missing and apt-get is not available to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"],
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"],
                    check=True, env=env)
 
 
