@@ -37,6 +37,7 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
             cfg.setdefault(section, {}).update(values)
         else:
             cfg[section] = values
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

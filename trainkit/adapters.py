@@ -172,6 +172,7 @@ def apply_lora(model: nn.Module, lora_cfg: dict):
         bias=lora_cfg.get("bias", "none"),
         use_dora=variant == "dora",
         use_rslora=variant == "rslora",
+        modules_to_save=list(lora_cfg.get("modules_to_save") or []) or None,
         task_type="CAUSAL_LM",
     )
     model_type = getattr(getattr(model, "config", None), "model_type", None)

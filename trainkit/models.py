@@ -16,6 +16,7 @@ so optimizer updates are not rounded away, while the base matmuls run in bf16.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 import warnings
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainkit.quantization import (count_parameters, iter_expert_modules, non_embedding_parameters,
-                                   quantize_moe_experts)
+from trainkit.quantization import (count_parameters, float_expert_params, iter_expert_modules,
+                                   non_embedding_parameters, quantize_experts_on_load, quantize_moe_experts)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # modules never quantized: the output head and router/gate projections (tiny, and routing
@@ -89,7 +90,11 @@ def build_random_model_dir(model_config: dict, vocab_size: int, seed: int, dtype
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     out = tempfile.mkdtemp(prefix="trainkit-model-")
     _TEMP_DIRS.append(out)
-    model.save_pretrained(out)
+    # Written by hand, not save_pretrained: under torch.distributed that writes on rank 0 only,
+    # and every process needs its own copy (other nodes share no disk with rank 0).
+    from safetensors.torch import save_model
+    config.to_json_file(os.path.join(out, "config.json"))
+    save_model(model, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     del model
     return out
 
@@ -136,16 +141,37 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
                                   attn_implementation=mcfg.get("attn_implementation", "sdpa"), **common)
     if load_4bit:
         kwargs["quantization_config"] = _quantization_config(qcfg, compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    quantize_experts = load_4bit and bool(qcfg.get("quantize_moe_experts", True))
+    # experts quantize while they load (one parameter's bf16 tensor at a time), not after
+    stream = quantize_experts and bool(qcfg.get("quantize_experts_on_load", True)) and bool(num_experts)
+    with quantize_experts_on_load(enabled=stream) as streaming:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
-    banks = 0
-    if load_4bit and qcfg.get("quantize_moe_experts", True):
-        banks = quantize_moe_experts(model, device=device, compute_dtype=compute_dtype,
-                                     quant_type=qcfg.get("quant_type", "nf4"),
-                                     double_quant=bool(qcfg.get("double_quant", True)))
+    banks = streamed = 0
+    if streaming:
+        quantizer = getattr(model, "hf_quantizer", None)
+        errors = getattr(quantizer, "stream_errors", None) or {}
+        if errors:
+            raise RuntimeError("load_model: quantizing MoE experts while loading failed: "
+                               + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        streamed = len(getattr(quantizer, "streamed_banks", ()))
+        leftover = float_expert_params(model)
+        if leftover:
+            warnings.warn(f"load_model: {len(leftover)} expert tensors (e.g. {leftover[0]}) were not quantized while "
+                          "loading; quantizing them after loading", RuntimeWarning, stacklevel=2)
+    if quantize_experts:
+        banks = streamed + quantize_moe_experts(model, device=device, compute_dtype=compute_dtype,
+                                                quant_type=qcfg.get("quant_type", "nf4"),
+                                                double_quant=bool(qcfg.get("double_quant", True)))
 
     for p in model.parameters():
         p.requires_grad_(False)
+    # bitsandbytes repacks a CPU Linear4bit's weight for its AVX512-bf16 kernel on the first
+    # no-grad eval-mode forward and keeps it that way, so training after an evaluation would
+    # run different numerics than before it (and a resumed run would not match). Keep one path.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     # norms / embeddings / head stay in the compute dtype (no fp32 upcast)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit":
@@ -173,6 +199,7 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         "fraction_4bit": counts["fraction_4bit"],
         "non_embedding_parameters": non_emb,
         "quantized_expert_banks": banks,
+        "experts_quantized_on_load": streamed,
         "load_in_4bit": load_4bit,
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "gradient_checkpointing": bool(mem.get("gradient_checkpointing", True)),
