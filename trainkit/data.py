@@ -368,7 +368,7 @@ def build_datasets(cfg: dict, tokenizer):
         "truncated_rows": train_stats["truncated_rows"] + val_stats["truncated_rows"],
     }
     if "dropped_tokens" in train_stats:
-        info["dropped_tail_tokens"] = train_stats["dropped_tokens"] + val_stats["dropped_tokens"]
+        info["dropped_tail_tokens"] = train_stats["dropped_tokens"] + val_stats.get("dropped_tokens", 0)
     return train, val, info
 
 
