@@ -11,7 +11,6 @@ gunicorn worker with threads, not several workers.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from flask import Flask, jsonify, request

@@ -316,7 +316,7 @@ def _stream_response(run_name: str | None):
             yield "retry: 2000\n\n"
             ends = time.monotonic() + config.stream_seconds
             last_key, last_ping = None, time.monotonic()
-            while time.monotonic() < ends:
+            while time.monotonic() < ends and not runs.stopping.is_set():
                 run = runs.get(run_name) if run_name is not None else runs.latest()
                 key = (runs.runs_version, run.name if run else None, tuple(run.versions.values()) if run else None)
                 if run_name is not None and run is None:

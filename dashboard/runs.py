@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, LOGS_DIR,
-                             RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS, EVAL_FIELDS,
+                             RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS,
                              read_json)
 
 from .logreader import JsonlTail, is_number
@@ -449,6 +449,8 @@ class RunStore:
 
     def stop(self) -> None:
         self.stopping.set()
+        with self.changed:
+            self.changed.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=5)
 
@@ -507,7 +509,7 @@ class RunStore:
         """Block until the reader finished a pass that started after this call (for tests, SSE)."""
         with self.changed:
             target = self.passes + 2
-            return self.changed.wait_for(lambda: self.passes >= target, timeout)
+            return self.changed.wait_for(lambda: self.passes >= target or self.stopping.is_set(), timeout)
 
     # ----- lookups -----------------------------------------------------------------------
     def get(self, name: str) -> RunState | None:

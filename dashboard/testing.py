@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,12 +54,21 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1, message:
     raise AssertionError(f"timed out waiting for {message} (last: {last!r})")
 
 
+class QuietRequestHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs):   # one line per request would drown test output
+        pass
+
+
 class ThreadedServer:
     """The Flask app on werkzeug's threaded server, in a thread of this process."""
 
     def __init__(self, app, host: str = "127.0.0.1"):
         self.app = app
-        self.server = make_server(host, 0, app, threaded=True)
+        self.server = make_server(host, 0, app, threaded=True, request_handler=QuietRequestHandler)
+        # join request threads on close: a daemon thread still drawing a plot (C++ in matplotlib)
+        # when the interpreter exits aborts the process ("terminate called without an active exception")
+        self.server.daemon_threads = False
+        self.server.block_on_close = True
         self.url = f"http://{host}:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -68,8 +77,9 @@ class ThreadedServer:
         return self
 
     def __exit__(self, *exc):
+        self.app.extensions["dashboard.store"].stop()   # also ends the live streams
         self.server.shutdown()
-        self.app.extensions["dashboard.store"].stop()
+        self.server.server_close()
 
 
 def start_gunicorn(logdir: str, port: int, threads: int = 32, env: dict | None = None) -> subprocess.Popen:
