@@ -24,6 +24,7 @@ def losses(run_dir):
 def test_qlora_run_on_cuda(tmp_path):
     cfg = tiny_config(tmp_path, training={"max_steps": 40, "max_seq_length": 128},
                       optimization={"micro_batch_size": 8, "learning_rate": 3e-3},
+                      lora={"modules_to_save": ["embed_tokens", "lm_head"]},
                       logging={"log_interval": 5, "eval_interval": 20, "checkpoint_interval": 20})
     result = run_script(["--config", str(cfg)])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -43,6 +44,7 @@ def test_qlora_run_on_cuda(tmp_path):
 def test_deepspeed_zero2_two_gpus(tmp_path):
     cfg = tiny_config(tmp_path, training={"max_steps": 20, "max_seq_length": 128},
                       optimization={"micro_batch_size": 4, "learning_rate": 3e-3},
+                      lora={"modules_to_save": ["embed_tokens", "lm_head"]},
                       logging={"log_interval": 5, "eval_interval": 10, "checkpoint_interval": 10})
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
