@@ -211,23 +211,24 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0) -> d
     out.mkdir(parents=True, exist_ok=True)
     now = time.time()
     n = lambda steps: max(10, int(steps * scale))
+    every = {"eval_every": max(5, int(50 * scale)), "checkpoint_every": max(10, int(100 * scale))}
     runs = {}
 
-    run = SyntheticRun(out, "dense-qlora-finished", moe=False, total_steps=n(400), seed=seed,
+    run = SyntheticRun(out, "dense-qlora-finished", moe=False, total_steps=n(400), seed=seed, **every,
                        start_time=now - 7200)
     for _ in range(run.total_steps):
         run.advance()
     run.finish()
     runs[run.name] = run
 
-    run = SyntheticRun(out, "dense-lora-failed", moe=False, total_steps=n(600), seed=seed + 1,
+    run = SyntheticRun(out, "dense-lora-failed", moe=False, total_steps=n(600), seed=seed + 1, **every,
                        start_time=now - 5400)
     for _ in range(n(180)):
         run.advance()
     run.fail()
     runs[run.name] = run
 
-    run = SyntheticRun(out, "moe-resumed", moe=True, total_steps=n(350), seed=seed + 2, start_time=now - 3600)
+    run = SyntheticRun(out, "moe-resumed", moe=True, total_steps=n(350), seed=seed + 2, **every, start_time=now - 3600)
     for _ in range(n(260)):
         run.advance()
     run.error("RuntimeError", "NCCL watchdog timeout on rank 3",
@@ -238,14 +239,14 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0) -> d
     run.finish()
     runs[run.name] = run
 
-    run = SyntheticRun(out, "dense-stalled", moe=False, total_steps=n(500), seed=seed + 3, start_time=now - 9000)
+    run = SyntheticRun(out, "dense-stalled", moe=False, total_steps=n(500), seed=seed + 3, **every, start_time=now - 9000)
     for _ in range(n(120)):
         run.advance()
     set_mtime(run.run_dir, now - 3 * 3600)
     runs[run.name] = run
 
     # last, so it is the most recent run: the legacy /api/* endpoints answer for it
-    run = SyntheticRun(out, "moe-qlora-running", moe=True, total_steps=n(1000), seed=seed + 4,
+    run = SyntheticRun(out, "moe-qlora-running", moe=True, total_steps=n(1000), seed=seed + 4, **every,
                        start_time=now - n(300) * 0.8)
     for _ in range(n(300)):
         run.advance()

@@ -316,3 +316,50 @@ def test_never_a_500_for_odd_requests(server):
         status, _, body = raw_get(server, path)
         assert status in (200, 400, 404), (path, status, body[:300])
         json.loads(body)
+
+
+def test_odd_runs_never_give_a_500(tmp_path):
+    """Runs with one line, only nulls, odd types in run.json and expert logs: every endpoint answers."""
+    def write(run, stream, records):
+        (tmp_path / run / "logs").mkdir(parents=True, exist_ok=True)
+        with open(tmp_path / run / "logs" / stream, "a") as f:
+            for record in records:
+                f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+
+    write("one-line", "training_log.jsonl", [{"step": 1, "loss": 2.0}])
+    write("all-null", "training_log.jsonl", [{"step": s, "loss": None, "lr": None} for s in range(5)])
+    write("all-null", "eval_log.jsonl", [{"step": 2, "eval_loss": None, "is_best": True}])
+    write("odd-experts", "expert_usage_log.jsonl", [
+        {"step": 1, "layers": [{"tokens_per_expert": ["a", None, 3]}, "not a layer", {"load_imbalance": "x"}]},
+        {"step": 2, "layers": []}, {"step": 3, "mean_load_imbalance": 1.5}])
+    write("odd-experts", "events.jsonl", [{"step": 1, "event": "checkpoint_saved", "path": 42},
+                                          {"step": 1, "event": "new_best"}, {"step": 2, "event": "resume"}])
+    write("odd-experts", "error_log.jsonl", [{"step": 1, "traceback": "x" * 200_000}, {"step": 2, "type": None}])
+    (tmp_path / "odd-info").mkdir()
+    (tmp_path / "odd-info" / "run.json").write_text(json.dumps(
+        {"status": 5, "total_steps": "many", "model": ["x"], "start_time": "yesterday", "error": {"a": 1}}))
+    (tmp_path / "list-info").mkdir()
+    (tmp_path / "list-info" / "run.json").write_text("[1, 2]")
+    (tmp_path / "list-info" / "checkpoint-7").mkdir()
+    (tmp_path / "list-info" / "checkpoint-7" / "trainer_state.json").write_text('{"metric_value": NaN}')
+    app = create_app(str(tmp_path), poll_interval=0.1)
+    with ThreadedServer(app) as srv:
+        wait_until(lambda: get_json(srv.url + "/health")[1]["runs"] == 5, message="runs")
+        wait_until(lambda: get_json(srv.url + "/health")[1]["indexing_done"], message="indexing")
+        for run in ("one-line", "all-null", "odd-experts", "odd-info", "list-info"):
+            paths = [f"/api/runs/{run}", f"/api/runs/{run}/stats", f"/api/runs/{run}/metrics?keys=loss,lr",
+                     f"/api/runs/{run}/metrics?stream=eval&keys=eval_loss&max_points=3",
+                     f"/api/runs/{run}/checkpoints", f"/api/runs/{run}/events", f"/api/runs/{run}/errors",
+                     f"/api/runs/{run}/experts", f"/api/compare.png?runs={run}&key=loss"]
+            paths += [f"/api/runs/{run}/plots/{name}.png" for name in
+                      ("loss", "eval", "lr", "grad_norm", "throughput", "memory", "experts_heatmap", "experts_imbalance")]
+            for path in paths:
+                status, headers, body = get(srv.url + path)
+                assert status == 200, (path, status, body[:300])
+                if "png" not in path:
+                    json.loads(body)
+        assert get(srv.url + "/metrics")[0] == 200
+        _, stats = get_json(srv.url + "/api/runs/odd-info/stats")
+        assert stats["status"] == "unknown" and stats["total_steps"] is None
+        _, checkpoints = get_json(srv.url + "/api/runs/list-info/checkpoints")
+        assert checkpoints["checkpoints"][0]["step"] == 7 and checkpoints["checkpoints"][0]["metric_value"] is None

@@ -154,3 +154,25 @@ def test_100_concurrent_clients_for_30_s_against_gunicorn(logdir):
     assert not failures, failures
     assert outcomes["ok"] > 1000, outcomes
     assert final_step >= live.step - 50          # the server kept reading the growing log under load
+
+
+def test_fake_runs_command_line(tmp_path):
+    result = subprocess.run([PYTHON, "-m", "dashboard.fake_runs", str(tmp_path / "out"), "--scale", "0.2",
+                             "--live", "--rate", "50", "--duration", "1"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    runs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert runs == sorted(["dense-qlora-finished", "moe-qlora-running", "dense-lora-failed", "moe-resumed",
+                           "dense-stalled"])
+    lines = (tmp_path / "out" / "moe-qlora-running" / "logs" / "training_log.jsonl").read_text().splitlines()
+    assert len(lines) > 60 + 20                     # 60 steps written at once, then live appends
+    assert json.loads((tmp_path / "out" / "dense-lora-failed" / "run.json").read_text())["status"] == "failed"
+    steps = [json.loads(l)["step"] for l in
+             (tmp_path / "out" / "moe-resumed" / "logs" / "training_log.jsonl").read_text().splitlines()]
+    assert any(b < a for a, b in zip(steps, steps[1:]))          # the resume: steps go backwards
+    state = json.loads(next((tmp_path / "out" / "dense-qlora-finished").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert set(state) == {"step", "metric_name", "metric_value"}
+    big = subprocess.run([PYTHON, "-m", "dashboard.fake_runs", str(tmp_path / "big"), "--big-lines", "1000"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert big.returncode == 0
+    assert len((tmp_path / "big" / "big-run" / "logs" / "training_log.jsonl").read_text().splitlines()) == 1000
