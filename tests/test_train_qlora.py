@@ -192,10 +192,12 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
 
 
 def test_no_validation_split(tmp_path):
-    """val_split 0: trains without evaluations, best-adapter absent, still a final checkpoint."""
-    cfg = tiny_config(tmp_path, training={"val_split": 0.0, "max_steps": 4})
+    """val_split 0: trains without evaluations, still a final checkpoint; TensorBoard through accelerate."""
+    cfg = tiny_config(tmp_path, training={"val_split": 0.0, "max_steps": 4},
+                      logging={"report_to": ["tensorboard"], "progress_bar": False})
     result = run_script(["--config", str(cfg)])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "out" / "tiny"
     assert (run_dir / "final-checkpoint-4" / "adapter_model.safetensors").is_file()
     assert read_stream(run_dir, "eval_log.jsonl") == []
+    assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file"
