@@ -351,7 +351,7 @@ def main() -> int:
             train_loader.set_epoch(state["epoch"])
             skip = state["batches_in_epoch"]
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            micro_losses, micro_aux, step_tokens = [], [], 0
+            micro_losses, micro_aux, step_tokens = [], [], torch.zeros((), device=device, dtype=torch.long)
             step_started = time.time()
             for batch_index, batch in enumerate(loader, start=skip):
                 # The last optimizer step of an epoch may take fewer micro batches.
@@ -369,17 +369,21 @@ def main() -> int:
                 micro_losses.append((loss - aux_coef * aux).detach() if aux is not None else loss.detach())
                 if aux is not None:
                     micro_aux.append(aux.detach().float())
-                step_tokens += int(batch["attention_mask"].sum())
+                step_tokens += batch["attention_mask"].sum()  # stays on device: no sync per micro batch
                 state["batches_in_epoch"] = batch_index + 1
                 if not is_step_end:
                     continue
 
                 # ---- optimizer step (skipped when the loss or gradients are not finite)
-                step_loss = accelerator.reduce(torch.stack(micro_losses).float().mean(), "mean")
+                # One all-reduce and one host sync per optimizer step: sums of [loss, tokens, aux loss].
+                aux_mean = torch.stack(micro_aux).mean() if micro_aux else torch.zeros((), device=device)
+                local = torch.stack([torch.stack(micro_losses).double().mean(), step_tokens.double(), aux_mean.double()])
+                loss_sum, tokens_all, aux_sum = accelerator.reduce(local, "sum").tolist()
+                step_loss, step_aux = loss_sum / accelerator.num_processes, aux_sum / accelerator.num_processes
+                tokens_all = int(tokens_all)
                 max_norm = opt_cfg["max_grad_norm"] or float("inf")
                 grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)  # None under DeepSpeed before its first step
                 grad_norm = None if grad_norm is None else float(grad_norm)
-                step_loss = step_loss.item()
                 finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
                 lr = scheduler.get_last_lr()[0]
                 if finite:
@@ -391,7 +395,6 @@ def main() -> int:
                 scheduler.step()
                 state["step"] += 1
                 step = state["step"]
-                tokens_all = int(accelerator.reduce(torch.tensor(step_tokens, device=device), "sum"))
                 state["tokens_seen"] += tokens_all
                 progress.update(1)
 
@@ -407,8 +410,7 @@ def main() -> int:
                     interval = state["interval"]
                     interval["loss_sum"] += step_loss
                     interval["steps"] += 1
-                    if micro_aux:
-                        interval["aux_sum"] += float(accelerator.reduce(torch.stack(micro_aux).mean(), "mean"))
+                    interval["aux_sum"] += step_aux
                 interval = state["interval"]
                 interval["all_steps"] += 1
                 interval["tokens"] += tokens_all
@@ -444,7 +446,7 @@ def main() -> int:
                     save_checkpoint(run_dir / f"checkpoint-{step}")
                     apply_retention()
 
-                micro_losses, micro_aux, step_tokens = [], [], 0
+                micro_losses, micro_aux, step_tokens = [], [], torch.zeros((), device=device, dtype=torch.long)
                 step_started = time.time()
                 if state["step"] >= total_steps or stop_reason != "finished":
                     break
