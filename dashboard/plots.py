@@ -52,7 +52,7 @@ def _pyplot_free_imports():
     return _matplotlib
 
 
-def cached_png(key: tuple, draw) -> bytes:
+def cached_png(key: tuple, draw, size: tuple = (7.2, 3.2)) -> bytes:
     """PNG for ``key``, drawing it with ``draw(fig)`` only when not cached."""
     png = _cache.get(key)
     if png is not None:
@@ -62,7 +62,7 @@ def cached_png(key: tuple, draw) -> bytes:
         if png is not None:
             return png
         Figure, FigureCanvasAgg = _pyplot_free_imports()
-        fig = Figure(figsize=(7.2, 3.2), dpi=100, facecolor=BG)
+        fig = Figure(figsize=size, dpi=100, facecolor=BG)
         FigureCanvasAgg(fig)
         draw(fig)
         buffer = io.BytesIO()
@@ -151,9 +151,12 @@ def _snapshot(run, name: str) -> dict:
                     "memory": ["memory_allocated_gb", "memory_peak_gb"]}[name]
             values = {k: table.column(k) for k in keys}
             if name == "loss":
-                values["smoothed"] = moving_average(values["loss"], SMOOTHING_WINDOW)
+                # the card's window for short runs; a wider one on long runs, where 25 lines is noise
+                window = max(SMOOTHING_WINDOW, len(table) // 200)
+                values["smoothed"] = moving_average(values["loss"], window)
             snap = {"data": downsample(table.steps, values, PLOT_POINTS)}
             if name == "loss":
+                snap["window"] = window
                 snap["checkpoints"] = [(c["step"], c["state"], c["is_best"]) for c in run.checkpoints]
                 snap["resumes"] = [r["to_step"] for r in table.resumes]
             return snap
@@ -181,7 +184,8 @@ def _draw_loss(fig, snap):
     steps = data["step"]
     ax = _series_plot(fig, "Training loss", steps, data, "loss", BLUE, label="loss")
     if "smoothed" in data["series"] and np.isfinite(data["series"]["smoothed"]["value"]).any():
-        ax.plot(steps, data["series"]["smoothed"]["value"], color=ORANGE, linewidth=1.8, label="moving average")
+        ax.plot(steps, data["series"]["smoothed"]["value"], color=ORANGE, linewidth=1.8,
+                label=f"moving average ({snap['window']} logs)")
         for step, state, is_best in snap["checkpoints"]:
             ax.axvline(step, color=GREEN if is_best else MUTED, linewidth=1.0,
                        linestyle="-" if state == "kept" else ":", alpha=0.8 if state == "kept" else 0.45)
@@ -301,6 +305,7 @@ def render_compare(runs: list, key: str, stream: str = "training") -> bytes:
 
     def draw(fig):
         ax = _axes(fig, f"Compare: {key}")
+        fig.subplots_adjust(left=0.07, right=0.98)
         drawn = False
         for i, (name, steps, values) in enumerate(lines):
             if np.isfinite(values).any():
@@ -310,4 +315,4 @@ def render_compare(runs: list, key: str, stream: str = "training") -> bytes:
             _legend(ax)
         else:
             _empty(ax)
-    return cached_png(cache_key, draw)
+    return cached_png(cache_key, draw, size=(10.0, 3.6))

@@ -211,7 +211,7 @@ def test_live_stream_sends_updates(server, logdir):
     def next_update():
         event, data = None, None
         while True:
-            raw = response.fp.readline().decode().rstrip("\n")
+            raw = response.readline().decode().rstrip("\n")
             if raw.startswith("event:"):
                 event = raw.split(":", 1)[1].strip()
             elif raw.startswith("data:"):

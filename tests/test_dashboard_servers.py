@@ -3,6 +3,7 @@ bind safety, and 100 concurrent clients for 30 s against gunicorn on loopback.""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -75,6 +76,14 @@ def test_start_dashboard_sh_prefers_gunicorn(logdir):
         assert "gunicorn" in ps
         status, runs = get_json(f"http://127.0.0.1:{port}/api/runs")
         assert status == 200 and len(runs["runs"]) == 5
+        # the live stream works through gunicorn's threads too
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/api/stream")
+        response = connection.getresponse()
+        assert response.status == 200
+        lines = [response.readline() for _ in range(5)]
+        connection.close()
+        assert b"event: update\n" in lines and any(b'"run":"moe-qlora-running"' in l for l in lines)
     finally:
         out = output_of(process)
     assert f"local: http://127.0.0.1:{port}/" in out and "WARNING" not in out
