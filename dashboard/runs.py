@@ -233,7 +233,8 @@ class RunState:
                 continue
             cached = self.checkpoint_cache.get(entry.name)
             if cached is None or cached[0] != mtime:
-                state = read_json(Path(entry.path) / TRAINER_STATE_FILE, default={}) or {}
+                state_path = Path(entry.path) / TRAINER_STATE_FILE
+                state = (read_json(state_path, default={}) or {}) if self.inside(state_path) else {}
                 cached = (mtime, state if isinstance(state, dict) else {}, _dir_size(Path(entry.path)))
                 self.checkpoint_cache[entry.name] = cached
             on_disk[entry.name] = (int(match.group(1)), cached)

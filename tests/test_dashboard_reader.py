@@ -200,3 +200,16 @@ def test_stalled_status(tmp_path):
     (run_dir / "logs" / "training_log.jsonl").write_text(line(1) + line(2))   # it writes again
     store.poll_once()
     assert run.status(60) == "running"
+
+
+def test_checkpoint_state_symlinked_outside_is_not_read(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"step": 5, "metric_name": "leaked", "metric_value": 1.0}')
+    logdir = tmp_path / "logdir"
+    (logdir / "run" / "checkpoint-5").mkdir(parents=True)
+    (logdir / "run" / "run.json").write_text('{"status": "running"}')
+    (logdir / "run" / "checkpoint-5" / "trainer_state.json").symlink_to(secret)
+    store = RunStore(logdir)
+    store.poll_once()
+    [row] = store.get("run").checkpoints
+    assert row["step"] == 5 and row["metric_name"] is None and row["state"] == "kept"

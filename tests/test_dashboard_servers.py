@@ -185,3 +185,14 @@ def test_fake_runs_command_line(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert big.returncode == 0
     assert len((tmp_path / "big" / "big-run" / "logs" / "training_log.jsonl").read_text().splitlines()) == 1000
+
+
+def test_the_dashboard_does_not_import_torch(tmp_path):
+    """It must start fast and stay small: no torch, and matplotlib only once a plot is drawn."""
+    code = ("import sys, dashboard; app = dashboard.create_app(sys.argv[1]); c = app.test_client();"
+            "assert c.get('/api/runs').status_code == 200;"
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    result = subprocess.run([PYTHON, "-c", code, str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
