@@ -42,7 +42,6 @@ def main(argv=None) -> None:
                         help="allow a non-loopback --host without DASHBOARD_TOKEN")
     parser.add_argument("--stall-seconds", type=float, default=None,
                         help="show a running run as stalled after this many seconds without log writes")
-    parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
     token = os.environ.get("DASHBOARD_TOKEN", "")
@@ -60,7 +59,8 @@ def main(argv=None) -> None:
         lan = lan_address() if args.host in ("0.0.0.0", "::") else args.host
         if lan:
             print(f"  LAN:   http://{lan}:{args.port}{suffix}", flush=True)
-    app.run(host=args.host, port=args.port, threaded=True, debug=args.debug, use_reloader=False)
+    # never debug=True: Werkzeug's debugger runs code for whoever reaches the port
+    app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
 
 
 if __name__ == "__main__":
