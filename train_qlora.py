@@ -43,6 +43,7 @@ QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
         "double_quant": Key(bool, True, "quantize the quantization constants too (saves ~0.4 bit/param)"),
         "compute_dtype": Key(str, "bfloat16", "dtype of matmuls and of the non-quantized weights", choices=("bfloat16", "float16", "float32")),
         "quantize_moe_experts": Key(bool, True, "quantize fused 3-D MoE expert tensors too (bitsandbytes leaves them in bf16)"),
+        "quantize_experts_on_load": Key(bool, True, "quantize experts tensor by tensor while the checkpoint loads, so a 100B MoE never sits on the GPU in bf16 (false: after loading)"),
     },
     "logging": {
         "expert_stats_interval": Key(int, 10, "optimizer steps between MoE router statistics snapshots", check=positive),
@@ -108,6 +109,8 @@ def main() -> int:
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
 
+    import warnings
+
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -129,6 +132,8 @@ def main() -> int:
     from trainkit.schedules import build_scheduler
     from trainkit.tokenizer import load_tokenizer
 
+    # PEFT still reads a transformers property renamed in 5.x: noise on every run, no action for users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     paths, train_cfg, opt_cfg, log_cfg = cfg["paths"], cfg["training"], cfg["optimization"], cfg["logging"]
     accelerator = Accelerator(
         log_with=log_cfg["report_to"] or None,
