@@ -18,13 +18,12 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema, non_negative,
+from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema,
                              positive, public_config)
 
 QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from .gpu import GpuMonitor
 from .runs import RunStore
 from .settings import Settings
+from trainkit.runlog import json_safe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -30,9 +31,8 @@ class FiniteJSONProvider(DefaultJSONProvider):
     sort_keys = False
 
     def dumps(self, obj, **kwargs):
-        from .api import _finite
         kwargs.setdefault("allow_nan", False)
-        return super().dumps(_finite(obj), **kwargs)
+        return super().dumps(json_safe(obj), **kwargs)
 
 
 def create_app(logdir: str | None = None, **overrides) -> Flask:

@@ -13,12 +13,12 @@ import re
 import threading
 import time
 
-import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from . import plots, prometheus
 from .downsample import downsample, to_json_list
 from .runs import NUMERIC_FIELDS
+from trainkit.runlog import json_safe
 
 bp = Blueprint("api", __name__)
 
@@ -327,7 +327,7 @@ def _stream_response(run_name: str | None):
                     with app.app_context():
                         stats = run.stats(config.stall_seconds) if run else None
                     yield _sse("update", {"run": run.name if run else None, "runs_version": runs.runs_version,
-                                          "stats": _finite(stats)})
+                                          "stats": json_safe(stats)})
                 elif time.monotonic() - last_ping > 15:
                     last_ping = time.monotonic()
                     yield ": ping\n\n"
@@ -379,14 +379,3 @@ def legacy_errors():
     return run_errors(latest_run().name)
 
 
-def _finite(value):
-    """JSON has no NaN/Infinity: send them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        return _finite(value.item())
-    return value

@@ -1,7 +1,5 @@
 """README's reference block is generated from the code: they must agree."""
 
-import subprocess
-import sys
 
 from helpers_qlora import REPO
 

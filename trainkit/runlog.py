@@ -141,14 +141,16 @@ EVENTS = {
 }
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity: write them as null so every reader can parse the line."""
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN/Infinity: make them null (and numpy scalars plain numbers) so every reader can parse it."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -182,7 +184,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(_finite(obj), f, indent=2, default=str)
+        json.dump(json_safe(obj), f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -205,7 +207,7 @@ class RunLog:
         if not self.is_main:
             return
         record = {"step": record.get("step", 0), "time": record.get("time", time.time()), **record}
-        line = json.dumps(_finite(record), default=str, separators=(",", ":")) + "\n"
+        line = json.dumps(json_safe(record), default=str, separators=(",", ":")) + "\n"
         # One write() of the whole line on an O_APPEND file: readers never see half a line
         # except while it is being written, and then without its newline.
         with open(self.path(stream), "a") as f:
