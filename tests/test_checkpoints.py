@@ -57,3 +57,17 @@ def test_top_k_retention_keeps_best_and_latest():
     assert checkpoints_to_delete(scored, keep_top_k=1, greater_is_better=True) == [20, 30, 40]
     assert checkpoints_to_delete([(10, None), (20, None)], keep_top_k=1, greater_is_better=False) == [10]
     assert checkpoints_to_delete([], 3, False) == []
+
+
+def test_archive_run_dir_never_overwrites(tmp_path):
+    from trainkit.checkpoints import archive_run_dir
+
+    run = tmp_path / "run"
+    assert archive_run_dir(run) is None
+    first, second = [], []
+    for kept in (first, second):
+        run.mkdir()
+        (run / "marker").write_text(str(len(first) + len(second)))
+        kept.append(archive_run_dir(run))
+    assert not run.exists() and first[0] != second[0]
+    assert (first[0] / "marker").read_text() == "0" and (second[0] / "marker").read_text() == "1"
