@@ -90,15 +90,6 @@ def new_interval() -> dict:
     return {"loss_sum": 0.0, "steps": 0, "all_steps": 0, "tokens": 0, "seconds": 0.0, "aux_sum": 0.0}
 
 
-def archive_previous_run(run_dir: Path) -> Path | None:
-    """A fresh start never overwrites an earlier attempt: move it aside."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        archived = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.rename(run_dir, archived)
-        return archived
-    return None
-
-
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "training_config.yaml").parse_args()
@@ -120,9 +111,9 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     from trainkit.adapters import apply_lora
-    from trainkit.checkpoints import (checkpoint_dirs, checkpoints_to_delete, commit_directory, directory_size,
-                                      final_checkpoint_dir, read_trainer_state, remove_partial_saves, staging_dir,
-                                      atomic_directory)
+    from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_dirs, checkpoints_to_delete,
+                                      commit_directory, directory_size, final_checkpoint_dir, read_trainer_state,
+                                      remove_partial_saves, staging_dir)
     from trainkit.data import build_datasets, make_collator
     from trainkit.models import load_model
     from trainkit.moe import RouterStats
@@ -141,10 +132,10 @@ def main() -> int:
     )
     is_main = accelerator.is_main_process
     if is_main:
-        if resume_from is None:
-            archived = archive_previous_run(run_dir)
-            if archived:
-                print(f"[train_qlora] {run_dir} held an earlier run without --resume: moved it to {archived}")
+        if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
+            # A fresh start never overwrites an earlier attempt: move it aside.
+            archived = archive_run_dir(run_dir)
+            print(f"[train_qlora] {run_dir} held an earlier run without --resume: moved it to {archived}")
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_saves(run_dir)
     accelerator.wait_for_everyone()

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -136,3 +137,18 @@ def checkpoints_to_delete(scored: list[tuple[int, float | None]], keep_top_k: in
 
     keep = {step for step, _ in sorted(scored, key=rank)[:keep_top_k]} | {latest}
     return sorted(step for step, _ in scored if step not in keep)
+
+
+def archive_run_dir(run_dir: str | os.PathLike) -> Path | None:
+    """Move a run directory aside to `<run>.old-<timestamp>` (a rename: nothing copied or deleted)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    os.rename(run_dir, target)
+    return target

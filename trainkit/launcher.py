@@ -32,11 +32,11 @@ import runpy
 import shlex
 import socket
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
+from trainkit.checkpoints import archive_run_dir
 from trainkit.config import (BASE_SCHEMA, REDACTED, ConfigError, check_paths, is_secret_name, load_config, load_raw,
                              merge_schema, public_config, redact)
 
@@ -240,23 +240,10 @@ def cmd_info(args) -> int:
     return 0
 
 
-def archive_name(run_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
-    return target
-
-
 def cmd_archive(args) -> int:
-    run_dir = Path(args.run_dir)
-    if not run_dir.exists():
-        return 0
-    target = archive_name(run_dir)
-    os.rename(run_dir, target)  # a rename: nothing is copied or deleted
-    print(target)
+    target = archive_run_dir(args.run_dir)
+    if target is not None:
+        print(target)
     return 0
 
 
