@@ -1,0 +1,51 @@
+"""Official metrics per task: what the papers report and what picks a run's best checkpoint.
+
+A task's evaluation writes these fields (flat names) to eval_log.jsonl, plus `task_score`, the
+mean of the official metrics (all of them are "higher is better", on a 0-100 scale except
+correlations and MCC, which are x100 as in the GLUE leaderboard). `task_score` is what
+`logging.metric_for_best: task_score` ranks checkpoints by, and what the aggregate command uses.
+"""
+
+from __future__ import annotations
+
+OFFICIAL_METRICS: dict[str, tuple[str, ...]] = {
+    "cola": ("mcc",),
+    "sst2": ("accuracy",),
+    "mrpc": ("f1", "accuracy"),
+    "qqp": ("f1", "accuracy"),
+    "stsb": ("pearson", "spearman"),
+    "mnli": ("accuracy_matched", "accuracy_mismatched"),
+    "qnli": ("accuracy",),
+    "rte": ("accuracy",),
+    "wnli": ("accuracy",),
+    "samsum": ("rouge1", "rouge2", "rougeL"),
+    "spider": ("exact_match", "execution_accuracy"),
+    "dart": ("bleu",),
+}
+TASK_SCORE = "task_score"
+
+
+def base_task(name: str) -> str:
+    """'glue-tvt_mrpc', 'mrpc-tvt', 'glue_mrpc', 'mrpc' -> 'mrpc'."""
+    name = name.lower()
+    for prefix in ("glue-tvt_", "glue_tvt_", "glue-", "glue_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    if name.endswith("-tvt"):
+        name = name[: -len("-tvt")]
+    return name
+
+
+def official_metrics(task: str) -> tuple[str, ...]:
+    task = base_task(task)
+    if task not in OFFICIAL_METRICS:
+        raise KeyError(f"unknown task {task!r} (known: {', '.join(OFFICIAL_METRICS)})")
+    return OFFICIAL_METRICS[task]
+
+
+def selection_score(task: str, metrics: dict) -> float | None:
+    """Mean of the task's official metrics in `metrics`; None if any is missing."""
+    values = [metrics.get(name) for name in official_metrics(task)]
+    if any(v is None for v in values):
+        return None
+    return sum(float(v) for v in values) / len(values)
