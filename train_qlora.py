@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import signal
 import time
-import traceback
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema,
-                             positive, public_config)
+from trainkit.config import BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema, positive
+from trainkit.loop import check_trackers, resolve_resume
 
 QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
     "lora": {
@@ -50,44 +46,12 @@ QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
 })
 SCHEMA = QLORA_SCHEMA  # launch_training.sh validates configs against it before launching
 EVAL_METRICS = ("eval_loss", "perplexity")
-# Fault injection for tests and drills: comma-separated optimizer steps whose loss is made NaN.
-FAULT_ENV = "TRAINKIT_FAULT_NONFINITE_STEPS"
-
-
-def resolve_resume(args, run_dir: Path) -> Path | None:
-    from trainkit.checkpoints import find_latest_checkpoint, read_trainer_state
-
-    if args.resume_from:
-        path = Path(args.resume_from)
-        try:
-            read_trainer_state(path)
-        except FileNotFoundError:
-            raise ConfigError(f"--resume_from: {path} is not a complete checkpoint directory (no trainer_state.json)")
-        return path
-    if args.resume:
-        latest = find_latest_checkpoint(run_dir)
-        if latest is None:
-            raise ConfigError(f"--resume: no complete checkpoint-* in {run_dir}")
-        return latest
-    return None
 
 
 def check_qlora_config(cfg: dict) -> None:
     if cfg["logging"]["metric_for_best"] not in EVAL_METRICS:
         raise ConfigError(f"logging.metric_for_best: {cfg['logging']['metric_for_best']!r} is not one of {', '.join(EVAL_METRICS)}")
-    for tracker in cfg["logging"]["report_to"]:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                  "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}.get(tracker)
-        if module is None:
-            raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive)")
-        import importlib.util
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"logging.report_to: {tracker} is not installed (pip install {module})")
-
-
-def new_interval() -> dict:
-    """Accumulators of the current logging interval (kept in checkpoints so a resume logs the same lines)."""
-    return {"loss_sum": 0.0, "steps": 0, "all_steps": 0, "tokens": 0, "seconds": 0.0, "aux_sum": 0.0}
+    check_trackers(cfg["logging"]["report_to"])
 
 
 def main() -> int:
@@ -105,20 +69,19 @@ def main() -> int:
     import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from trainkit.adapters import apply_lora
-    from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_dirs, checkpoints_to_delete,
-                                      commit_directory, directory_size, final_checkpoint_dir, read_trainer_state,
-                                      remove_partial_saves, staging_dir)
+    from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.data import build_datasets, make_collator
+    from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
+                               interval_means, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
+                               record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
+                               resume_training_state, tracker_config, training_record)
     from trainkit.models import load_model
     from trainkit.moe import RouterStats
-    from trainkit.runlog import TRAINER_STATE_FILE, RunLog, write_json_atomic
-    from trainkit.runtime import library_versions, memory_gb
+    from trainkit.runlog import RunLog
     from trainkit.schedules import build_scheduler
     from trainkit.tokenizer import load_tokenizer
 
@@ -131,22 +94,15 @@ def main() -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
     )
     is_main = accelerator.is_main_process
-    if is_main:
-        if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
-            # A fresh start never overwrites an earlier attempt: move it aside.
-            archived = archive_run_dir(run_dir)
-            print(f"[train_qlora] {run_dir} held an earlier run without --resume: moved it to {archived}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_saves(run_dir)
+
+    def say(msg: str) -> None:
+        accelerator.print(f"[train_qlora] {msg}")
+
+    prepare_run_dir(run_dir, resume_from, is_main, say)
     accelerator.wait_for_everyone()
     runlog = RunLog(run_dir, is_main)
-    say = accelerator.print
     step = 0  # optimizer steps done; read by the error handler below
-
-    # SIGTERM (scheduler preemption, `accelerate launch` tearing down) becomes an exception so it is logged.
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_sigterm)
+    raise_on_sigterm()
 
     try:
         # ------------------------------------------------------------ tokenizer, data
@@ -154,7 +110,7 @@ def main() -> int:
         tokenizer = load_tokenizer(cfg)
         with accelerator.main_process_first():
             train_ds, val_ds, data_info = build_datasets(cfg, tokenizer)
-        say(f"[train_qlora] data: {data_info}")
+        say(f"data: {data_info}")
         collate = make_collator(tokenizer)
         micro_bs, accum = opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
         # Own generators: creating a DataLoader iterator draws a base seed, which must not come from
@@ -167,11 +123,11 @@ def main() -> int:
 
         # ------------------------------------------------------------ model: 4-bit base + LoRA
         model, model_info = load_model(cfg, accelerator.device, tokenizer)
-        say(f"[train_qlora] {model_info.get('summary', model_info)}")
+        say(f"{model_info.get('summary', model_info)}")
         set_seed(train_cfg["seed"])  # LoRA init independent of how much randomness loading used
         model = apply_lora(model, cfg["lora"])
         trainable = [p for p in model.parameters() if p.requires_grad]
-        say(f"[train_qlora] trainable parameters: {sum(p.numel() for p in trainable):,}")
+        say(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
         router_stats = RouterStats(model) if model_info.get("is_moe") else None
         aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if router_stats else 0.0
 
@@ -199,57 +155,32 @@ def main() -> int:
         # step it once per process) and saved through register_for_checkpointing.
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)
         accelerator.register_for_checkpointing(scheduler)
+        load_adapter = register_adapter_state_hooks(accelerator)
 
-        # Checkpoints hold the adapter in PEFT format, not the 4-bit base: accelerate's model
-        # weights are replaced by these hooks (the pattern of diffusers' LoRA scripts).
-        def save_adapter_hook(models, weights, output_dir):
-            if is_main:
-                for m in models:
-                    accelerator.unwrap_model(m).save_pretrained(output_dir)
-            weights.clear()
+        def save_adapter(directory: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
 
-        def load_adapter_hook(models, input_dir):
-            for m in models:
-                state = load_file(os.path.join(input_dir, "adapter_model.safetensors"), device=str(accelerator.device))
-                set_peft_model_state_dict(accelerator.unwrap_model(m), state)
-            models.clear()
-
-        accelerator.register_save_state_pre_hook(save_adapter_hook)
-        accelerator.register_load_state_pre_hook(load_adapter_hook)
+        checkpointer = Checkpointer(accelerator, run_dir, runlog, log_cfg, cfg["memory"]["save_optimizer_state"],
+                                    save_adapter, params_to_check=trainable)
+        best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-adapter")
 
         # ------------------------------------------------------------ state of the loop
         state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "best_metric": None,
                  "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
-                 "interval": new_interval()}
+                 "interval": new_interval("aux")}
         if resume_from is not None:
-            saved = read_trainer_state(resume_from)
-            if (Path(resume_from) / "optimizer.bin").exists():
-                accelerator.load_state(str(resume_from))
-            else:
-                say(f"[train_qlora] warning: {resume_from} has no optimizer state: loading the adapter only")
-                load_adapter_hook([model], str(resume_from))
-            state.update({k: saved[k] for k in state if k in saved})
-            runlog.truncate_after(state["step"])
-            runlog.event(state["step"], "resume", f"resumed from {resume_from}", path=str(resume_from))
-            say(f"[train_qlora] resumed from {resume_from} at step {state['step']}")
+            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say)
         step = state["step"]
 
-        run_info = dict(script="train_qlora.py", status="running", last_start_time=time.time(), end_time=None,
-                        total_steps=total_steps, world_size=accelerator.num_processes,
-                        num_machines=max(1, accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))),
-                        mixed_precision=accelerator.mixed_precision, pid=os.getpid(), versions=library_versions(),
-                        model=model_info, data=data_info, config=public_config(cfg), error=None,
-                        resumed_from=str(resume_from) if resume_from else None)
+        runlog.update_run_info(**base_run_info(accelerator, "train_qlora.py", cfg, total_steps, resume_from,
+                                               model=model_info, data=data_info))
         if resume_from is None:
-            run_info["start_time"] = time.time()
             runlog.event(0, "start", f"training {total_steps} steps on {accelerator.num_processes} process(es)",
                          total_steps=total_steps, world_size=accelerator.num_processes)
-        runlog.update_run_info(**run_info)
-        accelerator.init_trackers(paths["run_name"], config={f"{s}.{k}": v for s, sec in public_config(cfg).items()
-                                                            if isinstance(sec, dict) for k, v in sec.items()
-                                                            if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(paths["run_name"], config=tracker_config(cfg))
 
-        # ------------------------------------------------------------ helpers used by the loop
+        # ------------------------------------------------------------ evaluation
         def evaluate() -> dict:
             model.eval()
             loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -271,70 +202,16 @@ def main() -> int:
             return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": int(tokens),
                     "eval_seconds": round(time.time() - started, 3)}
 
-        def is_better(value, best) -> bool:
-            if best is None:
-                return True
-            return value > best if log_cfg["greater_is_better"] else value < best
-
-        def save_adapter_to(directory: Path) -> None:
-            with atomic_directory(directory) as staging:
-                accelerator.unwrap_model(model).save_pretrained(staging)
-                tokenizer.save_pretrained(staging)
-
-        def save_checkpoint(target: Path) -> None:
-            if not all(torch.isfinite(p).all() for p in trainable):
-                raise FloatingPointError("non-finite adapter weights: refusing to save a checkpoint")
-            staging = staging_dir(target)
-            if is_main:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            accelerator.wait_for_everyone()
-            if cfg["memory"]["save_optimizer_state"]:
-                accelerator.save_state(str(staging))
-            elif is_main:
-                accelerator.unwrap_model(model).save_pretrained(staging)
-            if is_main:
-                tokenizer.save_pretrained(staging)
-                write_json_atomic(staging / TRAINER_STATE_FILE, {
-                    **state, "total_steps": total_steps, "time": time.time(),
-                    "metric_name": log_cfg["metric_for_best"]})  # written last: marks the checkpoint complete
-            accelerator.wait_for_everyone()
-            if is_main:
-                commit_directory(staging, target)
-                runlog.event(state["step"], "checkpoint_saved", f"saved {target.name}", path=str(target),
-                             size_bytes=directory_size(target), metric=log_cfg["metric_for_best"],
-                             metric_value=state["metric_value"])
-            accelerator.wait_for_everyone()
-
-        def apply_retention() -> None:
-            if not is_main:
-                return
-            scored = [(s, read_trainer_state(p).get("metric_value")) for s, p in checkpoint_dirs(run_dir)]
-            for s in checkpoints_to_delete(scored, log_cfg["keep_top_k"], log_cfg["greater_is_better"]):
-                path = run_dir / f"checkpoint-{s}"
-                shutil.rmtree(path, ignore_errors=True)
-                runlog.event(state["step"], "checkpoint_deleted", f"deleted {path.name} (top-{log_cfg['keep_top_k']} retention)", path=str(path))
-
         def run_evaluation() -> None:
             result = evaluate()
-            value = result[log_cfg["metric_for_best"]]
-            best = is_better(value, state["best_metric"])
-            state["metric_value"], state["metric_step"] = value, state["step"]
-            runlog.write("eval", {"step": state["step"], **result, "metric": log_cfg["metric_for_best"],
-                                  "metric_value": value, "is_best": best})
-            runlog.event(state["step"], "eval", f"eval_loss {result['eval_loss']:.4f}", eval_loss=result["eval_loss"],
-                         metric=log_cfg["metric_for_best"], metric_value=value)
+            is_best = record_evaluation(runlog, state, result, log_cfg, f"eval_loss {result['eval_loss']:.4f}")
             accelerator.log({"eval/loss": result["eval_loss"], "eval/perplexity": result["perplexity"]}, step=state["step"])
-            say(f"[train_qlora] step {state['step']}: eval_loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f}")
-            if best:
-                state["best_metric"], state["best_step"] = value, state["step"]
-                best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-adapter")
-                if is_main:
-                    save_adapter_to(best_dir)
-                runlog.event(state["step"], "new_best", f"new best {log_cfg['metric_for_best']} {value:.4f}",
-                             metric=log_cfg["metric_for_best"], metric_value=value, path=str(best_dir))
+            say(f"step {state['step']}: eval_loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f}")
+            if is_best:
+                checkpointer.save_best(best_dir)
+                announce_best(runlog, state, log_cfg["metric_for_best"], best_dir)
 
-        fault_steps = {int(s) for s in os.environ.get(FAULT_ENV, "").split(",") if s.strip()}
+        nan_steps = fault_steps()
 
         # ------------------------------------------------------------ the loop
         model.train()
@@ -356,7 +233,7 @@ def main() -> int:
                 with accelerator.no_sync(model) if not is_step_end else contextlib.nullcontext():
                     outputs = model(**batch)
                     loss = outputs.loss
-                    if state["step"] + 1 in fault_steps:
+                    if state["step"] + 1 in nan_steps:
                         loss = loss * float("nan")
                     # DeepSpeed divides by its gradient_accumulation_steps itself.
                     accelerator.backward(loss if uses_deepspeed else loss / micro_in_step)
@@ -376,59 +253,30 @@ def main() -> int:
                 loss_sum, tokens_all, aux_sum = accelerator.reduce(local, "sum").tolist()
                 step_loss, step_aux = loss_sum / accelerator.num_processes, aux_sum / accelerator.num_processes
                 tokens_all = int(tokens_all)
-                max_norm = opt_cfg["max_grad_norm"] or float("inf")
-                grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)  # None under DeepSpeed before its first step
-                grad_norm = None if grad_norm is None else float(grad_norm)
-                finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
-                lr = scheduler.get_last_lr()[0]
-                if finite:
-                    optimizer.step()
-                    state["nonfinite_streak"] = 0
-                else:
-                    state["nonfinite_streak"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                finite, grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, trainable,
+                                                       opt_cfg["max_grad_norm"], step_loss)
+                state["nonfinite_streak"] = 0 if finite else state["nonfinite_streak"] + 1
                 state["step"] += 1
                 step = state["step"]
                 state["tokens_seen"] += tokens_all
                 progress.update(1)
-
+                add_to_interval(state["interval"], finite, tokens_all, time.time() - step_started,
+                                loss=step_loss, aux=step_aux)
                 if not finite:
-                    msg = (f"non-finite loss ({step_loss}) or gradient norm ({grad_norm}) at step {step}: "
-                           f"optimizer step skipped ({state['nonfinite_streak']} in a row)")
-                    runlog.error(step, "NonFiniteLoss", msg)
-                    runlog.event(step, "nan_skip", msg, consecutive=state["nonfinite_streak"])
-                    say(f"[train_qlora] {msg}")
+                    report_nonfinite(runlog, state, step_loss, grad_norm, say)
                     if state["nonfinite_streak"] >= train_cfg["max_consecutive_nonfinite"]:
                         stop_reason = "nan_limit"
-                else:
-                    interval = state["interval"]
-                    interval["loss_sum"] += step_loss
-                    interval["steps"] += 1
-                    interval["aux_sum"] += step_aux
-                interval = state["interval"]
-                interval["all_steps"] += 1
-                interval["tokens"] += tokens_all
-                interval["seconds"] += time.time() - step_started
 
                 # ---- log
-                if step % log_cfg["log_interval"] == 0 or step == total_steps:
-                    n = max(interval["steps"], 1)
-                    seconds = max(interval["seconds"], 1e-9)
-                    step_time = seconds / max(interval["all_steps"], 1)
-                    mem_now, mem_peak = memory_gb(device)
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                              "loss": interval["loss_sum"] / n if interval["steps"] else None,
-                              "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens_seen"],
-                              "tokens_per_sec": round(interval["tokens"] / seconds, 1), "step_time": round(step_time, 4),
-                              "eta_seconds": round(step_time * (total_steps - step), 1), "total_steps": total_steps,
-                              "memory_allocated_gb": round(mem_now, 3), "memory_peak_gb": round(mem_peak, 3),
-                              "router_aux_loss": interval["aux_sum"] / n if router_stats else None}
+                if is_due(step, log_cfg["log_interval"], total_steps):
+                    record = training_record(state, state["interval"], total_steps=total_steps,
+                                             steps_per_epoch=steps_per_epoch, lr=lr, grad_norm=grad_norm, device=device)
+                    record["router_aux_loss"] = interval_means(state["interval"])["aux"] if router_stats else None
                     runlog.write("training", record)
                     accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
                     if record["loss"] is not None:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                    state["interval"] = new_interval()
+                    state["interval"] = new_interval("aux")
 
                 if router_stats is not None and step % log_cfg["expert_stats_interval"] == 0:
                     router_stats.load_counts(accelerator.reduce(router_stats.counts_tensor(), "sum"))
@@ -438,8 +286,8 @@ def main() -> int:
                 if val_loader is not None and step % log_cfg["eval_interval"] == 0:
                     run_evaluation()
                 if step % log_cfg["checkpoint_interval"] == 0 and step < total_steps:
-                    save_checkpoint(run_dir / f"checkpoint-{step}")
-                    apply_retention()
+                    checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
+                    checkpointer.apply_retention(step)
 
                 micro_losses, micro_aux, step_tokens = [], [], torch.zeros((), device=device, dtype=torch.long)
                 step_started = time.time()
@@ -455,24 +303,18 @@ def main() -> int:
             if val_loader is not None and state["metric_step"] != state["step"]:
                 run_evaluation()
             final = final_checkpoint_dir(run_dir, state["step"])
-            save_checkpoint(final)
-            say(f"[train_qlora] done: {state['step']} steps, final adapter in {final}")
+            checkpointer.save(final, state, total_steps=total_steps)
+            say(f"done: {state['step']} steps, final adapter in {final}")
         else:
-            say(f"[train_qlora] stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
-        runlog.event(state["step"], "stop", f"run ended: {stop_reason}", reason=stop_reason)
-        status = "finished" if stop_reason == "finished" else "failed"
-        runlog.update_run_info(status=status, end_time=time.time(),
-                               error=None if status == "finished" else f"stopped: {stop_reason}")
+            say(f"stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
+        code = finish_run(runlog, state["step"], stop_reason)
         accelerator.end_training()
-        return 0 if status == "finished" else 1
+        return code
 
     except BaseException as exc:
         if isinstance(exc, SystemExit) and not exc.code:
             raise
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-        runlog.error(step, type(exc).__name__, message, traceback=traceback.format_exc(), fatal=True)
-        runlog.event(step, "stop", f"run failed: {message}", reason="failed")
-        runlog.update_run_info(status="failed", end_time=time.time(), error=message)
+        record_failure(runlog, step, exc)
         raise
 
 
