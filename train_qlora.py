@@ -66,7 +66,6 @@ def main() -> int:
     import warnings
 
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
     from torch.utils.data import DataLoader
@@ -75,7 +74,7 @@ def main() -> int:
     from trainkit.adapters import apply_lora
     from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.data import build_datasets, make_collator
-    from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
+    from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, evaluate_loss, fault_steps, finish_run,
                                interval_means, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
                                resume_training_state, tracker_config, training_record)
@@ -181,29 +180,8 @@ def main() -> int:
         accelerator.init_trackers(paths["run_name"], config=tracker_config(cfg))
 
         # ------------------------------------------------------------ evaluation
-        def evaluate() -> dict:
-            model.eval()
-            loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            started = time.time()
-            with torch.no_grad():
-                for i, batch in enumerate(val_loader):
-                    if train_cfg["max_eval_batches"] and i >= train_cfg["max_eval_batches"]:
-                        break
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    # LM loss only: the model's own loss would include the router aux loss.
-                    labels = batch["labels"][:, 1:]
-                    loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                ignore_index=-100, reduction="sum")
-                    tokens += (labels != -100).sum()
-            model.train()
-            loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens]), "sum").tolist()
-            eval_loss = loss_sum / max(tokens, 1)
-            return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": int(tokens),
-                    "eval_seconds": round(time.time() - started, 3)}
-
         def run_evaluation() -> None:
-            result = evaluate()
+            result = evaluate_loss(model, val_loader, accelerator, train_cfg["max_eval_batches"])
             is_best = record_evaluation(runlog, state, result, log_cfg, f"eval_loss {result['eval_loss']:.4f}")
             accelerator.log({"eval/loss": result["eval_loss"], "eval/perplexity": result["perplexity"]}, step=state["step"])
             say(f"step {state['step']}: eval_loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f}")

@@ -46,12 +46,16 @@ PRESETS: dict[str, list[str]] = {
     "mixtral": ATTENTION,             # experts are fused 3-D tensors: no per-expert Linear to adapt
     "glm_moe": ATTENTION + MLP,
     "glm4_moe": ATTENTION + MLP,
+    # GLA (flash-linear-attention): g_proj is the output gate, gk_proj the low-rank forget-gate
+    # projection (a Sequential of two Linear layers, adapted as gk_proj.0 / gk_proj.1)
+    "gla": ATTENTION + ["g_proj", "gk_proj.0", "gk_proj.1"] + MLP,
     "all_linear": ["*"],
 }
 FAMILY_PRESET = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "llama",
     "gemma2": "llama", "gemma3_text": "llama", "olmo2": "llama",
     "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "glm4_moe": "glm4_moe",
+    "gla": "gla",
 }
 # last name components never adapted by a preset or the fallback
 EXCLUDED_LEAVES = {"lm_head", "gate", "router", "shared_expert_gate", "score", "classifier"}
@@ -155,7 +159,9 @@ def apply_lora(model: nn.Module, lora_cfg: dict):
     """Wrap `model` with PEFT LoRA adapters; returns the PeftModel.
 
     lora_cfg: r, alpha, dropout, target_modules ('auto' | preset | list), variant
-    (lora | dora | rslora), bias (none | all | lora_only). The returned model carries
+    (lora | dora | rslora), bias (none | all | lora_only), init (PEFT's init_lora_weights: True,
+    "gaussian", "pissa", "pissa_niter_N", "olora"; PiSSA/OLoRA move the principal part of each
+    target weight into the adapter and leave the residual in the base). The returned model carries
     ``trainkit_lora_info`` = {target_modules, num_targets, trainable, variant}.
     """
     from peft import LoraConfig, get_peft_model
@@ -173,6 +179,7 @@ def apply_lora(model: nn.Module, lora_cfg: dict):
         use_dora=variant == "dora",
         use_rslora=variant == "rslora",
         modules_to_save=list(lora_cfg.get("modules_to_save") or []) or None,
+        init_lora_weights=lora_cfg.get("init", True),
         task_type="CAUSAL_LM",
     )
     model_type = getattr(getattr(model, "config", None), "model_type", None)

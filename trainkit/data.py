@@ -372,6 +372,24 @@ def build_datasets(cfg: dict, tokenizer):
     return train, val, info
 
 
+def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, max_source_length: int,
+                           max_target_length: int) -> list[dict]:
+    """Task examples -> training rows: prompt ids (loss masked) + target ids + eos (the loss).
+
+    Prompt and target are tokenized apart, as at generation time (the model sees the prompt's ids
+    and continues). A long prompt loses its beginning, not the end where the answer starts.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt_ids = _ids(tokenizer, list(prompts), specials=True)["input_ids"]
+    target_ids = _ids(tokenizer, list(targets))["input_ids"]
+    rows = []
+    for p, t in zip(prompt_ids, target_ids):
+        p = list(p)[-max_source_length:]
+        t = (list(t) + eos)[:max_target_length]
+        rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t))})
+    return rows
+
+
 # ---------------------------------------------------------------------------------- batches
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None):

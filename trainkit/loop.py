@@ -184,6 +184,34 @@ def is_due(step: int, interval: int, total_steps: int | None = None) -> bool:
     return step % interval == 0 or (total_steps is not None and step == total_steps)
 
 
+# ---------------------------------------------------------------- evaluation
+def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) -> dict:
+    """Token-level LM loss on a labelled loader (labels -100 are ignored), summed over processes.
+    Computed from the logits, not the model's loss, which may include a MoE router aux loss."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    started = time.time()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                        ignore_index=-100, reduction="sum")
+            tokens += (labels != -100).sum()
+    model.train(was_training)
+    loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens]), "sum").tolist()
+    eval_loss = loss_sum / max(tokens, 1)
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": int(tokens),
+            "eval_seconds": round(time.time() - started, 3)}
+
+
 # ---------------------------------------------------------------- evaluation bookkeeping
 def is_better(value, best, greater_is_better: bool) -> bool:
     if value is None:
