@@ -54,12 +54,17 @@ def check_qlora_config(cfg: dict) -> None:
     check_trackers(cfg["logging"]["report_to"])
 
 
+def check_config(cfg: dict) -> None:
+    """Everything about the config that can be checked before any model loads (the launcher calls it too)."""
+    check_paths(cfg)
+    check_qlora_config(cfg)
+
+
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "training_config.yaml").parse_args()
     cfg = load_config(args.config, args.overrides, QLORA_SCHEMA)
-    check_paths(cfg)
-    check_qlora_config(cfg)
+    check_config(cfg)
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
 

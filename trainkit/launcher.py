@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import os
 import runpy
 import shlex
@@ -91,11 +92,31 @@ def _defines_schema(script: Path) -> bool:
 
 
 def script_schema(script: Path) -> dict | None:
-    """The config schema a script declares, or None when it declares none or cannot be imported.
+    """The config schema a script declares, or None when it declares none or cannot be imported."""
+    module = script_module(script)
+    if module is None:
+        return None
+    schema = getattr(module, "SCHEMA", None)
+    if not isinstance(schema, dict):
+        found = [v for k, v in vars(module).items()
+                 if k.endswith("_SCHEMA") and isinstance(v, dict) and v is not BASE_SCHEMA]
+        schema = found[0] if len(found) == 1 else None
+    return schema
 
-    The script is imported under another module name (its `if __name__ == "__main__"`
-    block does not run); the entry points keep heavy imports inside main(), so this is quick.
-    """
+
+def script_env_overrides(script: Path) -> list[str]:
+    """Config overrides a script reads from the environment (train_lora.py's HP_* variables), so the
+    launcher validates what the script will run; a malformed value is a ConfigError here already."""
+    module = script_module(script)
+    reader = getattr(module, "env_config_overrides", None) if module is not None else None
+    return list(reader()[0]) if callable(reader) else []
+
+
+@functools.lru_cache(maxsize=None)
+def script_module(script: Path):
+    """The script imported under another module name (its `if __name__ == "__main__"` block does not
+    run; the entry points keep heavy imports inside main(), so this is quick), or None when it
+    declares no schema or cannot be imported."""
     if not _defines_schema(script):
         return None
     import importlib.util
@@ -109,12 +130,7 @@ def script_schema(script: Path) -> dict | None:
         return None
     finally:
         sys.path.remove(str(script.parent))
-    schema = getattr(module, "SCHEMA", None)
-    if not isinstance(schema, dict):
-        found = [v for k, v in vars(module).items()
-                 if k.endswith("_SCHEMA") and isinstance(v, dict) and v is not BASE_SCHEMA]
-        schema = found[0] if len(found) == 1 else None
-    return schema
+    return module
 
 
 def lenient_load(config: str, overrides: list[str]) -> dict:
@@ -151,10 +167,15 @@ def load_for_launch(config: str, overrides: list[str]) -> tuple[dict, Path, str]
         raise ConfigError(f"script: no such entry point: {name}")
     schema = script_schema(script)
     if schema is not None:
+        overrides = script_env_overrides(script) + list(overrides)  # environment < command line, as in the script
         cfg, how = load_config(config, overrides, schema), f"checked against {script.name}'s schema"
     else:
         cfg, how = lenient_load(config, overrides), "base sections checked; the script checks the rest"
-    check_paths(cfg)
+    checker = getattr(script_module(script), "check_config", None) if schema is not None else None
+    if callable(checker):
+        checker(cfg)
+    else:
+        check_paths(cfg)
     return cfg, script, how
 
 
