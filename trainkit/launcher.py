@@ -46,8 +46,10 @@ ACCELERATE_CONFIG_DIR = REPO / "configs" / "accelerate"
 DEFAULT_SCRIPT = "train_qlora.py"
 # Environment variables worth showing before a launch (values redacted by name).
 ENV_PREFIXES = ("CUDA_", "NCCL_", "TORCH_", "PYTORCH_", "ACCELERATE_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_",
-                "TOKENIZERS_", "WANDB_", "TRITON_", "OMP_", "MKL_", "DS_", "HP_", "MASTER_", "TRAINKIT_")
-ENV_NAMES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+                "TOKENIZERS_", "WANDB_", "TRITON_", "OMP_", "MKL_", "DS_", "HP_", "MASTER_", "TRAINKIT_",
+                "LR_", "EVAL_GEN", "GLA_", "DATALOADER_")
+ENV_NAMES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GRADIENT_CHECKPOINTING", "NUM_DATA_WORKERS", "EVAL_ACCUMULATION_STEPS",
+             "SAVE_OPTIMIZER_STATE", "SAMSUM_LOCAL_DIR", "SPIDER_LOCAL_DIR", "GLUE_LOCAL_DIR", "DART_LOCAL_DIR")
 
 
 def accelerate_config_names() -> list[str]:
