@@ -1,0 +1,450 @@
+"""Task evaluation through HF `.generate()`: batched, left-padded, length rules the trainer sets.
+
+`generate_texts(model, tokenizer, prompts, settings)` returns one completion per prompt, in the
+prompts' order:
+
+- Prompts are tokenized as at training time (`data.tokenize_prompt_target`: special tokens
+  on, no eos), and a prompt longer than `max_source_length` tokens loses its BEGINNING (the end,
+  where the answer starts, stays). `GenerationResult.truncated_prompts` counts them.
+- Prompts are sorted by length (longest first, so an out-of-memory shows on the first batch),
+  cut into batches of `batch_size`, padded by hand to the LEFT (`force_left_pad`, default on:
+  decoder-only and GLA models continue from the last position, so padding must come first) and
+  passed with their attention mask. The tokenizer is never modified: its `padding_side` (right,
+  for training) and pad token stay as they were. With no pad token, eos pads.
+- Lengths: by default `max_new_tokens` / `min_new_tokens` count generated tokens only. With
+  `use_max_new_tokens=False` (trainer env GLA_USE_MAX_NEW_TOKENS=0) the legacy meaning applies:
+  `max_length` / `min_length` count prompt + generated tokens, per prompt (the prompt's own
+  length after truncation, not the padded batch width, so a prompt's budget does not depend on
+  which batch it lands in). Left unset, they take the `max_new_tokens` / `min_new_tokens`
+  numbers, read with the total-length meaning (the trainer's EVAL_GEN_MAX_LENGTH is one number
+  whose meaning the switch flips). Legacy mode passes only `max_length` to `generate()` (for
+  transformers too old for `max_new_tokens`) and enforces per-prompt limits itself: the batch
+  runs to the largest budget, each row is cut to its own (exact for greedy and sampling; beam
+  search may rank a row's hypotheses against the longer batch budget), and a logits processor
+  forbids eos until a row reaches its own minimum. A prompt that already fills `max_length` gets "" and is
+  counted in `GenerationResult.prompts_without_room`.
+- Greedy by default; `num_beams` > 1 runs beam search (`early_stopping`); `do_sample` samples.
+- Only new tokens are decoded, cut at the first eos (the tokenizer's and the model's
+  `generation_config` eos ids), with `skip_special_tokens=True`; text is not stripped.
+
+`check_generate_support(model, settings)` checks once, up front, that the installed
+transformers knows every argument these settings pass to `generate()`, and raises a one-line
+ValueError naming the version and the argument otherwise (instead of a confusing error from the
+model's forward, deep in the first evaluation).
+
+`score_label_likelihood(...)` ranks fixed label continuations (classification tasks) by total
+log-likelihood; `label_log_likelihoods(...)` returns the scores themselves.
+
+The model runs in eval mode under `torch.no_grad()` (not `inference_mode`: a module that caches
+a tensor during forward, e.g. a rotary table, would otherwise keep an inference tensor that the
+next training step cannot use), and every module's train/eval flag is restored afterwards. Works
+with a plain HF model and a PEFT-wrapped one. No distributed logic: under DDP the trainer gives
+each process its own shard of prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationSettings:
+    """What `generate_texts` does; plain values (the trainer maps config / env vars onto them).
+
+    max_length / min_length are read only when use_max_new_tokens is False (see module doc).
+    max_source_length: prompt tokens kept (from the end); None keeps all.
+    early_stopping: beam search stops when num_beams finished candidates exist (num_beams > 1).
+    use_cache: passed to generate() (the trainer sets config.use_cache=False for training).
+    """
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    batch_size: int = 8
+    use_max_new_tokens: bool = True
+    max_length: int | None = None
+    min_length: int | None = None
+    max_source_length: int | None = None
+    force_left_pad: bool = True
+    do_sample: bool = False
+    early_stopping: bool = True
+    use_cache: bool = True
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]            # one per prompt, in the prompts' order
+    truncated_prompts: int      # prompts cut to max_source_length (from the left)
+    seconds: float              # wall time of the whole call
+    new_tokens: int             # tokens generated, summed over prompts: up to and including eos
+    prompts_without_room: int = 0  # legacy mode: prompts already >= max_length (text "")
+
+
+# ---------------------------------------------------------------------------------- settings
+
+def _total_limits(settings: GenerationSettings) -> tuple[int, int]:
+    """Legacy mode: (max total length, min total length) per prompt."""
+    max_total = settings.max_length if settings.max_length is not None else settings.max_new_tokens
+    min_total = settings.min_length if settings.min_length is not None else settings.min_new_tokens
+    return int(max_total), int(min_total or 0)
+
+
+def _validate_settings(settings: GenerationSettings) -> None:
+    def positive(name, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"generation: {name} must be an integer >= 1, got {value!r}")
+
+    def non_negative(name, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"generation: {name} must be an integer >= 0, got {value!r}")
+
+    positive("num_beams", settings.num_beams)
+    positive("batch_size", settings.batch_size)
+    if settings.max_source_length is not None:
+        positive("max_source_length", settings.max_source_length)
+    if settings.use_max_new_tokens:
+        positive("max_new_tokens", settings.max_new_tokens)
+        non_negative("min_new_tokens", settings.min_new_tokens)
+        if settings.min_new_tokens > settings.max_new_tokens:
+            raise ValueError(f"generation: min_new_tokens ({settings.min_new_tokens}) > max_new_tokens "
+                             f"({settings.max_new_tokens})")
+    else:
+        max_total, min_total = _total_limits(settings)
+        positive("max_length (legacy total length)", max_total)
+        non_negative("min_length (legacy total length)", min_total)
+        if min_total > max_total:
+            raise ValueError(f"generation: min_length ({min_total}) > max_length ({max_total}) "
+                             "(legacy total lengths, use_max_new_tokens=False)")
+
+
+def _config_kwargs(settings: GenerationSettings) -> dict:
+    """The GenerationConfig fields these settings pass to generate() (lengths: placeholders)."""
+    kw: dict = {"do_sample": bool(settings.do_sample), "num_beams": int(settings.num_beams),
+                "use_cache": bool(settings.use_cache)}
+    if settings.num_beams > 1:
+        kw["early_stopping"] = bool(settings.early_stopping)
+    if settings.use_max_new_tokens:
+        kw["max_new_tokens"] = int(settings.max_new_tokens)
+        if settings.min_new_tokens:
+            kw["min_new_tokens"] = int(settings.min_new_tokens)
+    else:
+        kw["max_length"] = _total_limits(settings)[0]
+    return kw
+
+
+def _generate_kwargs(settings: GenerationSettings) -> list[str]:
+    """generate() keyword arguments that are not GenerationConfig fields."""
+    names = ["attention_mask"]
+    if not settings.use_max_new_tokens and _total_limits(settings)[1] > 0:
+        names.append("logits_processor")
+    return names
+
+
+def _transformers_version() -> str:
+    import transformers
+    return getattr(transformers, "__version__", "?")
+
+
+def _supported_config_fields() -> set[str]:
+    """Attributes a default GenerationConfig of the installed transformers has."""
+    import transformers
+    return set(vars(transformers.GenerationConfig()))
+
+
+def check_generate_support(model, settings: GenerationSettings) -> None:
+    """Raise a one-line ValueError if the settings are invalid or the installed transformers
+    (or the model) cannot take an argument they need; call once before training starts."""
+    _validate_settings(settings)
+    version = _transformers_version()
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        raise ValueError(f"{type(model).__name__} has no generate(); evaluation by generation needs a causal LM")
+    fields = _supported_config_fields()
+    kwargs = _config_kwargs(settings)
+    for name, value in kwargs.items():
+        if name not in fields:
+            hint = ("or set use_max_new_tokens=False (GLA_USE_MAX_NEW_TOKENS=0) to use max_length/min_length"
+                    if name in ("max_new_tokens", "min_new_tokens") else "or change the generation settings")
+            raise ValueError(f"transformers {version} does not support generate({name}=...); "
+                             f"upgrade transformers {hint}")
+    import inspect
+    try:
+        params = inspect.signature(generate).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or not params
+    for name in _generate_kwargs(settings):
+        if not takes_any and name not in params:
+            raise ValueError(f"transformers {version} does not support generate({name}=...); upgrade transformers")
+    try:
+        import transformers
+        transformers.GenerationConfig(**kwargs).validate()
+    except Exception as e:  # noqa: BLE001 - any rejection means "these settings cannot run"
+        msg = " ".join(str(e).split())
+        raise ValueError(f"transformers {version} rejects the generation settings {kwargs}: {msg}") from None
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _model_device(model, device):
+    if device is not None:
+        return torch.device(device)
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise ValueError("generation: the tokenizer has neither a pad token nor an eos token to pad with")
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if v is not None]
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(value)]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Tokenizer eos first, then any other eos the model's generation_config lists (chat models)."""
+    ids = _as_id_list(tokenizer.eos_token_id)
+    gen_cfg = getattr(model, "generation_config", None)
+    for i in _as_id_list(getattr(gen_cfg, "eos_token_id", None)):
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+def _tokenize_prompts(tokenizer, prompts: list[str], max_source_length: int | None) -> tuple[list[list[int]], int]:
+    """Prompt ids as at training time (special tokens on), truncated from the left; (ids, truncated)."""
+    ids = tokenizer(list(prompts), add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+    out, truncated = [], 0
+    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for p in ids:
+        p = list(p)
+        if max_source_length is not None and len(p) > max_source_length:
+            p = p[-max_source_length:]
+            truncated += 1
+        if not p:  # an empty prompt: generate from bos (else eos) rather than from nothing
+            if fallback is None:
+                raise ValueError("generation: an empty prompt and no bos/eos token to start from")
+            p = [int(fallback)]
+        out.append(p)
+    return out, truncated
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        n = len(s)
+        if left:
+            ids[row, width - n:] = torch.tensor(s, dtype=torch.long)
+            mask[row, width - n:] = 1
+        else:
+            ids[row, :n] = torch.tensor(s, dtype=torch.long)
+            mask[row, :n] = 1
+    return ids, mask
+
+
+class _EvalMode:
+    """model.eval() inside, then every module's own train/eval flag back as it was."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, was in self.modes:
+            m.training = was
+        return False
+
+
+def _min_length_processor(prompt_width: int, min_new_per_row: list[int], eos_ids: list[int], num_beams: int):
+    """Legacy per-prompt minimum: eos forbidden for row i until it has min_new_per_row[i] new tokens."""
+    from transformers import LogitsProcessor
+
+    class PerRowMinNewTokens(LogitsProcessor):
+        def __init__(self):
+            self.need = torch.tensor(min_new_per_row, dtype=torch.long).repeat_interleave(num_beams)
+            self.eos = torch.tensor(eos_ids, dtype=torch.long)
+
+        def __call__(self, input_ids, scores):
+            generated = input_ids.shape[-1] - prompt_width
+            rows = (self.need.to(scores.device) > generated).nonzero().flatten()
+            if rows.numel() and self.eos.numel():
+                scores = scores.clone()
+                eos = self.eos.to(scores.device)
+                scores[rows.unsqueeze(1), eos.unsqueeze(0)] = -float("inf")
+            return scores
+
+    return PerRowMinNewTokens()
+
+
+def _progress(iterable, enabled: bool, total: int, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+# ---------------------------------------------------------------------------------- generation
+
+def generate_texts(model, tokenizer, prompts: list[str], settings: GenerationSettings | None = None,
+                   device=None, progress: bool = False) -> GenerationResult:
+    """One completion per prompt (see module doc); raises ValueError up front on unsupported settings."""
+    start = time.perf_counter()
+    settings = settings or GenerationSettings()
+    check_generate_support(model, settings)
+    prompts = list(prompts)
+    if not prompts:
+        return GenerationResult([], 0, time.perf_counter() - start, 0)
+
+    device = _model_device(model, device)
+    pad_id = _pad_id(tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
+    eos_set = set(eos_ids)
+    left = bool(settings.force_left_pad) or getattr(tokenizer, "padding_side", "right") == "left"
+    ids, truncated = _tokenize_prompts(tokenizer, prompts, settings.max_source_length)
+
+    base_kwargs = _config_kwargs(settings)
+    base_kwargs["pad_token_id"] = pad_id
+    if eos_ids:
+        base_kwargs["eos_token_id"] = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    legacy = not settings.use_max_new_tokens
+    max_total, min_total = _total_limits(settings)
+
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    texts: list[str] = [""] * len(ids)
+    new_tokens = 0
+    no_room = 0
+    batches = [order[k:k + settings.batch_size] for k in range(0, len(order), settings.batch_size)]
+
+    with _EvalMode(model), torch.no_grad():
+        for batch in _progress(batches, progress, len(batches), "generate"):
+            # per-row budget of new tokens (legacy: what the prompt leaves of max_length)
+            if legacy:
+                budgets = {i: max_total - len(ids[i]) for i in batch}
+                runnable = [i for i in batch if budgets[i] > 0]
+                no_room += len(batch) - len(runnable)
+                if not runnable:
+                    continue
+            else:
+                budgets = {i: settings.max_new_tokens for i in batch}
+                runnable = batch
+            seqs = [ids[i] for i in runnable]
+            input_ids, attention_mask = _pad(seqs, pad_id, left)
+            width = input_ids.shape[1]
+            kwargs = dict(base_kwargs)
+            if legacy:
+                kwargs["max_length"] = width + max(budgets[i] for i in runnable)
+                if min_total > 0:
+                    need = [max(0, min_total - len(ids[i])) for i in runnable]
+                    from transformers import LogitsProcessorList
+                    kwargs["logits_processor"] = LogitsProcessorList(
+                        [_min_length_processor(width, need, eos_ids, settings.num_beams)])
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+            if not isinstance(out, torch.Tensor):  # return_dict_in_generate set in a generation_config
+                out = out.sequences
+            gen = out[:, width:].tolist()
+            for row, i in enumerate(runnable):
+                toks = gen[row][: budgets[i]]
+                for k, t in enumerate(toks):
+                    if t in eos_set:
+                        new_tokens += k + 1
+                        toks = toks[:k]
+                        break
+                else:
+                    # trailing pads after a finished row only appear after an eos; none here
+                    new_tokens += len(toks)
+                texts[i] = tokenizer.decode(toks, skip_special_tokens=True)
+
+    return GenerationResult(texts=texts, truncated_prompts=truncated, seconds=time.perf_counter() - start,
+                            new_tokens=new_tokens, prompts_without_room=no_room)
+
+
+# ---------------------------------------------------------------------------------- label scoring
+
+def label_log_likelihoods(model, tokenizer, prompts: list[str], label_texts: list[str], batch_size: int = 8,
+                          device=None, max_source_length: int | None = None,
+                          reduction: str = "sum") -> list[list[float]]:
+    """log p(label | prompt) for every prompt x label: scores[i][j].
+
+    reduction="sum" (default): total log-likelihood over the label's tokens. It favours shorter
+    labels when labels differ in length (each extra token can only lower the sum); that is the
+    usual choice for fixed verbalizers ("positive"/"negative"), where it is the probability of the
+    exact label string. reduction="mean": average per token (length-normalized).
+
+    The prompt is tokenized as for generation (special tokens on, left-truncated to
+    max_source_length), the label apart without special tokens, and scored as the continuation
+    of the prompt's ids. Pairs are batched `batch_size` at a time, sorted by length and RIGHT
+    padded (every real token keeps its unpadded position and attends only to real tokens, so a
+    batched score equals the unbatched one up to float rounding).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not label_texts:
+        raise ValueError("label_texts is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    device = _model_device(model, device)
+    pad_id = _pad_id(tokenizer)
+    prompt_ids, _ = _tokenize_prompts(tokenizer, prompts, max_source_length)
+    label_ids = [list(x) for x in tokenizer(list(label_texts), add_special_tokens=False,
+                                            return_attention_mask=False, verbose=False)["input_ids"]]
+    for text, lab in zip(label_texts, label_ids):
+        if not lab:
+            raise ValueError(f"label {text!r} tokenizes to no tokens")
+
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(label_ids))]
+    order = sorted(pairs, key=lambda p: -(len(prompt_ids[p[0]]) + len(label_ids[p[1]])))
+    scores = [[0.0] * len(label_ids) for _ in prompts]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    with _EvalMode(model), torch.no_grad():
+        for batch in batches:
+            seqs = [prompt_ids[i] + label_ids[j] for i, j in batch]
+            input_ids, attention_mask = _pad(seqs, pad_id, left=False)
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            for row, (i, j) in enumerate(batch):
+                p, n = len(prompt_ids[i]), len(label_ids[j])
+                # logits at position t predict token t + 1
+                step_logits = logits[row, p - 1:p - 1 + n].float()
+                targets = torch.tensor(label_ids[j], dtype=torch.long, device=step_logits.device)
+                lp = torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).sum().item()
+                scores[i][j] = lp / n if reduction == "mean" else lp
+    return scores
+
+
+def score_label_likelihood(model, tokenizer, prompts: list[str], label_texts: list[str], batch_size: int = 8,
+                           device=None, max_source_length: int | None = None, reduction: str = "sum") -> list[int]:
+    """For each prompt, the index of the label with the highest log-likelihood (first on ties);
+    see `label_log_likelihoods` for sum vs mean."""
+    scores = label_log_likelihoods(model, tokenizer, prompts, label_texts, batch_size=batch_size, device=device,
+                                   max_source_length=max_source_length, reduction=reduction)
+    return [max(range(len(row)), key=lambda j: (row[j], -j)) for row in scores]
