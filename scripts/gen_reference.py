@@ -20,6 +20,8 @@ from trainkit.config import TOP_LEVEL_KEYS  # noqa: E402
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (scripts/gen_reference.py) -->"
 END = "<!-- END GENERATED REFERENCE -->"
+ENV_BEGIN = "<!-- BEGIN GENERATED ENV TABLE (scripts/gen_reference.py) -->"
+ENV_END = "<!-- END GENERATED ENV TABLE -->"
 
 
 def _fmt(value) -> str:
@@ -54,12 +56,26 @@ def fields_table(title: str, fields: dict) -> str:
     return "\n".join(rows)
 
 
+def env_table() -> str:
+    from trainkit.env_overrides import ENV_OVERRIDES
+
+    rows = ["| variable | sets | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{var}` | `{key}` | {_text(doc)} |" for var, (key, _, doc) in ENV_OVERRIDES.items()]
+    return "\n".join(rows)
+
+
 def reference() -> str:
+    import distill
+    import train_lora
     import train_qlora
 
     parts = [
         "### Config reference: train_qlora.py", "",
         config_table(train_qlora.QLORA_SCHEMA), "",
+        "### Config reference: train_lora.py", "",
+        config_table(train_lora.LORA_SCHEMA), "",
+        "### Config reference: distill.py", "",
+        config_table(distill.DISTILL_SCHEMA), "",
         "### Log fields", "",
         fields_table("run.json", runlog.RUN_FIELDS), "",
         fields_table("logs/training_log.jsonl", runlog.TRAINING_FIELDS), "",
@@ -72,15 +88,20 @@ def reference() -> str:
     return "\n".join(parts)
 
 
+BLOCKS = ((BEGIN, END, reference), (ENV_BEGIN, ENV_END, env_table))
+
+
 def main() -> None:
-    text = reference()
     if "--write" in sys.argv:
         readme = REPO / "README.md"
         content = readme.read_text()
-        start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-        readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+        for begin, end_marker, make in BLOCKS:
+            start, end = content.index(begin) + len(begin), content.index(end_marker)
+            content = content[:start] + "\n" + make() + "\n" + content[end:]
+        readme.write_text(content)
     else:
-        print(text)
+        for _, _, make in BLOCKS:
+            print(make() + "\n")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ RUN_FIELDS = {
     "model": "model summary: name, family, is_moe, parameter counts, 4-bit parameter count",
     "config": "the full validated config (secrets redacted)",
     "error": "one-line message of the fatal error, when status is failed",
+    "data": "data summary: sizes, splits, stages",
+    "task": "train_lora.py: the task",
+    "env_overrides": "train_lora.py: environment variables applied, {VAR: {key, value}}",
 }
 
 # logs/training_log.jsonl
@@ -85,6 +88,11 @@ TRAINING_FIELDS = {
     "memory_allocated_gb": "device memory allocated now (GiB; CPU runs: process RSS)",
     "memory_peak_gb": "peak device memory allocated since start (GiB; CPU runs: peak RSS)",
     "router_aux_loss": "MoE router load-balancing loss (null for dense models)",
+    # distill.py
+    "stage": "distill.py: 1 (pre-training text) or 2 (instruction data)",
+    "kd_loss": "distill.py: T^2-scaled KL(teacher || student) over the interval",
+    "ce_loss": "distill.py: the student's hard-label cross-entropy over the interval",
+    "top1_agreement": "distill.py: fraction of tokens where the student's argmax equals the teacher's",
 }
 
 # logs/eval_log.jsonl
@@ -98,6 +106,18 @@ EVAL_FIELDS = {
     "metric": "name of the metric used to pick the best checkpoint",
     "metric_value": "its value at this evaluation",
     "is_best": "true when this evaluation is the best so far",
+    # train_lora.py
+    "task": "train_lora.py: task name (sst2, mnli, samsum, spider, ...)",
+    "split": "train_lora.py: validation, or test for the best adapter's final test evaluation",
+    "evaluated_step": "train_lora.py, split test: the step whose adapter was evaluated",
+    "task_score": "train_lora.py: mean of the task's official metrics (trainkit/tasks/official.py)",
+    "<official metric>": "train_lora.py: accuracy, f1, mcc, pearson, spearman, accuracy_matched, accuracy_mismatched, rouge1, rouge2, rougeL, exact_match, execution_accuracy, bleu (0-100)",
+    "<split>_examples": "train_lora.py: examples scored in that split",
+    "generation_seconds": "train_lora.py: seconds spent generating",
+    "predictions": "train_lora.py: run-directory-relative JSONL files of this evaluation's predictions",
+    # distill.py
+    "eval_kd_loss": "distill.py: KD loss on the held-out windows",
+    "eval_top1_agreement": "distill.py: teacher-student top-1 agreement on the held-out windows",
 }
 
 # logs/expert_usage_log.jsonl
