@@ -38,3 +38,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opt: dict, total_steps: in
         decay = max(1, int(round(opt.get("decay_ratio", 0.1) * total_steps)))
         return get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total_steps, min_lr_ratio=min_ratio)
     raise ValueError(f"unknown lr_scheduler {name!r} (one of {', '.join(SCHEDULES)})")
+
+
+def build_staged_scheduler(optimizer: torch.optim.Optimizer, opt: dict, stages: list[tuple[int, float]]):
+    """One LambdaLR over consecutive stages (distill.py: pre-training text, then instruction data).
+
+    stages: (steps, peak lr as a multiple of the optimizer's lr). Each stage runs its own
+    `opt["lr_scheduler"]` shape (warmup_ratio, decay_ratio, min_lr_ratio apply per stage). Built
+    from transformers' schedules so the shapes are theirs, then stitched by step offset.
+    """
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    shapes = []
+    for steps, scale in stages:
+        lr_lambda = build_scheduler(probe, {**opt, "warmup_steps": 0}, steps).lr_lambdas[0]
+        shapes.append((steps, scale, lr_lambda))
+
+    def staged(step: int) -> float:
+        for steps, scale, lr_lambda in shapes:
+            if step < steps:
+                return scale * lr_lambda(step)
+            step -= steps
+        steps, scale, lr_lambda = shapes[-1]
+        return scale * lr_lambda(steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, staged)
