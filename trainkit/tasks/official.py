@@ -4,6 +4,11 @@ A task's evaluation writes these fields (flat names) to eval_log.jsonl, plus `ta
 mean of the official metrics (all of them are "higher is better", on a 0-100 scale except
 correlations and MCC, which are x100 as in the GLUE leaderboard). `task_score` is what
 `logging.metric_for_best: task_score` ranks checkpoints by, and what the aggregate command uses.
+
+One exception: MNLI with carved splits (`glue-tvt_mnli`, `mnli-tvt`). Its held-out validation is
+cut from the training set, whose genres are the matched ones, so validation reports
+`accuracy_matched` alone and `task_score` there is that accuracy; the test line (public
+validation_matched + validation_mismatched) has both and `task_score` is their mean as usual.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def base_task(name: str) -> str:
     return name
 
 
+def is_tvt(name: str) -> bool:
+    """True for the carved train/validation/test variants: 'glue-tvt_mrpc', 'glue_tvt_mrpc', 'mrpc-tvt'."""
+    name = name.lower()
+    return name.startswith(("glue-tvt_", "glue_tvt_")) or name.endswith("-tvt")
+
+
 def official_metrics(task: str) -> tuple[str, ...]:
     task = base_task(task)
     if task not in OFFICIAL_METRICS:
@@ -45,7 +56,10 @@ def official_metrics(task: str) -> tuple[str, ...]:
 
 def selection_score(task: str, metrics: dict) -> float | None:
     """Mean of the task's official metrics in `metrics`; None if any is missing."""
-    values = [metrics.get(name) for name in official_metrics(task)]
+    names = official_metrics(task)
+    if base_task(task) == "mnli" and is_tvt(task) and metrics.get("accuracy_mismatched") is None:
+        names = ("accuracy_matched",)  # the carved validation has the training (matched) genres only
+    values = [metrics.get(name) for name in names]
     if any(v is None for v in values):
         return None
     return sum(float(v) for v in values) / len(values)

@@ -1,0 +1,225 @@
+"""What every task shares: Example, the Task base class, local-folder resolution, HF loading,
+deterministic train/validation carving and the parsing of generated text."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainkit.tasks.official import base_task, official_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+HELDOUT_FRACTION = 0.1   # carved validation: 10% of the public train split ...
+HELDOUT_CAP = 1000       # ... at most 1000 rows
+
+
+class TaskDataError(FileNotFoundError):
+    """Task data not found: a missing local folder or file, or HF datasets unreachable.
+    The message names the environment variable (and config key) that points at a local copy."""
+
+
+@dataclass
+class Example:
+    """One task example.
+
+    prompt: the text the model sees; it ends where the answer starts ("...\\nAnswer:").
+    target: the training completion, starting with a space (" positive", " SELECT ...").
+    references: what predictions are scored against (label word, gold SQL, all reference texts).
+    meta: per-task fields the scorer needs (label, idx, db_id/db_path, ...); JSON-serialisable.
+    """
+    prompt: str
+    target: str
+    references: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+class Task:
+    """A task: loads examples (local folder or HF datasets) and scores generated text.
+
+    Subclasses set name, kind, label_words, eval_splits, env_var, layout, and implement
+    _load(root, seed, cache_dir, local_files_only) and score().
+    """
+
+    name: str = ""
+    kind: str = "generation"          # "classification" | "regression" | "generation"
+    label_words: list[str] | None = None
+    eval_splits: list[str] = ["validation"]
+    env_var: str = ""
+    layout: str = ""                  # expected local folder layout, for error messages
+    tvt: bool = False
+
+    @property
+    def base(self) -> str:
+        return base_task(self.name)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Official metric names (eval_log fields) of this task."""
+        return official_metrics(self.name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} ({self.kind})>"
+
+    # ------------------------------------------------------------------ loading
+    def load(self, local_dir: str | os.PathLike | None = None, seed: int = 42, cache_dir: str | None = None,
+             local_files_only: bool = False, max_train: int | None = None,
+             max_eval: int | None = None) -> dict[str, list[Example]]:
+        """split name -> examples. `local_dir` (argument / config) wins over the task's environment
+        variable; with neither, HF datasets (cache_dir, local_files_only). max_train caps the
+        training split, max_eval every other split (first N, after any carving)."""
+        root = resolve_local_dir(local_dir, self.env_var, self.name, self.layout)
+        splits = self._load(root, seed=seed, cache_dir=cache_dir, local_files_only=local_files_only)
+        out = {}
+        for split, examples in splits.items():
+            cap = max_train if split == "train" else max_eval
+            out[split] = list(examples[:cap]) if cap is not None else list(examples)
+        return out
+
+    def _load(self, root: Path | None, seed: int, cache_dir: str | None,
+              local_files_only: bool) -> dict[str, list[Example]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score(self, predictions: list[str], examples: list[Example], split: str | None = None) -> dict[str, float]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+def check_lengths(predictions, examples) -> None:
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+
+
+# ---------------------------------------------------------------------- local folders
+def resolve_local_dir(local_dir, env_var: str, task: str, layout: str) -> Path | None:
+    """The local data folder: the argument (task.local_dir) if given, else $env_var, else None (HF).
+    A relative path that does not exist from the working directory is tried from the repo root
+    (so `data/tasks/glue` works from anywhere). A folder that is named but missing is an error."""
+    source = "task.local_dir"
+    if local_dir in (None, ""):
+        local_dir = os.environ.get(env_var) or None
+        source = env_var
+    if local_dir is None:
+        return None
+    path = Path(local_dir).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+        path = REPO / path
+    if not path.is_dir():
+        raise TaskDataError(f"{task}: local data folder {str(local_dir)!r} (from {source}) does not exist; "
+                            f"set task.local_dir or {env_var} to a folder with {layout}")
+    return path.resolve()
+
+
+def need_file(path: Path, env_var: str, task: str, layout: str) -> Path:
+    if not path.is_file():
+        raise TaskDataError(f"{task}: {path} is missing; {env_var} / task.local_dir must be a folder with {layout}")
+    return path
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool):
+    """local_files_only: make datasets / huggingface_hub fail at once instead of retrying the network."""
+    if not enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def load_hf(candidates: list[tuple[str, str | None]], task: str, env_var: str, layout: str,
+            cache_dir: str | None, local_files_only: bool) -> tuple[str, dict[str, list[dict]]]:
+    """The first of `candidates` ((path, config) pairs) that HF datasets loads: (path, split -> rows).
+    Every failure together in one TaskDataError that names the environment variable."""
+    errors = []
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a requirement
+        raise TaskDataError(f"{task}: the datasets library is missing ({e}); set {env_var} to a folder with {layout}") from None
+    for path, config in candidates:
+        try:
+            with _hub_offline(local_files_only):
+                dataset = datasets.load_dataset(
+                    path, config, cache_dir=cache_dir,
+                    download_config=datasets.DownloadConfig(cache_dir=cache_dir, local_files_only=local_files_only))
+            return path, {split: dataset[split].to_list() for split in dataset}
+        except Exception as e:  # noqa: BLE001 - every loader failure is reported below
+            detail = str(e).splitlines()[0][:200] if str(e) else ""
+            errors.append(f"{path}{'/' + config if config else ''}: {type(e).__name__}: {detail}")
+    raise TaskDataError(f"{task}: could not load from HF datasets ({'; '.join(errors)}); "
+                        f"set task.local_dir or {env_var} to a local copy: a folder with {layout}")
+
+
+# ---------------------------------------------------------------------- carving
+def carve(rows: list, seed: int, fraction: float = HELDOUT_FRACTION, cap: int = HELDOUT_CAP) -> tuple[list, list]:
+    """Split rows into (train, held_out) deterministically: held_out is the `min(cap, round(fraction*n))`
+    rows (at least 1 when n >= 2) whose sha256("{seed}:{position}") is smallest; both keep file order.
+    Same rows, same seed -> same split, on any machine and library version."""
+    n = len(rows)
+    k = 0 if n < 2 else min(cap, max(1, round(fraction * n)))
+    order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ---------------------------------------------------------------------- parsing generations
+_EDGE = " \t\"'`.,;:!?()[]{}*<>"
+
+
+def first_line(text: str) -> str:
+    """strip, then the first line ("" for empty text)."""
+    lines = (text or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def parse_label(text: str, label_words: list[str]) -> int | None:
+    """Index of the label word a generation names, or None (unparseable, scored as wrong).
+
+    First line, case-insensitive, surrounding quotes/punctuation dropped; the whole line equal to a
+    label word, else the line starting with one as a whole word (longest label first, so
+    "unacceptable" is not read as "acceptable" and "not sure" is not "no")."""
+    line = first_line(text).lower().strip(_EDGE)
+    words = [w.lower() for w in label_words]
+    if line in words:
+        return words.index(line)
+    for i in sorted(range(len(words)), key=lambda j: -len(words[j])):
+        w = words[i]
+        if line.startswith(w) and not (line[len(w):len(w) + 1].isalnum() or line[len(w):len(w) + 1] == "_"):
+            return i
+    return None
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_float(text: str, low: float | None = None, high: float | None = None) -> float | None:
+    """The first number on the first line, clipped to [low, high]; None if there is none."""
+    match = _NUMBER.search(first_line(text))
+    if not match:
+        return None
+    value = float(match.group())
+    if not math.isfinite(value):
+        return None
+    if low is not None:
+        value = max(low, value)
+    if high is not None:
+        value = min(high, value)
+    return value
+
+
+def clean_generation(text: str) -> str:
+    """Generated text for the generation tasks: stripped, cut at the first blank line (a new block is
+    not part of the answer), remaining line breaks joined with spaces."""
+    text = (text or "").strip()
+    text = re.split(r"\n[ \t]*\n", text, maxsplit=1)[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

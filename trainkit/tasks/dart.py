@@ -1,0 +1,83 @@
+"""DART data-to-text: corpus BLEU (sacrebleu, all references of a tripleset).
+
+Local copy ($DART_LOCAL_DIR or task.local_dir): the release JSON files
+dart-v1.1.1-full-train.json, dart-v1.1.1-full-dev.json, dart-v1.1.1-full-test.json, each a list of
+{"tripleset": [[subject, predicate, object], ...], "subtree_was_extended": ..., "annotations":
+[{"source": ..., "text": ...}, ...]}. HF: GEM/dart, else dart (converted to the same shape).
+
+Splits: train has one example per annotation (every reference text is a training target);
+validation (dev) and test have one example per tripleset with all its annotation texts as
+references (target: the first). Entries without annotations are dropped.
+The prompt lists one triple per line as "subject | predicate | object".
+"""
+
+from __future__ import annotations
+
+import json
+
+from trainkit.tasks import metrics as M
+from trainkit.tasks.base import Example, Task, check_lengths, clean_generation, load_hf, need_file
+
+ENV_VAR = "DART_LOCAL_DIR"
+HF_CANDIDATES = [("GEM/dart", None), ("dart", None)]
+SPLIT_FILES = {"train": "dart-v1.1.1-full-train.json", "validation": "dart-v1.1.1-full-dev.json",
+               "test": "dart-v1.1.1-full-test.json"}
+LAYOUT = ", ".join(SPLIT_FILES.values()) + " (the DART release JSON)"
+PROMPT = "Write a short text that states all of the following facts.\n\nFacts:\n{facts}\n\nText:"
+
+
+def from_hf_row(row: dict) -> dict:
+    """A GEM/dart or dart row -> the release's {tripleset, annotations} shape."""
+    if "annotations" in row and isinstance(row["annotations"], dict):  # dart: {"source": [...], "text": [...]}
+        ann = row["annotations"]
+        return {"tripleset": row["tripleset"],
+                "annotations": [{"source": s, "text": t} for s, t in zip(ann.get("source", []), ann.get("text", []))]}
+    texts = list(row.get("references") or []) or [row.get("target", "")]  # GEM/dart
+    sources = row.get("target_sources") or []
+    return {"tripleset": row["tripleset"],
+            "annotations": [{"source": sources[i] if i < len(sources) else "", "text": t} for i, t in enumerate(texts)]}
+
+
+class DartTask(Task):
+    name = "dart"
+    kind = "generation"
+    env_var = ENV_VAR
+    layout = LAYOUT
+
+    def __init__(self):
+        self.eval_splits = ["validation"]
+
+    @staticmethod
+    def prompt(tripleset: list) -> str:
+        facts = "\n".join(" | ".join(" ".join(str(x).split()) for x in triple) for triple in tripleset)
+        return PROMPT.format(facts=facts)
+
+    def examples(self, entries: list[dict], split: str) -> list[Example]:
+        out = []
+        for n, entry in enumerate(entries):
+            texts = [" ".join(a["text"].split()) for a in entry.get("annotations") or [] if a.get("text", "").strip()]
+            if not texts:
+                continue
+            prompt = self.prompt(entry["tripleset"])
+            if split == "train":
+                out.extend(Example(prompt, " " + t, [t], {"entry": n, "split": split}) for t in texts)
+            else:
+                out.append(Example(prompt, " " + texts[0], texts, {"entry": n, "split": split}))
+        return out
+
+    def _load(self, root, seed, cache_dir, local_files_only):
+        if root is None:
+            _, data = load_hf(HF_CANDIDATES, self.name, ENV_VAR, LAYOUT, cache_dir, local_files_only)
+            data = {"train": data["train"], "validation": data["validation"], "test": data["test"]}
+            data = {s: [from_hf_row(r) for r in rows] for s, rows in data.items()}
+        else:
+            data = {s: json.loads(need_file(root / f, ENV_VAR, self.name, LAYOUT).read_text(encoding="utf-8"))
+                    for s, f in SPLIT_FILES.items()}
+        return {s: self.examples(entries, s) for s, entries in data.items()}
+
+    def score(self, predictions, examples, split=None):
+        check_lengths(predictions, examples)
+        if not examples:
+            return {"num_examples": 0}
+        return {"bleu": M.bleu([clean_generation(p) for p in predictions], [e.references for e in examples]),
+                "num_examples": len(examples)}
