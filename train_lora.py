@@ -141,7 +141,7 @@ def main() -> int:
     cfg = load_config(args.config, env_overrides + args.overrides, LORA_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
     from trainkit.env_overrides import describe
-    from trainkit.tasks import get_task
+    from trainkit.tasks import TaskDataError, get_task
     try:
         task = get_task(cfg["task"]["name"])
     except (KeyError, ValueError) as e:
@@ -198,9 +198,12 @@ def main() -> int:
     try:
         # ------------------------------------------------------------ task data, tokenizer
         set_seed(train_cfg["seed"])
-        splits = task.load(local_dir=task_cfg["local_dir"], seed=train_cfg["seed"], cache_dir=paths["cache_dir"],
-                           local_files_only=cfg["model"]["local_files_only"], max_train=task_cfg["max_train_samples"],
-                           max_eval=task_cfg["max_eval_samples"])
+        try:
+            splits = task.load(local_dir=task_cfg["local_dir"], seed=train_cfg["seed"], cache_dir=paths["cache_dir"],
+                               local_files_only=cfg["model"]["local_files_only"], max_train=task_cfg["max_train_samples"],
+                               max_eval=task_cfg["max_eval_samples"])
+        except TaskDataError as e:
+            raise ConfigError(f"task.local_dir: {e}") from None
         tokenizer = load_tokenizer(cfg)
         if tokenizer.pad_token_id is None:  # generation pads with eos when the tokenizer has no pad token
             tokenizer.pad_token = tokenizer.eos_token
@@ -240,7 +243,7 @@ def main() -> int:
         lora_cfg = {**cfg["lora"], "init": lora_init(cfg["lora"])}
         model = apply_lora(model, lora_cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        say(f"adapters: {cfg['lora']['variant']} init {lora_cfg['init']} on {model.trainkit_lora_info['target_modules']}, "
+        say(f"adapters: {cfg['lora']['variant']} init {cfg['lora']['init'] if lora_cfg['init'] is not True else 'default'}{' (fast: ' + lora_cfg['init'] + ')' if cfg['lora']['pissa_fast'] and cfg['lora']['init'] == 'pissa' else ''} on {model.trainkit_lora_info['target_modules']}, "
             f"trainable parameters: {sum(p.numel() for p in trainable):,}")
 
         gen_settings = GenerationSettings(

@@ -124,11 +124,35 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     if not source:
         if not mcfg.get("config"):
             raise ValueError("load_model: paths.model_name_or_path or model.config is required")
+        if mcfg["config"].get("model_type") == "gla":
+            from trainkit.gla import import_fla
+            import_fla()  # registers model_type "gla" with the Auto classes
         source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, compute_dtype, tokenizer)
         name = f"random-init {mcfg['config']['model_type']}"
         common.update(local_files_only=True, cache_dir=None)
 
-    config = AutoConfig.from_pretrained(source, **common)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except ValueError as e:  # "gla" is unknown to transformers until fla registers it
+        if "gla" not in str(e).lower():
+            raise
+        from trainkit.gla import import_fla
+        import_fla()
+        config = AutoConfig.from_pretrained(source, **common)
+    notes: list[str] = []
+    gla = getattr(config, "model_type", None) == "gla"
+    if gla:
+        from trainkit.gla import prepare_gla_config, use_reference_backend
+        lora_targets = (cfg.get("lora") or {}).get("target_modules", "auto")
+        if lora_targets in (None, "auto", "gla"):
+            from trainkit.adapters import PRESETS
+            lora_targets = PRESETS["gla"]
+        elif isinstance(lora_targets, str):
+            lora_targets = [t.strip() for t in lora_targets.split(",")]
+        notes += prepare_gla_config(config, on_cuda=device.type == "cuda", fused_swiglu=bool(mcfg.get("fused_swiglu", False)),
+                                    adapter_targets=list(lora_targets),
+                                    modules_to_save=list((cfg.get("lora") or {}).get("modules_to_save") or []),
+                                    attn_mode=mcfg.get("attn_mode"))
     num_experts, top_k = moe_fields(config)
     if num_experts:
         config.output_router_logits = True      # outputs carry aux_loss (added to loss by the model)
@@ -164,6 +188,9 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
                                                 quant_type=qcfg.get("quant_type", "nf4"),
                                                 double_quant=bool(qcfg.get("double_quant", True)))
 
+    if gla and device.type != "cuda":
+        swapped = use_reference_backend(model)  # fla's Triton kernels need a GPU
+        notes.append(f"GLA on {device.type}: pure-PyTorch reference backend ({len(swapped)} modules swapped)")
     for p in model.parameters():
         p.requires_grad_(False)
     # bitsandbytes repacks a CPU Linear4bit's weight for its AVX512-bf16 kernel on the first
@@ -186,9 +213,13 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
 
     counts = count_parameters(model)
     non_emb = non_embedding_parameters(model)
-    summary = (f"4-bit base parameters: {counts['quantized_4bit']:,} of {counts['total']:,} "
-               f"({100 * counts['fraction_4bit']:.1f}%; {100 * counts['quantized_4bit'] / max(non_emb, 1):.1f}% "
-               f"of non-embedding parameters)")
+    if load_4bit:
+        summary = (f"4-bit base parameters: {counts['quantized_4bit']:,} of {counts['total']:,} "
+                   f"({100 * counts['fraction_4bit']:.1f}%; {100 * counts['quantized_4bit'] / max(non_emb, 1):.1f}% "
+                   f"of non-embedding parameters)")
+    else:
+        summary = (f"base model {name} ({getattr(config, 'model_type', '?')}): {counts['total']:,} parameters in "
+                   f"{str(compute_dtype).replace('torch.', '')}, frozen")
     info = {
         "name": name,
         "family": getattr(config, "model_type", type(model).__name__),
@@ -205,5 +236,51 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         "gradient_checkpointing": bool(mem.get("gradient_checkpointing", True)),
         "attn_implementation": mcfg.get("attn_implementation", "sdpa"),
         "summary": summary,
+        "notes": notes,
     }
     return model, info
+
+
+def load_frozen_model(cfg: dict, device, tokenizer, dtype: str = "bfloat16") -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen model in eval mode (distill.py's teacher): hub id / local path, or random init from model.config."""
+    from transformers import AutoModelForCausalLM
+
+    paths, mcfg = cfg["paths"], cfg.get("model") or {}
+    torch_dtype = DTYPES[dtype]
+    source, name = paths.get("model_name_or_path"), paths.get("model_name_or_path")
+    common = dict(trust_remote_code=bool(mcfg.get("trust_remote_code", False)), cache_dir=paths.get("cache_dir"),
+                  local_files_only=bool(mcfg.get("local_files_only", False)))
+    if not source:
+        seed = int((cfg.get("training") or {}).get("seed", 42))
+        source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, torch_dtype, tokenizer)
+        name = f"random-init {mcfg['config']['model_type']}"
+        common.update(local_files_only=True, cache_dir=None)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": torch.device(device)},
+                                                 attn_implementation=mcfg.get("attn_implementation", "sdpa"), **common)
+    model.requires_grad_(False)
+    model.eval()
+    total = sum(p.numel() for p in model.parameters())
+    return model, {"name": name, "family": model.config.model_type, "parameters": {"total": total},
+                   "dtype": dtype, "summary": f"{name} ({model.config.model_type}): {total:,} parameters in {dtype}, frozen"}
+
+
+def load_weights_into(model: nn.Module, directory) -> None:
+    """Load a save_pretrained directory (single or sharded safetensors) into an existing model, strictly
+    except for weights tied to others (save_pretrained leaves those out)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict = {}
+    for name in files:
+        state.update(load_file(directory / name, device="cpu"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied |= {k for k in missing if k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{directory}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

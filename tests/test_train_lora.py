@@ -1,0 +1,152 @@
+"""train_lora.py end to end on a tiny GLA (fla's GLAForCausalLM on the CPU reference backend), run as a
+real subprocess on the GLUE / SAMSum / Spider fixtures shipped in data/tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers_qlora import REPO, run_script, script_env
+from trainkit.runlog import iter_jsonl
+
+CONFIG = REPO / "configs" / "gla_lora_sst2.yaml"
+
+
+def lora_config(tmp_path: Path, **sections) -> Path:
+    """The shipped tiny GLA config, shortened for tests; `sections` update it per section."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["paths"].update(output_dir=str(tmp_path / "out"), run_name="gla")
+    cfg["task"]["local_dir"] = str(REPO / "data" / "tasks" / "glue")
+    cfg["training"].update(max_steps=8, seed=3)
+    cfg["task"].update(max_eval_samples=12)
+    cfg["logging"].update(log_interval=2, eval_interval=4, checkpoint_interval=4, progress_bar=False)
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def stream(run_dir: Path, name: str) -> list[dict]:
+    return list(iter_jsonl(run_dir / "logs" / name))
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    cfg = lora_config(tmp)
+    result = run_script(["--config", str(cfg)], script="train_lora.py", HP_PEFT_R="4", HP_PEFT_ALPHA="8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "out" / "gla", result
+
+
+def test_gla_run_reports_the_task_metric(sst2_run):
+    run_dir, result = sst2_run
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["script"] == "train_lora.py" and info["task"] == "sst2"
+    assert info["model"]["family"] == "gla"
+    assert any("reference backend" in note for note in info["model"]["notes"])
+    evals = stream(run_dir, "eval_log.jsonl")
+    assert [e["step"] for e in evals] == [4, 8]
+    for e in evals:
+        assert 0 <= e["accuracy"] <= 100 and e["task_score"] == e["accuracy"]
+        assert e["metric"] == "task_score" and e["eval_loss"] > 0 and e["split"] == "validation"
+        predictions = [json.loads(line) for line in (run_dir / e["predictions"][0]).read_text().splitlines()]
+        assert len(predictions) == 12 and {"prompt", "prediction", "references"} <= predictions[0].keys()
+    assert (run_dir / "final-checkpoint-8" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "best-adapter" / "adapter_config.json").is_file()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["metric"] == "task_score" and results["best_step"] in (4, 8)
+    assert "task_score" in result.stdout
+
+
+def test_env_overrides_are_applied_printed_and_logged(sst2_run):
+    run_dir, result = sst2_run
+    adapter = json.loads((run_dir / "final-checkpoint-8" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert "HP_PEFT_R -> lora.r=4" in result.stdout
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["env_overrides"]["HP_PEFT_R"] == {"key": "lora.r", "value": 4}
+    # every GLA projection of the preset carries an adapter, gk_proj's two Linear layers included
+    assert {"q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "0", "1", "gate_proj", "up_proj", "down_proj"} <= \
+        {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} | set(adapter["target_modules"])
+
+
+def test_malformed_env_and_config_are_one_line_errors(tmp_path):
+    cfg = lora_config(tmp_path)
+    cases = [({"HP_LR": "fast"}, [], "HP_LR='fast'"),
+             ({}, ["task.name=glue_nope"], "task.name"),
+             ({}, ["lora.init=svd"], "lora.init: 'svd'"),
+             ({"HP_PEFT_DROPOUT": "2"}, [], "lora.dropout")]
+    for env, overrides, needle in cases:
+        result = run_script(["--config", str(cfg), *overrides], script="train_lora.py", timeout=120, **env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (env, overrides, result.stderr[-2000:])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task,metrics", [
+    ("samsum", ("rouge1", "rouge2", "rougeL")),
+    ("spider", ("exact_match", "execution_accuracy")),
+])
+def test_generation_tasks_on_a_llama(tmp_path, task, metrics):
+    """An HF Llama (not GLA) on SAMSum / Spider fixtures: metrics computed from generations, test split scored."""
+    local = {"samsum": "samsum", "spider": "spider"}[task]
+    cfg = lora_config(tmp_path, model={"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                  "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 2, "max_position_embeddings": 2048}},
+                      task={"name": task, "local_dir": str(REPO / "data" / "tasks" / local), "max_eval_samples": 4,
+                            "max_source_length": 768, "max_target_length": 64},
+                      lora={"modules_to_save": ["embed_tokens", "lm_head"], "variant": "dora"},
+                      generation={"max_length": 16, "num_beams": 2, "batch_size": 4},
+                      training={"max_steps": 4}, optimization={"micro_batch_size": 2},
+                      logging={"eval_interval": 4, "checkpoint_interval": 4})
+    result = run_script(["--config", str(cfg)], script="train_lora.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "out" / "gla"
+    evals = stream(run_dir, "eval_log.jsonl")
+    validation = [e for e in evals if e["split"] == "validation"]
+    assert validation and all(m in validation[-1] for m in metrics) and validation[-1]["task_score"] is not None
+
+
+def test_pissa_init_and_exact_resume_after_sigkill(tmp_path):
+    """PiSSA (fast SVD) adapters; SIGKILL after the first checkpoint, --resume: same final adapter bitwise."""
+    sections = dict(lora={"init": "pissa", "pissa_fast": True, "modules_to_save": []},
+                    training={"max_steps": 8}, generation={"enabled": False},
+                    logging={"metric_for_best": "eval_loss", "greater_is_better": False, "eval_interval": 4})
+    ref_cfg = lora_config(tmp_path / "ref", **sections)
+    result = run_script(["--config", str(ref_cfg)], script="train_lora.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = load_file(tmp_path / "ref" / "out" / "gla" / "final-checkpoint-8" / "adapter_model.safetensors")
+    assert json.loads((tmp_path / "ref" / "out" / "gla" / "final-checkpoint-8" / "adapter_config.json").read_text())[
+        "init_lora_weights"] == "pissa_niter_4"
+
+    cfg = lora_config(tmp_path / "kill", **sections)
+    run_dir = tmp_path / "kill" / "out" / "gla"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_lora.py"), "--config", str(cfg)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+    result = run_script(["--config", str(cfg), "--resume"], script="train_lora.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(run_dir / "final-checkpoint-8" / "adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert [r["step"] for r in stream(run_dir, "training_log.jsonl")] == [2, 4, 6, 8]
