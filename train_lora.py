@@ -243,7 +243,8 @@ def main() -> int:
         lora_cfg = {**cfg["lora"], "init": lora_init(cfg["lora"])}
         model = apply_lora(model, lora_cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        say(f"adapters: {cfg['lora']['variant']} init {cfg['lora']['init'] if lora_cfg['init'] is not True else 'default'}{' (fast: ' + lora_cfg['init'] + ')' if cfg['lora']['pissa_fast'] and cfg['lora']['init'] == 'pissa' else ''} on {model.trainkit_lora_info['target_modules']}, "
+        init_name = lora_cfg["init"] if isinstance(lora_cfg["init"], str) else "default"
+        say(f"adapters: {cfg['lora']['variant']} init {init_name} on {model.trainkit_lora_info['target_modules']}, "
             f"trainable parameters: {sum(p.numel() for p in trainable):,}")
 
         gen_settings = GenerationSettings(
