@@ -91,7 +91,7 @@ def base_run_info(accelerator, script: str, cfg: dict, total_steps: int, resume_
                 total_steps=total_steps, world_size=accelerator.num_processes,
                 num_machines=max(1, accelerator.num_processes // max(local_world, 1)),
                 mixed_precision=accelerator.mixed_precision, pid=os.getpid(), versions=library_versions(),
-                config=public_config(cfg), error=None, resumed_from=str(resume_from) if resume_from else None, **fields)
+                config=public_config(cfg), config_path=cfg.get("_config_path"), error=None, resumed_from=str(resume_from) if resume_from else None, **fields)
     if resume_from is None:
         info["start_time"] = time.time()
     return info

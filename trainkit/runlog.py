@@ -66,6 +66,7 @@ RUN_FIELDS = {
     "versions": "python, torch, transformers, accelerate, peft, bitsandbytes, datasets versions",
     "model": "model summary: name, family, is_moe, parameter counts, 4-bit parameter count",
     "config": "the full validated config (secrets redacted)",
+    "config_path": "the config file the run was started with",
     "error": "one-line message of the fatal error, when status is failed",
     "data": "data summary: sizes, splits, stages",
     "task": "train_lora.py: the task",
