@@ -167,6 +167,7 @@ def main() -> int:
                                finish_run, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
                                resume_training_state, tracker_config, training_record)
+    from trainkit.gla import guard_adapter_paths
     from trainkit.models import load_model
     from trainkit.runlog import RunLog, write_json_atomic
     from trainkit.schedules import build_scheduler
@@ -242,6 +243,9 @@ def main() -> int:
         set_seed(train_cfg["seed"])  # adapter init independent of how much randomness loading used
         lora_cfg = {**cfg["lora"], "init": lora_init(cfg["lora"])}
         model = apply_lora(model, lora_cfg)
+        if model_info["family"] == "gla":  # fused fla paths that would bypass an adapter get unfused ones
+            for note in guard_adapter_paths(model):
+                say(note)
         trainable = [p for p in model.parameters() if p.requires_grad]
         init_name = lora_cfg["init"] if isinstance(lora_cfg["init"], str) else "default"
         say(f"adapters: {cfg['lora']['variant']} init {init_name} on {model.trainkit_lora_info['target_modules']}, "

@@ -161,8 +161,9 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     config.use_cache = False
 
     load_4bit = bool(qcfg.get("load_in_4bit", True))
-    kwargs: dict[str, Any] = dict(config=config, dtype=compute_dtype, device_map={"": device},
-                                  attn_implementation=mcfg.get("attn_implementation", "sdpa"), **common)
+    kwargs: dict[str, Any] = dict(config=config, dtype=compute_dtype, device_map={"": device}, **common)
+    if not gla:  # GLA has no softmax attention: transformers refuses an attn_implementation for it
+        kwargs["attn_implementation"] = mcfg.get("attn_implementation", "sdpa")
     if load_4bit:
         kwargs["quantization_config"] = _quantization_config(qcfg, compute_dtype)
     quantize_experts = load_4bit and bool(qcfg.get("quantize_moe_experts", True))
@@ -234,7 +235,7 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         "load_in_4bit": load_4bit,
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "gradient_checkpointing": bool(mem.get("gradient_checkpointing", True)),
-        "attn_implementation": mcfg.get("attn_implementation", "sdpa"),
+        "attn_implementation": None if gla else mcfg.get("attn_implementation", "sdpa"),
         "summary": summary,
         "notes": notes,
     }
