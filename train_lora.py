@@ -216,10 +216,16 @@ def main() -> int:
         train_rows = rows(splits["train"])
         if not train_rows:
             raise ConfigError(f"task.name: {task.name} has no training examples")
+        cut_targets = sum(r["_truncated_target"] for r in train_rows)
+        cut_prompts = sum(r["_truncated_prompt"] for r in train_rows)
+        if cut_targets:  # the model never sees the end of those answers (nor learns to stop)
+            say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
+                f"task.max_target_length={task_cfg['max_target_length']} tokens and were cut")
         eval_splits = [s for s in task.eval_splits if splits.get(s)]
         val_rows = [r for s in eval_splits for r in rows(splits[s])]
         data_info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
-                     "eval_splits": eval_splits}
+                     "eval_splits": eval_splits, "truncated_train_prompts": cut_prompts,
+                     "truncated_train_targets": cut_targets}
         say(f"data: {data_info}")
         collate = make_collator(tokenizer)
         micro_bs, accum = opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]

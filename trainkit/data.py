@@ -375,6 +375,7 @@ def build_datasets(cfg: dict, tokenizer):
 def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, max_source_length: int,
                            max_target_length: int) -> list[dict]:
     """Task examples -> training rows: prompt ids (loss masked) + target ids + eos (the loss).
+    Rows carry `_truncated_prompt` / `_truncated_target` flags (the collator ignores them).
 
     Prompt and target are tokenized apart, as at generation time (the model sees the prompt's ids
     and continues). A long prompt loses its beginning, not the end where the answer starts.
@@ -384,9 +385,11 @@ def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, ma
     target_ids = _ids(tokenizer, list(targets))["input_ids"]
     rows = []
     for p, t in zip(prompt_ids, target_ids):
+        cut_prompt, cut_target = len(p) > max_source_length, len(t) + len(eos) > max_target_length
         p = list(p)[-max_source_length:]
         t = (list(t) + eos)[:max_target_length]
-        rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t))})
+        rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t)),
+                     "_truncated_prompt": cut_prompt, "_truncated_target": cut_target})
     return rows
 
 
