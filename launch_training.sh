@@ -184,6 +184,10 @@ set_default PYTORCH_CUDA_ALLOC_CONF "expandable_segments:True"
 set_default PYTORCH_ALLOC_CONF "${PYTORCH_CUDA_ALLOC_CONF}"
 set_default TOKENIZERS_PARALLELISM false
 set_default TORCH_NCCL_ASYNC_ERROR_HANDLING 1
+# fla's Triton kernels autotune on the first step of a new shape (minutes): keep compiled kernels
+# and autotuning results on disk so the next start of the same shapes skips it.
+set_default TRITON_CACHE_DIR "${HOME:-/tmp}/.triton/cache"
+set_default TRITON_CACHE_AUTOTUNING 1
 CORES="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
 THREADS=$(( CORES / PER_MACHINE )); [[ $THREADS -ge 1 ]] || THREADS=1
 set_default OMP_NUM_THREADS "$THREADS"   # torchrun would set 1, which starves CPU training
