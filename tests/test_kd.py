@@ -133,7 +133,7 @@ def test_fp32_and_bf16_autocast_close():
 
 
 def test_auto_chunk_size_and_errors():
-    assert auto_chunk_size(128256) == 512
+    assert auto_chunk_size(128256) == 1024
     assert auto_chunk_size(101) % 128 == 0
     hidden, weight, t_hidden, t_weight, labels = make()
     with pytest.raises(ValueError, match="tokens"):
