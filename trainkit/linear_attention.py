@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gla", "simple_gla", "reference_gla", "reference_simple_gla", "uses_kernels"]
+__all__ = ["gla", "simple_gla", "reference_gla", "reference_simple_gla", "uses_kernels", "simple_gla_backward_is_refused"]
 
 
 def uses_kernels(tensor: torch.Tensor) -> bool:
@@ -77,9 +77,26 @@ def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu
     return reference_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, state_v_first)
 
 
+def simple_gla_backward_is_refused() -> bool:
+    """fla 0.6 refuses the backward of gated chunk kernels (chunk_bwd_dqkwg) on Hopper with Triton
+    >= 3.4 and < 3.7.1 (fla issue #640: wrong results), unless tilelang provides another backend."""
+    import importlib.util
+
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+                and importlib.util.find_spec("tilelang") is None)
+
+
 def simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                state_v_first=False):
-    """fla's chunked simple-GLA kernel on CUDA, the reference elsewhere. Returns (o, final_state or None)."""
+    """fla's chunked simple-GLA kernel on CUDA, the reference elsewhere. Returns (o, final_state or None).
+
+    Where fla refuses simple GLA's backward (Hopper + Triton 3.4-3.7.0, see
+    simple_gla_backward_is_refused), the same recurrence runs through the GLA kernel with the scalar
+    decay repeated over the key channels: identical math, a slightly slower kernel."""
+    if uses_kernels(q) and torch.is_grad_enabled() and simple_gla_backward_is_refused():
+        gk = g[..., None].expand(*g.shape, q.shape[-1]).contiguous()
+        return gla(q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens, state_v_first)
     if uses_kernels(q):
         from fla.ops.simple_gla import chunk_simple_gla
         return chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale, initial_state=initial_state,
