@@ -19,19 +19,9 @@ Reports tokens/s, step time, peak memory (torch.cuda.max_memory_allocated over t
 between variants) and the part of it above the memory held between steps (weights, optimizer state),
 as a Markdown table; --json writes the rows.
 
-Measured on one H100 80GB (torch 2.11, --student llama, defaults otherwise, 2026-11-22):
-
-| loss variant | tokens/s | step time (ms) | peak memory (GiB) | peak above weights+optimizer (GiB) |
-| --- | ---: | ---: | ---: | ---: |
-| naive | 17,452 | 234.7 | 27.28 | 16.08 |
-| chunked@512 | 17,920 | 228.6 | 14.04 | 2.83 |
-| chunked@1024 (now auto) | 19,423 | 210.9 | 14.09 | 2.89 |
-| chunked@4096 | 18,756 | 218.4 | 18.49 | 7.29 |
-
-The floor is weights + AdamW state (11.2 GiB held between steps) + the student's bf16 gradients (2.8 GiB):
-14.0 GiB, so total peak cannot reach half of naive's; the loss itself adds ~0.1 GiB above that floor.
-The default linear student (Discrete Mamba-2) needs fla's simple-GLA backward kernel, which fla 0.6
-refuses on Hopper with Triton >= 3.4, < 3.7.1 (fla issue #640): upgrade Triton or install tilelang.
+--freeze-mlp freezes the student's MLPs (trainkit.students.freeze, distill.py's student.freeze_mlp), the
+setting of Llamba-style distillation where the MLPs are copied from the teacher. Results: README
+("Distillation: chunked vs naive KD loss"); rerun this script to reproduce them.
 """
 
 from __future__ import annotations
@@ -75,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--ce-weight", type=float, default=0.0)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--freeze-mlp", action="store_true", help="freeze the student's MLPs (Llamba-style; distill.py student.freeze_mlp)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes that run on CPU in seconds (smoke test)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the rows and settings here")
@@ -113,6 +104,14 @@ def build_models(args, device, dtype):
     finally:
         torch.set_default_dtype(previous)
     teacher.eval().requires_grad_(False)
+    if args.freeze_mlp:
+        from trainkit.students import freeze
+        if args.student == "llama":
+            for name, p in student.named_parameters():
+                p.requires_grad_(".mlp." not in name)
+        else:
+            freeze(student, freeze_mlp=True)
+        info += "; MLPs frozen"
     student.train()
     if not args.no_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,149 @@
+"""distill.py end to end on CPU: a tiny Llama teacher into Discrete Mamba-2 and GLA students from the
+shipped text shards, run as real subprocesses (kill-and-resume included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers_qlora import REPO, run_script, script_env
+from trainkit.runlog import iter_jsonl
+
+CONFIG = REPO / "configs" / "distill_tiny_mamba2.yaml"
+
+
+def distill_config(tmp_path: Path, **sections) -> Path:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["paths"].update(output_dir=str(tmp_path / "out"), run_name="kd",
+                        data_path=str(REPO / "data" / "distill" / "pretrain"),
+                        eval_data_path=str(REPO / "data" / "distill" / "eval"))
+    cfg["training"].update(max_steps=12, max_eval_batches=1)
+    cfg["logging"].update(log_interval=2, eval_interval=6, checkpoint_interval=4, progress_bar=False)
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def stream(run_dir: Path, name: str) -> list[dict]:
+    return list(iter_jsonl(run_dir / "logs" / name))
+
+
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "gla"])
+def test_student_learns_from_teacher(tmp_path, mixer):
+    cfg = distill_config(tmp_path, student={"mixer": mixer}, training={"max_steps": 24})
+    result = run_script(["--config", str(cfg)], script="distill.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "out" / "kd"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["script"] == "distill.py"
+    assert info["model"]["student"]["mixer"] == mixer
+    lines = stream(run_dir, "training_log.jsonl")
+    assert [r["step"] for r in lines] == list(range(2, 25, 2))
+    assert {"kd_loss", "ce_loss", "top1_agreement", "stage"} <= lines[0].keys()
+    assert lines[-1]["kd_loss"] < 0.8 * lines[0]["kd_loss"], [r["kd_loss"] for r in lines]
+    assert lines[-1]["top1_agreement"] > lines[0]["top1_agreement"]
+    evals = stream(run_dir, "eval_log.jsonl")
+    assert [e["step"] for e in evals] == [6, 12, 18, 24] and evals[-1]["eval_kd_loss"] < evals[0]["eval_kd_loss"]
+    # the saved student loads back with from_pretrained and runs
+    import trainkit.students  # noqa: F401  (registers the student's model type)
+    from transformers import AutoModelForCausalLM
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "final-checkpoint-24")
+    assert student.config.mixer == mixer and student.config.attention_layers == [1]
+    with torch.no_grad():
+        logits = student(input_ids=torch.randint(0, 200, (1, 16))).logits
+    assert torch.isfinite(logits).all()
+    assert (run_dir / "best-student" / "config.json").is_file()
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    """SIGKILL after the first checkpoint, --resume: the same student weights bitwise, the same log."""
+    ref_cfg = distill_config(tmp_path / "ref")
+    assert run_script(["--config", str(ref_cfg)], script="distill.py").returncode == 0
+    ref_dir = tmp_path / "ref" / "out" / "kd"
+    reference = load_file(ref_dir / "final-checkpoint-12" / "model.safetensors")
+
+    cfg = distill_config(tmp_path / "kill")
+    run_dir = tmp_path / "kill" / "out" / "kd"
+    proc = subprocess.Popen([sys.executable, str(REPO / "distill.py"), "--config", str(cfg)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.8))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+    result = run_script(["--config", str(cfg), "--resume"], script="distill.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(run_dir / "final-checkpoint-12" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert [r["loss"] for r in stream(run_dir, "training_log.jsonl")] == [r["loss"] for r in stream(ref_dir, "training_log.jsonl")]
+    assert "resume" in [e["event"] for e in stream(run_dir, "events.jsonl")]
+
+
+def test_two_stages_and_frozen_mlps(tmp_path):
+    cfg = distill_config(tmp_path, stage2={"enabled": True, "data_path": str(REPO / "data" / "distill" / "stage2"),
+                                           "max_steps": 4, "learning_rate": 1e-3},
+                         student={"freeze_mlp": True}, training={"max_steps": 6},
+                         logging={"eval_interval": 5, "checkpoint_interval": 5})
+    result = run_script(["--config", str(cfg)], script="distill.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "out" / "kd"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["total_steps"] == 10 and len(info["data"]["stages"]) == 2
+    stages = {r["step"]: r["stage"] for r in stream(run_dir, "training_log.jsonl")}
+    assert stages[6] == 1 and stages[10] == 2
+    # MLPs stayed the teacher's: the final student's MLP weights equal the checkpoint-5 ones
+    first, final = (load_file(run_dir / d / "model.safetensors") for d in ("checkpoint-5", "final-checkpoint-10"))
+    mlp = [k for k in final if ".mlp." in k]
+    assert mlp and all(torch.equal(first[k], final[k]) for k in mlp)
+    assert any(not torch.equal(first[k], final[k]) for k in final if "self_attn" in k)
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    cfg = distill_config(tmp_path)
+    cases = {"student.mixer=mamba": "student.mixer: 'mamba' is not one of",
+             "paths.data_path=./nowhere/shards": "paths.data_path: no such file or directory",
+             "stage2.enabled=true": "stage2.data_path: required",
+             "logging.metric_for_best=accuracy": "logging.metric_for_best"}
+    for override, expected in cases.items():
+        result = run_script(["--config", str(cfg), override], script="distill.py", timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (override, result.stderr[-1500:])
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    """2 CPU processes (gloo), micro batch 4 == 1 process, micro batch 4 x 2 accumulation: same windows per step."""
+    one = distill_config(tmp_path / "one", optimization={"micro_batch_size": 4, "gradient_accumulation_steps": 2},
+                         training={"max_steps": 4}, logging={"eval_interval": 4, "checkpoint_interval": 4})
+    two = distill_config(tmp_path / "two", optimization={"micro_batch_size": 4, "gradient_accumulation_steps": 1},
+                         training={"max_steps": 4}, logging={"eval_interval": 4, "checkpoint_interval": 4})
+    assert run_script(["--config", str(one)], script="distill.py").returncode == 0
+    launch = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29600 + os.getpid() % 1000),
+         str(REPO / "distill.py"), "--config", str(two)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=script_env(ACCELERATE_USE_CPU="1"))
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "out" / "kd" / "run.json").read_text())["world_size"] == 2
+    loss_one = [r["loss"] for r in stream(tmp_path / "one" / "out" / "kd", "training_log.jsonl")]
+    loss_two = [r["loss"] for r in stream(tmp_path / "two" / "out" / "kd", "training_log.jsonl")]
+    assert len(loss_one) == len(loss_two) == 2
+    assert loss_one == pytest.approx(loss_two, rel=1e-3)
