@@ -17,12 +17,17 @@ import numpy as np
 from .downsample import downsample
 
 PLOT_POINTS = 1200
+# eval_log fields drawn on the "metric" plot when a run logs them (trainkit.runlog.EVAL_FIELDS)
+METRIC_COLUMNS = ("task_score", "accuracy", "f1", "mcc", "pearson", "spearman", "accuracy_matched",
+                  "accuracy_mismatched", "rouge1", "rouge2", "rougeL", "exact_match", "execution_accuracy", "bleu",
+                  "eval_kd_loss", "eval_top1_agreement")
 CACHE_ENTRIES = 256
 
 # name -> (title, streams it depends on)
 PLOTS = {
     "loss": ("Training loss", ("training", "events", "checkpoints")),
     "eval": ("Eval loss and perplexity", ("eval",)),
+    "metric": ("Eval metrics (task metrics, distillation)", ("eval",)),
     "lr": ("Learning rate", ("training",)),
     "grad_norm": ("Gradient norm", ("training",)),
     "throughput": ("Throughput (tokens/s)", ("training",)),
@@ -163,6 +168,11 @@ def _snapshot(run, name: str) -> dict:
         if name == "eval":
             return {"steps": run.eval.steps.copy(), "eval_loss": run.eval.column("eval_loss").copy(),
                     "perplexity": run.eval.column("perplexity").copy(), "best": run.best_eval()}
+        if name == "metric":
+            present = [k for k in METRIC_COLUMNS if k in run.eval.columns]
+            return {"steps": run.eval.steps.copy(), "metric": run.eval.strings.get("metric"),
+                    "metric_value": run.eval.column("metric_value").copy(),
+                    "series": {k: run.eval.column(k).copy() for k in present}}
         if name == "experts_heatmap":
             layers = run.expert_layers
             rows = [layer.get("tokens_per_expert") for layer in layers]
@@ -219,6 +229,29 @@ def _draw_eval(fig, snap):
         right.plot([], [])
         ax.plot([], [], color=VIOLET, linestyle="--", label="perplexity")
         fig.subplots_adjust(right=0.9)
+    _legend(ax)
+
+
+def _draw_metric(fig, snap):
+    """The checkpoint-ranking metric (logging.metric_for_best) and the scores evaluations log besides it:
+    train_lora.py's official task metrics, distill.py's KD loss and teacher agreement."""
+    ax = _axes(fig, "Eval metrics", snap["metric"] or "metric")
+    steps, drawn = snap["steps"], False
+    for i, (key, values) in enumerate(snap["series"].items()):
+        mask = np.isfinite(values)
+        if mask.any():
+            ax.plot(steps[mask], values[mask], color=COLORS[(i + 1) % len(COLORS)], marker="o", markersize=3,
+                    linewidth=1.2, label=key)
+            drawn = True
+    values = snap["metric_value"]
+    mask = np.isfinite(values)
+    if mask.any() and snap["metric"] not in snap["series"]:
+        ax.plot(steps[mask], values[mask], color=BLUE, marker="o", markersize=3, linewidth=1.6,
+                label=snap["metric"] or "metric_value")
+        drawn = True
+    if not drawn:
+        _empty(ax, "no evaluation metric yet")
+        return
     _legend(ax)
 
 
@@ -281,6 +314,7 @@ def _draw_experts_imbalance(fig, snap):
 _DRAW = {
     "loss": _draw_loss,
     "eval": _draw_eval,
+    "metric": _draw_metric,
     "lr": _draw_simple("lr", "Learning rate", VIOLET),
     "grad_norm": _draw_simple("grad_norm", "Gradient norm (before clipping)", PINK),
     "throughput": _draw_simple("tokens_per_sec", "Throughput (tokens/s)", GREEN),

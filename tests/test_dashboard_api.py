@@ -127,7 +127,7 @@ def test_path_traversal_gives_404_and_reads_nothing_outside(server, path):
 def test_plots_are_png_cached_and_redrawn_when_data_changes(server, logdir):
     _, index = get_json(server.url + "/api/runs/dense-stalled/plots")
     names = {p["name"] for p in index["plots"]}
-    assert {"loss", "eval", "lr", "grad_norm", "throughput", "memory", "experts_heatmap", "experts_imbalance"} <= names
+    assert {"loss", "eval", "metric", "lr", "grad_norm", "throughput", "memory", "experts_heatmap", "experts_imbalance"} <= names
     for plot in index["plots"]:
         status, headers, body = get(server.url + plot["url"])
         assert status == 200 and headers["Content-Type"] == "image/png" and body.startswith(b"\x89PNG")

@@ -61,7 +61,7 @@ def test_page_renders_and_updates_live(browser, server, runs):
     assert text(browser, "#progress-step") == "300" and text(browser, "#progress-total") == "1,000"
     for card in ("loss", "loss_smoothed", "lr", "tokens_per_sec", "grad_norm", "memory", "best_eval"):
         assert text(browser, f"#card-{card} .value") not in (None, "", "–"), card
-    for plot in ("loss", "eval", "lr", "grad_norm", "throughput", "memory", "experts_heatmap", "experts_imbalance"):
+    for plot in ("loss", "eval", "metric", "lr", "grad_norm", "throughput", "memory", "experts_heatmap", "experts_imbalance"):
         wait_until(lambda: plot_state(browser, plot)[1] > 0, timeout=20, message=f"plot {plot}")
     wait_until(lambda: plot_state(browser, "compare")[1] > 0, timeout=20, message="compare plot")
     assert "hidden" not in browser.find_element("id", "experts-section").get_attribute("class")
