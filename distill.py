@@ -16,14 +16,12 @@ save_pretrained (loads back with from_pretrained after `import trainkit.students
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
-import os
 import time
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import (BASE_SCHEMA, ConfigError, Key, fraction, load_config, looks_local, merge_schema,
+from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
 
@@ -97,17 +95,7 @@ EVAL_METRICS = {"eval_kd_loss": False, "eval_loss": False, "perplexity": False, 
 
 def check_config(cfg: dict) -> None:
     """Everything about the config that can be checked before any model loads (the launcher calls it too)."""
-    paths = cfg["paths"]
-    for key in ("model_name_or_path", "tokenizer_name_or_path", "data_path", "eval_data_path"):
-        value = paths.get(key)
-        if value and looks_local(value) and not Path(value).expanduser().exists() and not glob.glob(os.path.expanduser(value)):
-            raise ConfigError(f"paths.{key}: no such file or directory: {value}")
-    if not paths["model_name_or_path"] and not cfg["model"]["config"]:
-        raise ConfigError("paths.model_name_or_path: set the teacher (hub id or local path), or give model.config")
-    if paths["model_name_or_path"] and cfg["model"]["config"]:
-        raise ConfigError("model.config: set either paths.model_name_or_path or model.config, not both")
-    if cfg["model"]["config"] is not None and "model_type" not in cfg["model"]["config"]:
-        raise ConfigError("model.config.model_type: missing (e.g. llama)")
+    check_paths(cfg, path_keys=("data_path", "eval_data_path"), model_hint="the teacher (hub id or local path)")
     if cfg["stage2"]["enabled"] and not cfg["stage2"]["data_path"]:
         raise ConfigError("stage2.data_path: required when stage2.enabled is true")
     layers = cfg["student"]["attention_layers"]

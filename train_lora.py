@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import (BASE_SCHEMA, ConfigError, Key, fraction, load_config, looks_local, merge_schema,
+from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
 
@@ -92,17 +92,8 @@ def env_config_overrides() -> tuple[list[str], dict]:
 
 def check_config(cfg: dict) -> None:
     """Everything about the config that can be checked before any model loads (the launcher calls it too)."""
-    paths, lora = cfg["paths"], cfg["lora"]
-    for key in ("model_name_or_path", "tokenizer_name_or_path"):
-        value = paths.get(key)
-        if value and looks_local(value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"paths.{key}: no such directory: {value}")
-    if not paths["model_name_or_path"] and not cfg["model"]["config"]:
-        raise ConfigError("paths.model_name_or_path: set a hub id or local path (e.g. fla-hub/gla-1.3B-100B), or give model.config")
-    if paths["model_name_or_path"] and cfg["model"]["config"]:
-        raise ConfigError("model.config: set either paths.model_name_or_path or model.config, not both")
-    if cfg["model"]["config"] is not None and "model_type" not in cfg["model"]["config"]:
-        raise ConfigError("model.config.model_type: missing (e.g. gla, llama)")
+    check_paths(cfg, path_keys=(), model_hint="a hub id or local path (e.g. fla-hub/gla-1.3B-100B)")
+    lora = cfg["lora"]
     init = lora["init"]
     if not (init in ("default", "gaussian", "pissa", "olora") or (init.startswith("pissa_niter_") and init[12:].isdigit())):
         raise ConfigError(f"lora.init: {init!r} is not one of default, gaussian, pissa, pissa_niter_<N>, olora")

@@ -54,3 +54,20 @@ def script_env(**extra) -> dict:
 def run_script(args: list[str], script: str = "train_qlora.py", timeout: int = 600, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=script_env(**env))
+
+
+def start_and_kill(script: str, config: Path, wait_for: Path, max_delay: float, timeout: float = 300) -> int:
+    """Start `script --config config`, wait until `wait_for` exists, SIGKILL it at a random moment up
+    to `max_delay` s later; returns the exit code (-SIGKILL unless it finished first)."""
+    import random
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(REPO / script), "--config", str(config)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not wait_for.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, max_delay))
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()

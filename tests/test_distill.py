@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, script_env
+from helpers_qlora import REPO, run_script, script_env, start_and_kill
 from trainkit.runlog import iter_jsonl
 
 CONFIG = REPO / "configs" / "distill_tiny_mamba2.yaml"
@@ -78,15 +76,8 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     cfg = distill_config(tmp_path / "kill")
     run_dir = tmp_path / "kill" / "out" / "kd"
-    proc = subprocess.Popen([sys.executable, str(REPO / "distill.py"), "--config", str(cfg)], cwd=REPO,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.8))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+    code = start_and_kill("distill.py", cfg, run_dir / "checkpoint-4", max_delay=0.8)
+    assert code == -signal.SIGKILL, "run finished before the kill"
     result = run_script(["--config", str(cfg), "--resume"], script="distill.py")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_file(run_dir / "final-checkpoint-12" / "model.safetensors")

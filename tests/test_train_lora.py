@@ -4,11 +4,7 @@ real subprocess on the GLUE / SAMSum / Spider fixtures shipped in data/tasks."""
 from __future__ import annotations
 
 import json
-import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, script_env
+from helpers_qlora import REPO, run_script, start_and_kill
 from trainkit.runlog import iter_jsonl
 
 CONFIG = REPO / "configs" / "gla_lora_sst2.yaml"
@@ -134,15 +130,8 @@ def test_pissa_init_and_exact_resume_after_sigkill(tmp_path):
 
     cfg = lora_config(tmp_path / "kill", **sections)
     run_dir = tmp_path / "kill" / "out" / "gla"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_lora.py"), "--config", str(cfg)], cwd=REPO,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+    code = start_and_kill("train_lora.py", cfg, run_dir / "checkpoint-4", max_delay=0.5)
+    assert code == -signal.SIGKILL, "run finished before the kill"
     result = run_script(["--config", str(cfg), "--resume"], script="train_lora.py")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_file(run_dir / "final-checkpoint-8" / "adapter_model.safetensors")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, script_env, tiny_config
+from helpers_qlora import REPO, run_script, script_env, start_and_kill, tiny_config
 from trainkit.runlog import EVAL_FIELDS, EXPERT_FIELDS, TRAINING_FIELDS, iter_jsonl
 
 
@@ -143,16 +141,8 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     cfg = tiny_config(tmp_path / "kill")
     run_dir = tmp_path / "kill" / "out" / "tiny"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_qlora.py"), "--config", str(cfg)], cwd=REPO,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # wait until the first checkpoint exists, then kill at a random moment after it
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "run finished before the kill: slow the kill window down"
+    code = start_and_kill("train_qlora.py", cfg, run_dir / "checkpoint-4", max_delay=1.5)
+    assert code == -signal.SIGKILL, "run finished before the kill: slow the kill window down"
 
     result = run_script(["--config", str(cfg), "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]

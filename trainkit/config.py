@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import os
 import re
 from dataclasses import dataclass
@@ -255,22 +256,26 @@ def looks_local(path: str) -> bool:
             or path.endswith((".jsonl", ".json", ".gz", ".txt", ".csv", ".parquet")))
 
 
-def check_paths(cfg: dict) -> None:
-    """Missing local files are config errors, found before any model loads."""
+def check_paths(cfg: dict, path_keys=("data_path",), model_hint: str = "a hub id or local path") -> None:
+    """Missing local files are config errors, found before any model loads. `path_keys`: the
+    paths.* data keys this script reads (a local path may be a glob); the model keys always count."""
     paths = cfg["paths"]
-    data = paths["data_path"]
-    if looks_local(data) and not os.path.exists(os.path.expanduser(data)):
-        raise ConfigError(f"paths.data_path: no such file or directory: {data}")
+    for key in path_keys:
+        value = paths.get(key)
+        if value and looks_local(value):
+            expanded = os.path.expanduser(value)
+            if not os.path.exists(expanded) and not glob.glob(expanded):
+                raise ConfigError(f"paths.{key}: no such file or directory: {value}")
     for key in ("model_name_or_path", "tokenizer_name_or_path"):
         value = paths.get(key)
         if value and looks_local(value) and not os.path.exists(os.path.expanduser(value)):
             raise ConfigError(f"paths.{key}: no such directory: {value}")
     if not paths["model_name_or_path"] and not cfg["model"]["config"]:
-        raise ConfigError("paths.model_name_or_path: set a hub id or local path, or give model.config to build a model")
+        raise ConfigError(f"paths.model_name_or_path: set {model_hint}, or give model.config to build a model")
     if paths["model_name_or_path"] and cfg["model"]["config"]:
         raise ConfigError("model.config: set either paths.model_name_or_path or model.config, not both")
     if cfg["model"]["config"] is not None and "model_type" not in cfg["model"]["config"]:
-        raise ConfigError("model.config.model_type: missing (e.g. mixtral, llama, qwen3_moe)")
+        raise ConfigError("model.config.model_type: missing (e.g. llama, gla, mixtral, qwen3_moe)")
 
 
 def redact(obj: Any, key: str = "") -> Any:
