@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers_qlora import REPO, run_script, start_and_kill
-from trainkit.runlog import iter_jsonl
+from trainkit.runlog import EVAL_FIELDS, LORA_EVAL_FIELDS, iter_jsonl
 
 CONFIG = REPO / "configs" / "gla_lora_sst2.yaml"
 
@@ -55,7 +55,9 @@ def test_gla_run_reports_the_task_metric(sst2_run):
     assert any("reference backend" in note for note in info["model"]["notes"])
     evals = stream(run_dir, "eval_log.jsonl")
     assert [e["step"] for e in evals] == [4, 8]
+    lora_fields = set(LORA_EVAL_FIELDS) - {"evaluated_step", "<official metric>", "<split>_examples"}
     for e in evals:
+        assert set(EVAL_FIELDS) | lora_fields <= set(e), set(EVAL_FIELDS) | lora_fields - set(e)
         assert 0 <= e["accuracy"] <= 100 and e["task_score"] == e["accuracy"]
         assert e["metric"] == "task_score" and e["eval_loss"] > 0 and e["split"] == "validation"
         predictions = [json.loads(line) for line in (run_dir / e["predictions"][0]).read_text().splitlines()]

@@ -177,7 +177,8 @@ def training_record(state: dict, interval: dict, *, total_steps: int, steps_per_
             "loss": interval_means(interval)["loss"], "lr": lr, "grad_norm": grad_norm,
             "tokens": state["tokens_seen"], "tokens_per_sec": round(interval["tokens"] / seconds, 1),
             "step_time": round(step_time, 4), "eta_seconds": round(step_time * (total_steps - step), 1),
-            "total_steps": total_steps, "memory_allocated_gb": round(mem_now, 3), "memory_peak_gb": round(mem_peak, 3)}
+            "total_steps": total_steps, "memory_allocated_gb": round(mem_now, 3), "memory_peak_gb": round(mem_peak, 3),
+            "router_aux_loss": None}  # train_qlora.py fills it in for MoE models
 
 
 def is_due(step: int, interval: int, total_steps: int | None = None) -> bool:

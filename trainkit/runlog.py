@@ -89,7 +89,9 @@ TRAINING_FIELDS = {
     "memory_allocated_gb": "device memory allocated now (GiB; CPU runs: process RSS)",
     "memory_peak_gb": "peak device memory allocated since start (GiB; CPU runs: peak RSS)",
     "router_aux_loss": "MoE router load-balancing loss (null for dense models)",
-    # distill.py
+}
+# logs/training_log.jsonl, distill.py only (besides TRAINING_FIELDS)
+DISTILL_TRAINING_FIELDS = {
     "stage": "distill.py: 1 (pre-training text) or 2 (instruction data)",
     "kd_loss": "distill.py: T^2-scaled KL(teacher || student) over the interval",
     "ce_loss": "distill.py: the student's hard-label cross-entropy over the interval",
@@ -107,7 +109,9 @@ EVAL_FIELDS = {
     "metric": "name of the metric used to pick the best checkpoint",
     "metric_value": "its value at this evaluation",
     "is_best": "true when this evaluation is the best so far",
-    # train_lora.py
+}
+# logs/eval_log.jsonl, train_lora.py only (besides EVAL_FIELDS)
+LORA_EVAL_FIELDS = {
     "task": "train_lora.py: task name (sst2, mnli, samsum, spider, ...)",
     "split": "train_lora.py: validation, or test for the best adapter's final test evaluation",
     "evaluated_step": "train_lora.py, split test: the step whose adapter was evaluated",
@@ -116,7 +120,9 @@ EVAL_FIELDS = {
     "<split>_examples": "train_lora.py: examples scored in that split",
     "generation_seconds": "train_lora.py: seconds spent generating",
     "predictions": "train_lora.py: run-directory-relative JSONL files of this evaluation's predictions",
-    # distill.py
+}
+# logs/eval_log.jsonl, distill.py only (besides EVAL_FIELDS; eval_loss is the student's cross-entropy)
+DISTILL_EVAL_FIELDS = {
     "eval_kd_loss": "distill.py: KD loss on the held-out windows",
     "eval_top1_agreement": "distill.py: teacher-student top-1 agreement on the held-out windows",
 }
