@@ -90,6 +90,7 @@ DISTILL_SCHEMA = merge_schema(BASE_SCHEMA, {
     },
 })
 SCHEMA = DISTILL_SCHEMA  # launch_training.sh validates configs against it before launching
+KD_STATS = ("kd_loss", "ce_loss", "top1_agreement")  # per-step means logged besides the loss
 EVAL_METRICS = {"eval_kd_loss": False, "eval_loss": False, "perplexity": False, "eval_top1_agreement": True}
 
 
@@ -285,7 +286,7 @@ def main() -> int:
         # ------------------------------------------------------------ state of the loop
         state = {"step": 0, "stage": 0, "stage_step": 0, "data_state": None, "tokens_seen": 0, "best_metric": None,
                  "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
-                 "interval": new_interval("kd_loss", "ce_loss", "top1_agreement")}
+                 "interval": new_interval(*KD_STATS)}
         if resume_from is not None:
             resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_weights_into(student, d), say)
         step = state["step"]
@@ -313,9 +314,9 @@ def main() -> int:
                     inputs, labels = windows[:, :-1], windows[:, 1:]
                     with accelerator.autocast():
                         out = kd_model(inputs, labels, teacher_hidden(inputs), teacher_head)
-                    n = float(out.tokens)
-                    sums += torch.tensor([out.kd_loss.item() * n, out.ce_loss.item() * n, out.top1_agreement.item() * n, n],
-                                         device=device, dtype=torch.float64)
+                    n = torch.as_tensor(out.tokens, device=device, dtype=torch.float64)  # no host sync per batch
+                    sums += torch.stack([out.kd_loss.double() * n, out.ce_loss.double() * n,
+                                         out.top1_agreement.double() * n, n])
             kd_model.train()
             kd, ce, agree, tokens = accelerator.reduce(sums, "sum").tolist()
             tokens = max(tokens, 1)
@@ -393,7 +394,7 @@ def main() -> int:
                     accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
                     if record["loss"] is not None:
                         progress.set_postfix(kd=f"{record['kd_loss']:.4f}", top1=f"{record['top1_agreement']:.3f}", lr=f"{lr:.2e}")
-                    state["interval"] = new_interval("kd_loss", "ce_loss", "top1_agreement")
+                    state["interval"] = new_interval(*KD_STATS)
                 if eval_batches and step % log_cfg["eval_interval"] == 0:
                     run_evaluation()
                 if step % log_cfg["checkpoint_interval"] == 0 and step < total_steps:
@@ -419,8 +420,6 @@ def main() -> int:
         return code
 
     except BaseException as exc:
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
         record_failure(runlog, step, exc)
         raise
 

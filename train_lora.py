@@ -353,7 +353,8 @@ def main() -> int:
                 announce_best(runlog, state, log_cfg["metric_for_best"], best_dir)
 
         def run_test_evaluation() -> None:
-            """The best adapter on the test split: one eval_log line with split 'test' at the last step."""
+            """The best adapter on the test split: one eval_log line with split 'test' at the last step.
+            Called once, after the final checkpoint is saved."""
             test_splits = [s for s in splits if s.startswith("test") and splits[s]]
             if not test_splits or not (gen_cfg["enabled"] or task_cfg["label_likelihood"]):
                 return
@@ -361,7 +362,7 @@ def main() -> int:
                 return [e.prompt for e in splits.get(name) or []]
             if all(prompts(s) == prompts(s.replace("test", "validation")) for s in test_splits):
                 return  # test is the validation split (plain GLUE, hidden test labels): already scored
-            current = [p.detach().clone() for p in trainable]
+            # the last use of the model (after the final save): the best adapter can replace the final one
             if state["best_step"] is not None and (best_dir / "adapter_model.safetensors").exists():
                 load_adapter([model], str(best_dir))
             result = {"task": task.name, "split": "test", "evaluated_step": state["best_step"],
@@ -369,9 +370,6 @@ def main() -> int:
             runlog.write("eval", {"step": state["step"], **result, "metric": log_cfg["metric_for_best"],
                                   "metric_value": None, "is_best": False})
             say(f"test ({', '.join(test_splits)}) with the adapter of step {state['best_step']}: {TASK_SCORE} {result.get(TASK_SCORE)}")
-            with torch.no_grad():
-                for p, saved in zip(trainable, current):
-                    p.copy_(saved)
 
         nan_steps = fault_steps()
 
@@ -465,8 +463,6 @@ def main() -> int:
         return code
 
     except BaseException as exc:
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
         record_failure(runlog, step, exc)
         raise
 

@@ -295,8 +295,6 @@ def main() -> int:
         return code
 
     except BaseException as exc:
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
         record_failure(runlog, step, exc)
         raise
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainkit.adapters import PRESETS
 from trainkit.linear_attention import reference_gla
 
 __all__ = [
@@ -51,8 +52,8 @@ __all__ = [
 # Leaf names of GLA's linear layers in the form PEFT's target_modules (and
 # trainkit.adapters.resolve_target_modules) match: a module matches when its full name equals the
 # entry or ends with "." + entry. gk_proj is nn.Sequential(Linear(H, 16), Linear(16, K)).
-GLA_TARGET_MODULES: list[str] = ["q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gk_proj.0", "gk_proj.1",
-                                 "gate_proj", "up_proj", "down_proj"]
+# The list lives with the other family presets in trainkit.adapters.
+GLA_TARGET_MODULES: list[str] = PRESETS["gla"]
 
 FLA_INSTALL_HINT = ("pip install 'flash-linear-attention>=0.6' triton "
                     "(the CPU build of torch does not pull triton; fla 0.6 needs transformers>=5.6.2)")
@@ -104,17 +105,12 @@ def _expand_targets(targets) -> list[str]:
     out: list[str] = []
     for t in targets:
         t = str(t)
-        if t in ("auto", "gla"):
+        if t == "auto":
             out += GLA_TARGET_MODULES
-            continue
-        try:  # a preset name of trainkit.adapters ("attention", "llama", ...)
-            from trainkit.adapters import PRESETS
-            if t in PRESETS:
-                out += PRESETS[t]
-                continue
-        except Exception:  # pragma: no cover - adapters always importable in the repo
-            pass
-        out.append(t)
+        elif t in PRESETS:  # a preset name of trainkit.adapters ("gla", "attention", "llama", ...)
+            out += PRESETS[t]
+        else:
+            out.append(t)
     return out
 
 

@@ -13,6 +13,8 @@ in fp32: slow, exact, and what CPU training, tests and `generate()` run on.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["gla", "simple_gla", "reference_gla", "reference_simple_gla", "uses_kernels", "simple_gla_backward_is_refused"]
@@ -77,6 +79,7 @@ def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu
     return reference_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, state_v_first)
 
 
+@functools.cache  # asked on every mixer forward: the answer is fixed for the process
 def simple_gla_backward_is_refused() -> bool:
     """fla 0.6 refuses the backward of gated chunk kernels (chunk_bwd_dqkwg) on Hopper with Triton
     >= 3.4 and < 3.7.1 (fla issue #640: wrong results), unless tilelang provides another backend."""

@@ -104,7 +104,10 @@ def tracker_config(cfg: dict) -> dict:
 
 
 def record_failure(runlog: RunLog, step: int, exc: BaseException) -> None:
-    """Fatal error: traceback to error_log.jsonl, a stop event, status failed in run.json."""
+    """Fatal error: traceback to error_log.jsonl, a stop event, status failed in run.json.
+    A clean SystemExit (code 0 or None) is not a failure and records nothing."""
+    if isinstance(exc, SystemExit) and not exc.code:
+        return
     message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
     runlog.error(step, type(exc).__name__, message, traceback=traceback.format_exc(), fatal=True)
     runlog.event(step, "stop", f"run failed: {message}", reason="failed")

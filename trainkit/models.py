@@ -99,6 +99,25 @@ def build_random_model_dir(model_config: dict, vocab_size: int, seed: int, dtype
     return out
 
 
+def model_source(cfg: dict, tokenizer, dtype: torch.dtype) -> tuple[str, str, dict]:
+    """(what from_pretrained loads, a display name, its hub/trust kwargs): paths.model_name_or_path,
+    or a random-init model built from model.config (seeded by training.seed) in a temp directory."""
+    paths, mcfg = cfg["paths"], cfg.get("model") or {}
+    source = paths.get("model_name_or_path")
+    common = dict(trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
+                  cache_dir=paths.get("cache_dir"), local_files_only=bool(mcfg.get("local_files_only", False)))
+    if source:
+        return source, source, common
+    if not mcfg.get("config"):
+        raise ValueError("load_model: paths.model_name_or_path or model.config is required")
+    if mcfg["config"].get("model_type") == "gla":
+        from trainkit.gla import import_fla
+        import_fla()  # registers model_type "gla" with the Auto classes
+    seed = int((cfg.get("training") or {}).get("seed", 42))
+    source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, dtype, tokenizer)
+    return source, f"random-init {mcfg['config']['model_type']}", {**common, "local_files_only": True, "cache_dir": None}
+
+
 def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]:
     """Load (or build) the base model in 4 bit on `device`; returns (model, info).
 
@@ -108,28 +127,15 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    paths, mcfg = cfg["paths"], cfg.get("model") or {}
+    mcfg = cfg.get("model") or {}
     qcfg = cfg.get("quantization") or {}
     mem = cfg.get("memory") or {}
-    seed = int((cfg.get("training") or {}).get("seed", 42))
     compute_dtype = DTYPES[qcfg.get("compute_dtype", "bfloat16")]
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
-    source = paths.get("model_name_or_path")
-    name = source
-    common = dict(trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
-                  cache_dir=paths.get("cache_dir"), local_files_only=bool(mcfg.get("local_files_only", False)))
-    if not source:
-        if not mcfg.get("config"):
-            raise ValueError("load_model: paths.model_name_or_path or model.config is required")
-        if mcfg["config"].get("model_type") == "gla":
-            from trainkit.gla import import_fla
-            import_fla()  # registers model_type "gla" with the Auto classes
-        source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, compute_dtype, tokenizer)
-        name = f"random-init {mcfg['config']['model_type']}"
-        common.update(local_files_only=True, cache_dir=None)
+    source, name, common = model_source(cfg, tokenizer, compute_dtype)
 
     try:
         config = AutoConfig.from_pretrained(source, **common)
@@ -143,15 +149,10 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     gla = getattr(config, "model_type", None) == "gla"
     if gla:
         from trainkit.gla import prepare_gla_config, use_reference_backend
-        lora_targets = (cfg.get("lora") or {}).get("target_modules", "auto")
-        if lora_targets in (None, "auto", "gla"):
-            from trainkit.adapters import PRESETS
-            lora_targets = PRESETS["gla"]
-        elif isinstance(lora_targets, str):
-            lora_targets = [t.strip() for t in lora_targets.split(",")]
+        lora_cfg = cfg.get("lora") or {}
         notes += prepare_gla_config(config, on_cuda=device.type == "cuda", fused_swiglu=bool(mcfg.get("fused_swiglu", False)),
-                                    adapter_targets=list(lora_targets),
-                                    modules_to_save=list((cfg.get("lora") or {}).get("modules_to_save") or []),
+                                    adapter_targets=lora_cfg.get("target_modules") or "auto",  # names, presets, "auto"
+                                    modules_to_save=list(lora_cfg.get("modules_to_save") or []),
                                     attn_mode=mcfg.get("attn_mode"))
     num_experts, top_k = moe_fields(config)
     if num_experts:
@@ -246,16 +247,9 @@ def load_frozen_model(cfg: dict, device, tokenizer, dtype: str = "bfloat16") -> 
     """A frozen model in eval mode (distill.py's teacher): hub id / local path, or random init from model.config."""
     from transformers import AutoModelForCausalLM
 
-    paths, mcfg = cfg["paths"], cfg.get("model") or {}
+    mcfg = cfg.get("model") or {}
     torch_dtype = DTYPES[dtype]
-    source, name = paths.get("model_name_or_path"), paths.get("model_name_or_path")
-    common = dict(trust_remote_code=bool(mcfg.get("trust_remote_code", False)), cache_dir=paths.get("cache_dir"),
-                  local_files_only=bool(mcfg.get("local_files_only", False)))
-    if not source:
-        seed = int((cfg.get("training") or {}).get("seed", 42))
-        source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, torch_dtype, tokenizer)
-        name = f"random-init {mcfg['config']['model_type']}"
-        common.update(local_files_only=True, cache_dir=None)
+    source, name, common = model_source(cfg, tokenizer, torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": torch.device(device)},
                                                  attn_implementation=mcfg.get("attn_implementation", "sdpa"), **common)
     model.requires_grad_(False)
