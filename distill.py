@@ -24,6 +24,7 @@ from trainkit.cli import build_parser, run_main
 from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
+from trainkit.runtime import DTYPE_CHOICES
 
 MIXERS = ("discrete_mamba2", "gla")
 DISTILL_SCHEMA = merge_schema(BASE_SCHEMA, {
@@ -37,7 +38,7 @@ DISTILL_SCHEMA = merge_schema(BASE_SCHEMA, {
     },
     "teacher": {
         "device": Key(str, "same", "'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1"),
-        "dtype": Key(str, "bfloat16", "teacher weights dtype", choices=("bfloat16", "float16", "float32")),
+        "dtype": Key(str, "auto", "teacher weights dtype; auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs", choices=DTYPE_CHOICES),
     },
     "student": {
         "mixer": Key(str, "discrete_mamba2", "linear-attention mixer replacing softmax attention", choices=MIXERS),
@@ -156,15 +157,14 @@ def main() -> int:
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
 
-    import warnings
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from trainkit.checkpoints import final_checkpoint_dir
-    from trainkit.models import load_frozen_model, load_weights_into
+    from trainkit.models import enable_activation_checkpointing, load_frozen_model, load_weights_into
+    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
                                interval_means, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
                                record_evaluation, record_failure, report_nonfinite, resume_training_state,
@@ -175,7 +175,7 @@ def main() -> int:
     from trainkit.text_windows import WindowStream, estimate_windows
     from trainkit.tokenizer import load_tokenizer
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
     paths, train_cfg, opt_cfg, log_cfg, kd_cfg = (cfg["paths"], cfg["training"], cfg["optimization"],
                                                   cfg["logging"], cfg["distill"])
     accelerator = Accelerator(log_with=log_cfg["report_to"] or None, project_dir=str(run_dir))
@@ -207,7 +207,7 @@ def main() -> int:
                                  freeze_replaced_layers=cfg["student"]["freeze_replaced_layers"],
                                  attention_layers=cfg["student"]["attention_layers"])
         if cfg["memory"]["gradient_checkpointing"]:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(student)
         student.train()
         say(f"student: {cfg['student']['mixer']} mixers, attention kept in layers {cfg['student']['attention_layers'] or 'none'}; "
             f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")

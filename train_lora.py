@@ -24,14 +24,15 @@ from trainkit.cli import build_parser, run_main
 from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
+from trainkit.runtime import DTYPE_CHOICES, resolve_dtype
 
 LORA_SCHEMA = merge_schema(BASE_SCHEMA, {
     "paths": {
         "data_path": Key(str, None, "unused by train_lora.py (the data comes from task.name / task.local_dir)", nullable=True),
     },
     "model": {
-        "dtype": Key(str, "bfloat16", "dtype of the base weights (HP_PREC: bf16 | fp16 | fp32); adapters train in fp32",
-                     choices=("bfloat16", "float16", "float32")),
+        "dtype": Key(str, "auto", "dtype of the base weights (HP_PREC: auto | bf16 | fp16 | fp32); auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs; adapters train in fp32",
+                     choices=DTYPE_CHOICES),
         "attn_mode": Key(str, "chunk", "GLA kernel (fla): chunk; the removed fused_chunk maps to chunk",
                          choices=("chunk", "fused_chunk", "fused_recurrent")),
         "fused_swiglu": Key(bool, False, "GLA: fla's fused SwiGLU MLP (GLA_USE_FUSED_SWIGLU); adapters on down_proj still get gradients"),
@@ -142,8 +143,6 @@ def main() -> int:
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
 
-    import warnings
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
@@ -160,16 +159,18 @@ def main() -> int:
                                resume_training_state, tracker_config, training_record)
     from trainkit.gla import guard_adapter_paths
     from trainkit.models import load_model
+    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.runlog import RunLog, write_json_atomic
     from trainkit.schedules import build_scheduler
     from trainkit.tasks.official import TASK_SCORE, selection_score
     from trainkit.tokenizer import load_tokenizer
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
     paths, train_cfg, opt_cfg, log_cfg, task_cfg, gen_cfg, mem_cfg = (
         cfg["paths"], cfg["training"], cfg["optimization"], cfg["logging"], cfg["task"], cfg["generation"], cfg["memory"])
     # fp16 base weights need loss scaling: accelerate's fp16 mixed precision brings the GradScaler.
-    mixed_precision = "fp16" if cfg["model"]["dtype"] == "float16" and torch.cuda.is_available() else None
+    base_dtype, _ = resolve_dtype(cfg["model"]["dtype"], "cuda" if torch.cuda.is_available() else "cpu")
+    mixed_precision = "fp16" if base_dtype == "float16" and torch.cuda.is_available() else None
     accelerator = Accelerator(
         log_with=log_cfg["report_to"] or None, project_dir=str(run_dir), mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),

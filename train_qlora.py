@@ -21,6 +21,7 @@ from pathlib import Path
 from trainkit.cli import build_parser, run_main
 from trainkit.config import BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema, positive
 from trainkit.loop import check_trackers, resolve_resume
+from trainkit.runtime import DTYPE_CHOICES
 
 QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
     "lora": {
@@ -36,7 +37,7 @@ QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
         "load_in_4bit": Key(bool, True, "quantize the base model's linear layers with bitsandbytes"),
         "quant_type": Key(str, "nf4", "4-bit data type", choices=("nf4", "fp4")),
         "double_quant": Key(bool, True, "quantize the quantization constants too (saves ~0.4 bit/param)"),
-        "compute_dtype": Key(str, "bfloat16", "dtype of matmuls and of the non-quantized weights", choices=("bfloat16", "float16", "float32")),
+        "compute_dtype": Key(str, "auto", "dtype of matmuls and of the non-quantized weights; auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs (bf16 is emulated, several times slower, on most)", choices=DTYPE_CHOICES),
         "quantize_moe_experts": Key(bool, True, "quantize fused 3-D MoE expert tensors too (bitsandbytes leaves them in bf16)"),
         "quantize_experts_on_load": Key(bool, True, "quantize experts tensor by tensor while the checkpoint loads, so a 100B MoE never sits on the GPU in bf16 (false: after loading)"),
     },
@@ -68,8 +69,6 @@ def main() -> int:
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
 
-    import warnings
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
@@ -84,13 +83,13 @@ def main() -> int:
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
                                resume_training_state, tracker_config, training_record)
     from trainkit.models import load_model
+    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.moe import RouterStats
     from trainkit.runlog import RunLog
     from trainkit.schedules import build_scheduler
     from trainkit.tokenizer import load_tokenizer
 
-    # PEFT still reads a transformers property renamed in 5.x: noise on every run, no action for users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
     paths, train_cfg, opt_cfg, log_cfg = cfg["paths"], cfg["training"], cfg["optimization"], cfg["logging"]
     accelerator = Accelerator(
         log_with=log_cfg["report_to"] or None,

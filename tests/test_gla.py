@@ -132,6 +132,34 @@ def test_generate_left_padded_equals_stepwise_argmax(fixture, request):
             assert out[i, width:].tolist() == seq[0, len(p):].tolist()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"use_short_conv": True, "conv_size": 4}], ids=["plain", "short_conv"])
+def test_cached_generation_equals_uncached(overrides):
+    """Every step's logits, not just the argmax: on transformers >= 5.24 fla's models got the cache as
+    `cache=` and restarted from an empty state at every token until trainkit.patches.fla handed it back
+    as `past_key_values`. initializer_range 0.2: with 0.02 the tiny model's output hardly depends on
+    the history, and a lost state changed the logits by only 5e-5 in the short-conv variant."""
+    model, _ = build(initializer_range=0.2, **overrides)
+    use_reference_backend(model)
+    model.eval()
+    torch.manual_seed(4)
+    lengths, width = (11, 6, 3), 11
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(1, VOCAB, (n,))
+        mask[i, width - n:] = 1
+    runs = {}
+    with torch.no_grad():
+        for use_cache in (True, False):
+            runs[use_cache] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+                                             do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=use_cache,
+                                             output_scores=True, return_dict_in_generate=True)
+    cached, uncached = runs[True], runs[False]
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (a, b) in enumerate(zip(cached.scores, uncached.scores)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"new token {step + 1}: {m}")
+
+
 def _lora(model, modules_to_save=("lm_head",), targets=GLA_TARGET_MODULES):
     from peft import LoraConfig, get_peft_model
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), modules_to_save=list(modules_to_save),

@@ -1,4 +1,4 @@
-"""MoE experts quantized while they load (trainkit.quantization.quantize_experts_on_load).
+"""MoE experts quantized while they load (trainkit.patches.transformers.quantize_experts_on_load).
 
 Without it, transformers loads every fused expert tensor in bf16 onto the device and
 trainkit quantizes them afterwards: ~200 GB of bf16 experts for a 106B MoE on an 80 GB
@@ -278,9 +278,11 @@ def test_peak_host_memory_during_loading(big_checkpoints):
 
 
 def test_falls_back_to_post_load_with_a_warning(checkpoints, monkeypatch):
-    monkeypatch.setattr(Q, "_streaming_quantizer_class", lambda: (None, "transformers lacks X (test)"))
+    from trainkit.patches import PatchWarning
+    from trainkit.patches import transformers as patches_transformers
+    monkeypatch.setattr(patches_transformers, "_streaming_quantizer_class", lambda: (None, "transformers lacks X (test)"))
     source = checkpoints["qwen3_moe"]["per_expert"]
-    with pytest.warns(RuntimeWarning, match=r"cannot be quantized while loading: transformers lacks X \(test\)"):
+    with pytest.warns(PatchWarning, match=r"^transformers \S+: transformers lacks X \(test\) .*quantized after loading"):
         model, info = load_model(cfg_for(source), "cpu", ByteTok())
     assert info["experts_quantized_on_load"] == 0 and info["quantized_expert_banks"] == 4
     assert float_expert_params(model) == [] and type(model.hf_quantizer).__name__ == "Bnb4BitHfQuantizer"

@@ -24,11 +24,10 @@ Module names checked against transformers 5.23 modeling code:
 
 from __future__ import annotations
 
-import contextlib
-
 from torch import nn
 
 from trainkit.config import ConfigError
+from trainkit.patches.peft import no_moe_target_remap
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -126,32 +125,11 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
     return [n for n in linears if n in set(chosen)]
 
 
-@contextlib.contextmanager
-def no_peft_moe_remap(model_type: str | None):
-    """Stop PEFT (>= 0.19 on transformers 5) from rewriting `*.gate_proj/up_proj/down_proj`
-    targets of qwen2_moe-style families (qwen3_moe, glm4_moe, ...) into the fused expert
-    parameters `gate_up_proj`/`down_proj`. That v4->v5 compatibility remap assumes every such
-    name is an expert; for the shared-expert and dense-layer Linears our presets target it
-    silently drops the adapters (and moves them onto the frozen expert banks)."""
-    try:
-        from peft.utils import transformers_weight_conversion as twc
-        table = twc._MODEL_TO_CONVERSION_PATTERN
-    except Exception:  # older PEFT: no remap
-        yield
-        return
-    saved = table.pop(model_type, None) if model_type else None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            table[model_type] = saved
-
-
 def load_adapter(model: nn.Module, path, is_trainable: bool = False, **kwargs):
-    """``PeftModel.from_pretrained`` with the MoE remap disabled (see no_peft_moe_remap)."""
+    """``PeftModel.from_pretrained`` with PEFT's MoE target remap held off (trainkit.patches.peft)."""
     from peft import PeftModel
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    with no_peft_moe_remap(model_type):
+    with no_moe_target_remap(model_type):
         return PeftModel.from_pretrained(model, path, is_trainable=is_trainable, **kwargs)
 
 
@@ -183,7 +161,7 @@ def apply_lora(model: nn.Module, lora_cfg: dict):
         task_type="CAUSAL_LM",
     )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    with no_peft_moe_remap(model_type):
+    with no_moe_target_remap(model_type):
         peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     peft_model.trainkit_lora_info = {"target_modules": sorted({_leaf(t) for t in targets}),

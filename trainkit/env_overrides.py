@@ -60,7 +60,7 @@ def _init(text: str) -> str:
     raise ValueError("expected default, gaussian, pissa, pissa_niter_<N> or olora")
 
 
-_PRECISION = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+_PRECISION = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 
 # variable -> (section.key, parser, description)
@@ -73,7 +73,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "HP_BATCH_SIZE": ("optimization.micro_batch_size", _int, "sequences per device per forward pass"),
     "HP_LR": ("optimization.learning_rate", _float, "peak learning rate"),
     "HP_EPOCHS": ("training.epochs", _float, "epochs (also sets training.max_steps=-1)"),
-    "HP_PREC": ("model.dtype", _choice("bfloat16", "float16", "float32", mapping=_PRECISION), "bf16 | fp16 | fp32"),
+    "HP_PREC": ("model.dtype", _choice("auto", "bfloat16", "float16", "float32", mapping=_PRECISION), "auto | bf16 | fp16 | fp32"),
     "HP_SEED": ("training.seed", _int, "seed"),
     "HP_DATA": ("task.name", _str, "task / dataset name (e.g. sst2, glue-tvt_mrpc, samsum, spider)"),
     "HP_EVAL_STEPS": ("logging.eval_interval", _int, "steps between evaluations"),

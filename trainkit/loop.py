@@ -84,13 +84,14 @@ def raise_on_sigterm() -> None:
 
 def base_run_info(accelerator, script: str, cfg: dict, total_steps: int, resume_from, **fields) -> dict:
     """run.json fields every script writes at (re)start."""
+    from trainkit.patches import applied
     from trainkit.runtime import library_versions
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     info = dict(script=script, status="running", last_start_time=time.time(), end_time=None,
                 total_steps=total_steps, world_size=accelerator.num_processes,
                 num_machines=max(1, accelerator.num_processes // max(local_world, 1)),
-                mixed_precision=accelerator.mixed_precision, pid=os.getpid(), versions=library_versions(),
+                mixed_precision=accelerator.mixed_precision, pid=os.getpid(), versions=library_versions(), patches=applied(),
                 config=public_config(cfg), config_path=cfg.get("_config_path"), error=None, resumed_from=str(resume_from) if resume_from else None, **fields)
     if resume_from is None:
         info["start_time"] = time.time()
@@ -115,9 +116,11 @@ def record_failure(runlog: RunLog, step: int, exc: BaseException) -> None:
 
 
 def finish_run(runlog: RunLog, step: int, stop_reason: str) -> int:
+    from trainkit.patches import applied
+
     runlog.event(step, "stop", f"run ended: {stop_reason}", reason=stop_reason)
     status = "finished" if stop_reason == "finished" else "failed"
-    runlog.update_run_info(status=status, end_time=time.time(),
+    runlog.update_run_info(status=status, end_time=time.time(), patches=applied(),
                            error=None if status == "finished" else f"stopped: {stop_reason}")
     return 0 if status == "finished" else 1
 

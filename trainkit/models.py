@@ -25,8 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainkit.patches.bitsandbytes import keep_cpu_4bit_layout
+from trainkit.patches.transformers import quantize_experts_on_load
+from trainkit.runtime import resolve_dtype
 from trainkit.quantization import (count_parameters, float_expert_params, iter_expert_modules,
-                                   non_embedding_parameters, quantize_experts_on_load, quantize_moe_experts)
+                                   non_embedding_parameters, quantize_moe_experts)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # modules never quantized: the output head and router/gate projections (tiny, and routing
@@ -69,6 +72,16 @@ def _quantization_config(qcfg: dict, compute_dtype: torch.dtype):
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=list(SKIP_QUANT_MODULES),
     )
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing, by the name this transformers uses
+    (``activation_checkpointing_enable`` since 5.2x; the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_random_model_dir(model_config: dict, vocab_size: int, seed: int, dtype: torch.dtype,
@@ -130,10 +143,11 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     mcfg = cfg.get("model") or {}
     qcfg = cfg.get("quantization") or {}
     mem = cfg.get("memory") or {}
-    compute_dtype = DTYPES[qcfg.get("compute_dtype", "bfloat16")]
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    dtype_name, dtype_reason = resolve_dtype(qcfg.get("compute_dtype", "auto"), device)
+    compute_dtype = DTYPES[dtype_name]
 
     source, name, common = model_source(cfg, tokenizer, compute_dtype)
 
@@ -195,21 +209,14 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         notes.append(f"GLA on {device.type}: pure-PyTorch reference backend ({len(swapped)} modules swapped)")
     for p in model.parameters():
         p.requires_grad_(False)
-    # bitsandbytes repacks a CPU Linear4bit's weight for its AVX512-bf16 kernel on the first
-    # no-grad eval-mode forward and keeps it that way, so training after an evaluation would
-    # run different numerics than before it (and a resumed run would not match). Keep one path.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_cpu_4bit_layout(model)  # no repacking after an evaluation: one numeric path (trainkit.patches.bitsandbytes)
     # norms / embeddings / head stay in the compute dtype (no fp32 upcast)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit":
             p.data = p.data.to(compute_dtype)
 
     if mem.get("gradient_checkpointing", True):
-        with warnings.catch_warnings():  # renamed activation_checkpointing_enable in transformers 5.2x
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; checkpointing only acts in train mode
 
@@ -218,10 +225,10 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     if load_4bit:
         summary = (f"4-bit base parameters: {counts['quantized_4bit']:,} of {counts['total']:,} "
                    f"({100 * counts['fraction_4bit']:.1f}%; {100 * counts['quantized_4bit'] / max(non_emb, 1):.1f}% "
-                   f"of non-embedding parameters)")
+                   f"of non-embedding parameters); compute dtype {dtype_name} ({dtype_reason})")
     else:
         summary = (f"base model {name} ({getattr(config, 'model_type', '?')}): {counts['total']:,} parameters in "
-                   f"{str(compute_dtype).replace('torch.', '')}, frozen")
+                   f"{dtype_name} ({dtype_reason}), frozen")
     info = {
         "name": name,
         "family": getattr(config, "model_type", type(model).__name__),
@@ -234,7 +241,8 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         "quantized_expert_banks": banks,
         "experts_quantized_on_load": streamed,
         "load_in_4bit": load_4bit,
-        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "compute_dtype": dtype_name,
+        "compute_dtype_reason": dtype_reason,
         "gradient_checkpointing": bool(mem.get("gradient_checkpointing", True)),
         "attn_implementation": None if gla else mcfg.get("attn_implementation", "sdpa"),
         "summary": summary,
@@ -243,11 +251,13 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     return model, info
 
 
-def load_frozen_model(cfg: dict, device, tokenizer, dtype: str = "bfloat16") -> tuple[nn.Module, dict[str, Any]]:
-    """A frozen model in eval mode (distill.py's teacher): hub id / local path, or random init from model.config."""
+def load_frozen_model(cfg: dict, device, tokenizer, dtype: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen model in eval mode (distill.py's teacher): hub id / local path, or random init from model.config.
+    `dtype` "auto" is resolved for `device` (trainkit.runtime.resolve_dtype)."""
     from transformers import AutoModelForCausalLM
 
     mcfg = cfg.get("model") or {}
+    dtype, dtype_reason = resolve_dtype(dtype, device)
     torch_dtype = DTYPES[dtype]
     source, name, common = model_source(cfg, tokenizer, torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": torch.device(device)},
@@ -256,7 +266,8 @@ def load_frozen_model(cfg: dict, device, tokenizer, dtype: str = "bfloat16") -> 
     model.eval()
     total = sum(p.numel() for p in model.parameters())
     return model, {"name": name, "family": model.config.model_type, "parameters": {"total": total},
-                   "dtype": dtype, "summary": f"{name} ({model.config.model_type}): {total:,} parameters in {dtype}, frozen"}
+                   "dtype": dtype, "dtype_reason": dtype_reason,
+                   "summary": f"{name} ({model.config.model_type}): {total:,} parameters in {dtype} ({dtype_reason}), frozen"}
 
 
 def load_weights_into(model: nn.Module, directory) -> None:

@@ -23,10 +23,7 @@ gradient reduction, and are never part of a PEFT adapter state dict.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import types
-import warnings
 from typing import Iterator
 
 import torch
@@ -284,26 +281,7 @@ def iter_expert_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-_KNOWN_BANKS = ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"})
-
-
-def _finalize_expert_module(module: nn.Module) -> None:
-    """Switch an `*Experts` module whose banks are 4-bit to the grouped 4-bit forward."""
-    banks = {pn for pn, c in module.named_children() if isinstance(c, NF4ExpertBank)}
-    if not banks:
-        return
-    if any(known <= banks for known in _KNOWN_BANKS) and hasattr(module, "num_experts"):
-        module.forward = types.MethodType(nf4_experts_forward, module)
-    elif hasattr(module, "config") and hasattr(module.config, "_experts_implementation"):
-        # unknown layout: the model's own eager loop indexes bank[expert_idx]
-        try:
-            module.config._experts_implementation = "eager"
-        except Exception:  # pragma: no cover - config refuses the attribute
-            pass
-    setattr(module, BANK_MARKER, True)
-
-
-def _install_bank(module: nn.Module, name: str, bank: NF4ExpertBank) -> None:
+def install_bank(module: nn.Module, name: str, bank: NF4ExpertBank) -> None:
     delattr(module, name)          # drops the Parameter (and its high-precision storage)
     setattr(module, name, bank)
 
@@ -322,9 +300,11 @@ def quantize_moe_experts(model: nn.Module, device=None, compute_dtype=torch.bflo
     Quantizes expert by expert on `device` (default: where the bank lies), frees the
     high-precision tensor before the next bank, and switches the module to the 4-bit
     grouped forward (modules already holding banks, e.g. quantized while loading by
-    :func:`quantize_experts_on_load`, are switched too). Returns the number of banks
+    ``trainkit.patches.transformers.quantize_experts_on_load``, are switched too). Returns the number of banks
     quantized by this call.
     """
+    from trainkit.patches.transformers import use_4bit_experts_forward
+
     n = 0
     for _, module in list(iter_expert_modules(model)):
         names = [pn for pn, p in module.named_parameters(recurse=False)
@@ -335,173 +315,12 @@ def quantize_moe_experts(model: nn.Module, device=None, compute_dtype=torch.bflo
             bank = NF4ExpertBank.from_weight(weight.data, device=target, compute_dtype=compute_dtype,
                                              quant_type=quant_type, double_quant=double_quant)
             del weight
-            _install_bank(module, pn, bank)
+            install_bank(module, pn, bank)
             n += 1
-        _finalize_expert_module(module)
+        use_4bit_experts_forward(module)
         if names and device is not None and torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return n
-
-
-# ----------------------------------------------------------------------------------------
-# quantize-on-load: experts become NF4 banks layer by layer inside from_pretrained
-# ----------------------------------------------------------------------------------------
-#
-# transformers 5 (checked: 5.17 and 5.23) loads weights in
-# ``core_model_loading.convert_and_load_state_dict_in_model``: for each target parameter it
-# asks ``hf_quantizer.param_needs_quantization(model, name)``; when True it attaches
-# ``hf_quantizer.get_quantize_ops()`` to the parameter's WeightConverter/WeightRenaming, and
-# after the conversion ops have fused the per-expert checkpoint tensors
-# (``experts.N.gate_proj.weight`` ... -> ``experts.gate_up_proj``, MergeModulelist +
-# Concatenate) it calls ``op.convert({name: fused_tensor}, model=..., missing_keys=...)``.
-# On-the-fly quantization also makes loading synchronous (no thread pool) and lazy
-# (tensors are read from the mmapped safetensors only when their parameter converts), so
-# at any moment one parameter's high-precision tensor exists. The bitsandbytes 4-bit
-# quantizer only claims ``Linear4bit`` weights; the subclass below also claims the 3-D
-# expert parameters, and its op turns each fused tensor into an NF4ExpertBank on the
-# loading device and installs it in the module at once (returning nothing for that
-# name to ``set_param_for_module``). ``caching_allocator_warmup`` also sizes its
-# pre-allocation from ``param_needs_quantization``: claimed experts count at 4 bit.
-
-
-def _expert_param(model: nn.Module, name: str):
-    """The 3-D float Parameter `name` of an `*Experts` module of `model`, else None."""
-    module_path, _, pn = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_path) if module_path else model
-    except AttributeError:
-        return None
-    if not type(module).__name__.endswith("Experts"):
-        return None
-    p = module._parameters.get(pn)
-    if p is None or p.dim() != 3 or not p.is_floating_point():
-        return None
-    return p
-
-
-def _streaming_quantizer_class():
-    """A Bnb4BitHfQuantizer subclass claiming expert params, or (None, reason) if the hooks are missing."""
-    try:
-        from transformers import core_model_loading
-        from transformers.integrations.bitsandbytes import Bnb4bitQuantize
-        from transformers.quantizers import auto
-        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    except ImportError as e:
-        return None, f"transformers has no quantize-on-load pipeline ({e})"
-    missing = [what for what, ok in (
-        ("AUTO_QUANTIZER_MAPPING['bitsandbytes_4bit']",
-         auto.AUTO_QUANTIZER_MAPPING.get("bitsandbytes_4bit") is Bnb4BitHfQuantizer),
-        ("Bnb4BitHfQuantizer.get_quantize_ops", hasattr(Bnb4BitHfQuantizer, "get_quantize_ops")),
-        ("Bnb4BitHfQuantizer.param_needs_quantization", hasattr(Bnb4BitHfQuantizer, "param_needs_quantization")),
-        ("WeightTransform.quantization_operation",
-         "quantization_operation" in getattr(getattr(core_model_loading, "WeightTransform", None), "__slots__", ())),
-    ) if not ok]
-    if missing:
-        return None, "transformers lacks " + ", ".join(missing)
-    global _STREAMING_CLASS
-    if _STREAMING_CLASS is not None:
-        return _STREAMING_CLASS, None
-
-    class ExpertBankQuantize(Bnb4bitQuantize):
-        """Bitsandbytes' quantize op, plus: a fused 3-D expert tensor becomes an NF4ExpertBank."""
-
-        def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
-            hq = self.hf_quantizer
-            experts = {k: v for k, v in input_dict.items() if _expert_param(model, k) is not None}
-            rest = {k: v for k, v in input_dict.items() if k not in experts}
-            result = super().convert(rest, full_layer_name=full_layer_name, model=model,
-                                     missing_keys=missing_keys, **kwargs) if rest else {}
-            for name in list(experts):
-                value = experts.pop(name)
-                value = value[0] if isinstance(value, list) else value
-                input_dict.pop(name, None)
-                try:
-                    hq.quantize_expert_param(model, name, value)
-                except Exception as e:  # transformers logs and skips; load_model raises on these
-                    hq.stream_errors[name] = f"{type(e).__name__}: {e}"
-                    raise
-                del value
-                if missing_keys is not None:
-                    missing_keys.discard(name)
-            return result
-
-    class ExpertBankBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
-        """bitsandbytes 4-bit quantizer that also quantizes fused MoE experts while they load."""
-
-        def __init__(self, quantization_config, **kwargs):
-            super().__init__(quantization_config, **kwargs)
-            self.streamed_banks: list[str] = []
-            self.stream_errors: dict[str, str] = {}
-            self.peak_live_expert_bytes = 0      # largest high-precision expert tensor quantized at once
-
-        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-            if not self.pre_quantized and _expert_param(model, param_name) is not None:
-                return True
-            return super().param_needs_quantization(model, param_name, **kwargs)
-
-        def get_quantize_ops(self):
-            return ExpertBankQuantize(self)
-
-        @torch.no_grad()
-        def quantize_expert_param(self, model, name: str, value: torch.Tensor) -> None:
-            module_path, _, pn = name.rpartition(".")
-            module = model.get_submodule(module_path)
-            expected = module._parameters[pn].shape
-            if tuple(value.shape) != tuple(expected):
-                raise ValueError(f"{name}: checkpoint tensor {tuple(value.shape)} != model {tuple(expected)}")
-            qc = self.quantization_config
-            self.peak_live_expert_bytes = max(self.peak_live_expert_bytes, value.numel() * value.element_size())
-            bank = NF4ExpertBank.from_weight(value, device=value.device, compute_dtype=qc.bnb_4bit_compute_dtype,
-                                             quant_type=qc.bnb_4bit_quant_type,
-                                             double_quant=bool(qc.bnb_4bit_use_double_quant))
-            bank._is_hf_initialized = True          # transformers' init functions skip it
-            for p in bank.parameters():
-                p._is_hf_initialized = True
-            _install_bank(module, pn, bank)
-            self.streamed_banks.append(name)
-            if not any(p.dim() == 3 and p.is_floating_point() for p in module.parameters(recurse=False)):
-                _finalize_expert_module(module)
-
-        def _process_model_after_weight_loading(self, model, **kwargs):
-            model = super()._process_model_after_weight_loading(model, **kwargs)
-            for _, module in iter_expert_modules(model):
-                _finalize_expert_module(module)
-            return model
-
-    _STREAMING_CLASS = ExpertBankBnb4BitHfQuantizer
-    return _STREAMING_CLASS, None
-
-
-_STREAMING_CLASS = None
-
-
-@contextlib.contextmanager
-def quantize_experts_on_load(enabled: bool = True):
-    """Within the block, bitsandbytes 4-bit ``from_pretrained`` also quantizes MoE experts as they load.
-
-    Yields True when the hook is active, False when this transformers lacks it (a warning
-    says so; the caller then quantizes after loading with :func:`quantize_moe_experts`,
-    which needs the whole model's experts in high precision on the device first).
-    The quantizer used is ``model.hf_quantizer`` (``streamed_banks``, ``stream_errors``).
-    """
-    if not enabled:
-        yield False
-        return
-    cls, reason = _streaming_quantizer_class()
-    if cls is None:
-        warnings.warn(f"MoE experts cannot be quantized while loading: {reason}. Falling back to quantizing "
-                      "them after loading: every expert is first loaded in bf16 onto the device "
-                      "(a 100B MoE needs ~200 GB there).", RuntimeWarning, stacklevel=3)
-        yield False
-        return
-    from transformers.quantizers import auto
-    mapping = auto.AUTO_QUANTIZER_MAPPING
-    previous = mapping["bitsandbytes_4bit"]
-    mapping["bitsandbytes_4bit"] = cls
-    try:
-        yield True
-    finally:
-        mapping["bitsandbytes_4bit"] = previous
 
 
 def _params4bit_numel(p) -> int | None:

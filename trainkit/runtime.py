@@ -8,7 +8,9 @@ import resource
 
 import torch
 
-_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "flash-linear-attention", "deepspeed")
+# What run.json records (`versions`): the libraries whose behaviour a run's numbers depend on.
+_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "flash-linear-attention",
+              "fla-core", "triton", "tokenizers", "safetensors", "deepspeed")
 
 
 def library_versions() -> dict:
@@ -22,6 +24,27 @@ def library_versions() -> dict:
         versions["cuda"] = torch.version.cuda
         versions["gpu"] = torch.cuda.get_device_name()
     return versions
+
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_dtype(name: str, device) -> tuple[str, str]:
+    """(dtype name, why) for a configured dtype: an explicit name as is; "auto" -> bfloat16 where the
+    device computes bf16 natively (CUDA with bf16 support), float16 on older GPUs, float32 on CPUs.
+
+    CPUs get float32 even with AVX512-bf16/AMX: not measured faster here. Without native bf16
+    (e.g. AMD EPYC with avx2 only) bf16 matmuls are emulated: the default MoE QLoRA job stepped
+    9x slower in bf16 than in fp32 on a 2-core machine (benchmarks/bench_cpu_dtype.py measures it).
+    """
+    if name != "auto":
+        return name, "set in the config"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"auto: {torch.cuda.get_device_name(device)} computes bf16 natively"
+        return "float16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16"
+    return "float32", f"auto: {device.type} without native bf16 matmuls"
 
 
 def memory_gb(device: torch.device) -> tuple[float, float]:

@@ -40,7 +40,6 @@ datasets: `IterableDataset.skip`).
 
 from __future__ import annotations
 
-import contextlib
 import glob as globlib
 import gzip
 import json
@@ -56,6 +55,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from trainkit.config import ConfigError, looks_local
+from trainkit.patches.datasets import hub_offline
 from trainkit.data import RESPONSE_KEYS, _ids, _jsonl_files, _open_text, detect_format
 from trainkit.tokenizer import one_line
 
@@ -157,22 +157,6 @@ def resolve_local_files(path: str, key: str = "data_path") -> list[Path] | None:
     return None
 
 
-@contextlib.contextmanager
-def _offline(enabled: bool):
-    """datasets' offline mode (what HF_DATASETS_OFFLINE=1 sets at import) for the duration."""
-    if not enabled:
-        yield
-        return
-    import datasets
-
-    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
-
-
 def load_hf(path: str, *, split: str = "train", name: str | None = None, streaming: bool = False,
             cache_dir: str | None = None, local_files_only: bool = False, data_files: list[Path] | None = None,
             key: str = "data_path"):
@@ -189,7 +173,7 @@ def load_hf(path: str, *, split: str = "train", name: str | None = None, streami
     else:
         builder, kwargs = path, {"name": name}
     try:
-        with _offline(local_files_only):
+        with hub_offline(local_files_only):
             ds = datasets.load_dataset(builder, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
     except Exception as e:  # hub / network / builder errors all mean "cannot use this source"
         raise ConfigError(f"{key}: cannot load dataset {path!r} (split {split!r}"

@@ -3,7 +3,6 @@ deterministic train/validation carving and the parsing of generated text."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -11,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainkit.patches.datasets import hub_offline
 from trainkit.tasks.official import base_task, official_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,23 +120,6 @@ def need_file(path: Path, env_var: str, task: str, layout: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _hub_offline(enabled: bool):
-    """local_files_only: make datasets / huggingface_hub fail at once instead of retrying the network."""
-    if not enabled:
-        yield
-        return
-    import datasets
-    import huggingface_hub.constants as hub_constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-
-
 def load_hf(candidates: list[tuple[str, str | None]], task: str, env_var: str, layout: str,
             cache_dir: str | None, local_files_only: bool) -> tuple[str, dict[str, list[dict]]]:
     """The first of `candidates` ((path, config) pairs) that HF datasets loads: (path, split -> rows).
@@ -148,7 +131,7 @@ def load_hf(candidates: list[tuple[str, str | None]], task: str, env_var: str, l
         raise TaskDataError(f"{task}: the datasets library is missing ({e}); set {env_var} to a folder with {layout}") from None
     for path, config in candidates:
         try:
-            with _hub_offline(local_files_only):
+            with hub_offline(local_files_only):
                 dataset = datasets.load_dataset(
                     path, config, cache_dir=cache_dir,
                     download_config=datasets.DownloadConfig(cache_dir=cache_dir, local_files_only=local_files_only))

@@ -1,0 +1,250 @@
+"""trainkit.patches: every patch of a library's internals in one place, each checked before it acts.
+
+Each guard is tested by taking away (or changing) the internal its patch relies on: the patch must
+stop with a one-line PatchError naming the package and its installed version, or, where running
+on is safe, warn with a PatchWarning. Never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import trainkit.patches as patches
+from trainkit.patches import PatchError, PatchWarning
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCTION = [REPO / "train_qlora.py", REPO / "train_lora.py", REPO / "distill.py",
+              *sorted((REPO / "trainkit").rglob("*.py")), *sorted((REPO / "dashboard").rglob("*.py"))]
+
+# Internals only a patch may touch: (pattern, what it is)
+INTERNALS = [
+    (r"_MODEL_TO_CONVERSION_PATTERN", "PEFT's MoE remap table"),
+    (r"AUTO_QUANTIZER_MAPPING", "transformers' quantizer registry"),
+    (r"_is_hf_initialized", "transformers' init flag"),
+    (r"_experts_implementation\s*=", "transformers' experts kernel switch"),
+    (r"support_avx512bf16_for_cpu", "bitsandbytes' CPU repacking flag"),
+    (r"\.HF_(HUB|DATASETS)_OFFLINE\s*=(?!=)", "datasets / huggingface_hub offline globals"),
+    (r"warnings\.filterwarnings\(\s*[\"']ignore", "a warning filter"),
+    (r"\.forward\s*=\s*types\.MethodType", "a library module's forward"),
+]
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text, text
+    return text
+
+
+def test_library_internals_are_touched_only_in_trainkit_patches():
+    offenders = []
+    for path in PRODUCTION:
+        if "patches" in path.relative_to(REPO).parts:
+            continue
+        text = path.read_text()
+        for pattern, what in INTERNALS:
+            for match in re.finditer(pattern, text):
+                line = text.count("\n", 0, match.start()) + 1
+                offenders.append(f"{path.relative_to(REPO)}:{line}: {what}")
+    assert not offenders, "patches outside trainkit/patches:\n" + "\n".join(offenders)
+
+
+def test_patch_error_names_the_package_its_version_and_what_to_do():
+    patch = patches.Patch("x.demo", "peft", "why", checked="0.21")
+    text = one_line(patch.error("the table is gone"))
+    version = importlib.metadata.version("peft")
+    assert text.startswith(f"peft {version}: the table is gone (trainkit patch 'x.demo', checked on peft 0.21); ")
+    assert "setup_env.sh" in text
+
+
+# ---------------------------------------------------------------- peft
+def test_peft_remap_table_missing_is_an_error(monkeypatch):
+    pytest.importorskip("peft.utils.transformers_weight_conversion")
+    from peft.utils import transformers_weight_conversion as conversion
+
+    from trainkit.patches.peft import no_moe_target_remap
+    monkeypatch.delattr(conversion, "_MODEL_TO_CONVERSION_PATTERN")
+    with pytest.raises(PatchError, match=r"^peft \S+: .*_MODEL_TO_CONVERSION_PATTERN") as info:
+        with no_moe_target_remap("qwen3_moe"):
+            pass
+    one_line(info.value)
+
+
+def test_peft_remap_entry_is_restored_and_recorded():
+    pytest.importorskip("peft.utils.transformers_weight_conversion")
+    from peft.utils import transformers_weight_conversion as conversion
+
+    from trainkit.patches.peft import no_moe_target_remap
+    table = conversion._MODEL_TO_CONVERSION_PATTERN
+    model_type = next(iter(table))
+    entry = table[model_type]
+    with no_moe_target_remap(model_type):
+        assert model_type not in table
+    assert table[model_type] is entry
+    assert "peft.no_moe_target_remap" in [p["name"] for p in patches.applied()]
+
+
+# ---------------------------------------------------------------- datasets
+def test_offline_globals_missing_is_an_error(monkeypatch):
+    import datasets
+
+    from trainkit.patches.datasets import hub_offline
+    monkeypatch.delattr(datasets.config, "HF_DATASETS_OFFLINE")
+    with pytest.raises(PatchError, match=r"^datasets \S+: datasets\.config\.HF_DATASETS_OFFLINE not found") as info:
+        with hub_offline():
+            pass
+    one_line(info.value)
+
+
+def test_offline_globals_are_set_for_the_block_only():
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    from trainkit.patches.datasets import hub_offline
+    before = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    with hub_offline():
+        assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE and hub_constants.HF_HUB_OFFLINE
+    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+            hub_constants.HF_HUB_OFFLINE) == before
+
+
+# ---------------------------------------------------------------- bitsandbytes
+def _linear4bit():
+    import bitsandbytes as bnb
+    return nn.Sequential(bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4"))
+
+
+def test_cpu_4bit_layout_flag_is_turned_off():
+    from trainkit.patches.bitsandbytes import keep_cpu_4bit_layout
+    model = _linear4bit()
+    assert hasattr(model[0], "support_avx512bf16_for_cpu")
+    assert keep_cpu_4bit_layout(model) == 1 and model[0].support_avx512bf16_for_cpu is False
+    assert "bitsandbytes.cpu_4bit_layout" in [p["name"] for p in patches.applied()]
+
+
+def test_cpu_4bit_layout_flag_missing_warns():
+    from trainkit.patches.bitsandbytes import keep_cpu_4bit_layout
+    model = _linear4bit()
+    del model[0].support_avx512bf16_for_cpu
+    with pytest.warns(PatchWarning, match=r"^bitsandbytes \S+: Linear4bit has no support_avx512bf16_for_cpu flag"):
+        assert keep_cpu_4bit_layout(model) == 0
+
+
+# ---------------------------------------------------------------- transformers: 4-bit experts
+def _experts_with_banks(forward):
+    from trainkit.quantization import NF4ExpertBank, install_bank
+
+    class DemoExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_experts = 2
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 128, 64))
+            self.down_proj = nn.Parameter(torch.randn(2, 64, 64))
+
+    DemoExperts.forward = forward
+    module = DemoExperts()
+    for name in ("gate_up_proj", "down_proj"):
+        install_bank(module, name, NF4ExpertBank.from_weight(getattr(module, name).data, compute_dtype=torch.float32))
+    return module
+
+
+def test_experts_forward_with_another_signature_is_an_error():
+    from trainkit.patches.transformers import use_4bit_experts_forward
+
+    def forward(self, hidden_states, router_logits):  # not (hidden_states, top_k_index, top_k_weights)
+        return hidden_states
+
+    with pytest.raises(PatchError, match=r"^transformers \S+: DemoExperts\.forward takes \(hidden_states, router_logits\)"):
+        use_4bit_experts_forward(_experts_with_banks(forward))
+
+
+def test_experts_forward_is_bound_for_the_known_signature():
+    from trainkit.patches.transformers import use_4bit_experts_forward
+    from trainkit.quantization import nf4_experts_forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        raise AssertionError("the 4-bit forward replaces this")
+
+    module = _experts_with_banks(forward)
+    use_4bit_experts_forward(module)
+    assert module.forward.__func__ is nf4_experts_forward
+    assert "transformers.experts_4bit_forward" in [p["name"] for p in patches.applied()]
+
+
+def test_unknown_bank_layout_without_eager_switch_is_an_error():
+    from trainkit.patches.transformers import use_4bit_experts_forward
+    from trainkit.quantization import NF4ExpertBank, install_bank
+
+    module = nn.Module()
+    module.w_in = nn.Parameter(torch.randn(2, 64, 64))
+    install_bank(module, "w_in", NF4ExpertBank.from_weight(module.w_in.data, compute_dtype=torch.float32))
+    with pytest.raises(PatchError, match=r"layout trainkit does not know"):
+        use_4bit_experts_forward(module)
+
+
+# ---------------------------------------------------------------- fla
+def test_fla_layer_with_a_changed_forward_is_an_error(monkeypatch):
+    pytest.importorskip("fla")
+    pytest.importorskip("triton")
+    from test_gla import build
+
+    from trainkit.patches import fla as patches_fla
+    from trainkit.patches.fla import use_reference_backend
+    model, _ = build()
+    from fla.layers.gla import GatedLinearAttention
+    original = GatedLinearAttention.forward
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
+                output_attentions=False, position_ids=None, **kwargs):  # a new argument the backend ignores
+        return original(self, hidden_states, attention_mask, past_key_values, use_cache, output_attentions, **kwargs)
+
+    monkeypatch.setattr(GatedLinearAttention, "forward", forward)
+    monkeypatch.setattr(patches_fla, "_SIGNATURES_CHECKED", set())
+    with pytest.raises(PatchError, match=r"^flash-linear-attention \S+: GatedLinearAttention\.forward takes "
+                                         r"position_ids, which the CPU reference backend does not handle") as info:
+        use_reference_backend(model)
+    one_line(info.value)
+
+
+def test_fla_generation_patch_follows_transformers():
+    pytest.importorskip("fla")
+    pytest.importorskip("triton")
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    from trainkit.gla import import_fla
+    import_fla()
+    needs = "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    assert ("fla.generation_cache_kwarg" in [p["name"] for p in patches.applied()]) == needs
+
+
+def test_fla_model_without_past_key_values_is_an_error(monkeypatch):
+    pytest.importorskip("fla")
+    pytest.importorskip("triton")
+    import inspect
+
+    from fla.models.modeling_utils import FLAForCausalLM
+    from transformers.generation.utils import GenerationMixin
+
+    from trainkit.patches.fla import patch_generation
+    if "cache" not in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters:
+        pytest.skip("this transformers passes past_key_values: the patch is not needed")
+    monkeypatch.setattr(FLAForCausalLM, "forward", lambda self, input_ids=None, **kwargs: None)
+    with pytest.raises(PatchError, match=r"takes neither `past_key_values` nor `cache`"):
+        patch_generation()
+
+
+def test_applied_patches_have_name_library_version_and_why():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trainkit.patches.peft import quiet_known_warnings
+        quiet_known_warnings()
+    record = {p["name"]: p for p in patches.applied()}["peft.gradient_checkpointing_warning"]
+    assert record["library"] == "peft" and record["version"] == importlib.metadata.version("peft") and record["why"]
