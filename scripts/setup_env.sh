@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up the Python environment trainkit runs in. Idempotent: a no-op (well under a
-# second) when requirements.txt and the Python version have not changed since the last
-# successful run.
+# second) when requirements.lock, requirements.txt, the install mode and the Python
+# version have not changed since the last successful run.
 #
-#   ./scripts/setup_env.sh                  # create/refresh .venv
+#   ./scripts/setup_env.sh                  # create/refresh .venv from requirements.lock
 #   ./scripts/setup_env.sh --print-python   # the same, then print the interpreter to use
+#   TRAINKIT_UNLOCKED=1 ./scripts/setup_env.sh   # the newest versions requirements.txt allows
 #
 # What it does, the first time:
 #   1. python3 -m venv --system-site-packages .venv   (a torch you already have, e.g. a
@@ -12,14 +13,19 @@
 #   2. if `import torch` fails in the venv: install torch. No NVIDIA GPU (nvidia-smi -L
 #      fails): the CPU build, torch==2.13.0+cpu from the PyTorch CPU index; with a GPU:
 #      torch from PyPI. TORCH_SPEC overrides, e.g. TORCH_SPEC="torch==2.13.0".
-#   3. pip install -r requirements.txt, with torch pinned to the installed version so
-#      nothing upgrades or replaces it.
-#   4. writes a stamp (hash of requirements.txt + Python version) into the venv.
+#   3. pip install the exact versions of requirements.lock (made from requirements.txt by
+#      scripts/lock_requirements.sh), with torch pinned to the installed version so nothing
+#      upgrades or replaces it. A locked package whose version the installed torch does not
+#      accept (a CUDA torch pins its own triton) is left as torch has it, and said so.
+#      TRAINKIT_UNLOCKED=1: requirements.txt instead, newest allowed versions (--upgrade).
+#   4. writes a stamp (hashes of both files + mode + Python version) into the venv.
 #
 # Environment:
 #   TRAINKIT_VENV=PATH     venv location (default: <repo>/.venv)
 #   TRAINKIT_NO_VENV=1     use the current python3 as is: no venv, no installs; only
-#                          check that the packages are importable
+#                          check that the packages are importable (and name the ones whose
+#                          version differs from requirements.lock)
+#   TRAINKIT_UNLOCKED=1    install the newest versions requirements.txt allows, not the lock
 #   TORCH_SPEC=SPEC        pip requirement for torch when it has to be installed
 #   PYTHON=EXE             base interpreter (default: python3)
 #
@@ -28,12 +34,14 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQUIREMENTS="$REPO/requirements.txt"
+LOCKFILE="$REPO/requirements.lock"
+UNLOCKED="${TRAINKIT_UNLOCKED:-0}"
 VENV="${TRAINKIT_VENV:-$REPO/.venv}"
 BASE_PYTHON="${PYTHON:-python3}"
 CPU_TORCH_SPEC="torch==2.13.0+cpu"
 CPU_TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 # Import names of what requirements.txt installs, for the quick checks below.
-MODULES="torch transformers accelerate peft bitsandbytes datasets tokenizers safetensors yaml tqdm fla sklearn scipy rouge_score sacrebleu sqlparse flask matplotlib pynvml pytest"
+MODULES="torch transformers accelerate peft bitsandbytes datasets tokenizers safetensors yaml tqdm fla triton sklearn scipy rouge_score sacrebleu sqlparse flask matplotlib pynvml pytest"
 
 say() { echo "setup: $*" >&2; }
 die() { echo "setup: error: $*" >&2; exit 1; }
@@ -58,29 +66,36 @@ print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 PY
 }
 
+lock_plan() {  # $1: interpreter; the lock as it applies to this machine (scripts/lock_plan.py)
+    "$1" "$REPO/scripts/lock_plan.py" "$LOCKFILE" "$2"
+}
+
 # ---------------------------------------------------------------- TRAINKIT_NO_VENV=1
 if [[ "${TRAINKIT_NO_VENV:-0}" == 1 ]]; then
     py="$(command -v "$BASE_PYTHON" || true)"
     [[ -n "$py" ]] || die "TRAINKIT_NO_VENV=1 but $BASE_PYTHON is not on PATH"
     missing="$(missing_modules "$py")" || die "$py does not run"
-    [[ -z "$missing" ]] || die "TRAINKIT_NO_VENV=1 but $py lacks: $missing (pip install -r requirements.txt, and torch)"
+    [[ -z "$missing" ]] || die "TRAINKIT_NO_VENV=1 but $py lacks: $missing (pip install -r requirements.lock, and torch)"
+    lock_plan "$py" --report-only || true
     done_python "$py"
 fi
 
 # ---------------------------------------------------------------- fast path: stamp matches
 [[ -f "$REQUIREMENTS" ]] || die "no requirements.txt in $REPO"
+[[ -f "$LOCKFILE" || "$UNLOCKED" == 1 ]] || die "no requirements.lock in $REPO (./scripts/lock_requirements.sh makes it; TRAINKIT_UNLOCKED=1 installs without it)"
+[[ "$UNLOCKED" =~ ^[01]$ ]] || die "TRAINKIT_UNLOCKED must be 0 or 1, not '$UNLOCKED'"
 command -v "$BASE_PYTHON" >/dev/null || die "$BASE_PYTHON not found: install Python >= 3.10"
 PY_VERSION="$("$BASE_PYTHON" -c 'import platform; print(platform.python_version())')" \
     || die "$BASE_PYTHON does not run"
 "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || die "Python >= 3.10 needed, $BASE_PYTHON is $PY_VERSION (set PYTHON=python3.11 or similar)"
-if command -v sha256sum >/dev/null; then
-    REQ_HASH="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-else
-    REQ_HASH="$(shasum -a 256 "$REQUIREMENTS" | cut -d' ' -f1)"
-fi
+file_hash() {
+    [[ -f "$1" ]] || { echo none; return; }
+    if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1; else shasum -a 256 "$1" | cut -d' ' -f1; fi
+}
+MODE="locked"; [[ "$UNLOCKED" == 1 ]] && MODE="unlocked"
 STAMP="$VENV/.trainkit-setup-stamp"
-WANT_STAMP="requirements=$REQ_HASH python=$PY_VERSION"
+WANT_STAMP="requirements=$(file_hash "$REQUIREMENTS") lock=$(file_hash "$LOCKFILE") mode=$MODE python=$PY_VERSION"
 VPY="$VENV/bin/python"
 if [[ -x "$VPY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]; then
     done_python "$VPY"
@@ -112,7 +127,7 @@ elif [[ ! -x "$VPY" ]]; then
     "$BASE_PYTHON" -m venv --system-site-packages "$VENV" >&2 \
         || die "python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)"
 else
-    say "updating $VENV (requirements.txt changed or an earlier setup did not finish)"
+    say "updating $VENV (requirements changed, the install mode changed, or an earlier setup did not finish)"
 fi
 "$VPY" -c 'pass' 2>/dev/null || die "$VPY does not run: remove $VENV and run again"
 pip_install() { "$VPY" -m pip install --disable-pip-version-check "$@" >&2; }
@@ -146,13 +161,21 @@ TORCH_VERSION="$("$VPY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
 # 3. everything else, with torch pinned so pip never swaps it
 CONSTRAINTS="$VENV/.trainkit-constraints.txt"
 echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
-say "installing requirements.txt (torch pinned to $TORCH_VERSION)"
-pip_install -r "$REQUIREMENTS" -c "$CONSTRAINTS" \
-    || die "pip install -r requirements.txt failed (see above; a requirement may need a newer torch than $TORCH_VERSION)"
+if [[ "$MODE" == unlocked ]]; then
+    say "installing the newest versions requirements.txt allows (TRAINKIT_UNLOCKED=1; torch pinned to $TORCH_VERSION)"
+    pip_install --upgrade --upgrade-strategy eager -r "$REQUIREMENTS" -c "$CONSTRAINTS" \
+        || die "pip install -r requirements.txt failed (see above; a requirement may need a newer torch than $TORCH_VERSION)"
+else
+    PLAN="$VENV/.trainkit-locked-requirements.txt"
+    lock_plan "$VPY" "$PLAN" || die "could not read requirements.lock"
+    say "installing requirements.lock ($(grep -c . "$PLAN") packages; torch pinned to $TORCH_VERSION)"
+    pip_install -r "$PLAN" -c "$CONSTRAINTS" \
+        || die "pip install -r requirements.lock failed (see above; the lock may need a newer torch than $TORCH_VERSION, or TRAINKIT_UNLOCKED=1)"
+fi
 missing="$(missing_modules "$VPY")"
 [[ -z "$missing" ]] || die "installed, but these do not import: $missing"
 
 # 4. stamp
 echo "$WANT_STAMP" >"$STAMP"
-say "ready: $VENV (torch $TORCH_VERSION, python $PY_VERSION) in $((SECONDS - start)) s"
+say "ready: $VENV ($MODE; torch $TORCH_VERSION, python $PY_VERSION) in $((SECONDS - start)) s"
 done_python "$VPY"
