@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainkit.kd import auto_chunk_size, chunked_kd_loss, naive_kd_loss  # noqa: E402
+from trainkit.models import enable_activation_checkpointing  # noqa: E402
 from trainkit.students import build_student  # noqa: E402
 
 TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 1000, "seq": 64,
@@ -114,7 +115,7 @@ def build_models(args, device, dtype):
         info += "; MLPs frozen"
     student.train()
     if not args.no_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     return teacher, student, info
 
 

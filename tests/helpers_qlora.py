@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,18 +57,49 @@ def run_script(args: list[str], script: str = "train_qlora.py", timeout: int = 6
                           timeout=timeout, env=script_env(**env))
 
 
-def start_and_kill(script: str, config: Path, wait_for: Path, max_delay: float, timeout: float = 300) -> int:
-    """Start `script --config config`, wait until `wait_for` exists, SIGKILL it at a random moment up
-    to `max_delay` s later; returns the exit code (-SIGKILL unless it finished first)."""
+# Seed of the moments the kill tests draw; a failure prints the drawn state, rerun with the same seed.
+KILL_SEED = int(os.environ.get("TRAINKIT_TEST_SEED", "20261130"))
+
+
+def kill_at_drawn_state(script: str, config: Path, run_dir: Path, *, checkpoints: list[int], log_steps: list[int],
+                        seed: int = KILL_SEED, timeout: float = 300) -> tuple[int, str]:
+    """Start `script --config config` and SIGKILL it the moment the run reaches a state drawn from a
+    generator seeded with `seed`: `checkpoint-<N>` complete (N in `checkpoints`) or the training log's
+    line for a step in `log_steps`. Waits for the state, never for wall time, so the kill lands at the
+    same point of the run on a fast or a loaded machine. Returns (exit code, the drawn state)."""
     import random
     import signal
     import time
 
+    states = [("checkpoint", n) for n in checkpoints] + [("log", n) for n in log_steps]
+    kind, n = random.Random(f"{seed}:{script}").choice(states)
+    description = f"checkpoint-{n} complete" if kind == "checkpoint" else f"training log line of step {n}"
+    log = run_dir / "logs" / "training_log.jsonl"
+
+    def reached() -> bool:
+        if kind == "checkpoint":
+            return (run_dir / f"checkpoint-{n}" / "trainer_state.json").is_file()
+        if not log.is_file():
+            return False
+        steps = []
+        for line in log.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except (ValueError, KeyError):  # a line being written
+                pass
+        return n in steps
+
     proc = subprocess.Popen([sys.executable, str(REPO / script), "--config", str(config)], cwd=REPO,
                             env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not wait_for.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, max_delay))
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and not reached():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{script} did not reach the state ({description}) in {timeout} s")
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait(), description
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, script_env, start_and_kill
+from helpers_qlora import REPO, run_script, script_env, kill_at_drawn_state
 from trainkit.runlog import DISTILL_EVAL_FIELDS, DISTILL_TRAINING_FIELDS, EVAL_FIELDS, TRAINING_FIELDS, iter_jsonl
 
 CONFIG = REPO / "configs" / "distill_tiny_mamba2.yaml"
@@ -69,7 +69,7 @@ def test_student_learns_from_teacher(tmp_path, mixer):
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    """SIGKILL after the first checkpoint, --resume: the same student weights bitwise, the same log."""
+    """SIGKILL at a drawn state after the first checkpoint, --resume: the same student weights bitwise, the same log."""
     ref_cfg = distill_config(tmp_path / "ref")
     assert run_script(["--config", str(ref_cfg)], script="distill.py").returncode == 0
     ref_dir = tmp_path / "ref" / "out" / "kd"
@@ -77,8 +77,8 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     cfg = distill_config(tmp_path / "kill")
     run_dir = tmp_path / "kill" / "out" / "kd"
-    code = start_and_kill("distill.py", cfg, run_dir / "checkpoint-4", max_delay=0.8)
-    assert code == -signal.SIGKILL, "run finished before the kill"
+    code, state = kill_at_drawn_state("distill.py", cfg, run_dir, checkpoints=[4, 8], log_steps=[6, 8, 10])
+    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
     result = run_script(["--config", str(cfg), "--resume"], script="distill.py")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_file(run_dir / "final-checkpoint-12" / "model.safetensors")

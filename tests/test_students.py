@@ -180,7 +180,8 @@ def test_save_from_pretrained_round_trip(teacher, mixer, tmp_path):
 def test_gradient_checkpointing_and_kd(teacher):
     """The training path distill.py uses: checkpointed student hidden states into the chunked KD loss."""
     student, _ = build_student(teacher, attention_layers=[3])
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from trainkit.models import enable_activation_checkpointing
+    enable_activation_checkpointing(student)
     student.train()
     x = ids(2, 33)
     labels = torch.roll(x, -1, 1)

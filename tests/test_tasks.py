@@ -7,7 +7,6 @@ import math
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from trainkit.tasks import Example, TaskDataError, carve, get_task, known_tasks,
 from trainkit.tasks.base import parse_float, parse_label
 from trainkit.tasks.fixtures import sqlite_files, text_files, write_fixtures
 from trainkit.tasks.glue import GLUE_TASKS
-from trainkit.tasks.spider import execution_match, normalize_sql, prediction_sql
+from trainkit.tasks.spider import QueryFailed, execute, execution_match, normalize_sql, prediction_sql
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tasks"
@@ -323,10 +322,13 @@ def test_execution_failures_are_wrong_and_bounded():
                 "INSERT INTO student VALUES (9, 'Zed', 30, 'Nice')", "ATTACH DATABASE 'x.db' AS x", "PRAGMA writable_schema = 1",
                 "SELECT * FROM student a, student b, student c, student d"]:  # 1296 rows > gold's 1: stops early
         assert not execution_match(SCHOOL_DB, bad, gold), bad
-    started = time.monotonic()
     endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
     assert not execution_match(SCHOOL_DB, endless, gold, timeout_s=0.5)
-    assert time.monotonic() - started < 5
+    # it ends because the time limit interrupts sqlite (without it the query never returns)
+    conn = sqlite3.connect(SCHOOL_DB)
+    with pytest.raises(QueryFailed, match="interrupted"):
+        execute(conn, endless, timeout_s=0.2)
+    conn.close()
     assert SCHOOL_DB.read_bytes() == original  # read-only: nothing written
     # through score(): an erroring and a non-terminating prediction, among right ones
     task = get_task("spider")

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, start_and_kill
+from helpers_qlora import REPO, run_script, kill_at_drawn_state
 from trainkit.runlog import EVAL_FIELDS, LORA_EVAL_FIELDS, iter_jsonl
 
 CONFIG = REPO / "configs" / "gla_lora_sst2.yaml"
@@ -53,6 +53,8 @@ def test_gla_run_reports_the_task_metric(sst2_run):
     assert info["status"] == "finished" and info["script"] == "train_lora.py" and info["task"] == "sst2"
     assert info["model"]["family"] == "gla"
     assert any("reference backend" in note for note in info["model"]["notes"])
+    assert info["versions"]["flash-linear-attention"] and info["versions"]["fla-core"] and info["versions"]["triton"]
+    assert "fla.reference_backend" in {p["name"] for p in info["patches"]}
     evals = stream(run_dir, "eval_log.jsonl")
     assert [e["step"] for e in evals] == [4, 8]
     lora_fields = set(LORA_EVAL_FIELDS) - {"evaluated_step", "<official metric>", "<split>_examples"}
@@ -119,7 +121,7 @@ def test_generation_tasks_on_a_llama(tmp_path, task, metrics):
 
 
 def test_pissa_init_and_exact_resume_after_sigkill(tmp_path):
-    """PiSSA (fast SVD) adapters; SIGKILL after the first checkpoint, --resume: same final adapter bitwise."""
+    """PiSSA (fast SVD) adapters; SIGKILL at a drawn state after the first checkpoint, --resume: same final adapter bitwise."""
     sections = dict(lora={"init": "pissa", "pissa_fast": True, "modules_to_save": []},
                     training={"max_steps": 8}, generation={"enabled": False},
                     logging={"metric_for_best": "eval_loss", "greater_is_better": False, "eval_interval": 4})
@@ -132,8 +134,8 @@ def test_pissa_init_and_exact_resume_after_sigkill(tmp_path):
 
     cfg = lora_config(tmp_path / "kill", **sections)
     run_dir = tmp_path / "kill" / "out" / "gla"
-    code = start_and_kill("train_lora.py", cfg, run_dir / "checkpoint-4", max_delay=0.5)
-    assert code == -signal.SIGKILL, "run finished before the kill"
+    code, state = kill_at_drawn_state("train_lora.py", cfg, run_dir, checkpoints=[4], log_steps=[6])
+    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
     result = run_script(["--config", str(cfg), "--resume"], script="train_lora.py")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_file(run_dir / "final-checkpoint-8" / "adapter_model.safetensors")

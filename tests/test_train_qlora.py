@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, script_env, start_and_kill, tiny_config
+from helpers_qlora import REPO, run_script, script_env, kill_at_drawn_state, tiny_config
 from trainkit.runlog import EVAL_FIELDS, EXPERT_FIELDS, TRAINING_FIELDS, iter_jsonl
 
 
@@ -39,6 +40,16 @@ def test_run_directory_is_complete(finished_run):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["total_steps"] == 12 and info["world_size"] == 1
     assert info["model"]["is_moe"] is True
+    # the dtype chosen for the CPU, and why; the versions and patches the numbers depend on
+    assert info["model"]["compute_dtype"] == "float32" and info["model"]["compute_dtype_reason"].startswith("auto:")
+    assert "compute dtype float32 (auto:" in result.stdout
+    for name in ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "triton"):
+        assert info["versions"][name] == importlib.metadata.version(name), name
+    applied = {p["name"]: p for p in info["patches"]}
+    for name in ("transformers.expert_quantize_on_load", "transformers.experts_4bit_forward",
+                 "bitsandbytes.cpu_4bit_layout", "peft.gradient_checkpointing_warning"):
+        assert name in applied, (name, sorted(applied))
+    assert applied["bitsandbytes.cpu_4bit_layout"]["version"] == importlib.metadata.version("bitsandbytes")
     for name in ("training_log.jsonl", "eval_log.jsonl", "expert_usage_log.jsonl", "events.jsonl"):
         assert (run_dir / "logs" / name).stat().st_size > 0, name
     assert (run_dir / "final-checkpoint-12" / "adapter_model.safetensors").is_file()
@@ -134,15 +145,15 @@ def test_nonfinite_loss_skips_steps_and_stops(tmp_path):
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    """SIGKILL at a random moment, resume: same final adapter bitwise, every step logged once."""
+    """SIGKILL at a state drawn from a seeded generator, resume: same final adapter bitwise, every step logged once."""
     reference_cfg = tiny_config(tmp_path / "ref")
     assert run_script(["--config", str(reference_cfg)]).returncode == 0
     reference = adapter_tensors(tmp_path / "ref" / "out" / "tiny" / "final-checkpoint-12")
 
     cfg = tiny_config(tmp_path / "kill")
     run_dir = tmp_path / "kill" / "out" / "tiny"
-    code = start_and_kill("train_qlora.py", cfg, run_dir / "checkpoint-4", max_delay=1.5)
-    assert code == -signal.SIGKILL, "run finished before the kill: slow the kill window down"
+    code, state = kill_at_drawn_state("train_qlora.py", cfg, run_dir, checkpoints=[4, 8], log_steps=[6, 8, 10])
+    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
 
     result = run_script(["--config", str(cfg), "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
