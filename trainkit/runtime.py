@@ -33,9 +33,10 @@ def resolve_dtype(name: str, device) -> tuple[str, str]:
     """(dtype name, why) for a configured dtype: an explicit name as is; "auto" -> bfloat16 where the
     device computes bf16 natively (CUDA with bf16 support), float16 on older GPUs, float32 on CPUs.
 
-    CPUs get float32 even with AVX512-bf16/AMX: not measured faster here. Without native bf16
-    (e.g. AMD EPYC with avx2 only) bf16 matmuls are emulated: the default MoE QLoRA job stepped
-    9x slower in bf16 than in fp32 on a 2-core machine (benchmarks/bench_cpu_dtype.py measures it).
+    CPUs get float32: where a CPU lacks native bf16 (e.g. AMD EPYC with avx2 only) bf16 matmuls are
+    emulated and the default MoE QLoRA job stepped 9x slower than in fp32; on an AMD EPYC with
+    avx512_bf16 both stepped at the same speed (benchmarks/bench_cpu_dtype.py), so bf16 buys nothing
+    there either, and fp32 gives every CPU the same numbers.
     """
     if name != "auto":
         return name, "set in the config"
