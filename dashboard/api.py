@@ -22,7 +22,7 @@ from . import plots, prometheus
 from .downsample import to_json_list
 from .runs import NUMERIC_FIELDS, int_if_whole
 from trainkit.config import REDACTED, is_secret_name
-from trainkit.runlog import json_safe
+from trainkit.runlog import DISTILL_TRAINING_FIELDS, json_safe
 
 bp = Blueprint("api", __name__)
 
@@ -33,6 +33,10 @@ DEFAULT_POINTS = 1_000
 MAX_COMPARE = 12
 MAX_LAYER_SNAPSHOTS = 1_000   # per-layer expert history: at most this many snapshots, evenly spaced
 STREAM_TABLES = {"training": "training", "eval": "eval", "experts": "experts"}
+# fields a run of the contract may log (a query for one it has not logged yet gets nulls, not a 400)
+CONTRACT_KEYS = {"training": NUMERIC_FIELDS["training"] | set(DISTILL_TRAINING_FIELDS),
+                 "eval": NUMERIC_FIELDS["eval"] | {"is_best"} | set(plots.METRIC_COLUMNS),
+                 "experts": NUMERIC_FIELDS["experts"]}
 
 
 class ApiError(Exception):
@@ -176,7 +180,7 @@ def run_metrics(run_name):
     max_points = int_arg("max_points", DEFAULT_POINTS, 3, MAX_POINTS)
     with run.lock:
         table = getattr(run, STREAM_TABLES[stream])
-        known = set(table.keys) | NUMERIC_FIELDS[stream]
+        known = set(table.keys) | CONTRACT_KEYS[stream]
         unknown = [k for k in keys if k not in known]
         if unknown:
             raise ApiError(400, "unknown_key", f"unknown key(s) {unknown} in stream {stream!r}",
@@ -280,7 +284,7 @@ def compare():
         out[run.name] = {"step": to_json_list(data["step"]), "value": to_json_list(series["value"]),
                          "min": to_json_list(series["min"]), "max": to_json_list(series["max"]),
                          "bucket_rows": data["bucket_rows"]}
-    if len(without) == len(runs) and key not in NUMERIC_FIELDS[stream]:
+    if len(without) == len(runs) and key not in CONTRACT_KEYS[stream]:
         raise ApiError(400, "unknown_key", f"none of the runs logged {key!r} in stream {stream!r}")
     return jsonify(key=key, stream=stream, runs=out, without_key=without)
 
