@@ -115,7 +115,9 @@
       this.controller = null;
       this.step = []; this.cols = {}; this.keys = []; this.generation = null; this.lastStep = null;
       this.loaded = false; this.busy = false; this.again = null; this.bucketRows = 1; this.appended = 0;
-      this.seenVersion = undefined;
+      clearTimeout(this.deferred);
+      this.deferred = null;
+      this.lastRequest = 0;
     }
     wantedKeys() {
       const present = new Set(state.keys[this.stream] || []);
@@ -556,7 +558,7 @@
 
     const v = s.versions;
     $("experts-section").classList.toggle("hidden", !s.is_moe);
-    if (changed("training", v)) feeds.training.request("update");
+    if (changed("training", v)) requestWhileIndexing(feeds.training, s.indexing && !s.indexing.done);
     if (changed("eval", v) || changed("info", v)) {
       loadKeys().then((keysChanged) => feeds.eval.request(keysChanged ? "load" : "update")).catch(() => {});
     }
@@ -567,6 +569,21 @@
     if (changed("info", v)) { serialized("info", loadInfo); if (!first) loadRuns().catch(() => {}); }
     if (!first) refreshMarkers();
     state.versions = { ...v };
+  }
+
+  // While a big log is being indexed every pass brings thousands of rows: fetch (a fresh downsampled
+  // series) at most every INDEXING_FETCH_MS, so the page does not slow the indexing down.
+  const INDEXING_FETCH_MS = 2000;
+  function requestWhileIndexing(feed, indexing) {
+    const wait = (feed.lastRequest || 0) + INDEXING_FETCH_MS - Date.now();
+    if (indexing && wait > 0) {
+      if (!feed.deferred) feed.deferred = setTimeout(() => requestWhileIndexing(feed, false), wait);
+      return;
+    }
+    clearTimeout(feed.deferred);
+    feed.deferred = null;
+    feed.lastRequest = Date.now();
+    feed.request("update");
   }
 
   const inflight = {};
