@@ -5,7 +5,7 @@ The reader thread calls ``check()`` after each pass; a message is queued when a 
 condition changes to one of those four, once per run, condition and attempt (a resume
 re-arms them). Runs that were already failed, stalled or finished when the dashboard
 started are the past: they send nothing. A worker thread POSTs ``{"text": ...}`` (Slack,
-Mattermost, Rocket.Chat and Teams' Slack-compatible hooks take it) with retries, and
+Mattermost, Rocket.Chat and Discord's /slack endpoint take it) with retries, and
 every alert, delivered or not, is written to the dashboard's log and kept for
 ``GET /api/alerts``. The webhook URL is a secret (Slack's carries its key in the path):
 only its scheme and host are ever logged.

@@ -241,7 +241,10 @@ def run_plot(run_name, plot_name):
     smoothing = float_arg("smoothing")
     if smoothing is not None and not 0 <= smoothing < 1:
         raise ApiError(400, "bad_parameter", f"smoothing must be in [0, 1), got {smoothing}")
-    return _png(plots.render(run, plot_name, plots.DEFAULT_SMOOTHING if smoothing is None else smoothing))
+    log_y = request.args.get("log_y", "0")
+    if log_y not in ("0", "1"):
+        raise ApiError(400, "bad_parameter", f"log_y must be 0 or 1, got {log_y!r}")
+    return _png(plots.render(run, plot_name, plots.DEFAULT_SMOOTHING if smoothing is None else smoothing, log_y == "1"))
 
 
 def _compare_args():

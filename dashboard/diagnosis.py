@@ -21,7 +21,7 @@ from .logreader import is_number
 EXIT_CODES_BY_ERROR = {"ConfigError": 2, "KeyboardInterrupt": 130}
 
 
-def _exit_code(info: dict, stop: dict | None, fatal: dict | None, status: str) -> tuple[int | None, str | None]:
+def _exit_code(info: dict, fatal: dict | None, status: str) -> tuple[int | None, str | None]:
     recorded = info.get("exit_code")
     if isinstance(recorded, int) and not isinstance(recorded, bool):
         return recorded, "run.json"
@@ -55,7 +55,7 @@ def describe_failure(info: dict, status: str, stop: dict | None, fatal: dict | N
     """None for a healthy run; else what the page shows at the top of a failed or stalled run."""
     if status not in ("failed", "stalled"):
         return None
-    code, source = _exit_code(info, stop, fatal, status)
+    code, source = _exit_code(info, fatal, status)
     out = {"kind": status, "exit_code": code, "exit_code_source": source,
            "step": None, "time": None, "reason": None, "error_type": None, "stop_reason": None}
     if status == "failed":

@@ -24,6 +24,7 @@ METRIC_COLUMNS = ("task_score", "accuracy", "f1", "mcc", "pearson", "spearman", 
                   "accuracy_mismatched", "rouge1", "rouge2", "rougeL", "exact_match", "execution_accuracy", "bleu",
                   "eval_kd_loss", "eval_top1_agreement")
 CACHE_ENTRIES = 256
+LOG_Y_PLOTS = ("loss", "lr", "grad_norm", "throughput")   # plots that take ?log_y=1
 
 # name -> (title, streams it depends on)
 PLOTS = {
@@ -134,15 +135,17 @@ def _series_plot(fig, title, steps, data, key, color, label=None, log_y=False, b
     return ax
 
 
-def render(run, name: str, smoothing: float = DEFAULT_SMOOTHING) -> bytes:
-    """PNG bytes of plot ``name`` for ``run`` (a RunState); ``smoothing`` is the loss plot's EMA weight."""
+def render(run, name: str, smoothing: float = DEFAULT_SMOOTHING, log_y: bool = False) -> bytes:
+    """PNG bytes of plot ``name`` for ``run`` (a RunState); ``smoothing`` is the loss plot's EMA weight,
+    ``log_y`` a logarithmic y axis for the training-series plots."""
     streams = PLOTS[name][1]
-    key = ("run", run.name, name, tuple(run.versions[s] for s in streams), smoothing if name == "loss" else None)
+    key = ("run", run.name, name, tuple(run.versions[s] for s in streams), smoothing if name == "loss" else None,
+           log_y and name in LOG_Y_PLOTS)
     png = _cache.get(key)
     if png is not None:
         return png
     snapshot = _snapshot(run, name)
-    snapshot["smoothing"] = smoothing
+    snapshot.update(smoothing=smoothing, log_y=log_y)
     return cached_png(key, lambda fig: _DRAW[name](fig, snapshot))
 
 
@@ -185,7 +188,7 @@ def _snapshot(run, name: str) -> dict:
 def _draw_loss(fig, snap):
     data = snap["data"]
     steps = data["step"]
-    ax = _series_plot(fig, "Training loss", steps, data, "loss", BLUE, label="loss")
+    ax = _series_plot(fig, "Training loss", steps, data, "loss", BLUE, label="loss", log_y=snap["log_y"])
     smoothed = ema_debiased(data["series"]["loss"]["value"], snap["smoothing"])
     if snap["smoothing"] > 0 and np.isfinite(smoothed).any():
         ax.plot(steps, smoothed, color=ORANGE, linewidth=1.8, label=f"EMA {snap['smoothing']:g} (debiased)")
@@ -248,10 +251,10 @@ def _draw_metric(fig, snap):
     _legend(ax)
 
 
-def _draw_simple(key, title, color, log_y=False):
+def _draw_simple(key, title, color):
     def draw(fig, snap):
         data = snap["data"]
-        _series_plot(fig, title, data["step"], data, key, color, log_y=log_y)
+        _series_plot(fig, title, data["step"], data, key, color, log_y=snap["log_y"])
     return draw
 
 

@@ -14,7 +14,6 @@ the dict maps that name to the real path.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import stat

@@ -510,3 +510,14 @@ def test_run_directory_names_that_are_not_utf8_break_nothing(tmp_path):
         status, stats = get_json(srv.url + "/api/runs/" + quote("caf\\xe9-run", safe="") + "/stats")
         assert status == 200 and stats["step"] == 1
         assert get(srv.url + "/api/runs/caf%E9-run/stats")[0] == 404
+
+
+def test_png_plots_take_smoothing_and_log_y(server):
+    base = server.url + "/api/runs/dense-qlora-finished/plots/loss.png"
+    default = get(base)[2]
+    for query in ("?log_y=1", "?smoothing=0.95", "?smoothing=0"):
+        status, headers, png = get(base + query)
+        assert status == 200 and png.startswith(b"\x89PNG") and png != default, query
+    for query in ("?log_y=2", "?smoothing=1", "?smoothing=-0.1", "?smoothing=x"):
+        status, data = get_json(base + query)
+        assert status == 400 and data["error"] == "bad_parameter", query
