@@ -333,12 +333,15 @@ def test_failed_run_banner_config_and_csv_download(browser, server, runs, tmp_pa
     assert "ended" in text(browser, "#failure-facts") and " ago (" in text(browser, "#failure-facts")
     banner_top = browser.find_element(By.ID, "failure").location["y"]
     assert banner_top < browser.find_element(By.ID, "cards").location["y"]     # at the top of the run
+    browser.execute_script("window.scrollTo(0, 0)")
+    screenshot(browser, "dashboard-failed-run.png")
     click(browser, "#config summary")
     wait_until(lambda: "training.learning_rate" in text(browser, "#config-table"), message="config table")
     assert "tracking.hf_token" in text(browser, "#config-table") and "***" in text(browser, "#config-table")
     assert "hf_SHOULD_NOT_SHOW" not in browser.page_source
     assert "transformers" in text(browser, "#versions-table")
-    screenshot(browser, "dashboard-failed-run.png")
+    browser.execute_script("document.getElementById('errors-section').scrollIntoView()")
+    screenshot(browser, "dashboard-config.png")
 
     click(browser, '#chart-loss [data-act="csv"]')
     target = downloads / "dense-lora-failed-loss.csv"
@@ -394,3 +397,19 @@ def test_the_token_is_in_no_url_and_no_referer(runs, tmp_path, chromium):
     assert token in seen[0][1]                                         # the link the user opened, and only it
     assert all(token not in query and token not in referer for _, query, referer in seen[1:]), seen
     assert all(referer == "" for _, _, referer in seen)                # Referrer-Policy: no-referrer
+
+
+def test_a_run_that_has_not_logged_yet_gains_its_first_points(browser, server, runs, tmp_path):
+    """The page opened before the first line (or while a big log is indexed): empty charts, then points."""
+    fresh = SyntheticRun(tmp_path / "runs", "zz-fresh", moe=False, total_steps=50, start_time=time.time())
+    wait_until(lambda: "zz-fresh" in [r["name"] for r in get_json(server.url + "/api/runs")[1]["runs"]],
+               message="the fresh run listed")
+    open_page(browser, server.url + "/?run=zz-fresh")
+    assert chart(browser, "loss")["points"] == 0
+    assert "hidden" not in browser.find_element(By.CSS_SELECTOR, "#chart-loss .empty-note").get_attribute("class")
+    for _ in range(3):
+        fresh.advance(now=time.time())
+    wait_until(lambda: chart(browser, "loss")["lastStep"] == 3 and chart(browser, "lr")["points"] == 3,
+               message="first points drawn")
+    assert "hidden" in browser.find_element(By.CSS_SELECTOR, "#chart-loss .empty-note").get_attribute("class")
+    no_console_errors(browser)

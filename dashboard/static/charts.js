@@ -65,6 +65,9 @@
     }
   };
 
+  // steps and tokens are whole numbers: no tick at step 2.5
+  const COUNT_AXES = new Set(["step", "relstep", "tokens"]);
+
   const X_LABELS = { step: "step", time: "wall time", tokens: "tokens", relstep: "steps since the run's first",
                      reltime: "time since start" };
 
@@ -89,7 +92,10 @@
       const digits = Math.max(0, Math.min(6, Math.ceil(Math.log10(big / Math.abs(incr || big))) ));
       return splits.map((v) => (v === null ? "" : v === 0 ? "0" : v.toExponential(digits)));
     }
-    const decimals = Math.max(0, Math.min(8, -Math.floor(Math.log10(Math.abs(incr || 1)) + 1e-9)));
+    // as many decimals as the tick step has: 2.5 -> 1, 0.25 -> 2, 5 -> 0
+    const step = Math.abs(incr || 1);
+    let decimals = 0;
+    while (decimals < 8 && Math.abs(Math.round(step * 10 ** decimals) - step * 10 ** decimals) > 1e-6 * 10 ** decimals) decimals++;
     return splits.map((v) => (v === null ? "" : v.toFixed(decimals)));
   }
 
@@ -243,7 +249,8 @@
 
     setMarkers(markers) {
       this.markers = markers || [];
-      if (this.u) this.u.redraw(false, false);
+      // an empty chart has no axes laid out yet: uPlot cannot redraw it before its first data
+      if (this.u && this.u.data[0] && this.u.data[0].length) this.u.redraw(false, false);
     }
 
     setRange(range) {   // [min, max] in x units, or null for everything
@@ -311,7 +318,8 @@
         series, bands,
         scales: { x: { time: d.xMode === "time" }, y: { distr: yDistr }, ...(usesY2 ? { y2: { distr: 1 } } : {}) },
         axes: [
-          { ...axis, ...(d.xMode === "reltime" ? { values: (u, vals) => vals.map(fmtDuration) } : {}) },
+          { ...axis, ...(d.xMode === "reltime" ? { values: (u, vals) => vals.map(fmtDuration) } : {}),
+            ...(COUNT_AXES.has(d.xMode) ? { filter: (u, splits) => splits.map((v) => (Number.isInteger(v) ? v : null)) } : {}) },
           { ...axis, size: 64, values: axisValues },
           ...(usesY2 ? [{ ...axis, scale: "y2", side: 1, grid: { show: false }, size: 64, label: spec.y2Label,
                           values: axisValues }] : []),
