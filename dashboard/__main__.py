@@ -11,7 +11,19 @@ import os
 import socket
 import sys
 
-from .auth import is_loopback
+from werkzeug.serving import WSGIRequestHandler
+
+from .auth import is_loopback, redact_token
+
+TOKEN_PLACEHOLDER = "<DASHBOARD_TOKEN>"
+
+
+class RedactingRequestHandler(WSGIRequestHandler):
+    """Werkzeug's log lines (access lines and errors such as a bad request line), with any
+    ?token= value replaced by ***."""
+
+    def log(self, type: str, message: str, *args) -> None:
+        super().log(type, "%s", redact_token(message % args if args else message))
 
 
 def lan_address() -> str | None:
@@ -50,8 +62,9 @@ def main(argv=None) -> None:
         print(f"note: {args.logdir} does not exist yet; runs appear when it does", file=sys.stderr)
 
     from . import create_app
-    app = create_app(args.logdir, stall_seconds=args.stall_seconds)
-    suffix = f"/?token={token}" if token else "/"
+    app = create_app(args.logdir, stall_seconds=args.stall_seconds, host=args.host)
+    # the token is never printed: banners end up in terminals, tmux scrollback and job logs
+    suffix = f"/?token={TOKEN_PLACEHOLDER}" if token else "/"
     print(f"dashboard for {os.path.abspath(args.logdir)}", flush=True)
     print(f"  local: http://127.0.0.1:{args.port}{suffix}" if args.host in ("0.0.0.0", "::") or is_loopback(args.host)
           else f"  local: http://{args.host}:{args.port}{suffix}", flush=True)
@@ -59,8 +72,12 @@ def main(argv=None) -> None:
         lan = lan_address() if args.host in ("0.0.0.0", "::") else args.host
         if lan:
             print(f"  LAN:   http://{lan}:{args.port}{suffix}", flush=True)
+    if token:
+        print(f"  (open it once with your token in place of {TOKEN_PLACEHOLDER}; the page keeps it in a cookie)",
+              flush=True)
     # never debug=True: Werkzeug's debugger runs code for whoever reaches the port
-    app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
+    app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False,
+            request_handler=RedactingRequestHandler)
 
 
 if __name__ == "__main__":

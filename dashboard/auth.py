@@ -2,18 +2,22 @@
 
 The token may come as ``Authorization: Bearer <token>``, an ``X-Dashboard-Token``
 header, a ``?token=`` query parameter, or the cookie the page sets when it is first
-opened with ``?token=`` (so the browser's own requests and EventSource carry it).
+opened with ``?token=`` (so the browser's own requests and EventSource carry it). The
+page answers that first request with a redirect to the same URL without the token, so
+the token never stays in the address bar, the history or a Referer.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 
 from flask import current_app, jsonify, request
 
 COOKIE = "dashboard_token"
 OPEN_PATHS = {"/health"}   # liveness probes; says nothing about the runs
+TOKEN_PARAM_RE = re.compile(r"([?&;]token=)[^&;#\s\"]*", re.IGNORECASE)
 
 
 def is_loopback(host: str) -> bool:
@@ -23,6 +27,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def redact_token(text: str) -> str:
+    """'GET /?token=abc&run=x' -> 'GET /?token=***&run=x' (for access logs)."""
+    return TOKEN_PARAM_RE.sub(r"\1***", text)
 
 
 def presented_token() -> str:
@@ -46,9 +55,9 @@ def check_token():
     return response
 
 
-def remember_token(response):
-    """after_request hook: a page opened with a valid ?token= sets the cookie."""
+def set_token_cookie(response) -> None:
+    """The page's own requests (fetch, EventSource) then carry the token. Lax, not Strict: a link to
+    the dashboard opened from another site (chat, mail) must still arrive with it after the redirect."""
     expected = current_app.config["DASHBOARD"].token
-    if expected and request.args.get("token") and response.status_code < 400 and request.path == "/":
-        response.set_cookie(COOKIE, expected, httponly=True, samesite="Strict")
-    return response
+    if expected:
+        response.set_cookie(COOKIE, expected, httponly=True, samesite="Lax", path="/")

@@ -2,7 +2,10 @@
 
 A line counts once its newline is there (a partial last line waits). A file that shrank,
 got a new inode, or whose bytes before our offset changed (rewritten in place) is read
-again from the start, and the caller is told so it can drop what it had. Lines that are
+again from the start, and the caller is told so it can drop what it had. Appends always
+grow a file, so a new mtime at the same size means bytes were rewritten in place: the
+CRC-32 of everything read so far is then compared with the file's prefix (a ``touch``
+costs one read of the file, not a re-index). Lines that are
 not a JSON object with a numeric ``step`` (garbage, binary, NaN/Infinity, wrong types,
 huge lines) are skipped and counted by reason; none of them stops the reader.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,7 @@ class JsonlTail:
         self.size_seen = -1
         self.mtime_ns = 0
         self.signature = b""
+        self.crc = 0                  # CRC-32 of bytes [0, offset)
         self.skipping_long_line = False
         self.waiting_for_newline = False
         self.skipped: Counter = Counter()
@@ -69,6 +74,7 @@ class JsonlTail:
     def _reset(self) -> None:
         self.offset = 0
         self.signature = b""
+        self.crc = 0
         self.skipping_long_line = False
         self.waiting_for_newline = False
         self.skipped.clear()
@@ -96,6 +102,10 @@ class JsonlTail:
             reset = True
         if not self.inside(self.path):
             return Batch(reset=reset)
+        if (not reset and st.st_ino == self.inode and st.st_size == self.size_seen
+                and st.st_mtime_ns != self.mtime_ns and self.offset and not self._prefix_unchanged()):
+            self._reset()
+            reset = True
         try:
             with open(self.path, "rb") as f:
                 if self.offset and self.signature:
@@ -137,9 +147,25 @@ class JsonlTail:
         batch.records = self._parse(data[start:end].split(b"\n"))
         return batch
 
+    def _prefix_unchanged(self) -> bool:
+        """True when bytes [0, offset) still hash to what was read (a same-size rewrite changes them)."""
+        crc, left = 0, self.offset
+        try:
+            with open(self.path, "rb") as f:
+                while left > 0:
+                    chunk = f.read(min(left, CHUNK_BYTES))
+                    if not chunk:
+                        return False
+                    crc = zlib.crc32(chunk, crc)
+                    left -= len(chunk)
+        except OSError:
+            return True   # unreadable now: the next poll decides
+        return crc == self.crc
+
     def _consume(self, consumed: bytes) -> None:
         if not consumed:
             return
+        self.crc = zlib.crc32(consumed, self.crc)
         self.offset += len(consumed)
         self.signature = (self.signature + consumed[-SIGNATURE_BYTES:])[-SIGNATURE_BYTES:]
 

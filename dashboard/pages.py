@@ -1,12 +1,23 @@
 """The HTML page. It is a shell: everything on it comes from /api/* and updates live."""
 
-from flask import Blueprint, Response, render_template
+from urllib.parse import urlencode
+
+from flask import Blueprint, Response, redirect, render_template, request
+
+from .auth import set_token_cookie
 
 bp = Blueprint("pages", __name__)
 
 
 @bp.get("/")
 def index():
+    if "token" in request.args:
+        # the token already passed check_token: keep it in a cookie, and answer with the URL
+        # without it, before the page makes any request that could carry it in a Referer
+        rest = [(k, v) for k, values in request.args.lists() if k != "token" for v in values]
+        response = redirect(f"{request.script_root}/" + (f"?{urlencode(rest)}" if rest else ""), code=303)
+        set_token_cookie(response)
+        return response
     return render_template("dashboard.html")
 
 

@@ -1,9 +1,10 @@
-"""Server-side plots (matplotlib, Agg backend), cached until the data they show changes.
+"""Server-side plots (matplotlib, Agg backend) for /api/.../plots/<name>.png and other tools.
 
-Each plot names the log streams it depends on; the cache key holds those streams'
-versions, so a plot is drawn again only after its data changed, and a hundred browsers
-asking for the same plot cost one drawing. Data is copied (downsampled) under the run's
-lock and drawn outside it.
+The page draws its own charts in the browser from /api/runs/<run>/metrics; these PNGs are
+off its path. Each plot names the log streams it depends on; the cache key holds those
+streams' versions, so a plot is drawn again only after its data changed, and concurrent
+requests for the same plot wait for one drawing. Data is copied (downsampled) under the
+run's lock and drawn outside it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .downsample import downsample
+from .downsample import ema_debiased
 
 PLOT_POINTS = 1200
+DEFAULT_SMOOTHING = 0.6   # TensorBoard's default EMA weight for the smoothed loss
 # eval_log fields drawn on the "metric" plot when a run logs them (trainkit.runlog.EVAL_FIELDS)
 METRIC_COLUMNS = ("task_score", "accuracy", "f1", "mcc", "pearson", "spearman", "accuracy_matched",
                   "accuracy_mismatched", "rouge1", "rouge2", "rougeL", "exact_match", "execution_accuracy", "bleu",
                   "eval_kd_loss", "eval_top1_agreement")
 CACHE_ENTRIES = 256
+LOG_Y_PLOTS = ("loss", "lr", "grad_norm", "throughput")   # plots that take ?log_y=1
 
 # name -> (title, streams it depends on)
 PLOTS = {
@@ -40,7 +43,11 @@ BG, PANEL, GRID, TEXT, MUTED = "#0f1623", "#151e2e", "#263248", "#d8e0ee", "#8a9
 BLUE, ORANGE, GREEN, PINK, VIOLET = "#4ea1ff", "#ffb547", "#3ddc97", "#ff6b8b", "#a78bfa"
 COLORS = [BLUE, ORANGE, GREEN, PINK, VIOLET, "#22d3ee", "#f472b6", "#facc15"]
 
-_render_lock = threading.Lock()   # matplotlib's font cache and Agg are not thread-safe
+# matplotlib is not thread-safe (shared font and text caches): one drawing at a time. Requests
+# for a plot someone is drawing already wait on that drawing's own lock, not on the queue.
+_render_lock = threading.Lock()
+_drawing: dict = {}                # cache key -> lock held while that plot is drawn
+_drawing_lock = threading.Lock()
 _cache: OrderedDict = OrderedDict()
 _matplotlib = None
 
@@ -62,21 +69,26 @@ def cached_png(key: tuple, draw, size: tuple = (7.2, 3.2)) -> bytes:
     png = _cache.get(key)
     if png is not None:
         return png
-    with _render_lock:
-        png = _cache.get(key)   # another thread may have drawn it while we waited
+    with _drawing_lock:
+        mine = _drawing.setdefault(key, threading.Lock())
+    with mine:   # a second request for this plot waits here for the first one's drawing
+        png = _cache.get(key)
         if png is not None:
             return png
-        Figure, FigureCanvasAgg = _pyplot_free_imports()
-        fig = Figure(figsize=size, dpi=100, facecolor=BG)
-        FigureCanvasAgg(fig)
-        draw(fig)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", facecolor=BG)
+        with _render_lock:
+            Figure, FigureCanvasAgg = _pyplot_free_imports()
+            fig = Figure(figsize=size, dpi=100, facecolor=BG)
+            FigureCanvasAgg(fig)
+            draw(fig)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", facecolor=BG)
         png = buffer.getvalue()
         _cache[key] = png
         while len(_cache) > CACHE_ENTRIES:
             _cache.popitem(last=False)
-        return png
+    with _drawing_lock:
+        _drawing.pop(key, None)
+    return png
 
 
 def _axes(fig, title: str, ylabel: str = ""):
@@ -105,18 +117,6 @@ def _legend(ax) -> None:
     legend.get_frame().set_alpha(0.9)
 
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the last ``window`` finite values (nan-aware, O(n))."""
-    values = values.astype(np.float64)          # a float32 running sum of a million values drifts
-    finite = np.isfinite(values)
-    sums = np.cumsum(np.where(finite, values, 0.0))
-    counts = np.cumsum(finite)
-    sums[window:] = sums[window:] - sums[:-window]
-    counts[window:] = counts[window:] - counts[:-window]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-
-
 def _series_plot(fig, title, steps, data, key, color, label=None, log_y=False, band=True):
     ax = _axes(fig, title)
     series = data["series"].get(key)
@@ -135,33 +135,29 @@ def _series_plot(fig, title, steps, data, key, color, label=None, log_y=False, b
     return ax
 
 
-def render(run, name: str) -> bytes:
-    """PNG bytes of plot ``name`` for ``run`` (a RunState)."""
+def render(run, name: str, smoothing: float = DEFAULT_SMOOTHING, log_y: bool = False) -> bytes:
+    """PNG bytes of plot ``name`` for ``run`` (a RunState); ``smoothing`` is the loss plot's EMA weight,
+    ``log_y`` a logarithmic y axis for the training-series plots."""
     streams = PLOTS[name][1]
-    key = ("run", run.name, name, tuple(run.versions[s] for s in streams))
+    key = ("run", run.name, name, tuple(run.versions[s] for s in streams), smoothing if name == "loss" else None,
+           log_y and name in LOG_Y_PLOTS)
     png = _cache.get(key)
     if png is not None:
         return png
     snapshot = _snapshot(run, name)
+    snapshot.update(smoothing=smoothing, log_y=log_y)
     return cached_png(key, lambda fig: _DRAW[name](fig, snapshot))
 
 
 def _snapshot(run, name: str) -> dict:
-    from .runs import SMOOTHING_WINDOW
     with run.lock:
         if name in ("loss", "lr", "grad_norm", "throughput", "memory"):
             table = run.training
             keys = {"loss": ["loss"], "lr": ["lr"], "grad_norm": ["grad_norm"],
                     "throughput": ["tokens_per_sec"],
                     "memory": ["memory_allocated_gb", "memory_peak_gb"]}[name]
-            values = {k: table.column(k) for k in keys}
+            snap = {"data": table.downsample(keys, PLOT_POINTS)}
             if name == "loss":
-                # the card's window for short runs; a wider one on long runs, where 25 lines is noise
-                window = max(SMOOTHING_WINDOW, len(table) // 200)
-                values["smoothed"] = moving_average(values["loss"], window)
-            snap = {"data": downsample(table.steps, values, PLOT_POINTS)}
-            if name == "loss":
-                snap["window"] = window
                 snap["checkpoints"] = [(c["step"], c["state"], c["is_best"]) for c in run.checkpoints]
                 snap["resumes"] = [r["to_step"] for r in table.resumes]
             return snap
@@ -192,10 +188,10 @@ def _snapshot(run, name: str) -> dict:
 def _draw_loss(fig, snap):
     data = snap["data"]
     steps = data["step"]
-    ax = _series_plot(fig, "Training loss", steps, data, "loss", BLUE, label="loss")
-    if "smoothed" in data["series"] and np.isfinite(data["series"]["smoothed"]["value"]).any():
-        ax.plot(steps, data["series"]["smoothed"]["value"], color=ORANGE, linewidth=1.8,
-                label=f"moving average ({snap['window']} logs)")
+    ax = _series_plot(fig, "Training loss", steps, data, "loss", BLUE, label="loss", log_y=snap["log_y"])
+    smoothed = ema_debiased(data["series"]["loss"]["value"], snap["smoothing"])
+    if snap["smoothing"] > 0 and np.isfinite(smoothed).any():
+        ax.plot(steps, smoothed, color=ORANGE, linewidth=1.8, label=f"EMA {snap['smoothing']:g} (debiased)")
         for step, state, is_best in snap["checkpoints"]:
             ax.axvline(step, color=GREEN if is_best else MUTED, linewidth=1.0,
                        linestyle="-" if state == "kept" else ":", alpha=0.8 if state == "kept" else 0.45)
@@ -255,10 +251,10 @@ def _draw_metric(fig, snap):
     _legend(ax)
 
 
-def _draw_simple(key, title, color, log_y=False):
+def _draw_simple(key, title, color):
     def draw(fig, snap):
         data = snap["data"]
-        _series_plot(fig, title, data["step"], data, key, color, log_y=log_y)
+        _series_plot(fig, title, data["step"], data, key, color, log_y=snap["log_y"])
     return draw
 
 
@@ -285,9 +281,12 @@ def _draw_experts_heatmap(fig, snap):
     if matrix.size == 0:
         _empty(ax, "dense model: no expert statistics")
         return
+    from matplotlib.ticker import MaxNLocator
     image = ax.imshow(matrix, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel("expert", color=MUTED, fontsize=8)
     ax.set_ylabel("layer", color=MUTED, fontsize=8)
+    for axis in (ax.xaxis, ax.yaxis):   # layers and experts are whole numbers: no 0.5 ticks
+        axis.set_major_locator(MaxNLocator(integer=True))
     colorbar = fig.colorbar(image, ax=ax, pad=0.02)
     colorbar.ax.tick_params(colors=MUTED, labelsize=7)
     colorbar.outline.set_edgecolor(GRID)
@@ -334,7 +333,7 @@ def render_compare(runs: list, key: str, stream: str = "training") -> bytes:
     for run in runs:
         with run.lock:
             table = run.training if stream == "training" else run.eval
-            data = downsample(table.steps, {key: table.column(key)}, PLOT_POINTS)
+            data = table.downsample([key], PLOT_POINTS)
         lines.append((run.name, data["step"], data["series"][key]["value"]))
 
     def draw(fig):

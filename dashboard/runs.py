@@ -6,15 +6,17 @@ updates the in-memory state of each run under that run's lock. Requests take the
 for the few milliseconds a query needs.
 
 Run names in URLs are only ever looked up in the dict of discovered runs, so no request
-can name a path; every file is opened only if its real path is inside the logdir.
+can name a path; every file is opened only if its real path is inside the logdir. A
+directory name that is not valid UTF-8 gets a printable name (its odd bytes as ``\\xff``);
+the dict maps that name to the real path.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -26,6 +28,7 @@ from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOI
                              RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS,
                              read_json)
 
+from .diagnosis import describe_failure
 from .logreader import JsonlTail, is_number
 from .series import SeriesTable
 
@@ -37,6 +40,10 @@ MAX_TRACEBACK_CHARS = 64_000
 SMOOTHING_WINDOW = 25      # logged lines in the moving average of the loss
 CHECKPOINT_SCAN_SECONDS = 3.0
 CHECKPOINT_RE = re.compile(rf"^(?:{FINAL_CHECKPOINT_PREFIX}|{CHECKPOINT_PREFIX})(\d+)$")
+# Steps are optimizer steps; above 2**53 a float64 cannot even hold them exactly. A line with
+# such a step (e.g. "step": 1e308) is corrupt: taking it would make every later line look like
+# a resume that drops it.
+MAX_STEP = 2.0 ** 53
 
 # numeric fields that must be a number or null, else the line is skipped as "wrong_type"
 NUMERIC_FIELDS = {
@@ -56,7 +63,7 @@ def make_validator(stream: str):
     def validate(obj: dict) -> str | None:
         # runs once per line of a million-line log: type() checks, no isinstance chains
         step = obj.get("step")
-        if type(step) not in number_types or not 0 <= step < math.inf:   # nan fails the comparison
+        if type(step) not in number_types or not 0 <= step <= MAX_STEP:   # nan and inf fail the comparison
             return "bad_step"
         for key in numeric.intersection(obj):
             value = obj[key]
@@ -99,6 +106,8 @@ class RunState:
         self.event_count = 0
         self.error_count = 0
         self.attempt = 1
+        self.last_stop: dict | None = None    # the latest "stop" event (reason finished / failed / nan_limit ...)
+        self.last_fatal: dict | None = None   # the latest error line with fatal: true
         self.checkpoints: list[dict] = []
         self.checkpoint_cache: dict[str, tuple] = {}
         self.checkpoints_scanned = 0.0
@@ -139,12 +148,18 @@ class RunState:
     def _read_info(self) -> None:
         path = self.path / RUN_INFO_FILE
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                # a run.json linked from outside the logdir is neither read nor allowed to move
+                # last_activity (its mtime would tell what happens outside)
+                if not self.inside(path):
+                    return
+                st = os.stat(path)
         except OSError:
             return
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.last_activity = max(self.last_activity, st.st_mtime)
-        if key == self.info_stat or not self.inside(path):
+        if key == self.info_stat:
             return
         info = read_json(path, default=None)
         if isinstance(info, dict):
@@ -166,9 +181,11 @@ class RunState:
             self.events.clear()
             self.event_count = 0
             self.attempt = 1
+            self.last_stop = None
         elif stream == "errors":
             self.errors.clear()
             self.error_count = 0
+            self.last_fatal = None
 
     def _apply(self, stream: str, records: list[dict]) -> None:
         if stream == "training":
@@ -186,6 +203,9 @@ class RunState:
             for record in records:
                 if record.get("event") == "resume":
                     self.attempt += 1
+                    self.last_stop = None
+                elif record.get("event") == "stop":
+                    self.last_stop = record
                 self.events.append({**record, "attempt": self.attempt})
             self.event_count += len(records)
         elif stream == "errors":
@@ -193,6 +213,8 @@ class RunState:
                 traceback = record.get("traceback")
                 if isinstance(traceback, str) and len(traceback) > MAX_TRACEBACK_CHARS:
                     record["traceback"] = traceback[-MAX_TRACEBACK_CHARS:]
+                if record.get("fatal") is True:
+                    self.last_fatal = record
                 self.errors.append(record)
             self.error_count += len(records)
 
@@ -305,7 +327,7 @@ class RunState:
                 "script": self.info.get("script"),
                 "model": model.get("name"),
                 "is_moe": bool(model.get("is_moe")) or len(self.experts) > 0,
-                "step": _int_if_whole(last.get("step")),
+                "step": int_if_whole(last.get("step")),
                 "total_steps": total,
                 "start_time": self.start_time() or None,
                 "last_activity": self.last_activity or None,
@@ -358,6 +380,8 @@ class RunState:
                 "skipped_lines": {s: dict(t.skipped) for s, t in self.tails.items() if t.skipped},
                 "indexing": self.indexing(),
             }
+            stats["failure"] = describe_failure(self.info, summary["status"], self.last_stop, self.last_fatal,
+                                                self.last_activity, stall_seconds, now)
             return stats
 
     def _eta_from_rate(self, remaining_steps: float) -> float | None:
@@ -487,6 +511,8 @@ class RunStore:
             entries = list(os.scandir(self.logdir))
         except OSError:
             entries = []
+        # valid UTF-8 names first, so a printable stand-in never takes a real directory's name
+        entries.sort(key=lambda e: (_printable_name(e.name, ()) != e.name, e.name))
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -499,17 +525,18 @@ class RunStore:
             if not ((path / RUN_INFO_FILE).is_file() or (path / LOGS_DIR).is_dir()):
                 continue
             if self.inside(path):
-                found[entry.name] = path
+                found[_printable_name(entry.name, found)] = path
         if set(found) != set(self.runs):
             # copy on write: requests iterate self.runs without taking a lock
             self.runs = {name: self.runs.get(name) or RunState(name, path, self.inside)
                          for name, path in found.items()}
             self.runs_version += 1
 
-    def wait_for_pass(self, timeout: float) -> bool:
-        """Block until the reader finished a pass that started after this call (for tests, SSE)."""
+    def wait_for_pass(self, timeout: float, started_after: bool = True) -> bool:
+        """Block until the reader finishes a pass: one that started after this call (tests), or with
+        ``started_after=False`` the next one to finish (the live stream: sooner, by up to a pass)."""
         with self.changed:
-            target = self.passes + 2
+            target = self.passes + (2 if started_after else 1)
             return self.changed.wait_for(lambda: self.passes >= target or self.stopping.is_set(), timeout)
 
     # ----- lookups -----------------------------------------------------------------------
@@ -525,5 +552,20 @@ class RunStore:
         return runs[0] if runs else None
 
 
-def _int_if_whole(value):
+def int_if_whole(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _printable_name(name: str, taken) -> str:
+    """The directory name, or for a name that is not valid UTF-8 (surrogate-escaped by os.scandir)
+    the same with its odd bytes written as \\xNN: JSON, URLs and Prometheus labels need text."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        printable = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    candidate, n = printable, 1
+    while candidate in taken:   # a real directory could be called like that
+        n += 1
+        candidate = f"{printable}~{n}"
+    return candidate

@@ -3,7 +3,8 @@
 A million training lines as Python dicts would take gigabytes; as float64 columns they
 take 8 bytes per field per line. Rows are kept in strictly increasing ``step`` order: a
 step that goes backwards is a resume, and the rows of the earlier attempt from that step
-on are dropped (the run-directory contract in trainkit/runlog.py).
+on are dropped (the run-directory contract in trainkit/runlog.py). ``generation`` counts
+such drops (and clears), so a client that appends increments knows when to reload.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .downsample import BlockStats, downsample_rows, round_significant
 
 MAX_COLUMNS = 64  # a stream that invents new keys on every line cannot exhaust memory
 # Fields that need float64 (exact steps and token counts, unix times); every other field is
@@ -20,15 +23,6 @@ FLOAT64_FIELDS = {"step", "time", "tokens", "epoch", "eval_tokens", "tokens_rout
 
 def column_dtype(key: str):
     return np.float64 if key in FLOAT64_FIELDS else np.float32
-
-
-def round_significant(values: np.ndarray, digits: int = 7) -> np.ndarray:
-    """float32 values as the short decimals they were written as (2.345, not 2.3450000286)."""
-    values = np.asarray(values, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        magnitude = np.floor(np.log10(np.abs(values)))
-        scale = np.power(10.0, digits - 1 - np.where(np.isfinite(magnitude), magnitude, 0))
-        return np.where(np.isfinite(values) & (values != 0), np.round(values * scale) / scale, values)
 
 
 def _to_float_column(values: list) -> np.ndarray:
@@ -45,6 +39,8 @@ class SeriesTable:
         self.clear()
 
     def clear(self) -> None:
+        self.generation = getattr(self, "generation", -1) + 1
+        self.blocks: dict = {}                # key -> downsample.BlockStats, built on first query
         self.n = 0
         self.capacity = 0
         self.columns: dict[str, np.ndarray] = {"step": np.empty(0, dtype=np.float64)}
@@ -94,6 +90,19 @@ class SeriesTable:
     def index_after(self, step: float) -> int:
         return int(np.searchsorted(self.steps, step, side="right"))
 
+    def index_at_or_after(self, step: float) -> int:
+        return int(np.searchsorted(self.steps, step, side="left"))
+
+    def downsample(self, keys: list[str], max_points: int, start: int = 0, end: int | None = None) -> dict:
+        """Rows [start, end) of ``keys`` as at most ``max_points`` points (see dashboard.downsample)."""
+        end = self.n if end is None else end
+        columns = {}
+        for key in keys:
+            columns[key] = self.column(key)
+            if key in self.columns:   # a key never logged has no blocks: it is all nan
+                self.blocks.setdefault(key, BlockStats()).extend(columns[key])
+        return downsample_rows(self.steps, columns, self.blocks, start, end, max_points)
+
     def _grow(self, needed: int) -> None:
         if needed <= self.capacity:
             return
@@ -133,6 +142,9 @@ class SeriesTable:
             keep = np.ones(len(steps), dtype=bool)
             keep[:-1] = steps[:-1] < later_min[1:]
             self.n = int(np.searchsorted(self.steps, later_min[0], side="left"))
+            self.generation += 1
+            for stats in self.blocks.values():
+                stats.truncate(self.n)
             records = [r for r, k in zip(records, keep) if k]
             steps = steps[keep]
             self.resumes.extend(resumes)

@@ -41,7 +41,7 @@ BASE_PYTHON="${PYTHON:-python3}"
 CPU_TORCH_SPEC="torch==2.13.0+cpu"
 CPU_TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 # Import names of what requirements.txt installs, for the quick checks below.
-MODULES="torch transformers accelerate peft bitsandbytes datasets tokenizers safetensors yaml tqdm fla triton sklearn scipy rouge_score sacrebleu sqlparse flask matplotlib pynvml pytest"
+MODULES="torch transformers accelerate peft bitsandbytes datasets tokenizers safetensors yaml tqdm fla triton sklearn scipy rouge_score sacrebleu sqlparse flask matplotlib pynvml prometheus_client pytest"
 
 say() { echo "setup: $*" >&2; }
 die() { echo "setup: error: $*" >&2; exit 1; }
