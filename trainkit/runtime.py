@@ -45,7 +45,7 @@ def resolve_dtype(name: str, device) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bfloat16", f"auto: {torch.cuda.get_device_name(device)} computes bf16 natively"
         return "float16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16"
-    return "float32", f"auto: {device.type} without native bf16 matmuls"
+    return "float32", f"auto: float32 on a {device.type} (bf16 is emulated on most CPUs, and was no faster where native)"
 
 
 def memory_gb(device: torch.device) -> tuple[float, float]:
