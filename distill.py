@@ -164,11 +164,11 @@ def main() -> int:
 
     from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.models import enable_activation_checkpointing, load_frozen_model, load_weights_into
-    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
                                interval_means, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
                                record_evaluation, record_failure, report_nonfinite, resume_training_state,
                                tracker_config, training_record)
+    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.runlog import RunLog
     from trainkit.schedules import build_staged_scheduler
     from trainkit.students import build_student, freeze

@@ -83,8 +83,8 @@ def main() -> int:
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
                                resume_training_state, tracker_config, training_record)
     from trainkit.models import load_model
-    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.moe import RouterStats
+    from trainkit.patches.peft import quiet_known_warnings
     from trainkit.runlog import RunLog
     from trainkit.schedules import build_scheduler
     from trainkit.tokenizer import load_tokenizer

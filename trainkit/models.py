@@ -27,9 +27,9 @@ from torch import nn
 
 from trainkit.patches.bitsandbytes import keep_cpu_4bit_layout
 from trainkit.patches.transformers import quantize_experts_on_load
-from trainkit.runtime import resolve_dtype
 from trainkit.quantization import (count_parameters, float_expert_params, iter_expert_modules,
                                    non_embedding_parameters, quantize_moe_experts)
+from trainkit.runtime import resolve_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # modules never quantized: the output head and router/gate projections (tiny, and routing

@@ -42,7 +42,9 @@ def resolve_dtype(name: str, device) -> tuple[str, str]:
         return name, "set in the config"
     device = torch.device(device)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        with torch.cuda.device(device):  # is_bf16_supported asks the current device; without emulation
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # (pre-Ampere emulates it)
+        if native_bf16:
             return "bfloat16", f"auto: {torch.cuda.get_device_name(device)} computes bf16 natively"
         return "float16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16"
     return "float32", f"auto: float32 on a {device.type} (bf16 is emulated on most CPUs, and was no faster where native)"

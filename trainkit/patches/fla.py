@@ -312,8 +312,8 @@ def _check_replacement(module: nn.Module, fn) -> None:
             raise REFERENCE_BACKEND.error(f"{cls.__name__}.forward takes {', '.join(unknown)}, which the CPU "
                                           "reference backend does not handle", "run on a CUDA GPU, or " + LOCK_HINT)
         _SIGNATURES_CHECKED.add(cls)
-    needs = [a for name, attrs in _NEEDS.items() if name == cls.__name__ or any(
-        base.__name__ == name for base in cls.__mro__) for a in attrs]
+    lineage = {base.__name__ for base in cls.__mro__}
+    needs = [a for name, attrs in _NEEDS.items() if name in lineage for a in attrs]
     missing = [a for a in needs if not hasattr(module, a)]
     if missing:
         raise REFERENCE_BACKEND.error(f"{cls.__name__} has no attribute {', '.join(missing)}",
