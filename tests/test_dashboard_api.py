@@ -66,6 +66,25 @@ def test_health_and_runs_newest_first_with_statuses(server):
                         "dense-lora-failed": "failed", "moe-resumed": "finished", "dense-stalled": "stalled"}
 
 
+def test_indexing_is_not_done_before_the_reader_has_found_the_runs(logdir, monkeypatch):
+    # health once said "indexing_done" before the first pass had discovered any run (all() of nothing)
+    from dashboard.runs import RunStore
+    first_pass = __import__("threading").Event()
+    real_poll = RunStore.poll_once
+
+    def held_poll(self, *args, **kwargs):
+        first_pass.wait(10)
+        return real_poll(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "poll_once", held_poll)
+    app = create_app(str(logdir), poll_interval=0.1)
+    with ThreadedServer(app) as srv:
+        health = get_json(srv.url + "/health")[1]
+        assert health["reader_passes"] == 0 and health["indexing_done"] is False
+        first_pass.set()
+        wait_indexed(srv.url, len(RUN_NAMES))
+
+
 def test_stats_of_a_running_moe_run(server):
     status, stats = get_json(server.url + "/api/runs/moe-qlora-running/stats")
     assert status == 200
