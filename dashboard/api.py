@@ -121,8 +121,7 @@ def health():
     runs = store()
     return jsonify(status="ok", runs=len(runs.runs), uptime_seconds=round(time.time() - runs.started_at, 3),
                    reader_passes=runs.passes,
-                   # before the first pass no run is known yet, and all() of nothing would say done
-                   indexing_done=runs.passes > 0 and all(r.first_pass_done for r in runs.runs.values()),
+                   indexing_done=all(r.first_pass_done for r in runs.runs.values()),
                    streams_open=current_app.extensions["dashboard.streams"].open)
 
 

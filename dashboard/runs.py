@@ -468,6 +468,9 @@ class RunStore:
             if self.thread is not None and self.thread_pid == os.getpid() and self.thread.is_alive():
                 return
             self.stopping.clear()
+            # find the run directories before serving: a request that came before the reader's first
+            # pass was told that a run on disk did not exist (404), and /health that indexing was done
+            self._discover()
             self.thread = threading.Thread(target=self._loop, name="dashboard-log-reader", daemon=True)
             self.thread_pid = os.getpid()
             self.thread.start()

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import threading
 import time
 import types
 
@@ -16,6 +17,7 @@ import pytest
 from dashboard import create_app
 from dashboard.fake_runs import RUN_NAMES, SyntheticRun, generate, set_mtime
 from dashboard.gpu import GpuMonitor
+from dashboard.runs import RunStore
 from dashboard.testing import ThreadedServer, get, get_json, wait_until
 from urllib.parse import quote
 
@@ -66,10 +68,10 @@ def test_health_and_runs_newest_first_with_statuses(server):
                         "dense-lora-failed": "failed", "moe-resumed": "finished", "dense-stalled": "stalled"}
 
 
-def test_indexing_is_not_done_before_the_reader_has_found_the_runs(logdir, monkeypatch):
-    # health once said "indexing_done" before the first pass had discovered any run (all() of nothing)
-    from dashboard.runs import RunStore
-    first_pass = __import__("threading").Event()
+def test_runs_are_known_before_the_readers_first_pass(logdir, monkeypatch):
+    # a request before the first pass once got 404 for a run on disk, and health said "indexing_done"
+    # (all() of no runs)
+    first_pass = threading.Event()
     real_poll = RunStore.poll_once
 
     def held_poll(self, *args, **kwargs):
@@ -81,6 +83,8 @@ def test_indexing_is_not_done_before_the_reader_has_found_the_runs(logdir, monke
     with ThreadedServer(app) as srv:
         health = get_json(srv.url + "/health")[1]
         assert health["reader_passes"] == 0 and health["indexing_done"] is False
+        assert health["runs"] == len(RUN_NAMES)
+        assert get(srv.url + "/api/runs/dense-stalled/stats")[0] == 200
         first_pass.set()
         wait_indexed(srv.url, len(RUN_NAMES))
 
