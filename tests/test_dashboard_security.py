@@ -12,11 +12,11 @@ import sys
 import textwrap
 
 import pytest
-import yaml
 
 from dashboard import create_app
 from dashboard.fake_runs import generate
 from dashboard.testing import REPO_ROOT, ThreadedServer, free_port, get, get_json, start_gunicorn, stop, wait_until
+from helpers_launcher import write_fake_run_config
 
 PYTHON = sys.executable
 TOKEN = "tok-0123456789-SECRET-abcdef"   # distinctive: found in any output it leaks into
@@ -163,14 +163,7 @@ FAKE_TRAINER = textwrap.dedent("""\
 
 
 def test_launch_training_sh_dashboard_never_prints_the_token(tmp_path):
-    script = tmp_path / "fake_train.py"
-    script.write_text(FAKE_TRAINER)
-    data = tmp_path / "data.jsonl"
-    data.write_text('{"text": "hello"}\n')
-    config = tmp_path / "fake.yaml"
-    config.write_text(yaml.safe_dump({
-        "script": str(script), "model": {"config": {"model_type": "llama"}},
-        "paths": {"data_path": str(data), "output_dir": str(tmp_path / "out"), "run_name": "run"}}))
+    config = write_fake_run_config(tmp_path, FAKE_TRAINER)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINKIT_", "ACCELERATE_"))}
     env.update(PATH=f"{os.path.dirname(PYTHON)}{os.pathsep}{env.get('PATH', '')}", TRAINKIT_NO_VENV="1",

@@ -14,7 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
+
+from helpers_launcher import write_fake_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch_training.sh"
@@ -47,17 +48,8 @@ def launch(*args, timeout=120, **env) -> subprocess.CompletedProcess:
 @pytest.fixture
 def fake_run(tmp_path):
     """A config whose script is FAKE_SCRIPT (no schema: the launcher passes unknown sections through)."""
-    script = tmp_path / "fake_train.py"
-    script.write_text(FAKE_SCRIPT)
-    data = tmp_path / "data.jsonl"
-    data.write_text('{"text": "hello"}\n')
-    config = tmp_path / "fake.yaml"
-    config.write_text(yaml.safe_dump({
-        "script": str(script),
-        "paths": {"data_path": str(data), "output_dir": str(tmp_path / "out"), "run_name": "run"},
-        "model": {"config": {"model_type": "llama"}},
-        "tracking": {"hf_token": "hf_CONFIGSECRET", "project": "demo"},
-    }))
+    config = write_fake_run_config(tmp_path, FAKE_SCRIPT,
+                                   tracking={"hf_token": "hf_CONFIGSECRET", "project": "demo"})
     return {"config": config, "run_dir": tmp_path / "out" / "run", "out": tmp_path / "called.json"}
 
 
