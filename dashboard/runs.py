@@ -145,6 +145,18 @@ class RunState:
                     table.trim()
         return left
 
+    def read_header(self) -> None:
+        """What orders the runs (run.json's start time, the logs' mtimes), read when the run is
+        found: a stream opened before the reader's first pass otherwise followed an arbitrary run
+        as "latest" (start times unknown), as CI saw once in test_start_dashboard_sh_prefers_gunicorn."""
+        self._read_info()
+        for tail in self.tails.values():
+            try:
+                if self.inside(tail.path):
+                    self.last_activity = max(self.last_activity, os.stat(tail.path).st_mtime)
+            except OSError:
+                pass
+
     def _read_info(self) -> None:
         path = self.path / RUN_INFO_FILE
         try:
@@ -530,10 +542,15 @@ class RunStore:
             if self.inside(path):
                 found[_printable_name(entry.name, found)] = path
         if set(found) != set(self.runs):
+            runs = {name: self.runs.get(name) or self._new_run(name, path) for name, path in found.items()}
             # copy on write: requests iterate self.runs without taking a lock
-            self.runs = {name: self.runs.get(name) or RunState(name, path, self.inside)
-                         for name, path in found.items()}
+            self.runs = runs
             self.runs_version += 1
+
+    def _new_run(self, name: str, path: Path) -> RunState:
+        run = RunState(name, path, self.inside)
+        run.read_header()
+        return run
 
     def wait_for_pass(self, timeout: float, started_after: bool = True) -> bool:
         """Block until the reader finishes a pass: one that started after this call (tests), or with
