@@ -179,6 +179,14 @@ def test_python_m_dashboard_logs_its_alerts(tmp_path, webhook):
                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={"PATH": "/usr/bin:/bin", "DASHBOARD_WEBHOOK_URL": webhook.url,
                                     "DASHBOARD_POLL_INTERVAL": "0.1"})
+    lines: list[str] = []
+
+    def read_stderr():
+        for line in process.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
         wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=20, message="server up")
         run = SyntheticRun(tmp_path, "r", moe=False, total_steps=2, start_time=time.time())
@@ -186,10 +194,14 @@ def test_python_m_dashboard_logs_its_alerts(tmp_path, webhook):
         run.advance(now=time.time())
         run.advance(now=time.time())
         run.finish()
-        wait_until(lambda: len(webhook.messages) == 1, timeout=20, message="the finish alert")
+        # the webhook records the POST before it answers, and the dashboard logs the delivery only once it
+        # read that answer: stopping it when the webhook had the message lost the line (CI, 2 cores)
+        wait_until(lambda: any(" delivered to " in line for line in lines), timeout=20, message="the delivery logged")
+        assert len(webhook.messages) == 1
     finally:
         stop(process)
-    err = process.stderr.read()
+        reader.join(timeout=10)
+    err = "".join(lines)
     assert "dashboard INFO alert finished for run 'r': :white_check_mark:" in err
     assert f"dashboard INFO alert finished for run 'r' delivered to http://127.0.0.1:{webhook.server.server_port}/… (HTTP 200)" in err
     assert SECRET_PATH not in err
