@@ -150,16 +150,17 @@ class Alerter:
             if attempt < ATTEMPTS:
                 time.sleep(wait)
                 wait *= 2
-        record.update(delivered=delivered, http_status=status, error=error)   # None until settled
+        # the log line first, then the outcome in /api/alerts and /metrics: whoever sees it settled there
+        # (a test, a script) finds it in the log too
         where = webhook_label(self.url)
-        with self.lock:
-            self.counts[(record["kind"], "delivered" if record["delivered"] else "failed")] += 1
-        if record["delivered"]:
-            log.info("alert %s for run %r delivered to %s (HTTP %s)", record["kind"], record["run"], where,
-                     record["http_status"])
+        if delivered:
+            log.info("alert %s for run %r delivered to %s (HTTP %s)", record["kind"], record["run"], where, status)
         else:
             log.warning("alert %s for run %r NOT delivered to %s after %d tries: %s", record["kind"], record["run"],
-                        where, record["attempts"], record["error"])
+                        where, record["attempts"], error)
+        with self.lock:
+            record.update(delivered=delivered, http_status=status, error=error)   # None until settled
+            self.counts[(record["kind"], "delivered" if delivered else "failed")] += 1
 
     def snapshot(self) -> dict:
         with self.lock:
