@@ -206,6 +206,19 @@ def open_page(driver, url: str, timeout: float = 60.0) -> float:
     raise RuntimeError("the page did not draw its charts")
 
 
+def wait_drawn(driver, step: int, timeout: float = 60.0) -> dict:
+    """TK.draws once every chart of LAG_CHARTS drew ``step`` (or at the timeout: the lines left are then
+    counted as never drawn). A lag is measured from the draw times, so waiting changes no figure; a fixed
+    2 s pause counted lines the page was about to draw as missing on a loaded machine."""
+    ends = time.monotonic() + timeout
+    while True:
+        draws = driver.execute_script("return TK.draws")
+        if all(max((s for s, _ in draws.get(chart, [])), default=-1) >= step for chart in LAG_CHARTS) \
+                or time.monotonic() > ends:
+            return draws
+        time.sleep(0.1)
+
+
 def lags(appended: list[tuple[int, float]], draws: list, since: float) -> tuple[list[float], int]:
     """For each line appended after ``since``: seconds until the chart first drew a step >= it."""
     out, missing, j = [], 0, 0
@@ -248,8 +261,7 @@ def browser_phase(workdir: Path, rates: list[float], seconds: float, tti_loads: 
             time.sleep(seconds)
             cpu = (server_cpu_seconds(process) - cpu0) / (time.monotonic() - wall0)
             appender.finish()
-            time.sleep(2.0)                           # let the last appended lines reach the charts
-            draws = driver.execute_script("return TK.draws")
+            draws = wait_drawn(driver, appender.step)   # the last appended lines reach the charts
             per_chart = {}
             for chart in LAG_CHARTS:
                 values, missing = lags(appender.written, draws.get(chart, []), since)
