@@ -106,7 +106,9 @@ def test_gpu_slots_and_concurrency_limit(work, capsys):
         return peak
 
     assert max_overlap(intervals["0"]) <= 2 and max_overlap(intervals["1"]) <= 1
-    assert max_overlap(intervals["0"] + intervals["1"]) >= 2  # jobs really ran side by side
+    # jobs really ran side by side: the scheduler started the next ones before it saw the first end (its own
+    # record; the trainers' own start..end overlap only when their start-up jitter is shorter than their run)
+    assert max_overlap([(j["start_time"], j["end_time"]) for j in jobs]) >= 2
     by_slot = {}
     for j in jobs:
         by_slot.setdefault(j["slot"], []).append((j["start_time"], j["end_time"]))
