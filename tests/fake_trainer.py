@@ -20,6 +20,8 @@ Knobs (config section `fake`, overridable as fake.key=value; the environment var
     eval_every / save_every                                                        default 2 / 2
     peak_step     step where task_score peaks (eval_loss keeps falling)            default max_steps // 2
     test_split    also write a split "test" line for the best step at the end       default false
+    hold_file     after the last step, wait until this file exists (a test releases   default none
+                  the run when it has looked at it running; FAKE_TRAINER_HOLD_FILE)
 
 run.json gets extra fields for the tests: cuda_visible_devices (this process's
 CUDA_VISIBLE_DEVICES, null when unset), argv, and attempts: one {start, end, resume,
@@ -85,6 +87,7 @@ def main() -> int:
     fail_once = bool(fake.get("fail_once", True))
     eval_every, save_every = int(fake.get("eval_every", 2)), int(fake.get("save_every", 2))
     peak = int(fake.get("peak_step", max(1, total // 2)))
+    hold = os.environ.get("FAKE_TRAINER_HOLD_FILE", fake.get("hold_file"))
 
     resume_from = None
     if args.resume or args.resume_from:
@@ -142,6 +145,8 @@ def main() -> int:
                     (tmp / "trainer_state.json").write_text(f'{{"step": {step}}}\n')
             if fail_at is not None and step == fail_at and not (fail_once and resume_from is not None):
                 raise RuntimeError(f"fake failure at step {step}")
+        while hold and not Path(hold).exists():
+            time.sleep(0.02)
         if fake.get("test_split") and best[1] is not None:
             metrics = fake_metrics(task, seed + 1, best[1], peak)
             log.write("eval", {"step": step, "task": task, "split": "test", "evaluated_step": best[1], **metrics,

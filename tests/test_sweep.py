@@ -180,9 +180,10 @@ def test_sigterm_interrupts_jobs(work):
 
 # ---------------------------------------------------------------- detached mode and status
 def test_detached_scheduler_survives_its_parent_and_status(work, capsys):
+    release = work / "release"   # the trainers hold after their last step until it exists
     argv = [sys.executable, "-m", "trainkit.sweep", "run",
             *args("--gpus", "0", "--gpu-plan", "2", "--poll-interval", "0.05",
-                  "--", "fake.step_sleep=0.4", "training.max_steps=3", seeds=("1", "2"))]
+                  "--", f"fake.hold_file={release}", "training.max_steps=3", seeds=("1", "2"))]
     # the launcher gets its own session, like a terminal's shell job; then the "terminal" goes away
     launcher = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
@@ -204,6 +205,7 @@ def test_detached_scheduler_survives_its_parent_and_status(work, capsys):
         assert sweep.main(["status", "--sweep-dir", "sweeps/t"]) == 0
         status_out = capsys.readouterr().out
         assert f"alive (pid {pid})" in status_out and "2 running" in status_out
+        release.touch()   # only now can the jobs end: after the launcher did, and after status saw them running
         deadline = time.time() + 30
         while time.time() < deadline and state().get("scheduler_state") == "running":
             time.sleep(0.1)
@@ -228,6 +230,7 @@ def test_detached_scheduler_survives_its_parent_and_status(work, capsys):
         js = json.loads(capsys.readouterr().out)
         assert js["scheduler_alive"] is False and js["jobs"][1]["step"] == 3 and js["jobs"][1]["total_steps"] == 3
     finally:
+        release.touch()
         if sweep.pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
 
