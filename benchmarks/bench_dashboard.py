@@ -13,7 +13,7 @@ appended, and reports p50/p99 of each, the server's peak RSS and whether it saw 
 
 Page (gunicorn, headless Chromium, unless --no-browser): opens the page on a freshly started
 server (indexing with the page open), then, for each of --rates lines/s for --browser-seconds:
-time to interactive (navigation to every chart drawn, once indexed), the lag between a
+time to interactive (navigation to every chart drawn and the figures shown, once indexed), the lag between a
 line's append and its point on each training chart (the page records when each chart first
 drew a step), and the server's CPU use. Prints a table with the goals; exits 1 when a goal
 is missed. Tests never assert these figures (shared machines are noisy); this script does.
@@ -195,7 +195,7 @@ def api_phase(kind: str, workdir: Path, seconds: float, rate: float) -> dict:
 
 # ----- the page in Chromium ---------------------------------------------------------------------------------
 def open_page(driver, url: str, timeout: float = 60.0) -> float:
-    """Navigate and wait until every chart drew; returns the time to interactive in seconds."""
+    """Navigate and wait until every chart drew and the stats are shown; returns the time to interactive in seconds."""
     driver.get(url)
     ends = time.monotonic() + timeout
     while time.monotonic() < ends:

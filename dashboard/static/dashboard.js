@@ -405,8 +405,8 @@
   }
 
   function markReady() {
-    // time to interactive: every chart of the run drew its first data
-    if (state.readyAt !== null || !feeds.training.loaded || !feeds.eval.loaded) return;
+    // time to interactive: every chart of the run drew its first data, and its figures (the first stats) are shown
+    if (state.readyAt !== null || !feeds.training.loaded || !feeds.eval.loaded || state.stats === null) return;
     state.readyAt = performance.now();
     TK.readyMs = state.readyAt;
     document.body.dataset.ready = "1";
@@ -569,6 +569,7 @@
     if (changed("info", v)) { serialized("info", loadInfo); if (!first) loadRuns().catch(() => {}); }
     if (!first) refreshMarkers();
     state.versions = { ...v };
+    markReady();
   }
 
   // While a big log is being indexed every pass brings thousands of rows: fetch (a fresh downsampled
