@@ -74,7 +74,9 @@ def passes(url: str) -> int:
 def test_one_message_per_run_for_failure_nan_stop_stall_and_finish(tmp_path, webhook, caplog):
     generate(tmp_path, seed=5, scale=0.2)        # the past: a finished, a failed, a stalled run
     caplog.set_level(logging.INFO, logger="dashboard")
-    app = create_app(str(tmp_path), poll_interval=0.1, stall_seconds=60, webhook_url=webhook.url)
+    # stall_seconds far above the test's length: generate()'s running run (logs written at its start) must not
+    # stall mid-test (with 60 it did when the test took a minute: an alert for it)
+    app = create_app(str(tmp_path), poll_interval=0.1, stall_seconds=600, webhook_url=webhook.url)
     with ThreadedServer(app) as srv:
         wait_until(lambda: get_json(srv.url + "/health")[1]["indexing_done"], message="indexing")
         start = passes(srv.url)
@@ -85,14 +87,14 @@ def test_one_message_per_run_for_failure_nan_stop_stall_and_finish(tmp_path, web
         crash = SyntheticRun(tmp_path, "crash", moe=False, total_steps=100, start_time=now)
         nan = SyntheticRun(tmp_path, "nan-run", moe=False, total_steps=100, start_time=now)
         done = SyntheticRun(tmp_path, "done", moe=False, total_steps=8, eval_every=5, start_time=now)
-        # quiet: a run whose logs stopped two minutes ago, copied in now (a run that is new to the
+        # quiet: a run whose logs stopped twenty minutes ago, copied in now (a run that is new to the
         # dashboard and already stalled)
         quiet = SyntheticRun(tmp_path.parent / f"{tmp_path.name}-staging", "quiet", moe=False, total_steps=100,
-                             start_time=now - 600)
+                             start_time=now - 3600)
         for run in (crash, nan, done, quiet):
             for _ in range(5):
                 run.advance(now=time.time())
-        set_mtime(quiet.run_dir, time.time() - 120)
+        set_mtime(quiet.run_dir, time.time() - 1200)
         quiet.run_dir.rename(tmp_path / "quiet")
         wait_until(lambda: {"crash", "nan-run", "done", "quiet"} <= {r["name"] for r in get_json(srv.url + "/api/runs")[1]["runs"]},
                    message="new runs listed")
