@@ -290,8 +290,10 @@ def test_runs_appearing_and_disappearing_over_http(server, logdir):
     run = SyntheticRun(logdir, "zz-new-run", moe=False, total_steps=50, start_time=time.time())
     for _ in range(5):
         run.advance(now=time.time())
-    wait_until(lambda: "zz-new-run" in [r["name"] for r in get_json(server.url + "/api/runs")[1]["runs"]],
-               message="new run listed")
+    # listed first, once its run.json is read (a pass can list the directory a moment before: RunLog makes
+    # logs/ before it writes run.json)
+    wait_until(lambda: get_json(server.url + "/api/runs")[1]["runs"][0]["name"] == "zz-new-run",
+               message="new run listed as the newest")
     assert get_json(server.url + "/api/stats")[1]["name"] == "zz-new-run"   # the newest run now
     shutil.rmtree(logdir / "zz-new-run")
     wait_until(lambda: get_json(server.url + "/api/runs/zz-new-run/stats")[0] == 404, message="run gone")

@@ -323,6 +323,10 @@ def compare_selected(driver):
 def test_failed_run_banner_config_and_csv_download(browser, server, runs, tmp_path):
     failed = runs["dense-lora-failed"]
     failed.log.update_run_info(config={"training": {"learning_rate": 2e-4}, "tracking": {"hf_token": "hf_SHOULD_NOT_SHOW"}})
+    # the server has read the new run.json (the old config also has training.learning_rate, which the wait for
+    # the config table below would take for the new one)
+    wait_until(lambda: "tracking" in get_json(server.url + "/api/runs/dense-lora-failed")[1]["info"]["config"],
+               message="run.json read again")
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
