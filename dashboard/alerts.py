@@ -79,7 +79,7 @@ class Alerter:
         self.settings = settings
         self.url = settings.webhook_url
         self.lock = threading.Lock()
-        self.baseline: set[str] | None = None    # runs present at start: their past sends nothing
+        self.baseline: set[str] | None = None    # runs on disk at start: their past sends nothing
         self.state: dict[str, str | None] = {}   # run -> condition seen at the last check
         self.sent: set[tuple] = set()            # (run, kind, attempt)
         self.history: deque = deque(maxlen=HISTORY)
@@ -93,7 +93,10 @@ class Alerter:
             return
         runs = dict(self.store.runs)
         if self.baseline is None:
-            self.baseline = set(runs)
+            # the runs on disk when the dashboard started, not at the first check: a run created (and
+            # ended) while a large log was still being indexed is news, not the past
+            start = self.store.found_at_start
+            self.baseline = set(runs if start is None else start)
         for name, run in runs.items():
             if not run.first_pass_done:
                 continue   # still indexing: its state is not known yet

@@ -454,6 +454,7 @@ class RunStore:
         self.poll_interval = poll_interval
         self.stall_seconds = stall_seconds
         self.runs: dict[str, RunState] = {}
+        self.found_at_start: frozenset[str] | None = None   # the runs on disk when serving began (alerts' past)
         self.runs_version = 0
         self.lock = threading.Lock()
         self.changed = threading.Condition()
@@ -483,6 +484,8 @@ class RunStore:
             # find the run directories before serving: a request that came before the reader's first
             # pass was told that a run on disk did not exist (404), and /health that indexing was done
             self._discover()
+            if self.found_at_start is None:
+                self.found_at_start = frozenset(self.runs)
             self.thread = threading.Thread(target=self._loop, name="dashboard-log-reader", daemon=True)
             self.thread_pid = os.getpid()
             self.thread.start()
