@@ -6,11 +6,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -108,8 +110,10 @@ def test_start_dashboard_sh_falls_back_to_flask_with_a_warning(logdir, tmp_path)
 
 
 @pytest.mark.slow
-def test_100_concurrent_clients_for_30_s_against_gunicorn(logdir):
+def test_100_concurrent_clients_for_30_s_against_gunicorn(logdir, tmp_path):
     """No errors and every answer well-formed while a run keeps logging (loopback only)."""
+    # a copy: the live run it adds must not reach the other tests of the module's logdir (5 runs)
+    logdir = Path(shutil.copytree(logdir, tmp_path / "runs", symlinks=True))
     live = SyntheticRun(logdir, "zz-live", moe=True, total_steps=100_000, start_time=time.time())
     port = free_port()
     base = f"http://127.0.0.1:{port}"
