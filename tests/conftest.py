@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,21 @@ def pytest_collection_modifyitems(config, items):
         for marker, (available, reason) in SKIP_RULES.items():
             if item.get_closest_marker(marker) is not None and not available():
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def reader_held(monkeypatch):
+    """Holds every dashboard reader's first pass until the test sets the returned event (set again at
+    teardown, so no reader thread is left waiting): what a request sees before the first pass."""
+    from dashboard.runs import RunStore
+
+    release = threading.Event()
+    real_poll = RunStore.poll_once
+
+    def held_poll(self, *args, **kwargs):
+        release.wait(120)
+        return real_poll(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "poll_once", held_poll)
+    yield release
+    release.set()

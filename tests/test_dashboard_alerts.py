@@ -16,7 +16,6 @@ import pytest
 
 from dashboard import alerts, create_app
 from dashboard.fake_runs import SyntheticRun, generate, set_mtime
-from dashboard.runs import RunStore
 from dashboard.testing import REPO_ROOT, ThreadedServer, free_port, get, get_json, stop, wait_until
 
 SECRET_PATH = "/services/T000/B000/XXXXsecretXXXX"
@@ -143,18 +142,10 @@ def test_one_message_per_run_for_failure_nan_stop_stall_and_finish(tmp_path, web
     assert not any(SECRET_PATH in m or "secret" in m.lower() for m in logged)
 
 
-def test_a_run_that_ends_while_the_first_pass_runs_is_news(tmp_path, webhook, monkeypatch):
+def test_a_run_that_ends_while_the_first_pass_runs_is_news(tmp_path, webhook, reader_held):
     # the past was once taken at the reader's first check, after the first pass: a run created and ended
     # while a large log was being indexed counted as the past and sent nothing
     generate(tmp_path, seed=5, scale=0.2)
-    first_pass = threading.Event()
-    real_poll = RunStore.poll_once
-
-    def held_poll(self, *args, **kwargs):
-        first_pass.wait(30)
-        return real_poll(self, *args, **kwargs)
-
-    monkeypatch.setattr(RunStore, "poll_once", held_poll)
     app = create_app(str(tmp_path), poll_interval=0.1, stall_seconds=600, webhook_url=webhook.url)
     with ThreadedServer(app) as srv:
         late = SyntheticRun(tmp_path, "late", moe=False, total_steps=3, start_time=time.time())
@@ -162,7 +153,7 @@ def test_a_run_that_ends_while_the_first_pass_runs_is_news(tmp_path, webhook, mo
             late.advance(now=time.time())
         late.finish()
         assert passes(srv.url) == 0
-        first_pass.set()
+        reader_held.set()
         wait_until(lambda: len(webhook.messages) == 1, timeout=30, message="the finish alert")
         start = passes(srv.url)
         wait_until(lambda: passes(srv.url) > start + 3, message="reader passes")

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 import types
 import urllib.parse
@@ -19,7 +18,6 @@ import pytest
 from dashboard import create_app
 from dashboard.fake_runs import RUN_NAMES, SyntheticRun, generate, set_mtime
 from dashboard.gpu import GpuMonitor
-from dashboard.runs import RunStore
 from dashboard.testing import ThreadedServer, get, get_json, wait_until
 from urllib.parse import quote
 
@@ -70,17 +68,9 @@ def test_health_and_runs_newest_first_with_statuses(server):
                         "dense-lora-failed": "failed", "moe-resumed": "finished", "dense-stalled": "stalled"}
 
 
-def test_runs_are_known_before_the_readers_first_pass(logdir, monkeypatch):
+def test_runs_are_known_before_the_readers_first_pass(logdir, reader_held):
     # a request before the first pass once got 404 for a run on disk, and health said "indexing_done"
     # (all() of no runs)
-    first_pass = threading.Event()
-    real_poll = RunStore.poll_once
-
-    def held_poll(self, *args, **kwargs):
-        first_pass.wait(10)
-        return real_poll(self, *args, **kwargs)
-
-    monkeypatch.setattr(RunStore, "poll_once", held_poll)
     app = create_app(str(logdir), poll_interval=0.1)
     with ThreadedServer(app) as srv:
         health = get_json(srv.url + "/health")[1]
@@ -91,7 +81,7 @@ def test_runs_are_known_before_the_readers_first_pass(logdir, monkeypatch):
         order_before = [run["name"] for run in get_json(srv.url + "/api/runs")[1]["runs"]]
         assert order_before[0] == "moe-qlora-running"
         assert first_stream_update(srv.url)["run"] == "moe-qlora-running"
-        first_pass.set()
+        reader_held.set()
         wait_indexed(srv.url, len(RUN_NAMES))
         assert [run["name"] for run in get_json(srv.url + "/api/runs")[1]["runs"]] == order_before
 
