@@ -79,7 +79,6 @@ class Alerter:
         self.settings = settings
         self.url = settings.webhook_url
         self.lock = threading.Lock()
-        self.baseline: set[str] | None = None    # runs on disk at start: their past sends nothing
         self.state: dict[str, str | None] = {}   # run -> condition seen at the last check
         self.sent: set[tuple] = set()            # (run, kind, attempt)
         self.history: deque = deque(maxlen=HISTORY)
@@ -92,19 +91,17 @@ class Alerter:
         if not self.url:
             return
         runs = dict(self.store.runs)
-        if self.baseline is None:
-            # the runs on disk when the dashboard started, not at the first check: a run created (and
-            # ended) while a large log was still being indexed is news, not the past
-            start = self.store.found_at_start
-            self.baseline = set(runs if start is None else start)
+        # the past: the runs on disk when the dashboard started (not those known at the first check: a run
+        # created and ended while a large log was being indexed is news); their past sends nothing
+        past = self.store.found_at_start
         for name, run in runs.items():
             if not run.first_pass_done:
                 continue   # still indexing: its state is not known yet
             stats = run.stats(self.settings.stall_seconds)
             kind = condition(stats)
             if name not in self.state:
-                self.state[name] = kind if name in self.baseline else None
-                if name in self.baseline:
+                self.state[name] = kind if name in past else None
+                if name in past:
                     continue
             previous, self.state[name] = self.state[name], kind
             key = (name, kind, stats.get("attempt"))

@@ -9,7 +9,6 @@ import re
 import shutil
 import time
 import types
-import urllib.parse
 
 import numpy as np
 
@@ -80,23 +79,13 @@ def test_runs_are_known_before_the_readers_first_pass(logdir, reader_held):
         # "latest" is known too: the stream's first update followed an arbitrary run (CI, gunicorn test)
         order_before = [run["name"] for run in get_json(srv.url + "/api/runs")[1]["runs"]]
         assert order_before[0] == "moe-qlora-running"
-        assert first_stream_update(srv.url)["run"] == "moe-qlora-running"
+        events = sse_events(srv, "/api/stream")
+        event, data = next(events)
+        events.close()
+        assert event == "update" and data["run"] == "moe-qlora-running"
         reader_held.set()
         wait_indexed(srv.url, len(RUN_NAMES))
         assert [run["name"] for run in get_json(srv.url + "/api/runs")[1]["runs"]] == order_before
-
-
-def first_stream_update(url: str) -> dict:
-    host, port = urllib.parse.urlsplit(url).netloc.split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        connection.request("GET", "/api/stream")
-        response = connection.getresponse()
-        while (line := response.readline()) and line != b"event: update\n":
-            pass
-        return json.loads(response.readline().removeprefix(b"data: "))
-    finally:
-        connection.close()
 
 
 def test_stats_of_a_running_moe_run(server):
