@@ -189,19 +189,23 @@ def _draw_loss(fig, snap):
     data = snap["data"]
     steps = data["step"]
     ax = _series_plot(fig, "Training loss", steps, data, "loss", BLUE, label="loss", log_y=snap["log_y"])
-    smoothed = ema_debiased(data["series"]["loss"]["value"], snap["smoothing"])
-    if snap["smoothing"] > 0 and np.isfinite(smoothed).any():
+    loss = data["series"].get("loss")
+    if loss is None or not np.isfinite(loss["value"]).any():
+        return   # _series_plot said "no data yet"
+    if snap["smoothing"] > 0:
+        smoothed = ema_debiased(loss["value"], snap["smoothing"])
         ax.plot(steps, smoothed, color=ORANGE, linewidth=1.8, label=f"EMA {snap['smoothing']:g} (debiased)")
-        for step, state, is_best in snap["checkpoints"]:
-            ax.axvline(step, color=GREEN if is_best else MUTED, linewidth=1.0,
-                       linestyle="-" if state == "kept" else ":", alpha=0.8 if state == "kept" else 0.45)
-        for step in snap["resumes"]:
-            ax.axvline(step, color=PINK, linewidth=1.0, linestyle="--", alpha=0.8)
-        if snap["checkpoints"]:
-            ax.plot([], [], color=MUTED, linewidth=1.0, label="checkpoint (dotted: deleted)")
-        if snap["resumes"]:
-            ax.plot([], [], color=PINK, linewidth=1.0, linestyle="--", label="resume")
-        _legend(ax)
+    # the markers and legend with smoothing off too (smoothing=0 once dropped them)
+    for step, state, is_best in snap["checkpoints"]:
+        ax.axvline(step, color=GREEN if is_best else MUTED, linewidth=1.0,
+                   linestyle="-" if state == "kept" else ":", alpha=0.8 if state == "kept" else 0.45)
+    for step in snap["resumes"]:
+        ax.axvline(step, color=PINK, linewidth=1.0, linestyle="--", alpha=0.8)
+    if snap["checkpoints"]:
+        ax.plot([], [], color=MUTED, linewidth=1.0, label="checkpoint (dotted: deleted)")
+    if snap["resumes"]:
+        ax.plot([], [], color=PINK, linewidth=1.0, linestyle="--", label="resume")
+    _legend(ax)
 
 
 def _draw_eval(fig, snap):

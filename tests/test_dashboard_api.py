@@ -17,6 +17,7 @@ import pytest
 from dashboard import create_app
 from dashboard.fake_runs import RUN_NAMES, SyntheticRun, generate, set_mtime
 from dashboard.gpu import GpuMonitor
+from dashboard.runs import RunStore
 from dashboard.testing import ThreadedServer, get, get_json, wait_until
 from urllib.parse import quote
 
@@ -551,6 +552,29 @@ def test_run_directory_names_that_are_not_utf8_break_nothing(tmp_path):
         status, stats = get_json(srv.url + "/api/runs/" + quote("caf\\xe9-run", safe="") + "/stats")
         assert status == 200 and stats["step"] == 1
         assert get(srv.url + "/api/runs/caf%E9-run/stats")[0] == 404
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.6])
+def test_png_loss_plot_keeps_its_markers_and_legend_with_smoothing_off(logdir, smoothing):
+    # the checkpoint / resume lines and the legend once sat inside "if smoothing": ?smoothing=0 lost them
+    from matplotlib.figure import Figure
+
+    from dashboard import plots
+    store = RunStore(logdir)
+    while store.poll_once():
+        pass
+    run = store.get("moe-resumed")
+    snap = plots._snapshot(run, "loss")
+    snap.update(smoothing=smoothing, log_y=False)
+    assert snap["checkpoints"] and snap["resumes"]
+    fig = Figure()
+    plots._DRAW["loss"](fig, snap)
+    ax = fig.axes[0]
+    vertical = [line for line in ax.get_lines() if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2]
+    assert len(vertical) == len(snap["checkpoints"]) + len(snap["resumes"])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "resume" in labels and "checkpoint (dotted: deleted)" in labels
+    assert any(label.startswith("EMA") for label in labels) == (smoothing > 0)
 
 
 def test_png_plots_take_smoothing_and_log_y(server):
