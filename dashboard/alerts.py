@@ -23,6 +23,8 @@ import urllib.request
 from collections import Counter, deque
 from urllib.parse import urlsplit
 
+from .diagnosis import failure_kind
+
 log = logging.getLogger(__name__)
 
 KINDS = ("failed", "nan_stop", "stalled", "finished")
@@ -63,14 +65,13 @@ def message_text(kind: str, run_name: str, stats: dict) -> str:
     return f":white_check_mark: trainkit run `{run_name}`{host} finished: {step} steps{best_text}"
 
 
-def condition(stats: dict) -> str | None:
-    """The alert kind a run's current state calls for, if any."""
-    status = stats.get("status")
-    if status == "failed":
-        return "nan_stop" if (stats.get("failure") or {}).get("kind") == "nan_stop" else "failed"
-    if status in ("stalled", "finished"):
-        return status
-    return None
+def condition(run, stall_seconds: float) -> str | None:
+    """The alert kind a run's current state calls for, if any. From the run's status and last stop
+    alone: the reader thread asks this of every run on every pass, and run.stats() builds every
+    figure of the run under its lock (a request's work, not a pass's)."""
+    with run.lock:
+        status = run.status(stall_seconds)
+        return "finished" if status == "finished" else failure_kind(status, run.last_stop)
 
 
 class Alerter:
@@ -97,17 +98,17 @@ class Alerter:
         for name, run in runs.items():
             if not run.first_pass_done:
                 continue   # still indexing: its state is not known yet
-            stats = run.stats(self.settings.stall_seconds)
-            kind = condition(stats)
+            kind = condition(run, self.settings.stall_seconds)
             if name not in self.state:
                 self.state[name] = kind if name in past else None
                 if name in past:
                     continue
             previous, self.state[name] = self.state[name], kind
-            key = (name, kind, stats.get("attempt"))
+            key = (name, kind, run.attempt)
             if kind is None or kind == previous or key in self.sent:
                 continue
             self.sent.add(key)
+            stats = run.stats(self.settings.stall_seconds)   # the message's figures: only for an alert sent
             self.enqueue(kind, name, message_text(kind, name, {**stats, "host": run.info.get("host")}))
         for name in set(self.state) - set(runs):
             del self.state[name]

@@ -50,19 +50,26 @@ def _process_state(info: dict) -> str:
     return "running"
 
 
+def failure_kind(status: str, stop: dict | None) -> str | None:
+    """"failed", "nan_stop" (stopped by the NaN limit) or "stalled"; None for a healthy run. The
+    failure banner's kind and the alert's (dashboard.alerts)."""
+    if status == "failed":
+        return "nan_stop" if (stop or {}).get("reason") == "nan_limit" else "failed"
+    return "stalled" if status == "stalled" else None
+
+
 def describe_failure(info: dict, status: str, stop: dict | None, fatal: dict | None,
                      last_activity: float, stall_seconds: float, now: float) -> dict | None:
     """None for a healthy run; else what the page shows at the top of a failed or stalled run."""
-    if status not in ("failed", "stalled"):
+    kind = failure_kind(status, stop)
+    if kind is None:
         return None
     code, source = _exit_code(info, fatal, status)
-    out = {"kind": status, "exit_code": code, "exit_code_source": source,
+    out = {"kind": kind, "exit_code": code, "exit_code_source": source,
            "step": None, "time": None, "reason": None, "error_type": None, "stop_reason": None}
     if status == "failed":
         stop_reason = (stop or {}).get("reason")
         out["stop_reason"] = stop_reason if isinstance(stop_reason, str) else None
-        if out["stop_reason"] == "nan_limit":
-            out["kind"] = "nan_stop"
         error = info.get("error") if isinstance(info.get("error"), str) else None
         if fatal:
             out["error_type"] = fatal.get("type") if isinstance(fatal.get("type"), str) else None
