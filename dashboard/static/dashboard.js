@@ -111,6 +111,7 @@
   class Feed {
     constructor(stream) { this.stream = stream; this.listeners = []; this.clear(); }
     clear() {
+      this.revision = (this.revision || 0) + 1;   // every change of the rows: a load, an append, a trim, a clear
       if (this.controller) this.controller.abort();
       this.controller = null;
       this.step = []; this.cols = {}; this.keys = []; this.generation = null; this.lastStep = null;
@@ -160,6 +161,7 @@
       const data = await getJSON(this.url(run, this.rangeQuery()), signal);
       if (run !== state.run) return;
       this.step = data.step.slice();
+      this.revision++;
       this.cols = {};
       for (const key of this.keys) {
         const s = data.series[key];
@@ -182,6 +184,7 @@
       }
       if (!data.step.length) return;
       this.step.push(...data.step);
+      this.revision++;
       for (const key of this.keys) {
         const s = data.series[key], c = this.cols[key];
         c.value.push(...s.value); c.min.push(...s.min); c.max.push(...s.max);
@@ -196,6 +199,7 @@
       let i = 0;
       while (i < this.step.length && this.step[i] < firstStep) i++;
       if (!i) return;
+      this.revision++;
       this.step.splice(0, i);
       for (const c of Object.values(this.cols)) { c.value.splice(0, i); c.min.splice(0, i); c.max.splice(0, i); }
     }
@@ -220,16 +224,25 @@
     const t = (x - xs[lo]) / (xs[hi] - xs[lo] || 1);
     return ys[lo] === null || ys[hi] === null ? ys[lo] ?? ys[hi] : ys[lo] + t * (ys[hi] - ys[lo]);
   }
+  // (step, x) pairs of the training feed, kept until the feed changes: stepToX runs once per
+  // expert snapshot and marker, and a scan of the whole feed each time was most of that work
+  let pairsMemo = null;
   function monotonicPairs(mode) {
-    const col = xColumn(mode), f = feeds.training, steps = [], xs = [];
-    if (!col) return null;
-    let last = -Infinity;
-    for (let i = 0; i < f.step.length; i++) {
-      const x = col.value[i];
-      if (x === null || x === undefined || !(x > last)) continue;
-      steps.push(f.step[i]); xs.push(x); last = x;
+    const f = feeds.training;
+    if (pairsMemo && pairsMemo.mode === mode && pairsMemo.revision === f.revision) return pairsMemo.pairs;
+    const col = xColumn(mode), steps = [], xs = [];
+    let pairs = null;
+    if (col) {
+      let last = -Infinity;
+      for (let i = 0; i < f.step.length; i++) {
+        const x = col.value[i];
+        if (x === null || x === undefined || !(x > last)) continue;
+        steps.push(f.step[i]); xs.push(x); last = x;
+      }
+      pairs = { steps, xs };
     }
-    return { steps, xs };
+    pairsMemo = { mode, revision: f.revision, pairs };
+    return pairs;
   }
   function stepToX(step, mode = state.xMode) {
     if (mode === "step") return step;
