@@ -21,7 +21,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from . import plots, prometheus
 from .downsample import to_json_list
 from .runs import NUMERIC_FIELDS, int_if_whole
-from trainkit.config import REDACTED, is_secret_name
+from trainkit.config import redact
 from trainkit.runlog import DISTILL_TRAINING_FIELDS, json_safe
 
 bp = Blueprint("api", __name__)
@@ -91,17 +91,6 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def redact_secrets(value, secret: bool = False):
-    """run.json as the page shows it: every value under a secret-looking name (KEY, TOKEN, SECRET,
-    PASSWORD; trainkit.config.is_secret_name) replaced, however deep. The trainers redact already;
-    this also covers run.json files written by other tools."""
-    if isinstance(value, dict):
-        return {k: redact_secrets(v, secret or is_secret_name(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_secrets(v, secret) for v in value]
-    return REDACTED if secret and value not in (None, "") else value
-
-
 def float_arg(name: str) -> float | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
@@ -136,7 +125,7 @@ def list_runs():
 def run_info(run_name):
     run = get_run(run_name)
     with run.lock:
-        return jsonify(**run.summary(settings().stall_seconds), info=redact_secrets(run.info))
+        return jsonify(**run.summary(settings().stall_seconds), info=redact(run.info, whole=True))   # also run.json files other tools wrote
 
 
 @bp.get("/api/runs/<run_name>/stats")

@@ -54,6 +54,14 @@ def test_redaction():
     out = redact(cfg)
     assert out["paths"] == {"hf_token": "***", "data_path": "x"}
     assert out["env"] == {"WANDB_API_KEY": "***", "MY_PASSWORD": "***", "AWS_SECRET_ACCESS_KEY": "***", "HOME": "/root"}
+    # a dict or list under a secret name: searched on by its own names, or (whole=True, the dashboard's
+    # view of run.json files from other tools) replaced entirely
+    nested = {"api_keys": {"openai": "sk-1", "hf_token": "hf_2"}, "tokens_list": ["a"], "secret_list": ["s", ""],
+              "tokenizer": {"pad_token_id": 0}}
+    assert redact(nested) == {"api_keys": {"openai": "sk-1", "hf_token": "***"}, "tokens_list": ["a"],
+                              "secret_list": ["s", ""], "tokenizer": {"pad_token_id": 0}}
+    assert redact(nested, whole=True) == {"api_keys": {"openai": "***", "hf_token": "***"}, "tokens_list": ["a"],
+                                          "secret_list": ["***", ""], "tokenizer": {"pad_token_id": 0}}
 
 
 def test_default_config_is_valid():

@@ -278,14 +278,18 @@ def check_paths(cfg: dict, path_keys=("data_path",), model_hint: str = "a hub id
         raise ConfigError("model.config.model_type: missing (e.g. llama, gla, mixtral, qwen3_moe)")
 
 
-def redact(obj: Any, key: str = "") -> Any:
-    """Copy of `obj` with values under names containing KEY/TOKEN/SECRET/PASSWORD replaced."""
-    if isinstance(obj, dict):
-        return {k: (REDACTED if is_secret_name(k) and v not in (None, "") and not isinstance(v, (dict, list))
-                    else redact(v, str(k))) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, key) for v in obj]
-    return obj
+def redact(obj: Any, whole: bool = False) -> Any:
+    """Copy of `obj` with the values under secret names (is_secret_name: KEY/TOKEN/SECRET/PASSWORD)
+    replaced by ***. A dict or list under such a name is searched on by its own names; with `whole`,
+    everything in it is replaced (the dashboard's view of run.json files that other tools wrote)."""
+    def walk(value, secret: bool):
+        if isinstance(value, dict):
+            return {k: walk(v, (secret and whole) or is_secret_name(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, secret and whole) for v in value]
+        return REDACTED if secret and value not in (None, "") else value
+
+    return walk(obj, False)
 
 
 def public_config(cfg: dict) -> dict:
