@@ -4,6 +4,7 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, redirect, render_template, request
 
+from . import plots
 from .auth import set_token_cookie
 
 bp = Blueprint("pages", __name__)
@@ -18,7 +19,8 @@ def index():
         response = redirect(f"{request.script_root}/" + (f"?{urlencode(rest)}" if rest else ""), code=303)
         set_token_cookie(response)
         return response
-    return render_template("dashboard.html")
+    # the task metrics the page draws come from plots.METRIC_COLUMNS, the list the API and the PNGs use
+    return render_template("dashboard.html", metric_columns=",".join(plots.METRIC_COLUMNS))
 
 
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" fill="#121a29"/>'

@@ -22,9 +22,8 @@
                          "router_aux_loss", "time", "tokens"];
   const DISTILL_KEYS = ["kd_loss", "ce_loss", "top1_agreement"];
   const EVAL_BASE_KEYS = ["eval_loss", "perplexity", "metric_value", "is_best", "time"];
-  const METRIC_KEYS = ["task_score", "accuracy", "f1", "mcc", "pearson", "spearman", "accuracy_matched",
-                       "accuracy_mismatched", "rouge1", "rouge2", "rougeL", "exact_match", "execution_accuracy", "bleu",
-                       "eval_kd_loss", "eval_top1_agreement"];
+  // task metrics drawn from the eval log: the server's list (dashboard/plots.py METRIC_COLUMNS)
+  const METRIC_KEYS = (document.body.dataset.metricColumns || "").split(",").filter(Boolean);
 
   const state = {
     run: null, runs: [], stats: null, versions: {}, source: null, pollTimer: null,
