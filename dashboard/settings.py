@@ -16,7 +16,7 @@ def _env_float(name: str, default: float) -> float:
 
 
 def _env_list(name: str) -> tuple[str, ...]:
-    return tuple(item.strip().lower() for item in os.environ.get(name, "").split(",") if item.strip())
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
 
 
 @dataclass

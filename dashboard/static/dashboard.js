@@ -483,8 +483,7 @@
     Object.values(feeds).forEach((f) => f.clear());
     for (const { chart } of Object.values(charts)) { chart.setRange(null); chart.setMarkers([]); }
     const url = new URL(location.href);
-    url.searchParams.set("run", run);
-    url.searchParams.delete("token");
+    url.searchParams.set("run", run);   // (the token left the URL when the page loaded)
     history.replaceState(null, "", url);
     loadKeys().then(() => { feeds.training.request("load"); feeds.eval.request("load"); }).catch(() => {});
     connect();
