@@ -13,8 +13,9 @@ is checked.
 
 from __future__ import annotations
 
-import os
 import socket
+
+from trainkit.runlock import pid_alive
 
 from .logreader import is_number
 
@@ -41,13 +42,7 @@ def _process_state(info: dict) -> str:
     pid, host = info.get("pid"), info.get("host")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or host != socket.gethostname():
         return "unknown"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except OSError:
-        return "running"   # exists, owned by another user
-    return "running"
+    return "running" if pid_alive(pid) else "gone"  # a zombie has exited: gone
 
 
 def failure_kind(status: str, stop: dict | None) -> str | None:

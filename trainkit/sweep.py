@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.checkpoints import find_latest_checkpoint
+from trainkit.runlock import pid_alive
 from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS, iter_jsonl, read_json, write_json_atomic
 from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, selection_score
 
@@ -243,29 +244,6 @@ def build_plan(args) -> Plan:
 
 
 # ---------------------------------------------------------------- run directories
-def pid_alive(pid: Any, must_contain: str | None = None) -> bool:
-    """True when process `pid` exists on this host and is not a zombie (and its command line
-    contains `must_contain`, when given and /proc is readable)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return False
-        if must_contain is not None:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            return must_contain in cmdline
-    except (OSError, IndexError):
-        pass
-    return True
-
-
 def run_status(run_dir: str | os.PathLike) -> tuple[str, str]:
     """(plan state, reason) of a run directory: finished-skip, running-skip, resume or todo."""
     info = read_json(Path(run_dir) / RUN_INFO_FILE, default=None)
