@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from trainkit.config import ConfigError
+from trainkit.runlock import RunDirInUse
 
 
 def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
@@ -23,11 +24,15 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run `main`; a ConfigError becomes one line on stderr and exit code 2, no traceback."""
+    """Run `main`; a ConfigError, or a run directory another process holds, becomes one line on
+    stderr and exit code 2, no traceback."""
     try:
         code = main()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunDirInUse as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Callable
 from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_dirs, checkpoints_to_delete,
                                   commit_directory, directory_size, find_latest_checkpoint, read_trainer_state,
                                   remove_partial_saves, staging_dir)
+from trainkit import runlock
 from trainkit.config import ConfigError, public_config
 from trainkit.runlog import TRAINER_STATE_FILE, RunLog, write_json_atomic
 
@@ -64,10 +65,12 @@ def fault_steps() -> set[int]:
 
 # ---------------------------------------------------------------- run directory
 def prepare_run_dir(run_dir: Path, resume_from: Path | None, is_main: bool, say: Callable[[str], None]) -> None:
-    """Main process: a fresh start never overwrites an earlier attempt (it is moved aside);
-    half-written checkpoints of a killed run are removed."""
+    """Main process: lock the run directory for this run (trainkit.runlock; RunDirInUse when another
+    live process has it), then a fresh start never overwrites an earlier attempt (it is moved aside)
+    and half-written checkpoints of a killed run are removed."""
     if not is_main:
         return
+    runlock.acquire(run_dir)  # before anything in the run dir is written or moved
     if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
         archived = archive_run_dir(run_dir)
         say(f"{run_dir} held an earlier run without --resume: moved it to {archived}")
