@@ -54,8 +54,12 @@ Environment:
   Values of variables and config keys whose names contain KEY, TOKEN, SECRET or PASSWORD
   are printed as ***.
 
+One writer per run directory: the launcher locks <output_dir>/.<run_name>.lock before it
+resumes or moves anything and holds it until training ends; a second launch of the same run
+(launcher or script) exits 2 with one line naming the holder's host and pid.
+
 Exit code: the training script's exit code; 2 (with one line) for a bad config, missing
-model/data path or bad option.
+model/data path, bad option or a run directory in use.
 
 Examples:
   $PROG                                          # default config, CPU or all GPUs
@@ -223,8 +227,23 @@ echo "processes: $NUM_PROCESSES ($PER_MACHINE per machine x $NUM_MACHINES machin
 # shellcheck disable=SC1090
 source "$SHELL_FILE"
 
-if [[ -n "$TK_ACTIVE_PID" ]]; then
-    die "$TK_RUN_DIR is in use by a running training (pid $TK_ACTIVE_PID): stop it first, or set paths.run_name"
+# ---------------------------------------------------------------- one writer per run dir
+# Lock the run dir (trainkit/runlock.py) before deciding on resume or moving an earlier attempt
+# aside, and read its state again under the lock. The shell keeps the lock file open on fd 9 and
+# a python child flocks that shared open file, so the lock lasts until this shell exits; the
+# script (whose launcher closes inherited fds) accepts it as its ancestor's via TRAINKIT_RUN_LOCK.
+# Machine 0 locks for a multi-node run; a dry run only checks.
+LOCK_STATE_FILE="$EXIT_DIR/run_dir_state.sh"
+if [[ $DRY_RUN == 1 ]]; then
+    lock_msg="$("$PY" -m trainkit.launcher lock --probe "$TK_RUN_DIR")" || die "$lock_msg"
+elif [[ $MACHINE_RANK == 0 ]]; then
+    mkdir -p "$(dirname "$TK_LOCK_FILE")" 2>/dev/null || die "cannot create the output directory $(dirname "$TK_LOCK_FILE")"
+    { exec 9>>"$TK_LOCK_FILE"; } 2>/dev/null || die "cannot open the run-dir lock file $TK_LOCK_FILE"
+    lock_msg="$("$PY" -m trainkit.launcher lock --fd 9 --holder-pid $$ --shell-file "$LOCK_STATE_FILE" "$TK_RUN_DIR")" \
+        || die "$lock_msg"
+    export TRAINKIT_RUN_LOCK="$TK_LOCK_FILE"
+    # shellcheck disable=SC1090
+    source "$LOCK_STATE_FILE"
 fi
 
 RESUME_ARGS=()
@@ -308,11 +327,12 @@ fi
 # ---------------------------------------------------------------- dashboard beside the run
 if [[ $DASHBOARD == 1 ]]; then
     if [[ -x "$REPO/start_dashboard.sh" ]]; then
-        # Own process group (setsid), so stopping it also stops its workers.
+        # Own process group (setsid), so stopping it also stops its workers; without the lock's fd 9,
+        # so a dashboard left running never holds the run dir.
         if command -v setsid >/dev/null; then
-            setsid "$REPO/start_dashboard.sh" --logdir "$TK_OUTPUT_DIR" </dev/null &
+            setsid "$REPO/start_dashboard.sh" --logdir "$TK_OUTPUT_DIR" </dev/null 9>&- &
         else
-            "$REPO/start_dashboard.sh" --logdir "$TK_OUTPUT_DIR" </dev/null &
+            "$REPO/start_dashboard.sh" --logdir "$TK_OUTPUT_DIR" </dev/null 9>&- &
         fi
         DASH_PID=$!
         say "dashboard started (pid $DASH_PID): ./start_dashboard.sh --logdir $TK_OUTPUT_DIR"

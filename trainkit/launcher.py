@@ -6,6 +6,11 @@
         missing), print the script, run dir, latest checkpoint, the environment the
         launch uses and the config, with secrets redacted. --shell-file writes the
         facts as shell assignments for the launcher to `source`.
+    python -m trainkit.launcher lock RUN_DIR (--fd N [--holder-pid PID] | --probe) [--shell-file F]
+        One writer per run dir (trainkit.runlock): flock the lock file the launcher's shell has
+        open on descriptor N, recording PID (the shell) as holder, so the lock lasts until the
+        shell exits; --probe only checks. Exit 2 with the one-line reason on stdout when
+        another process holds it; --shell-file writes the run-dir facts read under the lock.
     python -m trainkit.launcher archive RUN_DIR
         Move a run directory aside to RUN_DIR.old-<timestamp> (never deletes anything).
     python -m trainkit.launcher show-command -- ARGS...
@@ -31,12 +36,12 @@ import functools
 import os
 import runpy
 import shlex
-import socket
 import sys
 from pathlib import Path
 
 import yaml
 
+from trainkit import runlock
 from trainkit.checkpoints import archive_run_dir
 from trainkit.config import (BASE_SCHEMA, REDACTED, ConfigError, check_paths, is_secret_name, load_config, load_raw,
                              merge_schema, public_config, redact)
@@ -181,21 +186,23 @@ def load_for_launch(config: str, overrides: list[str]) -> tuple[dict, Path, str]
     return cfg, script, how
 
 
-def active_pid(run_dir: Path) -> int | None:
-    """pid of a live training on this host that writes run_dir (run.json says running)."""
+def run_dir_facts(run_dir: Path) -> dict:
+    """What the launcher decides resume and archive on: the latest complete checkpoint, whether the
+    run dir holds anything, run.json's status. Read again under the run-dir lock (`lock`)."""
+    from trainkit.checkpoints import find_latest_checkpoint
     from trainkit.runlog import RUN_INFO_FILE, read_json
 
-    info = read_json(run_dir / RUN_INFO_FILE) or {}
-    pid = info.get("pid")
-    if info.get("status") != "running" or not isinstance(pid, int) or info.get("host") != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid if pid != os.getpid() else None
+    latest = find_latest_checkpoint(run_dir)
+    has_data = run_dir.is_dir() and any(run_dir.iterdir())
+    status = (read_json(run_dir / RUN_INFO_FILE) or {}).get("status") if has_data else None
+    return {"TK_LATEST_CHECKPOINT": str(latest) if latest else "",
+            "TK_RUN_DIR_HAS_DATA": "1" if has_data else "",
+            "TK_RUN_STATUS": str(status or "")}
+
+
+def write_shell_facts(path: str, facts: dict) -> None:
+    with open(path, "w") as f:
+        f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in facts.items())
 
 
 def relevant_env(environ=None) -> dict:
@@ -205,11 +212,12 @@ def relevant_env(environ=None) -> dict:
 
 
 def cmd_info(args) -> int:
-    from trainkit.checkpoints import find_latest_checkpoint, read_trainer_state
+    from trainkit.checkpoints import read_trainer_state
 
     cfg, script, how = load_for_launch(args.config, args.overrides)
     run_dir = Path(cfg["run_dir"])
-    latest = find_latest_checkpoint(run_dir)
+    state = run_dir_facts(run_dir)
+    latest = Path(state["TK_LATEST_CHECKPOINT"]) if state["TK_LATEST_CHECKPOINT"] else None
     if args.resume_from:
         try:
             read_trainer_state(args.resume_from)
@@ -219,27 +227,20 @@ def cmd_info(args) -> int:
     if args.accelerate_config:
         acc_path = resolve_accelerate_config(args.accelerate_config)
         acc = read_accelerate_config(acc_path)
-    has_data = run_dir.is_dir() and any(run_dir.iterdir())
-    pid = active_pid(run_dir)
-    from trainkit.runlog import RUN_INFO_FILE, read_json
-
-    status = (read_json(run_dir / RUN_INFO_FILE) or {}).get("status") if has_data else None
+    status = state["TK_RUN_STATUS"]
 
     facts = {
         "TK_SCRIPT": str(script.relative_to(REPO) if script.is_relative_to(REPO) else script),
         "TK_RUN_DIR": str(run_dir),
         "TK_OUTPUT_DIR": cfg["paths"]["output_dir"],
-        "TK_LATEST_CHECKPOINT": str(latest) if latest else "",
-        "TK_RUN_DIR_HAS_DATA": "1" if has_data else "",
-        "TK_ACTIVE_PID": str(pid or ""),
-        "TK_RUN_STATUS": str(status or ""),
+        "TK_LOCK_FILE": str(runlock.lock_path(run_dir)),
+        **state,
         "TK_ACCELERATE_CONFIG": str(acc_path or ""),
         "TK_ACCELERATE_DISTRIBUTED_TYPE": str(acc.get("distributed_type", "")),
         "TK_ACCELERATE_USE_CPU": "1" if acc.get("use_cpu") else "",
     }
     if args.shell_file:
-        with open(args.shell_file, "w") as f:
-            f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in facts.items())
+        write_shell_facts(args.shell_file, facts)
 
     step = ""
     if latest:
@@ -260,6 +261,24 @@ def cmd_info(args) -> int:
         print("validated config (secrets redacted):")
         text = yaml.safe_dump(public_config(cfg), sort_keys=False, default_flow_style=False, width=100)
         print("".join(f"  {line}\n" for line in text.splitlines()), end="")
+    return 0
+
+
+def cmd_lock(args) -> int:
+    """Lock RUN_DIR on the launcher's descriptor --fd for --holder-pid (or, with --probe, only check
+    that no one else holds it), then write the run-dir facts read under the lock to --shell-file.
+    When another process holds it: the one-line reason on stdout (the launcher prints it), exit 2."""
+    run_dir = Path(args.run_dir)
+    try:
+        if args.probe:
+            runlock.probe(run_dir)
+        else:
+            runlock.lock_fd(args.fd, run_dir, args.holder_pid, "launch_training.sh")
+    except runlock.RunDirInUse as e:
+        print(e)
+        return 2
+    if args.shell_file:
+        write_shell_facts(args.shell_file, run_dir_facts(run_dir))
     return 0
 
 
@@ -330,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shell-file")
     p.add_argument("--print-config", action="store_true", help="also print the environment and the config (redacted)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p = sub.add_parser("lock", help="lock a run directory on the launcher's descriptor (one writer per run dir)")
+    p.add_argument("run_dir")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--fd", type=int, help="the open lock file descriptor the launcher's shell keeps")
+    mode.add_argument("--probe", action="store_true", help="only check that no other process holds the lock")
+    p.add_argument("--holder-pid", type=int, default=os.getppid(), help="the pid recorded as holder (default: parent)")
+    p.add_argument("--shell-file")
     p = sub.add_parser("archive", help="move a run directory aside to RUN_DIR.old-<timestamp>")
     p.add_argument("run_dir")
     p = sub.add_parser("show-command", help="print a command with secret-looking key=value arguments redacted")
@@ -339,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-command" and args.argv[:1] == ["--"]:
         args.argv = args.argv[1:]
     try:
-        return {"info": cmd_info, "archive": cmd_archive, "show-command": cmd_show_command}[args.command](args)
+        return {"info": cmd_info, "lock": cmd_lock, "archive": cmd_archive, "show-command": cmd_show_command}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
