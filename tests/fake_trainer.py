@@ -12,6 +12,9 @@ selection_score), logs/events.jsonl, and checkpoint-<step>/trainer_state.json ev
 (<run>.old-<time>), as the real trainers do; --resume without a complete checkpoint is an error
 (exit 2).
 
+Like the real scripts it first locks the run directory (trainkit.runlock.acquire: exit 2 with one
+line when another process holds it; the lock of the launcher that started it is accepted).
+
 Knobs (config section `fake`, overridable as fake.key=value; the environment variables win):
     step_sleep    seconds per step (FAKE_TRAINER_STEP_SLEEP)                      default 0
     fail_at_step  exit 1 with status failed after this step (FAKE_TRAINER_FAIL_AT;    default none
@@ -22,6 +25,9 @@ Knobs (config section `fake`, overridable as fake.key=value; the environment var
     test_split    also write a split "test" line for the best step at the end       default false
     hold_file     after the last step, wait until this file exists (a test releases   default none
                   the run when it has looked at it running; FAKE_TRAINER_HOLD_FILE)
+    start_hold_file  after taking the run directory (lock, archive, logs/) and before    default none
+                  run.json, wait until this file exists: a run still loading its data and model
+                  (FAKE_TRAINER_START_HOLD_FILE)
 
 run.json gets extra fields for the tests: cuda_visible_devices (this process's
 CUDA_VISIBLE_DEVICES, null when unset), argv, and attempts: one {start, end, resume,
@@ -42,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainkit.checkpoints import archive_run_dir, atomic_directory, find_latest_checkpoint, read_trainer_state  # noqa: E402
 from trainkit.cli import build_parser  # noqa: E402
 from trainkit.config import ConfigError, load_raw, parse_override  # noqa: E402
+from trainkit.runlock import RunDirInUse  # noqa: E402
+from trainkit.runlock import acquire as acquire_run_lock  # noqa: E402
 from trainkit.runlog import RUN_INFO_FILE, RunLog, iter_jsonl, read_json  # noqa: E402
 from trainkit.tasks.official import TASK_SCORE, official_metrics, selection_score  # noqa: E402
 
@@ -88,7 +96,13 @@ def main() -> int:
     eval_every, save_every = int(fake.get("eval_every", 2)), int(fake.get("save_every", 2))
     peak = int(fake.get("peak_step", max(1, total // 2)))
     hold = os.environ.get("FAKE_TRAINER_HOLD_FILE", fake.get("hold_file"))
+    start_hold = os.environ.get("FAKE_TRAINER_START_HOLD_FILE", fake.get("start_hold_file"))
 
+    try:
+        acquire_run_lock(run_dir)  # as loop.prepare_run_dir does: before anything is read, written or moved
+    except RunDirInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     resume_from = None
     if args.resume or args.resume_from:
         resume_from = Path(args.resume_from) if args.resume_from else find_latest_checkpoint(run_dir)
@@ -100,6 +114,8 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, _on_term)
     log = RunLog(run_dir)
+    while start_hold and not Path(start_hold).exists():  # "loading data and model"
+        time.sleep(0.02)
     start = time.time()
     info = read_json(run_dir / RUN_INFO_FILE, default={}) or {}
     attempts = list(info.get("attempts") or [])

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import yaml
+
+
+def launcher_env(**extra) -> dict:
+    """The environment the launcher tests run launch_training.sh with: no venv set up (this
+    interpreter's directory first on PATH), no inherited TRAINKIT_/ACCELERATE_ settings, and
+    CUDA_VISIBLE_DEVICES="" so the CPU path is the same on every machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINKIT_", "ACCELERATE_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", TRAINKIT_NO_VENV="1",
+               CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
 
 
 def write_fake_run_config(tmp_path: Path, script_text: str, **sections) -> Path:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers_launcher import write_fake_run_config
+from helpers_launcher import launcher_env, write_fake_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch_training.sh"
@@ -30,14 +29,6 @@ FAKE_SCRIPT = textwrap.dedent("""\
         print("fake failure", file=sys.stderr)
     sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """)
-
-
-def launcher_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINKIT_", "ACCELERATE_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", TRAINKIT_NO_VENV="1",
-               CUDA_VISIBLE_DEVICES="")
-    env.update(extra)
-    return env
 
 
 def launch(*args, timeout=120, **env) -> subprocess.CompletedProcess:
