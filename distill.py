@@ -165,9 +165,9 @@ def main() -> int:
     from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.models import enable_activation_checkpointing, load_frozen_model, load_weights_into
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
-                               interval_means, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
+                               interval_means, is_due, new_interval, optimizer_step, prepare_run_dir,
                                record_evaluation, record_failure, report_nonfinite, resume_training_state,
-                               tracker_config, training_record)
+                               tracker_config, training_record, watch_preemption)
     from trainkit.patches.peft import quiet_known_warnings
     from trainkit.runlog import RunLog
     from trainkit.schedules import build_staged_scheduler
@@ -188,7 +188,7 @@ def main() -> int:
     accelerator.wait_for_everyone()
     runlog = RunLog(run_dir, is_main)
     step = 0
-    raise_on_sigterm()
+    preemption = watch_preemption(runlog, train_cfg, lambda: step)
 
     try:
         # ------------------------------------------------------------ tokenizer, teacher, student
@@ -339,6 +339,7 @@ def main() -> int:
         progress = tqdm(total=total_steps, initial=state["step"], disable=not (is_main and log_cfg["progress_bar"]),
                         desc="distill", unit="step", dynamic_ncols=True)
         stop_reason = "finished"
+        preemption.arm()
         while state["stage"] < len(stages) and stop_reason == "finished":
             stage = stages[state["stage"]]
             stream = WindowStream(stage["source"], tokenizer, seq_len, seed=train_cfg["seed"] + state["stage"],
@@ -365,8 +366,9 @@ def main() -> int:
                                           out.top1_agreement.detach()]).double() / accum
                 state["data_state"] = stream.state_dict()
 
-                # ---- optimizer step: one all-reduce of the step's statistics
-                step_loss, kd_loss, ce_loss, agreement = (accelerator.reduce(stats, "sum") / accelerator.num_processes).tolist()
+                # ---- optimizer step: one all-reduce of the step's statistics and the stop-signal flags
+                stats = torch.cat([stats, preemption.flag(device)[None]])
+                step_loss, kd_loss, ce_loss, agreement, stop_votes = (accelerator.reduce(stats, "sum") / accelerator.num_processes).tolist()
                 tokens_all = windows_per_step * seq_len
                 finite, grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, trainable,
                                                        opt_cfg["max_grad_norm"], step_loss)
@@ -382,6 +384,8 @@ def main() -> int:
                     report_nonfinite(runlog, state, step_loss, grad_norm, say)
                     if state["nonfinite_streak"] >= train_cfg["max_consecutive_nonfinite"]:
                         stop_reason = "nan_limit"
+                if stop_votes and stop_reason == "finished" and step < total_steps:
+                    stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step below, then stop
 
                 # ---- log, evaluate, checkpoint
                 if is_due(step, log_cfg["log_interval"], total_steps):
@@ -397,7 +401,7 @@ def main() -> int:
                     state["interval"] = new_interval(*KD_STATS)
                 if eval_batches and step % log_cfg["eval_interval"] == 0:
                     run_evaluation()
-                if step % log_cfg["checkpoint_interval"] == 0 and step < total_steps:
+                if (step % log_cfg["checkpoint_interval"] == 0 or stop_reason == "preempted") and step < total_steps:
                     checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
                     checkpointer.apply_retention(step)
             if state["stage_step"] >= stage["steps"]:
@@ -413,7 +417,7 @@ def main() -> int:
             final = final_checkpoint_dir(run_dir, state["step"])
             checkpointer.save(final, state, total_steps=total_steps)
             say(f"done: {state['step']} steps; student in {final} (from_pretrained after `import trainkit.students`)")
-        else:
+        elif stop_reason == "nan_limit":
             say(f"stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
         code = finish_run(runlog, state["step"], stop_reason)
         accelerator.end_training()

@@ -59,7 +59,10 @@ resumes or moves anything and holds it until training ends; a second launch of t
 (launcher or script) exits 2 with one line naming the holder's host and pid.
 
 Exit code: the training script's exit code; 2 (with one line) for a bad config, missing
-model/data path, bad option or a run directory in use.
+model/data path, bad option or a run directory in use; 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) when a signal stopped
+the training: SIGTERM/SIGINT to this script are passed to the training processes, which
+finish the current step, save a checkpoint and exit; this script waits for them. Running
+the same command again resumes.
 
 Examples:
   $PROG                                          # default config, CPU or all GPUs
@@ -342,19 +345,65 @@ if [[ $DASHBOARD == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- train
+# accelerate runs in its own session (setsid), so a Ctrl-C in the terminal reaches only this
+# script: SIGTERM and SIGINT are delivered to the trainer processes themselves (their pids are in
+# $EXIT_DIR/pid-<rank>), which finish the step, save a checkpoint and exit (trainkit/preemption.py).
+# Signalling accelerate or torchrun instead would print their tracebacks, and torchrun kills its
+# workers ~30 s after it is signalled, whatever training.preemption_grace_seconds says.
+PENDING_SIGNAL=""
+TRAIN_PID=""
+forward_signal() {  # signal name
+    PENDING_SIGNAL="$1"
+    say "$1: asking the training to save a checkpoint and stop (a second $1 stops it at once)"
+    deliver_pending_signal
+}
+deliver_pending_signal() {
+    [[ -n "$PENDING_SIGNAL" ]] || return 0
+    local f pid delivered=0
+    for f in "$EXIT_DIR"/pid-*; do
+        [[ -f "$f" ]] || continue
+        pid="$(cat "$f" 2>/dev/null)" || continue
+        [[ "$pid" =~ ^[0-9]+$ ]] && kill -s "$PENDING_SIGNAL" "$pid" 2>/dev/null && delivered=1
+    done
+    # No trainer has started yet (accelerate is still importing): deliver when one has.
+    [[ $delivered == 0 ]] || PENDING_SIGNAL=""
+}
+trap 'forward_signal TERM' TERM
+trap 'forward_signal INT' INT
 set +e
-"${CMD[@]}"
-rc=$?
+if command -v setsid >/dev/null; then
+    setsid "${CMD[@]}" &
+else
+    "${CMD[@]}" &
+fi
+TRAIN_PID=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until accelerate has exited.
+# A signal that found no trainer yet is retried until one has written its pid.
+while :; do
+    if [[ -n "$PENDING_SIGNAL" ]] && kill -0 "$TRAIN_PID" 2>/dev/null; then
+        deliver_pending_signal
+        sleep 0.2
+        continue
+    fi
+    wait "$TRAIN_PID"
+    rc=$?
+    kill -0 "$TRAIN_PID" 2>/dev/null || break
+done
 set -e
+trap - TERM INT
+# The trainers' own exit codes (accelerate turns every failure into 1; a trainer stopped by a
+# signal exits 0 towards accelerate and records 143 or 130 here).
 script_rc=""
 for f in "$EXIT_DIR/rank-0" "$EXIT_DIR"/rank-*; do
     [[ -f "$f" ]] || continue
     code="$(cat "$f")"
     if [[ "$code" != 0 ]]; then script_rc="$code"; break; fi
 done
-if [[ $rc != 0 && -n "$script_rc" ]]; then rc="$script_rc"; fi
+if [[ -n "$script_rc" ]]; then rc="$script_rc"; fi
 if [[ $rc == 0 ]]; then
     say "training finished: $TK_RUN_DIR"
+elif [[ $rc == 143 || $rc == 130 ]]; then
+    echo "launch_training.sh: training stopped by a signal (exit code $rc); the same command resumes from its latest checkpoint (run dir: $TK_RUN_DIR)" >&2
 else
     echo "launch_training.sh: training exited with code $rc (run dir: $TK_RUN_DIR)" >&2
 fi

@@ -154,9 +154,9 @@ def main() -> int:
     from trainkit.data import make_collator, tokenize_prompt_target
     from trainkit.generation import GenerationSettings, check_generate_support, generate_texts, score_label_likelihood
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, evaluate_loss, fault_steps,
-                               finish_run, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
+                               finish_run, is_due, new_interval, optimizer_step, prepare_run_dir,
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
-                               resume_training_state, tracker_config, training_record)
+                               resume_training_state, tracker_config, training_record, watch_preemption)
     from trainkit.gla import guard_adapter_paths
     from trainkit.models import load_model
     from trainkit.patches.peft import quiet_known_warnings
@@ -186,7 +186,7 @@ def main() -> int:
     accelerator.wait_for_everyone()
     runlog = RunLog(run_dir, is_main)
     step = 0
-    raise_on_sigterm()
+    preemption = watch_preemption(runlog, train_cfg, lambda: step)
 
     try:
         # ------------------------------------------------------------ task data, tokenizer
@@ -380,6 +380,7 @@ def main() -> int:
                         desc="train", unit="step", dynamic_ncols=True)
         stop_reason = "finished"
         device = accelerator.device
+        preemption.arm()
         while state["step"] < total_steps and stop_reason == "finished":
             train_loader.set_epoch(state["epoch"])
             skip = state["batches_in_epoch"]
@@ -402,9 +403,9 @@ def main() -> int:
                 if not is_step_end:
                     continue
 
-                # ---- optimizer step: one all-reduce of [loss, tokens], skipped when not finite
-                local = torch.stack([torch.stack(micro_losses).double().mean(), step_tokens.double()])
-                loss_sum, tokens_all = accelerator.reduce(local, "sum").tolist()
+                # ---- optimizer step: one all-reduce of [loss, tokens, stop-signal flags], skipped when not finite
+                local = torch.stack([torch.stack(micro_losses).double().mean(), step_tokens.double(), preemption.flag(device)])
+                loss_sum, tokens_all, stop_votes = accelerator.reduce(local, "sum").tolist()
                 step_loss, tokens_all = loss_sum / accelerator.num_processes, int(tokens_all)
                 finite, grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, trainable,
                                                        opt_cfg["max_grad_norm"], step_loss)
@@ -418,6 +419,8 @@ def main() -> int:
                     report_nonfinite(runlog, state, step_loss, grad_norm, say)
                     if state["nonfinite_streak"] >= train_cfg["max_consecutive_nonfinite"]:
                         stop_reason = "nan_limit"
+                if stop_votes and stop_reason == "finished" and step < total_steps:
+                    stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step below, then stop
 
                 # ---- log, evaluate, checkpoint
                 if is_due(step, log_cfg["log_interval"], total_steps):
@@ -430,7 +433,7 @@ def main() -> int:
                     state["interval"] = new_interval()
                 if step % log_cfg["eval_interval"] == 0:
                     run_evaluation()
-                if step % log_cfg["checkpoint_interval"] == 0 and step < total_steps:
+                if (step % log_cfg["checkpoint_interval"] == 0 or stop_reason == "preempted") and step < total_steps:
                     checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
                     checkpointer.apply_retention(step)
 
@@ -457,7 +460,7 @@ def main() -> int:
                     "best_step": state["best_step"], "final_checkpoint": str(final), "best_adapter": str(best_dir)})
             say(f"done: {state['step']} steps; best {log_cfg['metric_for_best']} {state['best_metric']} at step "
                 f"{state['best_step']}; final adapter in {final}")
-        else:
+        elif stop_reason == "nan_limit":
             say(f"stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
         code = finish_run(runlog, state["step"], stop_reason)
         accelerator.end_training()

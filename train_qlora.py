@@ -79,9 +79,9 @@ def main() -> int:
     from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.data import build_datasets, make_collator
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, evaluate_loss, fault_steps, finish_run,
-                               interval_means, is_due, new_interval, optimizer_step, prepare_run_dir, raise_on_sigterm,
+                               interval_means, is_due, new_interval, optimizer_step, prepare_run_dir,
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
-                               resume_training_state, tracker_config, training_record)
+                               resume_training_state, tracker_config, training_record, watch_preemption)
     from trainkit.models import load_model
     from trainkit.moe import RouterStats
     from trainkit.patches.peft import quiet_known_warnings
@@ -105,7 +105,7 @@ def main() -> int:
     accelerator.wait_for_everyone()
     runlog = RunLog(run_dir, is_main)
     step = 0  # optimizer steps done; read by the error handler below
-    raise_on_sigterm()
+    preemption = watch_preemption(runlog, train_cfg, lambda: step)
 
     try:
         # ------------------------------------------------------------ tokenizer, data
@@ -201,6 +201,7 @@ def main() -> int:
                         desc="train", unit="step", dynamic_ncols=True)
         stop_reason = "finished"
         device = accelerator.device
+        preemption.arm()
         while state["step"] < total_steps and stop_reason == "finished":
             train_loader.set_epoch(state["epoch"])
             skip = state["batches_in_epoch"]
@@ -229,10 +230,12 @@ def main() -> int:
                     continue
 
                 # ---- optimizer step (skipped when the loss or gradients are not finite)
-                # One all-reduce and one host sync per optimizer step: sums of [loss, tokens, aux loss].
+                # One all-reduce and one host sync per optimizer step: sums of [loss, tokens, aux loss,
+                # stop-signal flags], so every rank agrees on stopping after the same step.
                 aux_mean = torch.stack(micro_aux).mean() if micro_aux else torch.zeros((), device=device)
-                local = torch.stack([torch.stack(micro_losses).double().mean(), step_tokens.double(), aux_mean.double()])
-                loss_sum, tokens_all, aux_sum = accelerator.reduce(local, "sum").tolist()
+                local = torch.stack([torch.stack(micro_losses).double().mean(), step_tokens.double(), aux_mean.double(),
+                                     preemption.flag(device)])
+                loss_sum, tokens_all, aux_sum, stop_votes = accelerator.reduce(local, "sum").tolist()
                 step_loss, step_aux = loss_sum / accelerator.num_processes, aux_sum / accelerator.num_processes
                 tokens_all = int(tokens_all)
                 finite, grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, trainable,
@@ -248,6 +251,8 @@ def main() -> int:
                     report_nonfinite(runlog, state, step_loss, grad_norm, say)
                     if state["nonfinite_streak"] >= train_cfg["max_consecutive_nonfinite"]:
                         stop_reason = "nan_limit"
+                if stop_votes and stop_reason == "finished" and step < total_steps:
+                    stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step below, then stop
 
                 # ---- log
                 if is_due(step, log_cfg["log_interval"], total_steps):
@@ -267,7 +272,7 @@ def main() -> int:
                 # ---- evaluate, checkpoint
                 if val_loader is not None and step % log_cfg["eval_interval"] == 0:
                     run_evaluation()
-                if step % log_cfg["checkpoint_interval"] == 0 and step < total_steps:
+                if (step % log_cfg["checkpoint_interval"] == 0 or stop_reason == "preempted") and step < total_steps:
                     checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
                     checkpointer.apply_retention(step)
 
@@ -287,7 +292,7 @@ def main() -> int:
             final = final_checkpoint_dir(run_dir, state["step"])
             checkpointer.save(final, state, total_steps=total_steps)
             say(f"done: {state['step']} steps, final adapter in {final}")
-        else:
+        elif stop_reason == "nan_limit":
             say(f"stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
         code = finish_run(runlog, state["step"], stop_reason)
         accelerator.end_training()

@@ -27,7 +27,7 @@ from .diagnosis import failure_kind
 
 log = logging.getLogger(__name__)
 
-KINDS = ("failed", "nan_stop", "stalled", "finished")
+KINDS = ("failed", "nan_stop", "stalled", "preempted", "finished")
 ATTEMPTS = 3            # tries per message
 RETRY_SECONDS = 2.0     # doubled after each failed try
 TIMEOUT_SECONDS = 10.0
@@ -54,6 +54,9 @@ def message_text(kind: str, run_name: str, stats: dict) -> str:
     if kind == "nan_stop":
         return (f":warning: trainkit run `{run_name}`{host} stopped at step {step} after too many non-finite "
                 f"losses{code_text}: {failure.get('reason')}")
+    if kind == "preempted":
+        return (f":pause_button: trainkit run `{run_name}`{host} was preempted at step {step}{code_text}: "
+                f"{failure.get('reason')}")
     if kind == "stalled":
         return f":hourglass: trainkit run `{run_name}`{host} stalled at step {step}: {failure.get('reason')}"
     best = stats.get("best_eval") or {}

@@ -5,7 +5,9 @@ fatal error line). The exit code is the one run.json records (``exit_code``) whe
 wrote it; otherwise it follows from how trainkit's entry points exit
 (``trainkit.cli.run_main``, ``trainkit.loop.finish_run``): 0 finished, 1 for a stop by
 ``training.max_consecutive_nonfinite`` (reason ``nan_limit``) or an uncaught exception,
-2 for a config error, 130 when interrupted (SIGINT/SIGTERM), the code of a SystemExit.
+2 for a config error, 130 when interrupted (SIGINT/SIGTERM), the code of a SystemExit; a run
+run.json says `preempted` (trainkit.preemption) exited 128 + signal, 143 when the stop event does
+not say otherwise. Trainers write `exit_code` since the preemption work; older runs are inferred.
 A stalled run wrote nothing when it stopped (killed by SIGKILL or the OOM killer, or hung),
 so its exit code is unknown; when it ran on this host, whether its process still exists
 is checked.
@@ -28,6 +30,8 @@ def _exit_code(info: dict, fatal: dict | None, status: str) -> tuple[int | None,
         return recorded, "run.json"
     if status == "finished":
         return 0, "inferred"
+    if status == "preempted":
+        return 143, "inferred"
     if status != "failed":
         return None, None
     error_type = (fatal or {}).get("type")
@@ -46,16 +50,19 @@ def _process_state(info: dict) -> str:
 
 
 def failure_kind(status: str, stop: dict | None) -> str | None:
-    """"failed", "nan_stop" (stopped by the NaN limit) or "stalled"; None for a healthy run. The
-    failure banner's kind and the alert's (dashboard.alerts)."""
+    """"failed", "nan_stop" (stopped by the NaN limit), "preempted" (stopped by SIGTERM/SIGINT, resumable)
+    or "stalled"; None for a healthy run. The failure banner's kind and the alert's (dashboard.alerts)."""
+    if status == "preempted":
+        return "preempted"
     if status == "failed":
         return "nan_stop" if (stop or {}).get("reason") == "nan_limit" else "failed"
     return "stalled" if status == "stalled" else None
 
 
 def describe_failure(info: dict, status: str, stop: dict | None, fatal: dict | None,
-                     last_activity: float, stall_seconds: float, now: float) -> dict | None:
-    """None for a healthy run; else what the page shows at the top of a failed or stalled run."""
+                     last_activity: float, stall_seconds: float, now: float, preempted: dict | None = None) -> dict | None:
+    """None for a healthy run; else what the page shows at the top of a failed, preempted or stalled
+    run. `preempted` is the latest `preempted` event, if any."""
     kind = failure_kind(status, stop)
     if kind is None:
         return None
@@ -76,6 +83,17 @@ def describe_failure(info: dict, status: str, stop: dict | None, fatal: dict | N
         out["step"] = source_line.get("step") if is_number(source_line.get("step")) else None
         end = info.get("end_time")
         out["time"] = end if is_number(end) else source_line.get("time") if is_number(source_line.get("time")) else None
+    elif status == "preempted":
+        out["stop_reason"] = "preempted"
+        checkpoint = (preempted or {}).get("checkpoint")
+        message = (preempted or {}).get("message")
+        out["reason"] = (message if isinstance(message, str) else "stopped by SIGTERM/SIGINT") + (
+            "; launch_training.sh resumes it" if isinstance(checkpoint, str) else
+            "; launch_training.sh resumes it from its latest checkpoint")
+        line = preempted or stop or {}
+        out["step"] = line.get("step") if is_number(line.get("step")) else None
+        end = info.get("end_time")
+        out["time"] = end if is_number(end) else None
     else:
         quiet = now - last_activity if last_activity else None
         out["seconds_without_log"] = quiet

@@ -107,6 +107,7 @@ class RunState:
         self.error_count = 0
         self.attempt = 1
         self.last_stop: dict | None = None    # the latest "stop" event (reason finished / failed / nan_limit ...)
+        self.last_preempted: dict | None = None   # the latest "preempted" event of the current attempt
         self.last_fatal: dict | None = None   # the latest error line with fatal: true
         self.checkpoints: list[dict] = []
         self.checkpoint_cache: dict[str, tuple] = {}
@@ -194,6 +195,7 @@ class RunState:
             self.event_count = 0
             self.attempt = 1
             self.last_stop = None
+            self.last_preempted = None
         elif stream == "errors":
             self.errors.clear()
             self.error_count = 0
@@ -216,8 +218,11 @@ class RunState:
                 if record.get("event") == "resume":
                     self.attempt += 1
                     self.last_stop = None
+                    self.last_preempted = None
                 elif record.get("event") == "stop":
                     self.last_stop = record
+                elif record.get("event") == "preempted":
+                    self.last_preempted = record
                 self.events.append({**record, "attempt": self.attempt})
             self.event_count += len(records)
         elif stream == "errors":
@@ -315,7 +320,7 @@ class RunState:
     # ----- answers ---------------------------------------------------------------------
     def status(self, stall_seconds: float, now: float | None = None) -> str:
         status = self.info.get("status")
-        if status not in ("running", "finished", "failed"):
+        if status not in ("running", "finished", "failed", "preempted"):
             status = "unknown"
         now = time.time() if now is None else now
         if status == "running" and self.last_activity and now - self.last_activity > stall_seconds:
@@ -393,7 +398,7 @@ class RunState:
                 "indexing": self.indexing(),
             }
             stats["failure"] = describe_failure(self.info, summary["status"], self.last_stop, self.last_fatal,
-                                                self.last_activity, stall_seconds, now)
+                                                self.last_activity, stall_seconds, now, preempted=self.last_preempted)
             return stats
 
     def _eta_from_rate(self, remaining_steps: float) -> float | None:

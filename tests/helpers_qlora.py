@@ -103,3 +103,44 @@ def kill_at_drawn_state(script: str, config: Path, run_dir: Path, *, checkpoints
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    steps = []
+    for line in (run_dir / "logs" / "training_log.jsonl").read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):  # a line being written
+            pass
+    return steps
+
+
+def wait_for_log_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Wait (for a state, never for wall time) until the training log has the line of `step`."""
+    import time
+
+    log = run_dir / "logs" / "training_log.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and step in logged_steps(run_dir)):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (code {proc.returncode}) before logging step {step}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no training log line for step {step} in {timeout} s")
+        time.sleep(0.002)
+
+
+def signal_at_log_step(script: str, config: Path, run_dir: Path, step: int, signum: int, *args: str,
+                       timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """Run `script --config config`, send `signum` once the training log has the line of `step`,
+    and wait for the exit. Returns the finished process's code, stdout and stderr."""
+    proc = subprocess.Popen([sys.executable, str(REPO / script), "--config", str(config), *args], cwd=REPO,
+                            env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log_step(proc, run_dir, step, timeout)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

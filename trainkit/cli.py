@@ -23,9 +23,27 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     return parser
 
 
+def exit_code_for_exception(exc: BaseException) -> int:
+    """The exit code run_main ends with for an exception (recorded in run.json as exit_code)."""
+    from trainkit.preemption import Preempted
+
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    if isinstance(exc, (ConfigError, RunDirInUse)):
+        return 2
+    if isinstance(exc, Preempted):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`; a ConfigError, or a run directory another process holds, becomes one line on
-    stderr and exit code 2, no traceback."""
+    stderr and exit code 2, a stop signal before the training loop one line and 128 + signal
+    (trainkit.preemption), no traceback."""
+    from trainkit.preemption import Preempted
+
     try:
         code = main()
     except ConfigError as e:
@@ -34,6 +52,9 @@ def run_main(main: Callable[[], int | None]) -> None:
     except RunDirInUse as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

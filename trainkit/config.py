@@ -90,6 +90,7 @@ BASE_SCHEMA: dict[str, dict[str, Key]] = {
         "packing": Key(bool, True, "pack `text` rows into full max_seq_length windows"),
         "max_eval_batches": Key(int, None, "cap on validation batches per evaluation; null: all", nullable=True, check=positive),
         "max_consecutive_nonfinite": Key(int, 5, "stop after this many consecutive optimizer steps with NaN/inf loss or gradients", check=positive),
+        "preemption_grace_seconds": Key(float, 25.0, "on SIGTERM/SIGINT: seconds to finish the current optimizer step and save a checkpoint before exiting anyway (keep it below the scheduler's kill delay: SLURM KillWait, Kubernetes terminationGracePeriodSeconds, both 30 s by default)", check=positive),
     },
     "optimization": {
         "micro_batch_size": Key(int, 4, "sequences per device per forward pass", check=positive),

@@ -19,7 +19,9 @@
         Run SCRIPT as __main__ (what `accelerate launch -m trainkit.launcher exec` starts on
         every process) and record its exit code in $TRAINKIT_EXIT_DIR/rank-<RANK>, so the
         launcher can exit with the script's own code (accelerate turns every failure
-        into 1).
+        into 1), and its pid in $TRAINKIT_EXIT_DIR/pid-<RANK>, so the launcher can send
+        SIGTERM/SIGINT to the trainers directly. A run stopped by such a signal exits 0
+        towards accelerate (no torchrun failure report); its code (143/130) is recorded.
 
 Validation: the sections of BASE_SCHEMA are checked strictly, together with whatever the
 named script declares: a script that defines a module-level `SCHEMA` (or exactly one
@@ -304,11 +306,49 @@ def cmd_show_command(args) -> int:
     return 0
 
 
+def record_exit_code(code: int) -> None:
+    """Under launch_training.sh: this rank's exit code, for the launcher to exit with."""
+    exit_dir = os.environ.get("TRAINKIT_EXIT_DIR")
+    if not exit_dir:
+        return
+    try:
+        with open(os.path.join(exit_dir, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(f"{code}\n")
+    except OSError:
+        pass
+
+
+def exit_towards_parent(code: int) -> int:
+    """The code a trainer exits with towards accelerate. A run preempted by SIGTERM/SIGINT exits 0
+    under launch_training.sh (its real code is recorded in $TRAINKIT_EXIT_DIR), so torchrun does not
+    print its failure report over a clean stop; the launcher exits with the recorded code."""
+    from trainkit.preemption import PREEMPTED_EXIT_CODES
+
+    return 0 if os.environ.get("TRAINKIT_EXIT_DIR") and code in PREEMPTED_EXIT_CODES else code
+
+
+def record_pid() -> None:
+    """Under launch_training.sh: $TRAINKIT_EXIT_DIR/pid-<RANK> holds this trainer's pid, so the launcher
+    can deliver SIGTERM/SIGINT to the trainers themselves rather than to accelerate or torchrun."""
+    exit_dir = os.environ.get("TRAINKIT_EXIT_DIR")
+    if not exit_dir:
+        return
+    try:
+        with open(os.path.join(exit_dir, f"pid-{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
+
+
 def cmd_exec(argv: list[str]) -> int:
-    """Run a script as __main__ and record its exit code for the launcher."""
+    """Run a script as __main__ and record its exit code (and pid) for the launcher."""
+    from trainkit.preemption import PREEMPTION, Preempted
+
     if not argv:
         print("usage: python -m trainkit.launcher exec SCRIPT [ARGS...]", file=sys.stderr)
         return 2
+    PREEMPTION.install()  # before the script's imports: a signal while they run ends it with one line
+    record_pid()
     script = os.path.abspath(argv[0])
     sys.argv = [argv[0], *argv[1:]]
     sys.path[0] = os.path.dirname(script)  # as `python SCRIPT` would
@@ -317,7 +357,9 @@ def cmd_exec(argv: list[str]) -> int:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code
-        raise
+    except Preempted as e:  # before the script's own handling started
+        print(str(e), file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         code = 130
         raise
@@ -325,15 +367,11 @@ def cmd_exec(argv: list[str]) -> int:
         code = 1
         raise
     finally:
-        exit_dir = os.environ.get("TRAINKIT_EXIT_DIR")
-        if exit_dir:
-            number = 0 if code is None else code if isinstance(code, int) else 1
-            try:
-                with open(os.path.join(exit_dir, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
-                    f.write(f"{number}\n")
-            except OSError:
-                pass
-    return 0
+        number = 0 if code is None else code if isinstance(code, int) else 1
+        record_exit_code(number)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what SystemExit("message") prints
+    return exit_towards_parent(number)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import importlib.util
 import math
 import os
 import shutil
-import signal
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +23,7 @@ from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_
                                   remove_partial_saves, staging_dir)
 from trainkit import runlock
 from trainkit.config import ConfigError, public_config
-from trainkit.runlog import TRAINER_STATE_FILE, RunLog, write_json_atomic
+from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, write_json_atomic
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
@@ -78,11 +77,12 @@ def prepare_run_dir(run_dir: Path, resume_from: Path | None, is_main: bool, say:
     remove_partial_saves(run_dir)
 
 
-def raise_on_sigterm() -> None:
-    """SIGTERM (scheduler preemption, `accelerate launch` tearing down) becomes an exception, so it is logged."""
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_sigterm)
+def watch_preemption(runlog: RunLog, train_cfg: dict, current_step: Callable[[], int]):
+    """SIGTERM/SIGINT from here on: recorded as `preempted` (trainkit.preemption). Returns the process's
+    Preemption, whose `flag` the loop adds to its per-step all-reduce once `arm()` is called."""
+    from trainkit.preemption import PREEMPTION
+
+    return PREEMPTION.watch(runlog, train_cfg["preemption_grace_seconds"], current_step)
 
 
 def base_run_info(accelerator, script: str, cfg: dict, total_steps: int, resume_from, **fields) -> dict:
@@ -95,7 +95,7 @@ def base_run_info(accelerator, script: str, cfg: dict, total_steps: int, resume_
                 total_steps=total_steps, world_size=accelerator.num_processes,
                 num_machines=max(1, accelerator.num_processes // max(local_world, 1)),
                 mixed_precision=accelerator.mixed_precision, pid=os.getpid(), versions=library_versions(), patches=applied(),
-                config=public_config(cfg), config_path=cfg.get("_config_path"), error=None, resumed_from=str(resume_from) if resume_from else None, **fields)
+                config=public_config(cfg), config_path=cfg.get("_config_path"), error=None, exit_code=None, resumed_from=str(resume_from) if resume_from else None, **fields)
     if resume_from is None:
         info["start_time"] = time.time()
     return info
@@ -108,24 +108,44 @@ def tracker_config(cfg: dict) -> dict:
 
 
 def record_failure(runlog: RunLog, step: int, exc: BaseException) -> None:
-    """Fatal error: traceback to error_log.jsonl, a stop event, status failed in run.json.
-    A clean SystemExit (code 0 or None) is not a failure and records nothing."""
+    """Fatal error: traceback to error_log.jsonl, a stop event, status failed and the exit code in
+    run.json. A stop signal before the loop is recorded as preempted instead. A clean SystemExit
+    (code 0 or None) is not a failure and records nothing."""
+    from trainkit.cli import exit_code_for_exception
+    from trainkit.preemption import PREEMPTION, Preempted
+
     if isinstance(exc, SystemExit) and not exc.code:
+        return
+    PREEMPTION.settle()
+    if isinstance(exc, Preempted):
+        PREEMPTION.record(runlog, step, checkpoint=None, detail="stopped before the training loop")
         return
     message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
     runlog.error(step, type(exc).__name__, message, traceback=traceback.format_exc(), fatal=True)
     runlog.event(step, "stop", f"run failed: {message}", reason="failed")
-    runlog.update_run_info(status="failed", end_time=time.time(), error=message)
+    runlog.update_run_info(status="failed", end_time=time.time(), error=message, exit_code=exit_code_for_exception(exc))
 
 
 def finish_run(runlog: RunLog, step: int, stop_reason: str) -> int:
+    """End records of a run that left its loop (finished, nan_limit or preempted); returns the exit code."""
     from trainkit.patches import applied
+    from trainkit.preemption import PREEMPTION
 
+    PREEMPTION.settle()
+    if stop_reason == "preempted":
+        saved = runlog.run_dir / f"{CHECKPOINT_PREFIX}{step}"
+        checkpoint = str(saved) if (saved / TRAINER_STATE_FILE).is_file() else None
+        code = PREEMPTION.record(runlog, step, checkpoint)
+        if runlog.is_main:
+            PREEMPTION._say(f"preempted at step {step}: {checkpoint or 'no checkpoint'} saved; exit code {code} "
+                            "(launch_training.sh, or the script with --resume, continues from it)")
+        return code
+    code = 0 if stop_reason == "finished" else 1
     runlog.event(step, "stop", f"run ended: {stop_reason}", reason=stop_reason)
     status = "finished" if stop_reason == "finished" else "failed"
-    runlog.update_run_info(status=status, end_time=time.time(), patches=applied(),
+    runlog.update_run_info(status=status, end_time=time.time(), patches=applied(), exit_code=code,
                            error=None if status == "finished" else f"stopped: {stop_reason}")
-    return 0 if status == "finished" else 1
+    return code
 
 
 # ---------------------------------------------------------------- the optimizer step

@@ -19,8 +19,10 @@ Every JSONL line is one JSON object with at least ``step`` and ``time`` (unix
 seconds). Only the main process writes. A line is written with a single ``write`` of
 the whole line and flushed, so a reader sees it whole or not at all; readers skip a
 partial last line. After a resume from step S the lines with step > S from the earlier
-attempt are dropped (``RunLog.truncate_after``); a reader that sees a step go backwards
-must also drop the later steps of the earlier attempt.
+attempt are dropped (``RunLog.truncate_after``), except error lines and the ``stop`` and
+``preempted`` events, which record how that attempt ended; a reader that sees a step go
+backwards must also drop the later steps of the earlier attempt's series (training, eval,
+experts), not its errors and events.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,7 +55,8 @@ STREAMS = {
 RUN_FIELDS = {
     "run_name": "name of the run (the directory name)",
     "script": "entry point that wrote the run (train_qlora.py, train_lora.py, distill.py)",
-    "status": "running | finished | failed (a reader may show 'stalled' for a running run whose logs stopped)",
+    "status": "running | finished | failed | preempted (stopped by SIGTERM/SIGINT; launch_training.sh resumes it) (a reader may show 'stalled' for a running run whose logs stopped)",
+    "exit_code": "exit code of the trainer's processes when the run ended (0 finished, 1 failed, 2 config error, 143/130 preempted by SIGTERM/SIGINT), null while running or when killed without a record (SIGKILL)",
     "start_time": "unix seconds of the first start",
     "last_start_time": "unix seconds of the latest start or resume",
     "end_time": "unix seconds when the run finished or failed, else null",
@@ -165,8 +169,18 @@ EVENTS = {
     "checkpoint_saved": "a checkpoint was written (path, size_bytes, metric, metric_value)",
     "checkpoint_deleted": "a checkpoint was removed by top-K retention (path)",
     "nan_skip": "a non-finite loss or gradient skipped an optimizer step (consecutive)",
-    "stop": "the run ended (reason: finished | failed | nan_limit | max_steps)",
+    "preempted": "SIGTERM/SIGINT stopped the run (signal, checkpoint: the checkpoint saved at this step or null, exit_code, grace_seconds)",
+    "stop": "the run ended (reason: finished | failed | nan_limit | max_steps | preempted)",
 }
+
+
+# Lines a resume keeps even when their step is after the checkpoint: the records of how an attempt
+# ended (fatal errors, stop and preempted events). Non-fatal ones (nan_skip) belong to the dropped
+# steps, which the resumed attempt runs, and logs, again.
+def kept_on_resume(stream: str, record: dict) -> bool:
+    if stream == "errors":
+        return record.get("fatal") is True
+    return stream == "events" and record.get("event") in ("stop", "preempted")
 
 
 def json_safe(value: Any) -> Any:
@@ -210,7 +224,8 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write a JSON file through a temp file and rename, so readers never see half of it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # pid and thread in the name: the preemption grace timer may write from another thread
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w") as f:
         json.dump(json_safe(obj), f, indent=2, default=str)
         f.flush()
@@ -251,7 +266,8 @@ class RunLog:
                               "traceback": traceback, "fatal": fatal})
 
     def truncate_after(self, step: int) -> None:
-        """Drop the lines with step > ``step`` from every stream (after a resume from ``step``)."""
+        """Drop the lines with step > ``step`` from every stream (after a resume from ``step``), except
+        the records of how the earlier attempt ended (kept_on_resume): they describe the past."""
         if not self.is_main:
             return
         for stream in STREAMS:
@@ -259,7 +275,7 @@ class RunLog:
             if not path.exists():
                 continue
             kept = [json.dumps(r, separators=(",", ":")) + "\n" for r in iter_jsonl(path)
-                    if isinstance(r.get("step"), (int, float)) and r["step"] <= step]
+                    if isinstance(r.get("step"), (int, float)) and (r["step"] <= step or kept_on_resume(stream, r))]
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w") as f:
                 f.writelines(kept)

@@ -620,7 +620,8 @@
     const step = f.step !== null && f.step !== undefined ? f.step : s.step;
     const code = f.exit_code === null || f.exit_code === undefined
       ? "exit code unknown" : `exit code ${f.exit_code}${f.exit_code_source === "inferred" ? " (from how it stopped)" : ""}`;
-    const what = { failed: "Run failed", nan_stop: "Run stopped: too many non-finite losses", stalled: "Run stalled" }[f.kind];
+    const what = { failed: "Run failed", nan_stop: "Run stopped: too many non-finite losses", stalled: "Run stalled",
+                   preempted: "Run preempted" }[f.kind];
     $("failure-title").textContent = `${what} at step ${fmtInt(step)} · ${code}`;
     $("failure-reason").textContent = f.reason || "";
     const facts = [];
