@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -279,7 +278,7 @@ def test_truncate_after_keeps_fatal_errors_and_stop_events(tmp_path):
     log.error(6, "RuntimeError", "boom", traceback="...", fatal=True)
     log.event(5, "nan_skip", "skipped", consecutive=1)
     log.event(6, "stop", "run failed: boom", reason="failed")
-    log.event(6, "preempted", "SIGTERM", checkpoint=None)
+    log.write("events", {"step": 6, "event": "preempted", "message": "SIGTERM", "checkpoint": None})
     log.truncate_after(4)
     assert [r["step"] for r in stream(tmp_path, "training_log.jsonl")] == [2, 4]
     assert [(r["type"], r["step"]) for r in stream(tmp_path, "error_log.jsonl")] == [("RuntimeError", 6)]
@@ -296,7 +295,8 @@ def test_dashboard_keeps_the_interrupted_attempts_records(tmp_path):
     log.update_run_info(status="running", total_steps=12)
     for step in (2, 4, 6):
         log.write("training", {"step": step, "loss": 1.0, "total_steps": 12})
-    log.event(6, "preempted", "SIGTERM at step 6: no checkpoint saved", checkpoint=None, exit_code=143)
+    log.write("events", {"step": 6, "event": "preempted", "message": "SIGTERM at step 6: no checkpoint saved",
+                         "checkpoint": None, "exit_code": 143})
     log.event(6, "stop", "run ended: preempted by SIGTERM", reason="preempted")
     log.update_run_info(status="preempted", exit_code=143)
     store = RunStore(tmp_path / "logs_root")
@@ -323,3 +323,35 @@ def test_grace_key_is_validated(tmp_path):
     result = run_script(["--config", str(cfg)], timeout=120)
     assert result.returncode == 2 and "training.preemption_grace_seconds: must be > 0" in result.stderr
     assert yaml.safe_load(cfg.read_text())["training"]["preemption_grace_seconds"] == 0
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM to rank 1 only: its flag travels in the per-step all-reduce, so rank 0 stops after the
+    same step and both take part in the checkpoint; no rank is left waiting in a collective."""
+    cfg = tiny_config(tmp_path, training={"max_steps": 40})
+    run_dir = tmp_path / "out" / "tiny"
+    proc = start_launcher(cfg, "--num-processes", "2", "--main-process-port", str(29600 + os.getpid() % 1000))
+    try:
+        wait_for_log_step(proc, run_dir, 2)
+        tree = descendants(proc.pid)
+        ranks = {}
+        for pid in tree:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"trainkit.launcher" in cmdline and b"exec" in cmdline:
+                rank = [e for e in environ if e.startswith(b"RANK=")]
+                if rank:
+                    ranks[rank[0].split(b"=", 1)[1].decode()] = pid
+        assert set(ranks) == {"0", "1"}, ranks
+        os.kill(ranks["1"], signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, (out[-2000:], err[-3000:])
+    step = assert_preempted(run_dir, 143, saved=True)
+    assert step < 40 and logged_steps(run_dir)[-1] <= step
+    assert not [pid for pid in tree if alive(pid)]

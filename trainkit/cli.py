@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -53,7 +54,8 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Preempted as e:
-        print(str(e), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -358,7 +358,8 @@ def cmd_exec(argv: list[str]) -> int:
     except SystemExit as e:
         code = e.code
     except Preempted as e:  # before the script's own handling started
-        print(str(e), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(str(e), file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
