@@ -354,7 +354,7 @@ PENDING_SIGNAL=""
 TRAIN_PID=""
 forward_signal() {  # signal name
     PENDING_SIGNAL="$1"
-    say "$1: asking the training to save a checkpoint and stop (a second $1 stops it at once)"
+    say "SIG$1: asking the training to save a checkpoint and stop (a second signal stops it at once)"
     deliver_pending_signal
 }
 deliver_pending_signal() {
@@ -370,6 +370,7 @@ deliver_pending_signal() {
 }
 trap 'forward_signal TERM' TERM
 trap 'forward_signal INT' INT
+trap 'forward_signal TERM' HUP  # the terminal closed: accelerate, in its own session, would not get SIGHUP
 set +e
 if command -v setsid >/dev/null; then
     setsid "${CMD[@]}" &
@@ -390,7 +391,7 @@ while :; do
     kill -0 "$TRAIN_PID" 2>/dev/null || break
 done
 set -e
-trap - TERM INT
+trap - TERM INT HUP
 # The trainers' own exit codes (accelerate turns every failure into 1; a trainer stopped by a
 # signal exits 0 towards accelerate and records 143 or 130 here).
 script_rc=""

@@ -17,7 +17,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 GIB = 2 ** 30
-STATUSES = ("running", "finished", "failed", "stalled", "unknown")
+STATUSES = ("running", "finished", "failed", "preempted", "stalled", "unknown")
 
 # (name, help, stats key, scale) of per-run gauges
 RUN_GAUGES = [

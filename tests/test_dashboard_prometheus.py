@@ -64,7 +64,7 @@ def test_exposition_follows_prometheus_conventions(logdir):
         assert samples(found["trainkit_tokens"], run="moe-qlora-running")[0].value == stats["tokens"]
         assert 0 <= samples(found["trainkit_progress_ratio"], run="moe-qlora-running")[0].value <= 1
         status = {s.labels["status"]: s.value for s in samples(found["trainkit_status"], run="dense-lora-failed")}
-        assert status == {"running": 0, "finished": 0, "failed": 1, "stalled": 0, "unknown": 0}
+        assert status == {"running": 0, "finished": 0, "failed": 1, "preempted": 0, "stalled": 0, "unknown": 0}
         info = samples(found["trainkit_run_info"], run="moe-qlora-running")[0]
         assert info.name == "trainkit_run_info" and info.labels["model"] == "Qwen3-30B-A3B"
         assert samples(found["trainkit_gpu_available"])[0].value == 0
