@@ -306,6 +306,10 @@ def test_dashboard_keeps_the_interrupted_attempts_records(tmp_path):
     assert summary["status"] == "preempted"
     assert summary["failure"]["kind"] == "preempted" and summary["failure"]["exit_code"] == 143
     assert summary["failure"]["exit_code_source"] == "run.json"
+    from dashboard.alerts import condition, message_text
+
+    assert condition(run, 600) == "preempted"
+    assert "was preempted at step 6 (exit code 143): SIGTERM at step 6" in message_text("preempted", "r", summary)
     # the resume from checkpoint-4 rewrites the logs, then logs step 6 again
     log.truncate_after(4)
     log.event(4, "resume", "resumed from checkpoint-4")
