@@ -137,7 +137,7 @@ def finish_run(runlog: RunLog, step: int, stop_reason: str) -> int:
         checkpoint = str(saved) if (saved / TRAINER_STATE_FILE).is_file() else None
         code = PREEMPTION.record(runlog, step, checkpoint)
         if runlog.is_main:
-            PREEMPTION._say(f"preempted at step {step}: {checkpoint or 'no checkpoint'} saved; exit code {code} "
+            PREEMPTION.say(f"preempted at step {step}: {checkpoint or 'no checkpoint'} saved; exit code {code} "
                             "(launch_training.sh, or the script with --resume, continues from it)")
         return code
     code = 0 if stop_reason == "finished" else 1

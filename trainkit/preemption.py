@@ -66,7 +66,6 @@ class Preemption:
         self.grace_seconds = 25.0
         self.runlog = None               # set by watch(): where the hard-exit records go
         self.current_step: Callable[[], int] = lambda: 0
-        self.finished = False            # the script wrote its own end records: the timer stands down
         self._timer: threading.Timer | None = None
         self._records_lock = threading.Lock()
         self._installed = False
@@ -115,25 +114,25 @@ class Preemption:
         self.signum, self.received_at = signum, time.time()
         if not self.armed:
             raise Preempted(signum)
-        self._say(f"{signal_name(signum)}: finishing the current optimizer step and saving a checkpoint "
-                  f"(at most {self.grace_seconds:g} s, training.preemption_grace_seconds; a second signal exits at once)")
+        self.say(f"{signal_name(signum)}: finishing the current optimizer step and saving a checkpoint "
+                 f"(at most {self.grace_seconds:g} s, training.preemption_grace_seconds; a second signal exits at once)")
         self._timer = threading.Timer(self.grace_seconds, self.hard_exit,
                                       args=(f"the checkpoint was not saved within training.preemption_grace_seconds "
                                             f"({self.grace_seconds:g} s)",))
         self._timer.daemon = True
         self._timer.start()
 
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         if self.runlog is None or self.runlog.is_main:
             print(f"[trainkit] {message}", file=sys.stderr, flush=True)
 
     def hard_exit(self, why: str) -> None:
         """Write the preempted records (main process) and end the process now: the grace time ran
         out or a second signal came. Runs in the signal handler or in the timer's thread."""
-        if not self._records_lock.acquire(blocking=False) or self.finished:
-            return  # the script is writing its own end records
+        if not self._records_lock.acquire(blocking=False):
+            return  # the script is writing its own end records (settle), or another hard exit is under way
         code = self.exit_code
-        self._say(why)
+        self.say(why)
         if self.runlog is not None:
             try:
                 self.record(self.runlog, self.current_step(), checkpoint=None, detail=why)
@@ -161,8 +160,7 @@ class Preemption:
 
     def settle(self) -> None:
         """The script writes its end records now: a late grace timer must not overwrite them."""
-        if self._records_lock.acquire(blocking=False):
-            self.finished = True
+        if self._records_lock.acquire(blocking=False):  # held until the process ends
             if self._timer is not None:
                 self._timer.cancel()
 
