@@ -149,10 +149,17 @@ def make_student_kd(student, **kd_options):
     return StudentKD()
 
 
+def env_config_overrides() -> tuple[list[str], dict]:
+    """HP_* and friends from the environment (trainkit.env_overrides; launch_training.sh applies them too)."""
+    from trainkit.env_overrides import env_overrides
+    return env_overrides(schema=DISTILL_SCHEMA, script="distill.py")
+
+
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "configs/distill_tiny_mamba2.yaml").parse_args()
-    cfg = load_config(args.config, args.overrides, DISTILL_SCHEMA)
+    env_overrides, env_applied = env_config_overrides()
+    cfg = load_config(args.config, env_overrides + args.overrides, DISTILL_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
@@ -163,6 +170,7 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     from trainkit.checkpoints import final_checkpoint_dir
+    from trainkit.env_overrides import describe
     from trainkit.models import enable_activation_checkpointing, load_frozen_model, load_weights_into
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
                                interval_means, is_due, new_interval, optimizer_step, prepare_run_dir,
@@ -187,6 +195,8 @@ def main() -> int:
     prepare_run_dir(run_dir, resume_from, is_main, say)
     accelerator.wait_for_everyone()
     runlog = RunLog(run_dir, is_main)
+    if env_applied:
+        say(describe(env_applied))
     step = 0
     preemption = watch_preemption(runlog, train_cfg, lambda: step)
 
@@ -293,7 +303,8 @@ def main() -> int:
         runlog.update_run_info(**base_run_info(
             accelerator, "distill.py", cfg, total_steps, resume_from,
             model={**teacher_info, "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
-            data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]}))
+            data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]},
+            env_overrides=env_applied))
         if resume_from is None:
             runlog.event(0, "start", f"distilling {total_steps} steps in {len(stages)} stage(s) on {accelerator.num_processes} process(es)",
                          total_steps=total_steps, world_size=accelerator.num_processes)

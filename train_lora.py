@@ -88,7 +88,7 @@ PREDICTIONS_DIR = "predictions"
 def env_config_overrides() -> tuple[list[str], dict]:
     """HP_* and friends from the environment (launch_training.sh applies them too when it validates)."""
     from trainkit.env_overrides import env_overrides
-    return env_overrides()
+    return env_overrides(schema=LORA_SCHEMA, script="train_lora.py")
 
 
 def check_config(cfg: dict) -> None:

@@ -61,10 +61,17 @@ def check_config(cfg: dict) -> None:
     check_qlora_config(cfg)
 
 
+def env_config_overrides() -> tuple[list[str], dict]:
+    """HP_* and friends from the environment (trainkit.env_overrides; launch_training.sh applies them too)."""
+    from trainkit.env_overrides import env_overrides
+    return env_overrides(schema=QLORA_SCHEMA, script="train_qlora.py")
+
+
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "training_config.yaml").parse_args()
-    cfg = load_config(args.config, args.overrides, QLORA_SCHEMA)
+    env_overrides, env_applied = env_config_overrides()
+    cfg = load_config(args.config, env_overrides + args.overrides, QLORA_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
@@ -78,6 +85,7 @@ def main() -> int:
     from trainkit.adapters import apply_lora
     from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.data import build_datasets, make_collator
+    from trainkit.env_overrides import describe
     from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, evaluate_loss, fault_steps, finish_run,
                                interval_means, is_due, new_interval, optimizer_step, prepare_run_dir,
                                record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
@@ -104,6 +112,8 @@ def main() -> int:
     prepare_run_dir(run_dir, resume_from, is_main, say)
     accelerator.wait_for_everyone()
     runlog = RunLog(run_dir, is_main)
+    if env_applied:
+        say(describe(env_applied))
     step = 0  # optimizer steps done; read by the error handler below
     preemption = watch_preemption(runlog, train_cfg, lambda: step)
 
@@ -177,7 +187,7 @@ def main() -> int:
         step = state["step"]
 
         runlog.update_run_info(**base_run_info(accelerator, "train_qlora.py", cfg, total_steps, resume_from,
-                                               model=model_info, data=data_info))
+                                               model=model_info, data=data_info, env_overrides=env_applied))
         if resume_from is None:
             runlog.event(0, "start", f"training {total_steps} steps on {accelerator.num_processes} process(es)",
                          total_steps=total_steps, world_size=accelerator.num_processes)

@@ -187,18 +187,23 @@ def validate(raw: dict, schema: dict) -> dict:
                 raise ConfigError(f"{section}.{key}: unknown key" + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
         out = {}
         for key, spec in keys.items():
-            name = f"{section}.{key}"
-            value = _coerce(name, spec, copy.deepcopy(given.get(key, spec.default)))
-            if value is not None:
-                if spec.choices and value not in spec.choices:
-                    raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, spec.choices))}")
-                if spec.check:
-                    problem = spec.check(value)
-                    if problem:
-                        raise ConfigError(f"{name}: {problem} (got {value!r})")
-            out[key] = value
+            out[key] = check_value(f"{section}.{key}", spec, copy.deepcopy(given.get(key, spec.default)))
         cfg[section] = out
     return cfg
+
+
+def check_value(name: str, spec: Key, value: Any) -> Any:
+    """One value checked against its Key (type, choices, range); returns it coerced. `name` starts
+    the error line: the key, or what set it (an environment variable, see trainkit.env_overrides)."""
+    value = _coerce(name, spec, value)
+    if value is not None:
+        if spec.choices and value not in spec.choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, spec.choices))}")
+        if spec.check:
+            problem = spec.check(value)
+            if problem:
+                raise ConfigError(f"{name}: {problem} (got {value!r})")
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

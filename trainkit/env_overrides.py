@@ -1,9 +1,11 @@
-"""Environment-variable overrides (HP_*, LR_*, EVAL_GEN_*, GLA_*, ...) for train_lora.py.
+"""Environment-variable overrides (HP_*, LR_*, EVAL_GEN_*, GLA_*, ...) of the training scripts' configs.
 
 Experiment launchers written for the earlier GLA fine-tuning scripts set these variables; they keep
-working. Precedence: YAML < environment < command-line `section.key=value`. A malformed value is a
-ConfigError naming the variable. `env_overrides()` returns the overrides in the `section.key=value`
-form that trainkit.config.load_config applies, plus a record of what was applied for the logs.
+working, in every script. Precedence: YAML < environment < command-line `section.key=value`. Every
+error names the variable: a malformed value, a value out of range for its key, and a variable set
+for a key the running script does not have (it would be silently ignored otherwise: unset it).
+`env_overrides()` returns the overrides in the `section.key=value` form that
+trainkit.config.load_config applies, plus a record of what was applied for the logs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
-from trainkit.config import ConfigError, is_secret_name, REDACTED
+from trainkit.config import ConfigError, REDACTED, check_value, is_secret_name
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -100,8 +102,12 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
 }
 
 
-def env_overrides(environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, dict]]:
-    """Overrides from the environment: (["section.key=value", ...], {VAR: {key, value, raw}})."""
+def env_overrides(environ: Mapping[str, str] | None = None, schema: dict | None = None,
+                  script: str = "this script") -> tuple[list[str], dict[str, dict]]:
+    """Overrides from the environment: (["section.key=value", ...], {VAR: {key, value}}).
+
+    With `schema` (the running script's), each value is checked against its key here, so the error
+    names the variable, and a variable whose key `script` lacks is an error instead of being ignored."""
     import json
 
     environ = os.environ if environ is None else environ
@@ -111,10 +117,16 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> tuple[list[str], 
         if var not in environ:
             continue
         raw = environ[var]
+        shown = REDACTED if is_secret_name(var) else raw
+        section, name = key.split(".")
+        if schema is not None and name not in schema.get(section, {}):
+            raise ConfigError(f"environment variable {var}={shown!r}: {script} has no {key} ({doc}); unset {var}")
         try:
             value = parse(raw)
         except ValueError as e:
-            raise ConfigError(f"environment variable {var}={raw!r}: {e} ({doc}; sets {key})") from None
+            raise ConfigError(f"environment variable {var}={shown!r}: {e} ({doc}; sets {key})") from None
+        if schema is not None:
+            value = check_value(f"environment variable {var}={shown!r} (sets {key})", schema[section][name], value)
         # JSON is valid YAML: strings with ':' or '#' survive load_config's yaml parsing.
         overrides.append(f"{key}={json.dumps(value)}")
         applied[var] = {"key": key, "value": REDACTED if is_secret_name(var) else value}

@@ -75,7 +75,7 @@ RUN_FIELDS = {
     "error": "one-line message of the fatal error, when status is failed",
     "data": "data summary: sizes, splits, stages",
     "task": "train_lora.py: the task",
-    "env_overrides": "train_lora.py: environment variables applied, {VAR: {key, value}}",
+    "env_overrides": "environment variables applied (HP_LR, ...), {VAR: {key, value}}",
 }
 
 # logs/training_log.jsonl
