@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,37 @@ def test_env_value_out_of_range_names_the_variable():
             env_overrides({"HP_PEFT_DROPOUT": "1.5"}, schema=module.SCHEMA, script=script)
         overrides, applied = env_overrides({"HP_LR": "3e-4", "HP_SEED": "3"}, schema=module.SCHEMA, script=script)
         assert overrides == ["optimization.learning_rate=0.0003", "training.seed=3"]
+
+
+# ---------------------------------------------------------------- output directory
+@pytest.mark.parametrize("output_dir,needles", [
+    ("/etc/passwd", ["paths.output_dir", "/etc/passwd is a file, not a directory"]),
+    ("/etc/passwd/runs", ["paths.output_dir", "/etc/passwd is a file, not a directory"]),
+])
+def test_unusable_output_dir_is_one_line_before_anything_loads(tmp_path, output_dir, needles):
+    """Was a 19-line traceback (NotADirectoryError from prepare_run_dir)."""
+    cfg = tiny_config(tmp_path, paths={"output_dir": output_dir})
+    assert_one_line_config_error(run_script(["--config", str(cfg)], timeout=300), *needles)
+
+
+def test_unwritable_output_dir_is_one_line_for_the_script_and_the_launcher(tmp_path):
+    """A directory nobody may write into: read-only for a user; immutable (chattr +i) for root, who may
+    write anywhere else. Was a PermissionError traceback when the run directory was created."""
+    import os
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(runs)], capture_output=True).returncode != 0:
+            pytest.skip("root, and chattr +i is not supported here: no directory is unwritable")
+    else:
+        runs.chmod(0o555)
+    try:
+        cfg = tiny_config(tmp_path, paths={"output_dir": str(runs)})
+        for command in ([sys.executable, str(REPO / "train_qlora.py"), "--config", str(cfg)],
+                        [sys.executable, "-m", "trainkit.launcher", "info", "--config", str(cfg)]):
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=script_env())
+            assert_one_line_config_error(result, "paths.output_dir", f"no permission to write in {runs}")
+    finally:
+        subprocess.run(["chattr", "-i", str(runs)], capture_output=True)
+        runs.chmod(0o755)

@@ -282,6 +282,23 @@ def check_paths(cfg: dict, path_keys=("data_path",), model_hint: str = "a hub id
         raise ConfigError("model.config: set either paths.model_name_or_path or model.config, not both")
     if cfg["model"]["config"] is not None and "model_type" not in cfg["model"]["config"]:
         raise ConfigError("model.config.model_type: missing (e.g. llama, gla, mixtral, qwen3_moe)")
+    check_writable_dir("paths.output_dir", cfg.get("run_dir") or paths["output_dir"])
+    if paths.get("best_adapter_dir"):
+        check_writable_dir("paths.best_adapter_dir", paths["best_adapter_dir"])
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """`path` is a directory the run can create or write into: it, or its nearest existing parent,
+    is a directory with write permission. Checked without writing anything."""
+    target = Path(os.path.expanduser(path)).absolute()
+    existing = target
+    while not os.path.exists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"{key}: {target} {what}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {target}: no permission to write in {existing}")
 
 
 def redact(obj: Any, whole: bool = False) -> Any:
