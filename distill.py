@@ -24,6 +24,7 @@ from trainkit.cli import build_parser, run_main
 from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
+from trainkit.preflight import check_model_config
 from trainkit.runtime import DTYPE_CHOICES
 
 MIXERS = ("discrete_mamba2", "gla")
@@ -163,6 +164,8 @@ def main() -> int:
     check_config(cfg)
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
+    # hub id, positions: from the model's config, before data or weights load
+    check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]})
 
     import torch
     from accelerate import Accelerator

@@ -24,6 +24,7 @@ from trainkit.cli import build_parser, run_main
 from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
+from trainkit.preflight import check_model_config
 from trainkit.runtime import DTYPE_CHOICES, resolve_dtype
 
 LORA_SCHEMA = merge_schema(BASE_SCHEMA, {
@@ -142,6 +143,10 @@ def main() -> int:
         raise ConfigError(f"task.label_likelihood: {task.name} is not a classification task")
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
+    # hub id, positions, adapter targets: from the model's config, before data or weights load
+    check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
+                                   cfg["task"]["max_source_length"] + cfg["task"]["max_target_length"]},
+                       target_modules=cfg["lora"]["target_modules"])
 
     import torch
     from accelerate import Accelerator

@@ -21,6 +21,7 @@ from pathlib import Path
 from trainkit.cli import build_parser, run_main
 from trainkit.config import BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema, positive
 from trainkit.loop import check_trackers, resolve_resume
+from trainkit.preflight import check_model_config
 from trainkit.runtime import DTYPE_CHOICES
 
 QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
@@ -75,6 +76,9 @@ def main() -> int:
     check_config(cfg)
     run_dir = Path(cfg["run_dir"])
     resume_from = resolve_resume(args, run_dir)
+    # hub id, positions, adapter targets: from the model's config, before data or weights load
+    check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]},
+                       target_modules=cfg["lora"]["target_modules"])
 
     import torch
     from accelerate import Accelerator

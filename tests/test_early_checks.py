@@ -100,3 +100,134 @@ def test_unwritable_output_dir_is_one_line_for_the_script_and_the_launcher(tmp_p
     finally:
         subprocess.run(["chattr", "-i", str(runs)], capture_output=True)
         runs.chmod(0o755)
+
+
+# ---------------------------------------------------------------- the model's config, before data or weights
+def test_unknown_target_modules_are_listed_before_anything_loads(tmp_path):
+    """Was caught only after data and model load (the run directory written, run.json failed), naming
+    only the first unknown name."""
+    cfg = tiny_config(tmp_path, lora={"target_modules": ["q_proj", "qq_proj", "w9"]})
+    line = assert_one_line_config_error(run_script(["--config", str(cfg)], timeout=300),
+                                        "lora.target_modules: 'qq_proj', 'w9' match no linear layer of this mixtral model",
+                                        "available: ", "q_proj", "o_proj")
+    assert "'q_proj'" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_lora_unknown_target_modules_on_gla_before_data_load(tmp_path):
+    from test_train_lora import lora_config
+    cfg = lora_config(tmp_path, lora={"target_modules": ["q_proj", "gk_prj"]})
+    assert_one_line_config_error(run_script(["--config", str(cfg)], script="train_lora.py", timeout=300),
+                                 "lora.target_modules: 'gk_prj' matches no linear layer of this gla model",
+                                 "gk_proj.0, gk_proj.1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["train_qlora.py", "distill.py"])
+def test_sequence_length_beyond_the_models_positions_is_an_error(tmp_path, script):
+    """Trained without a word before (max_seq_length 512 on models with 256 / 512 positions)."""
+    if script == "train_qlora.py":
+        cfg = tiny_config(tmp_path, training={"max_seq_length": 512, "max_steps": 1})
+        needles = ["training.max_seq_length: 512 tokens exceed the mixtral model's max_position_embeddings (256)"]
+    else:
+        from test_distill import distill_config
+        cfg = distill_config(tmp_path, training={"max_seq_length": 1024, "max_steps": 1})
+        needles = ["training.max_seq_length: 1024 tokens exceed the llama model's max_position_embeddings (512)"]
+    assert_one_line_config_error(run_script(["--config", str(cfg)], script=script, timeout=300), *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gla_has_no_position_limit():
+    """GLA mixes tokens by a gated recurrence without position embeddings: longer sequences are fine."""
+    from transformers import AutoConfig
+
+    from trainkit.gla import import_fla, tiny_gla_config
+    from trainkit.preflight import check_positions
+
+    import_fla()
+    kwargs = tiny_gla_config()
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    check_positions(config, {"training.max_seq_length": 100 * config.max_position_embeddings})
+    llama = AutoConfig.for_model("llama", max_position_embeddings=128)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        check_positions(llama, {"training.max_seq_length": 129})
+
+
+class CountingHub:
+    """A local stand-in for the hub (HF_ENDPOINT) that answers every request with HTTP 503 and counts them:
+    huggingface_hub retries 503s (and refused connections) for a minute when no cached copy exists."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        hub = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                hub.requests.append(f"{self.command} {self.path}")
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def hub_env(tmp_path: Path, endpoint: str, offline: bool) -> dict:
+    env = script_env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"))  # an empty cache
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN"):
+        env.pop(name, None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_unreachable_hub_id_is_one_attempt_and_one_line(tmp_path, offline):
+    """Was 72 s of retries then a traceback, after the data had loaded. Offline mode reads only the cache, as before."""
+    cfg = tiny_config(tmp_path, paths={"model_name_or_path": "example-org/no-such-model"}, model={"config": None})
+    with CountingHub() as hub:
+        result = subprocess.run([sys.executable, str(REPO / "train_qlora.py"), "--config", str(cfg)], cwd=REPO,
+                                capture_output=True, text=True, timeout=300, env=hub_env(tmp_path, hub.url, offline))
+    if offline:
+        assert_one_line_config_error(result, "paths.model_name_or_path: 'example-org/no-such-model' (offline mode: "
+                                             "local cache only): cannot read its config")
+        assert not [r for r in hub.requests if "no-such-model" in r], hub.requests
+    else:
+        assert_one_line_config_error(result, "paths.model_name_or_path: 'example-org/no-such-model'",
+                                     f"the hub at {hub.url} answered HTTP 503 (one attempt, no retries)",
+                                     "give a local directory, or set HF_HUB_OFFLINE=1")
+        # huggingface_hub also fetches its agent-harness registry once (GET /api/agent-harnesses, not retried)
+        model_requests = [r for r in hub.requests if "no-such-model" in r]
+        assert model_requests == ["HEAD /example-org/no-such-model/resolve/main/config.json"], hub.requests
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_connection_to_the_hub_is_one_line(tmp_path, monkeypatch):
+    """Nothing listens at the endpoint: the error says the hub cannot be reached and what to do instead."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from trainkit.preflight import check_hub_model
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=r"cannot reach the hub at http://127\.0\.0\.1:\d+ \(ConnectError: .*"
+                                          r"one attempt, no retries\); give a local directory, or set HF_HUB_OFFLINE=1"):
+        check_hub_model("example-org/no-such-model")

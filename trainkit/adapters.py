@@ -109,16 +109,22 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
             raise ConfigError("lora.target_modules: the model has no linear layer to adapt")
         return chosen
 
-    available = sorted({_leaf(n) for n in linears})
+    # leaf names, with their parent where the leaf is an index (gk_proj.0)
+    available = sorted({n.rsplit(".", 2)[-2] + "." + _leaf(n) if _leaf(n).isdigit() and n.count(".") else _leaf(n)
+                        for n in linears})
     chosen: list[str] = []
+    unknown: list[str] = []
     for target in targets:
         hits = [n for n in linears if _matches(n, target) and (user_list or not _excluded(n))]
         if not hits:
             if user_list or not any(True for _ in linears):
-                raise ConfigError(f"lora.target_modules: {target!r} matches no linear layer of this "
-                                  f"{family or 'model'} model; available: {', '.join(available)}")
+                unknown.append(target)
             continue  # a preset name absent in this architecture variant (e.g. no dense layers)
         chosen.extend(h for h in hits if h not in chosen)
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, unknown))} "
+                          f"match{'es' if len(unknown) == 1 else ''} no linear layer of this "
+                          f"{family or 'model'} model; available: {', '.join(available)}")
     if not chosen:
         raise ConfigError(f"lora.target_modules: {target_modules!r} matches no linear layer; "
                           f"available: {', '.join(available)}")
