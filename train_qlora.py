@@ -185,9 +185,11 @@ def main() -> int:
         # ------------------------------------------------------------ state of the loop
         state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "best_metric": None,
                  "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
-                 "interval": new_interval("aux")}
+                 "interval": new_interval("aux"), "router_counts": None}
         if resume_from is not None:
             resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say)
+            if router_stats is not None:  # counts since the last snapshot before the checkpoint
+                router_stats.restore_pending_counts(state["router_counts"], accelerator.device, is_main)
         step = state["step"]
 
         runlog.update_run_info(**base_run_info(accelerator, "train_qlora.py", cfg, total_steps, resume_from,
@@ -287,6 +289,8 @@ def main() -> int:
                 if val_loader is not None and step % log_cfg["eval_interval"] == 0:
                     run_evaluation()
                 if (step % log_cfg["checkpoint_interval"] == 0 or stop_reason == "preempted") and step < total_steps:
+                    if router_stats is not None:
+                        state["router_counts"] = router_stats.pending_counts(lambda t: accelerator.reduce(t, "sum"), device)
                     checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
                     checkpointer.apply_retention(step)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers_qlora import REPO, run_script, script_env, tiny_config
 from trainkit.config import ConfigError
@@ -231,3 +232,57 @@ def test_refused_connection_to_the_hub_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"cannot reach the hub at http://127\.0\.0\.1:\d+ \(ConnectError: .*"
                                           r"one attempt, no retries\); give a local directory, or set HF_HUB_OFFLINE=1"):
         check_hub_model("example-org/no-such-model")
+
+
+# ---------------------------------------------------------------- router statistics (item 9)
+def test_router_stats_count_training_forwards_only():
+    """Evaluation forwards (eval mode) were counted into expert_usage_log as if they were training tokens."""
+    from moe_fixtures import batch, load
+    from trainkit.moe import RouterStats
+
+    model, _ = load("mixtral")
+    stats = RouterStats(model)
+    model.eval()
+    with torch.no_grad():
+        model(**batch(1, b=2, t=16))
+    assert stats.snapshot()["tokens_routed"] == 0
+    model.train()
+    model(**batch(2, b=1, t=12)).loss.backward()
+    assert stats.snapshot()["tokens_routed"] == 2 * 12 * 2  # layers x tokens x top_k
+    stats.remove()
+
+
+def test_router_stats_survive_a_kill_and_resume(tmp_path):
+    """Snapshots every 6 steps, checkpoints every 4: the counts pending at a checkpoint were lost on
+    resume (the resumed run's snapshot covered fewer steps), and evaluations (steps 4, 8) were counted.
+    SIGKILL after checkpoint-4, resume: the same expert_usage_log as an uninterrupted run, counting
+    exactly the training tokens (layers x top_k per token)."""
+    import json
+    import signal
+
+    from helpers_qlora import kill_at_drawn_state
+    from trainkit.runlog import iter_jsonl
+
+    def config(where: Path) -> Path:
+        return tiny_config(where, logging={"expert_stats_interval": 6})
+
+    def experts(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "time"} for r in iter_jsonl(run_dir / "logs" / "expert_usage_log.jsonl")]
+
+    reference_dir = tmp_path / "ref" / "out" / "tiny"
+    assert run_script(["--config", str(config(tmp_path / "ref"))]).returncode == 0
+    reference = experts(reference_dir)
+    assert [r["step"] for r in reference] == [6, 12]
+    tokens = {r["step"]: r["tokens"] for r in iter_jsonl(reference_dir / "logs" / "training_log.jsonl")}
+    assert [r["tokens_routed"] for r in reference] == [tokens[6] * 2 * 2, (tokens[12] - tokens[6]) * 2 * 2]
+    evals = [r["step"] for r in iter_jsonl(reference_dir / "logs" / "eval_log.jsonl")]
+    assert 4 in evals and 8 in evals
+
+    cfg = config(tmp_path / "kill")
+    run_dir = tmp_path / "kill" / "out" / "tiny"
+    code, state = kill_at_drawn_state("train_qlora.py", cfg, run_dir, checkpoints=[4], log_steps=[])
+    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
+    assert json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())["router_counts"]
+    result = run_script(["--config", str(cfg), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert experts(run_dir) == reference

@@ -4,12 +4,16 @@
 ending with ``Experts``; its forward receives ``top_k_index``) and its sibling router
 (``gate`` / ``router``; its output, or first output, is the router logits). Each forward
 adds the per-expert assignment counts and the sum of per-token router entropies to
-tensors on the model's device: no host sync per forward. Recomputed forwards under
+tensors on the model's device: no host sync per forward. Only training forwards count:
+forwards in eval mode (evaluations, generation) are left out, and recomputed forwards under
 gradient checkpointing (which run inside backward) are not counted twice.
 
 Across processes the trainer sums ``counts_tensor()`` (``accelerator.reduce(..., "sum")``)
 and hands the result back with ``load_counts()`` before ``snapshot()``, whose dict has
-exactly the EXPERT_FIELDS shape of trainkit/runlog.py (without step/time):
+exactly the EXPERT_FIELDS shape of trainkit/runlog.py (without step/time). The counts
+pending since the last snapshot are saved with each checkpoint (``pending_counts`` /
+``restore_pending_counts``), so a resumed run writes the snapshots an uninterrupted one does.
+Snapshot fields:
 num_experts, top_k, tokens_routed (token-expert assignments in the window, summed over
 layers), mean_load_imbalance, total_dead_experts, layers: [{layer, tokens_per_expert,
 load_imbalance (max/mean tokens per expert), router_entropy (mean per-token entropy of the
@@ -96,7 +100,7 @@ class RouterStats:
 
     def _experts_hook(self, pos):
         def hook(module, args, kwargs):
-            if _in_backward():
+            if not module.training or _in_backward():
                 return None
             idx = kwargs.get("top_k_index") if "top_k_index" in kwargs else (args[1] if len(args) > 1 else None)
             if idx is None:
@@ -112,7 +116,7 @@ class RouterStats:
 
     def _router_hook(self, pos, sigmoid: bool):
         def hook(module, args, output):
-            if _in_backward():
+            if not module.training or _in_backward():
                 return None
             logits = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(logits, torch.Tensor) or logits.shape[-1] != self.num_experts:
@@ -146,6 +150,18 @@ class RouterStats:
         self._ensure(tensor.device)
         self._counts.copy_(tensor[:, : self.num_experts].round().to(torch.int64).to(self._counts.device))
         self._entropy.copy_(tensor[:, self.num_experts:].to(self._entropy.device))
+
+    # --- checkpoint / resume -------------------------------------------------------------
+    def pending_counts(self, reduce, device=None) -> list[list[float]]:
+        """Counts since the last snapshot, summed over processes by `reduce` (e.g.
+        ``lambda t: accelerator.reduce(t, "sum")``; every process must call it), as JSON lists."""
+        return reduce(self.counts_tensor(device)).cpu().tolist()
+
+    def restore_pending_counts(self, counts: list[list[float]] | None, device, is_main: bool) -> None:
+        """Put the pending counts of a checkpoint back: on the main process only, since the next
+        snapshot sums over processes."""
+        if counts and is_main:
+            self.load_counts(torch.tensor(counts, dtype=torch.float64, device=device))
 
     def reset(self) -> None:
         if self._counts is not None:

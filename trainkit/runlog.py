@@ -138,7 +138,7 @@ EXPERT_FIELDS = {
     "time": "unix seconds",
     "num_experts": "experts per MoE layer",
     "top_k": "experts chosen per token",
-    "tokens_routed": "token-expert assignments counted in the snapshot window",
+    "tokens_routed": "token-expert assignments of the training forwards in the snapshot window (evaluations not counted; a resumed run restores the window's counts from the checkpoint)",
     "mean_load_imbalance": "mean over layers of max/mean tokens per expert",
     "total_dead_experts": "experts that got no token in the window, summed over layers",
     "layers": "list of {layer, tokens_per_expert, load_imbalance, router_entropy, dead_experts}",
