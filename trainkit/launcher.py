@@ -114,7 +114,7 @@ def script_schema(script: Path) -> dict | None:
 
 
 def script_env_overrides(script: Path) -> list[str]:
-    """Config overrides a script reads from the environment (train_lora.py's HP_* variables), so the
+    """Config overrides a script reads from the environment (HP_* variables, trainkit.env_overrides), so the
     launcher validates what the script will run; a malformed value is a ConfigError here already."""
     module = script_module(script)
     reader = getattr(module, "env_config_overrides", None) if module is not None else None
