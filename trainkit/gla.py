@@ -60,14 +60,8 @@ def import_fla():
     Raises a one-line RuntimeError naming what to install when fla or triton is missing. Without
     triton, ``import fla`` succeeds but exports nothing, so the check is on the model classes.
     """
-    import warnings
-
     try:
-        with warnings.catch_warnings():
-            # fla warns "Triton is not supported on current platform, roll back to CPU" on every CPU
-            # import; the reference backend note (use_reference_backend) says what happens instead.
-            warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
-            import fla  # noqa: F401
+        import fla  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"GLA models need flash-linear-attention ({e}): {FLA_INSTALL_HINT}") from None
     try:
