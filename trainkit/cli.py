@@ -9,6 +9,7 @@ from typing import Callable
 
 from trainkit.config import ConfigError
 from trainkit.runlock import RunDirInUse
+from trainkit.runlog import RunWriteError
 
 
 def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
@@ -41,8 +42,9 @@ def exit_code_for_exception(exc: BaseException) -> int:
 
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`; a ConfigError, or a run directory another process holds, becomes one line on
-    stderr and exit code 2, a stop signal before the training loop one line and 128 + signal
-    (trainkit.preemption), no traceback."""
+    stderr and exit code 2; a file of the run that could not be written (disk full, permission) one
+    line and exit code 1; a stop signal before the training loop one line and 128 + signal
+    (trainkit.preemption); no traceback."""
     from trainkit.preemption import Preempted
 
     try:
@@ -57,6 +59,9 @@ def run_main(main: Callable[[], int | None]) -> None:
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
             print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
+    except RunWriteError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -23,7 +23,7 @@ from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_
                                   remove_partial_saves, staging_dir)
 from trainkit import runlock
 from trainkit.config import ConfigError, public_config
-from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, write_json_atomic
+from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, RunWriteError, release_frames, write_json_atomic, writing
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
@@ -120,10 +120,21 @@ def record_failure(runlog: RunLog, step: int, exc: BaseException) -> None:
     if isinstance(exc, Preempted):
         PREEMPTION.record(runlog, step, checkpoint=None, detail="stopped before the training loop")
         return
-    message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    runlog.error(step, type(exc).__name__, message, traceback=traceback.format_exc(), fatal=True)
-    runlog.event(step, "stop", f"run failed: {message}", reason="failed")
-    runlog.update_run_info(status="failed", end_time=time.time(), error=message, exit_code=exit_code_for_exception(exc))
+    if isinstance(exc, RunWriteError):
+        message = str(exc)  # already one line naming what and where
+    else:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    # run.json first: its status is what readers trust, and after a write failure (full disk) the
+    # later records may not fit. Each record is best effort: the error itself is what gets raised.
+    records = (lambda: runlog.update_run_info(status="failed", end_time=time.time(), error=message,
+                                              exit_code=exit_code_for_exception(exc)),
+               lambda: runlog.error(step, type(exc).__name__, message, traceback=traceback.format_exc(), fatal=True),
+               lambda: runlog.event(step, "stop", f"run failed: {message}", reason="failed"))
+    for record in records:
+        try:
+            record()
+        except OSError:
+            pass
 
 
 def finish_run(runlog: RunLog, step: int, stop_reason: str) -> int:
@@ -330,19 +341,27 @@ class Checkpointer:
             raise FloatingPointError("non-finite trained weights: refusing to save a checkpoint")
         acc = self.accelerator
         staging = staging_dir(target)
+        try:
+            with writing(target.name, target):
+                if self.is_main:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    staging.mkdir(parents=True)
+                acc.wait_for_everyone()
+                if self.save_optimizer_state:
+                    acc.save_state(str(staging))  # the model part goes through the script's save hooks
+                if self.is_main:
+                    self.save_weights(staging)
+                    write_json_atomic(staging / TRAINER_STATE_FILE, {
+                        **state, **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"]})
+                acc.wait_for_everyone()
+                if self.is_main:
+                    commit_directory(staging, target)
+        except BaseException as exc:
+            if self.is_main:
+                release_frames(exc)  # closes a file the failed save left open, so removing it frees the space
+                shutil.rmtree(staging, ignore_errors=True)  # a partial save only holds space (resume never picks it)
+            raise
         if self.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if self.save_optimizer_state:
-            acc.save_state(str(staging))  # the model part goes through the script's save hooks
-        if self.is_main:
-            self.save_weights(staging)
-            write_json_atomic(staging / TRAINER_STATE_FILE, {
-                **state, **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"]})
-        acc.wait_for_everyone()
-        if self.is_main:
-            commit_directory(staging, target)
             self.runlog.event(state["step"], "checkpoint_saved", f"saved {target.name}", path=str(target),
                               size_bytes=directory_size(target), metric=self.log_cfg["metric_for_best"],
                               metric_value=state["metric_value"])
@@ -360,5 +379,5 @@ class Checkpointer:
 
     def save_best(self, directory: Path) -> None:
         if self.is_main:
-            with atomic_directory(directory) as staging:
+            with writing(directory.name, directory), atomic_directory(directory) as staging:
                 self.save_weights(staging)

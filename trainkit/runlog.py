@@ -27,6 +27,8 @@ experts), not its errors and events.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -226,11 +228,140 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     # pid and thread in the name: the preemption grace timer may write from another thread
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        json.dump(json_safe(obj), f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(obj), f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a half-written temp file would keep holding the space of a full disk
+        raise
+
+
+# ---------------------------------------------------------------- write failures
+# errno of a failed write -> the words that start its one-line message
+WRITE_FAILURES = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "I/O error",
+}
+
+
+class RunWriteError(OSError):
+    """A file of the run could not be written (disk full, quota, permission, read-only file system).
+    Its message is one line naming what was being written and where."""
+
+    def __init__(self, code: int, what: str, path: str | os.PathLike):
+        super().__init__(code, os.strerror(code), str(path))
+        self.what = what
+
+    def __str__(self) -> str:
+        return f"{WRITE_FAILURES.get(self.errno, 'write failed')}: could not write {self.what} ({self.filename}): {self.strerror}"
+
+
+def _errno_in_chain(exc: BaseException | None) -> int | None:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _probe_write(path: Path) -> int | None:
+    """errno of a small real write next to `path`, or None when it works. Used when a library lost the
+    OSError of a failed write (torch.save reports a full disk as RuntimeError 'iostream error')."""
+    directory = path if path.is_dir() else path.parent
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno if e.errno in WRITE_FAILURES else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def write_failure(exc: BaseException, what: str, path: str | os.PathLike) -> RunWriteError | None:
+    """`exc` raised while writing `what` at `path` as a RunWriteError, or None when it is no write failure."""
+    if isinstance(exc, RunWriteError):
+        return exc
+    if not isinstance(exc, Exception):
+        return None  # KeyboardInterrupt, SystemExit: not about the disk
+    code = _errno_in_chain(exc)
+    if code is None and not isinstance(exc, OSError):
+        code = _probe_write(Path(path))
+    return None if code is None else RunWriteError(code, what, path)
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | os.PathLike):
+    """Turn a failed write inside the block into one RunWriteError naming `what` and `path`."""
+    try:
+        yield
+    except Exception as exc:
+        error = write_failure(exc, what, path)
+        if error is None or error is exc:
+            raise
+        raise error from exc
+
+
+def release_frames(exc: BaseException) -> None:
+    """Clear the local variables of the frames in `exc`'s tracebacks (its text stays printable). A
+    library's half-written file may still be open there; this closes it, so deleting it frees the space."""
+    import traceback
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` with O_APPEND; if the write fails part way (disk full), cut the file back so no
+    partial line stays in front of the lines a later attempt appends."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _overwrite_in_place(path: Path, obj: Any) -> bool:
+    """Last resort for run.json when its temp file cannot be written: rewrite the file in place, compact, when that fits
+    in the bytes it already holds (no new blocks needed). True when written."""
+    data = json.dumps(json_safe(obj), default=str, separators=(",", ":")).encode()
+    try:
+        if len(data) > path.stat().st_size:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        return False
+    return True
 
 
 class RunLog:
@@ -241,7 +372,8 @@ class RunLog:
         self.logs_dir = self.run_dir / LOGS_DIR
         self.is_main = is_main
         if is_main:
-            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            with writing("the logs directory", self.logs_dir):
+                self.logs_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, stream: str) -> Path:
         return self.logs_dir / STREAMS[stream]
@@ -253,9 +385,9 @@ class RunLog:
         line = json.dumps(json_safe(record), default=str, separators=(",", ":")) + "\n"
         # One write() of the whole line on an O_APPEND file: readers never see half a line
         # except while it is being written, and then without its newline.
-        with open(self.path(stream), "a") as f:
-            f.write(line)
-            f.flush()
+        path = self.path(stream)
+        with writing(f"the {path.name} line of step {record['step']}", path):
+            _append_whole(path, line.encode())
 
     def event(self, step: int, event: str, message: str = "", **fields: Any) -> None:
         assert event in EVENTS, f"unknown event {event!r}"
@@ -277,9 +409,15 @@ class RunLog:
             kept = [json.dumps(r, separators=(",", ":")) + "\n" for r in iter_jsonl(path)
                     if isinstance(r.get("step"), (int, float)) and (r["step"] <= step or kept_on_resume(stream, r))]
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            with writing(f"{path.name} (dropping the lines after step {step})", path):
+                try:
+                    with open(tmp, "w") as f:
+                        f.writelines(kept)
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    raise
 
     def update_run_info(self, **fields: Any) -> dict:
         if not self.is_main:
@@ -289,5 +427,12 @@ class RunLog:
         info.update(fields)
         info.setdefault("run_name", self.run_dir.name)
         info.setdefault("host", socket.gethostname())
-        write_json_atomic(path, info)
+        try:
+            with writing(RUN_INFO_FILE, path):
+                write_json_atomic(path, info)
+        except RunWriteError:
+            # A full disk (or a run directory that no longer takes new files) must still be able to
+            # say `failed`: run.json is small, rewrite it where it is.
+            if not _overwrite_in_place(path, info):
+                raise
         return info
