@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers import initialization as hf_init
 
+from trainkit.config import is_secret_name
 from trainkit.linear_attention import gla, simple_gla
 
 __all__ = ["DiscreteMamba2Mixer", "GLAMixer", "LinearLlamaConfig", "LinearLlamaForCausalLM", "MIXERS",
@@ -307,7 +308,9 @@ def student_config(teacher_config, mixer="discrete_mamba2", attention_layers=(),
     unknown = sorted(set(mixer_kwargs) - set(MIXER_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown mixer options {unknown}; known: {sorted(MIXER_DEFAULTS)}")
-    fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _NOT_COPIED_CONFIG}
+    # Secret-named keys (an api_token given in model.config) stay with the teacher: the student's
+    # config.json is written into every checkpoint.
+    fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _NOT_COPIED_CONFIG and not is_secret_name(k)}
     config = LinearLlamaConfig(mixer=mixer, attention_layers=list(attention_layers), **fields, **mixer_kwargs)
     config._attn_implementation = getattr(teacher_config, "_attn_implementation", None) or "sdpa"
     return config
