@@ -183,7 +183,7 @@ def main() -> int:
     from trainkit.runlog import RunLog
     from trainkit.schedules import build_staged_scheduler
     from trainkit.students import build_student, freeze
-    from trainkit.text_windows import WindowStream, estimate_windows
+    from trainkit.text_windows import WindowStream, estimate_data
     from trainkit.tokenizer import load_tokenizer
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
@@ -243,7 +243,8 @@ def main() -> int:
                                   "split": cfg["stage2"]["data_split"], "name": None, "text_field": None})
         stages = []
         for index, source in enumerate(stage_sources):
-            estimate = estimate_windows(source, tokenizer, seq_len, sample_rows=data_cfg["estimate_rows"])
+            data_estimate = estimate_data(source, tokenizer, seq_len, sample_rows=data_cfg["estimate_rows"])
+            estimate = data_estimate.windows
             explicit = train_cfg["max_steps"] if index == 0 else cfg["stage2"]["max_steps"]
             epochs = train_cfg["epochs"] if index == 0 else cfg["stage2"]["epochs"]
             if explicit > 0:
@@ -254,8 +255,11 @@ def main() -> int:
                 raise ConfigError(f"{'training' if index == 0 else 'stage2'}.max_steps: the size of {source['path']} is unknown "
                                   "(streaming): set max_steps")
             lr = opt_cfg["learning_rate"] if index == 0 or cfg["stage2"]["learning_rate"] is None else cfg["stage2"]["learning_rate"]
-            stages.append({"source": source, "steps": steps, "windows_per_epoch": estimate, "epochs": epochs, "lr": lr})
-            say(f"stage {index + 1}: {source['path']}: ~{estimate or '?'} windows of {seq_len + 1} tokens per epoch -> {steps} steps")
+            stages.append({"source": source, "steps": steps, "windows_per_epoch": estimate, "epochs": epochs, "lr": lr,
+                           "empty_rows": data_estimate.empty_rows, "first_empty_row": data_estimate.first_empty_row})
+            say(f"stage {index + 1}: {source['path']}: ~{estimate or '?'} windows of {seq_len + 1} tokens per epoch -> {steps} steps"
+                + (f"; {data_estimate.empty_rows} rows of empty text left out (first: {data_estimate.first_empty_row})"
+                   if data_estimate.empty_rows else ""))
         total_steps = sum(s["steps"] for s in stages)
         steps_per_epoch = (stages[0]["windows_per_epoch"] or windows_per_step) / windows_per_step
 

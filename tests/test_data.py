@@ -93,7 +93,7 @@ def test_error_unknown_columns(tmp_path, tok):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "a", "answer": "b"}] * 3)
     with pytest.raises(ConfigError) as e:
         build_datasets(make_cfg(path), tok)
-    assert str(e.value) == ("paths.data_path: unknown row format (columns: answer, question); "
+    assert str(e.value) == (f"paths.data_path: {path} line 1: unknown row format (columns: answer, question); "
                             "expected `text`, `messages`, or `prompt` and `response`")
 
 
@@ -106,7 +106,7 @@ def test_error_bad_json_and_bad_rows(tmp_path, tok):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "ok"}, {"text": 5}])
     with pytest.raises(ConfigError) as e:
         load_rows(make_cfg(path))
-    assert str(e.value) == f"paths.data_path: {path} row 2: `text` must be a string (got int)"
+    assert str(e.value) == f"paths.data_path: {path} line 2: `text` must be a string (got int)"
 
 
 def test_error_empty_directory_and_too_little_text(tmp_path, tok):

@@ -18,6 +18,8 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +36,51 @@ MAP_BATCH = 1000
 
 # ---------------------------------------------------------------------------------- loading
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "rt", encoding="utf-8")
+WHERE = "_where"  # column with each row's location ("FILE line N"), for errors that come up later
+READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+# A \uD800-\uDFFF escape: json.loads turns a lone one into a str that no encoder (arrow, tokenizers) accepts.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
-def _read_jsonl(path: Path, shown: str) -> list[dict]:
-    rows = []
+def parse_jsonl_line(raw: bytes, where: str, key: str) -> dict:
+    """One JSONL line (bytes) as a dict; ConfigError naming `where` (FILE line N) when it is not
+    UTF-8, not JSON, not an object, or holds a lone surrogate."""
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {where} is not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f"{key}: {where} is a JSON {type(row).__name__}, expected an object")
+    if SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"{key}: {where}: a string holds a lone surrogate \\u{ord(e.object[e.start]):04x}, "
+                              "which is not valid Unicode text") from None
+    return row
+
+
+def iter_jsonl_rows(path: Path, key: str, start: int = 0):
+    """(row index, "FILE line N", row) of each non-blank line of a JSONL / JSONL.gz file, from row
+    `start` (earlier rows are skipped without parsing). Lines are 1-based file lines, blank ones
+    included; every error is one ConfigError naming the file and line."""
+    index, lineno = -1, 0
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"paths.data_path: {shown} line {lineno} is not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(f"paths.data_path: {shown} line {lineno} is a JSON {type(row).__name__}, expected an object")
-                rows.append(row)
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise ConfigError(f"paths.data_path: cannot read {shown}: {one_line(e)}") from None
-    return rows
+                index += 1
+                if index < start:
+                    continue
+                where = f"{path} line {lineno}"
+                yield index, where, parse_jsonl_line(raw, where, key)
+    except READ_ERRORS as e:
+        raise ConfigError(f"{key}: cannot read {path} (corrupt or truncated?) after line {lineno}: {one_line(e)}") from None
 
 
 def _jsonl_files(directory: Path) -> list[Path]:
@@ -64,7 +88,8 @@ def _jsonl_files(directory: Path) -> list[Path]:
 
 
 def load_rows(cfg: dict):
-    """The raw rows of `paths.data_path` (JSONL file, directory of *.jsonl[.gz], or HF datasets id)."""
+    """The raw rows of `paths.data_path` (JSONL file, directory of *.jsonl[.gz], or HF datasets id),
+    with a `_where` column naming each row's file and line (or dataset row) for later errors."""
     import datasets
 
     paths = cfg["paths"]
@@ -76,9 +101,8 @@ def load_rows(cfg: dict):
             found = sorted(p.name for p in local.iterdir())[:5]
             raise ConfigError(f"paths.data_path: no *.jsonl or *.jsonl.gz files in directory {source}"
                               f" (found: {', '.join(found) if found else 'nothing'})")
-        rows = [row for f in files for row in _read_jsonl(f, str(f))]
     elif local.is_file():
-        rows = _read_jsonl(local, source)
+        files = [local]
     elif looks_local(source):
         raise ConfigError(f"paths.data_path: no such file or directory: {source}")
     else:
@@ -90,41 +114,60 @@ def load_rows(cfg: dict):
             raise ConfigError(f"paths.data_path: {source!r} did not give one split; set paths.data_split")
         if len(ds) == 0:
             raise ConfigError(f"paths.data_path: dataset {source!r} split {paths.get('data_split')!r} has no rows")
-        return ds
+        return ds.add_column(WHERE, [f"{source} row {i}" for i in range(len(ds))])
+    rows, wheres = [], []
+    for f in files:
+        for _, where, row in iter_jsonl_rows(f, "paths.data_path"):
+            rows.append(row)
+            wheres.append(where)
     if not rows:
         raise ConfigError(f"paths.data_path: {source} holds no rows (empty file or only blank lines)")
-    return _rows_to_dataset(rows, source)
+    return _rows_to_dataset(rows, wheres)
 
 
-def _rows_to_dataset(rows: list[dict], source: str):
-    """Only the columns of the detected format, normalized, so arrow never sees mixed schemas."""
+FORMAT_NAMES = {"text": "a `text` row", "messages": "a `messages` (chat) row", "prompt_response": "a `prompt`/`response` row"}
+
+
+def _rows_to_dataset(rows: list[dict], wheres: list[str]):
+    """Only the columns of the file's one format, normalized, so arrow never sees mixed schemas."""
     import datasets
 
-    fmt = detect_format(set().union(*(r.keys() for r in rows[:1000])))
+    fmt = None
+    for row, where in zip(rows, wheres):
+        try:
+            row_fmt = detect_format(row.keys())
+        except ConfigError:
+            raise ConfigError(f"paths.data_path: {where}: unknown row format (columns: {', '.join(sorted(row)) or 'none'}); "
+                              "expected `text`, `messages`, or `prompt` and `response`") from None
+        if fmt is None:
+            fmt, first = row_fmt, where
+        elif row_fmt != fmt:
+            raise ConfigError(f"paths.data_path: {where} is {FORMAT_NAMES[row_fmt]}, but {first} is "
+                              f"{FORMAT_NAMES[fmt]}: use one format per dataset")
     if fmt == "text":
-        col = _column(rows, "text", source, str)
-        return datasets.Dataset.from_dict({"text": col})
+        return datasets.Dataset.from_dict({"text": _column(rows, wheres, ("text",)), WHERE: wheres})
     if fmt == "prompt_response":
-        rkey = next(k for k in RESPONSE_KEYS if k in rows[0])
-        return datasets.Dataset.from_dict({"prompt": _column(rows, "prompt", source, str),
-                                           "response": _column(rows, rkey, source, str)})
+        return datasets.Dataset.from_dict({"prompt": _column(rows, wheres, ("prompt",)),
+                                           "response": _column(rows, wheres, RESPONSE_KEYS), WHERE: wheres})
     messages = []
-    for i, row in enumerate(rows, 1):
+    for row, where in zip(rows, wheres):
         msgs = row.get("messages")
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in msgs):
-            raise ConfigError(f"paths.data_path: {source} row {i}: `messages` must be a list of {{role, content}} strings")
+            raise ConfigError(f"paths.data_path: {where}: `messages` must be a list of {{role, content}} strings")
         messages.append([{"role": m["role"], "content": m["content"]} for m in msgs])
-    return datasets.Dataset.from_dict({"messages": messages})
+    return datasets.Dataset.from_dict({"messages": messages, WHERE: wheres})
 
 
-def _column(rows: list[dict], key: str, source: str, typ) -> list:
+def _column(rows: list[dict], wheres: list[str], keys: tuple[str, ...]) -> list[str]:
+    """The string under the first of `keys` each row has; ConfigError naming the row's line otherwise."""
     out = []
-    for i, row in enumerate(rows, 1):
+    for row, where in zip(rows, wheres):
+        key = next((k for k in keys if k in row), keys[0])
         value = row.get(key)
-        if not isinstance(value, typ):
+        if not isinstance(value, str):
             got = "missing" if key not in row else type(value).__name__
-            raise ConfigError(f"paths.data_path: {source} row {i}: `{key}` must be a string (got {got})")
+            raise ConfigError(f"paths.data_path: {where}: `{key}` must be a string (got {got})")
         out.append(value)
     return out
 
@@ -226,11 +269,11 @@ def _render_chat(tokenizer, messages):
 
 def _tokenize_messages(batch, tokenizer, max_len):
     texts, spans = [], []
-    for msgs in batch["messages"]:
+    for msgs, where in zip(batch["messages"], batch[WHERE]):
         try:
             text, sp = _render_chat(tokenizer, msgs)
         except Exception as e:  # jinja errors: unknown roles, bad alternation, ...
-            raise ConfigError(f"paths.data_path: chat template failed on a `messages` row: {one_line(e)}") from None
+            raise ConfigError(f"paths.data_path: {where}: chat template failed: {one_line(e)}") from None
         texts.append(text)
         spans.append(sp)
     enc = _ids(tokenizer, texts, offsets=True)  # the template itself holds bos/special tokens
@@ -322,11 +365,21 @@ def build_datasets(cfg: dict, tokenizer):
     train_cfg = cfg["training"]
     max_len = train_cfg["max_seq_length"]
     rows = load_rows(cfg)
-    fmt = detect_format(rows.column_names)
+    fmt = detect_format(set(rows.column_names) - {WHERE})
     if fmt == "prompt_response" and "response" not in rows.column_names:
         rows = rows.rename_column("completion", "response")
     keep_cols = {"text": ["text"], "messages": ["messages"], "prompt_response": ["prompt", "response"]}[fmt]
-    rows = rows.select_columns(keep_cols)
+    rows = rows.select_columns(keep_cols + [WHERE])
+    empty = {"empty_rows": 0}
+    if fmt == "text":
+        # Empty documents would train on a lone end-of-sequence token: counted, reported, left out.
+        blank = [i for i, text in enumerate(rows["text"]) if not text.strip()]
+        if len(blank) == len(rows):
+            raise ConfigError(f"paths.data_path: all {len(rows)} rows have empty `text` (first: {rows[blank[0]][WHERE]})")
+        if blank:
+            empty = {"empty_rows": len(blank), "first_empty_row": rows[blank[0]][WHERE]}
+            blank_set = set(blank)
+            rows = rows.select([i for i in range(len(rows)) if i not in blank_set])
     train_idx, val_idx = split_indices(len(rows), train_cfg["val_split"], train_cfg["seed"])
     fingerprint = _tokenizer_fingerprint(tokenizer, fmt, max_len, train_cfg.get("packing", True),
                                          train_cfg["seed"], train_cfg["val_split"], rows._fingerprint)
@@ -366,6 +419,7 @@ def build_datasets(cfg: dict, tokenizer):
         "packing": bool(fmt == "text" and train_cfg.get("packing", True)),
         "dropped_rows": train_stats["dropped_rows"] + val_stats["dropped_rows"],
         "truncated_rows": train_stats["truncated_rows"] + val_stats["truncated_rows"],
+        **empty,
     }
     if "dropped_tokens" in train_stats:
         info["dropped_tail_tokens"] = train_stats["dropped_tokens"] + val_stats.get("dropped_tokens", 0)

@@ -75,7 +75,7 @@ RUN_FIELDS = {
     "config": "the full validated config (secrets redacted)",
     "config_path": "the config file the run was started with",
     "error": "one-line message of the fatal error, when status is failed",
-    "data": "data summary: sizes, splits, stages",
+    "data": "data summary: sizes, splits, stages; empty_rows and first_empty_row: rows of empty text left out (distill.py: per stage)",
     "task": "train_lora.py: the task",
     "env_overrides": "environment variables applied (HP_LR, ...), {VAR: {key, value}}",
 }

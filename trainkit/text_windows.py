@@ -56,7 +56,7 @@ import numpy as np
 
 from trainkit.config import ConfigError, looks_local
 from trainkit.patches.datasets import hub_offline
-from trainkit.data import RESPONSE_KEYS, _ids, _jsonl_files, _open_text, detect_format
+from trainkit.data import RESPONSE_KEYS, _ids, _jsonl_files, detect_format, iter_jsonl_rows
 from trainkit.tokenizer import one_line
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -192,24 +192,7 @@ class _FileShard:
         self.path, self.key, self.rows = path, key, rows
 
     def iter_rows(self, start: int = 0) -> Iterator[tuple[int, str, dict]]:
-        index = -1
-        try:
-            with _open_text(self.path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    index += 1
-                    if index < start:
-                        continue  # seeking: no JSON parsing
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{self.key}: {self.path} line {lineno} is not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ConfigError(f"{self.key}: {self.path} line {lineno} is a JSON {type(row).__name__}, expected an object")
-                    yield index, f"{self.path} line {lineno}", row
-        except READ_ERRORS as e:
-            raise ConfigError(f"{self.key}: cannot read {self.path} (corrupt or truncated?): {one_line(e)}") from None
+        yield from iter_jsonl_rows(self.path, self.key, start)
 
     def count_rows(self) -> int:
         if self.rows is None:
@@ -440,7 +423,10 @@ class WindowStream:
         for pos in range(start_pos, len(order)):
             shard = shards[order[pos]]
             for row, where, data in shard.iter_rows(start_row if pos == start_pos else 0):
-                pending.append((pos, row, render_row(data, self.tokenizer, src.text_field, where, src.key)))
+                text = render_row(data, self.tokenizer, src.text_field, where, src.key)
+                if not text.strip():
+                    continue  # an empty document would only add an eos (estimate_data counts them)
+                pending.append((pos, row, text))
                 if len(pending) >= TOKENIZE_BATCH:
                     yield from flush()
         if pending:
@@ -527,6 +513,8 @@ class WindowEstimate:
     rows: int | None
     sampled_rows: int
     exact: bool
+    empty_rows: int = 0               # rows of the sample whose text is empty (left out of the windows)
+    first_empty_row: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -548,16 +536,26 @@ def estimate_data(source, tokenizer, seq_length: int, sample_rows: int = 2000) -
         raise ConfigError(f"{src.key}: {src.path} holds no rows")
     width = seq_length + 1
 
+    empty = {"empty_rows": 0, "first_empty_row": None}
+
     def tokens_of(rows) -> tuple[int, int]:
         n_rows, n_tokens, batch = 0, 0, []
         for where, row in rows:
-            batch.append(render_row(row, tokenizer, src.text_field, where, src.key))
+            text = render_row(row, tokenizer, src.text_field, where, src.key)
+            n_rows += 1
+            if not text.strip():  # left out of the windows, as WindowStream does
+                empty["empty_rows"] += 1
+                empty["first_empty_row"] = empty["first_empty_row"] or where
+                continue
+            batch.append(text)
             if len(batch) >= TOKENIZE_BATCH:
                 n_tokens += sum(len(x) for x in tokenize_documents(batch, tokenizer, eos))
-                n_rows, batch = n_rows + len(batch), []
+                batch = []
         if batch:
             n_tokens += sum(len(x) for x in tokenize_documents(batch, tokenizer, eos))
-            n_rows += len(batch)
+        if n_rows and empty["empty_rows"] == n_rows:
+            raise ConfigError(f"{src.key}: {src.path}: all {n_rows} rows read have empty text "
+                              f"(first: {empty['first_empty_row']})")
         return n_rows, n_tokens
 
     def every_row():
@@ -569,7 +567,7 @@ def estimate_data(source, tokenizer, seq_length: int, sample_rows: int = 2000) -
         rows, tokens = tokens_of(every_row())
         if rows == 0:
             raise ConfigError(f"{src.key}: {src.path} holds no rows")
-        return WindowEstimate(tokens // width, tokens, rows, rows, True)
+        return WindowEstimate(tokens // width, tokens, rows, rows, True, **empty)
     if isinstance(shards[0], _TableShard):
         ds = shards[0].ds
         picks = np.unique(np.linspace(0, total - 1, sample_rows).round().astype(np.int64)).tolist()
@@ -593,13 +591,13 @@ def estimate_data(source, tokenizer, seq_length: int, sample_rows: int = 2000) -
         if total is None and len(shards) == 1 and rows < quota:  # a stream shorter than the sample: counted whole
             total = rows
         if total is not None and rows == total:
-            return WindowEstimate(tokens // width, tokens, rows, rows, True)
+            return WindowEstimate(tokens // width, tokens, rows, rows, True, **empty)
     if rows == 0:
         raise ConfigError(f"{src.key}: {src.path} holds no rows")
     if total is None:
-        return WindowEstimate(None, None, None, rows, False)
+        return WindowEstimate(None, None, None, rows, False, **empty)
     est_tokens = int(round(tokens / rows * total))
-    return WindowEstimate(est_tokens // width, est_tokens, total, rows, False)
+    return WindowEstimate(est_tokens // width, est_tokens, total, rows, False, **empty)
 
 
 def estimate_windows(source, tokenizer, seq_length: int, sample_rows: int = 2000) -> int | None:

@@ -17,7 +17,6 @@ the end of [0, 5] farthest from the gold score.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trainkit.tasks import metrics as M
@@ -64,15 +63,10 @@ MNLI_SETS = ("matched", "mismatched")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-    return rows
+    """The rows of a local task file; a bad line is a ConfigError naming the file and its line."""
+    from trainkit.data import iter_jsonl_rows
+
+    return [row for _, _, row in iter_jsonl_rows(path, "task.local_dir")]
 
 
 class GlueTask(Task):
