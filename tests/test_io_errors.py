@@ -1,7 +1,8 @@
 """Disk full, read-only file systems: a failed write of the run becomes one line naming what and where
 (exit 1, no traceback); run.json ends `failed` with that line where anything can still be written, and
 no partial `.tmp-*` save is left holding space. Real small file systems: a tmpfs mounted in a user +
-mount namespace (`unshare`), filled or remounted read-only while the trainer runs."""
+mount namespace (`unshare`), filled or remounted read-only while the trainer runs, and a run directory
+made immutable (`chattr +i`: root ignores file modes) for permission errors."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def _unshare_problem() -> str | None:
     return None if done.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {done.stderr.strip()}"
 
 
-pytestmark = pytest.mark.skipif(_unshare_problem() is not None, reason=str(_unshare_problem()))
+UNSHARE_PROBLEM = _unshare_problem()
+needs_unshare = pytest.mark.skipif(UNSHARE_PROBLEM is not None, reason=str(UNSHARE_PROBLEM))
 
 
 def start_on_tmpfs(tmp_path: Path, size: str, script: str = "train_qlora.py", **sections):
@@ -92,6 +94,7 @@ def assert_one_line(stderr: str) -> re.Match:
     return match
 
 
+@needs_unshare
 def test_disk_full_during_a_checkpoint_is_one_line_and_run_json_failed(tmp_path):
     # 300 KiB hold the logs, best-adapter and checkpoint-4, not a second checkpoint beside them.
     proc, _, copy = start_on_tmpfs(tmp_path, "300k")
@@ -108,6 +111,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_run_json_failed(tmp_path)
     assert not (run_dir / match.group(2)).exists()
 
 
+@needs_unshare
 def test_disk_full_while_logging_rewrites_run_json_in_place(tmp_path):
     proc, mount, copy = start_on_tmpfs(tmp_path, "2m", training={"max_steps": 40},
                                        logging={"log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1000,
@@ -126,6 +130,7 @@ def test_disk_full_while_logging_rewrites_run_json_in_place(tmp_path):
     assert f"line of step {steps[-1] + 1} " in match.group(2) + " "
 
 
+@needs_unshare
 @pytest.mark.skipif(shutil.which("nsenter") is None, reason="no nsenter command")
 def test_read_only_file_system_is_one_line(tmp_path):
     proc, mount, copy = start_on_tmpfs(tmp_path, "2m")
@@ -136,3 +141,32 @@ def test_read_only_file_system_is_one_line(tmp_path):
     assert code == 1, stderr[-3000:]
     match = assert_one_line(stderr)
     assert match.group(1) == "read-only file system" and match.group(3).startswith(str(tmp_path / "mnt" / "out" / "tiny"))
+
+
+def test_permission_denied_in_the_run_directory_is_one_line_and_recorded(tmp_path):
+    """Root ignores file modes; an immutable run directory (chattr +i) refuses new entries even to root."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted on this file system")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    config = tiny_config(tmp_path)
+    run_dir = tmp_path / "out" / "tiny"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_qlora.py"), "--config", str(config)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(proc, lambda: (run_dir / "checkpoint-4" / "trainer_state.json").is_file(), "checkpoint-4")
+        subprocess.run(["chattr", "+i", str(run_dir)], check=True)
+        code, stderr = finish(proc)
+    finally:
+        subprocess.run(["chattr", "-i", str(run_dir)], check=True)
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    match = re.match(r"^permission denied: could not write (best-adapter|checkpoint-\d+) \((\S+)\): Operation not permitted$", last)
+    assert match, last
+    info = json.loads((run_dir / "run.json").read_text())  # its temp file was refused: rewritten in place
+    assert info["status"] == "failed" and info["error"] == last
+    assert [e["message"] for e in lines(run_dir / "logs" / "error_log.jsonl") if e["fatal"]] == [last]
