@@ -122,8 +122,8 @@ def checkpoints_to_delete(scored: list[tuple[int, float | None]], keep_top_k: in
                           greater_is_better: bool) -> list[int]:
     """Steps to delete: keep the `keep_top_k` best by metric, plus the latest.
 
-    `scored` holds (step, metric); a checkpoint without a metric ranks below every
-    scored one, newer before older.
+    `scored` holds (step, metric); a checkpoint without a finite metric (none, NaN, inf)
+    ranks below every scored one, newer before older.
     """
     if not scored:
         return []
@@ -131,7 +131,7 @@ def checkpoints_to_delete(scored: list[tuple[int, float | None]], keep_top_k: in
 
     def rank(item):
         step, metric = item
-        if metric is None or (isinstance(metric, float) and math.isnan(metric)):
+        if not isinstance(metric, (int, float)) or not math.isfinite(metric):
             return (1, -step)
         return (0, -metric if greater_is_better else metric)
 

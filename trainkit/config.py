@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -141,6 +142,14 @@ def _type_name(t) -> str:
     return t.__name__
 
 
+def _finite(name: str, value: float) -> float:
+    """No float key of any schema has a meaning for inf or NaN (an infinite learning rate makes
+    every weight non-finite at the first step): reject them with the key's name."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number (got {value!r})")
+    return value
+
+
 def _coerce(name: str, spec: Key, value: Any) -> Any:
     if value is None:
         if spec.nullable or spec.default is None:
@@ -150,12 +159,14 @@ def _coerce(name: str, spec: Key, value: Any) -> Any:
     if bool in types and isinstance(value, bool):
         return value
     if float in types and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(name, float(value))
     if float in types and isinstance(value, str):
         try:  # YAML 1.1 reads 2e-4 as a string
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(name, number)
     if int in types and isinstance(value, int) and not isinstance(value, bool):
         return value
     if list in types and isinstance(value, str) and spec.type is list:

@@ -10,6 +10,7 @@ trainkit.config.load_config applies, plus a record of what was applied for the l
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -33,7 +34,10 @@ def _int(text: str) -> int:
 
 
 def _float(text: str) -> float:
-    return float(text.strip())
+    value = float(text.strip())
+    if not math.isfinite(value):  # float() accepts inf and nan; no overridden key has a meaning for them
+        raise ValueError("expected a finite number")
+    return value
 
 
 def _str(text: str) -> str:

@@ -255,9 +255,11 @@ def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) ->
 
 # ---------------------------------------------------------------- evaluation bookkeeping
 def is_better(value, best, greater_is_better: bool) -> bool:
-    if value is None:
+    """True when `value` beats `best`. A missing or non-finite value (a NaN eval after a divergence)
+    never ranks: it would otherwise become a best that no later evaluation can beat."""
+    if value is None or not math.isfinite(value):
         return False
-    if best is None:
+    if best is None or not math.isfinite(best):
         return True
     return value > best if greater_is_better else value < best
 
@@ -334,11 +336,14 @@ class Checkpointer:
         self.params_to_check = list(params_to_check)
         self.is_main = accelerator.is_main_process
 
-    def save(self, target: Path, state: dict, **extra_state) -> None:
+    def check_finite_weights(self, what: str) -> None:
         import torch
 
         if not all(torch.isfinite(p).all() for p in self.params_to_check):
-            raise FloatingPointError("non-finite trained weights: refusing to save a checkpoint")
+            raise FloatingPointError(f"non-finite trained weights: refusing to save {what}")
+
+    def save(self, target: Path, state: dict, **extra_state) -> None:
+        self.check_finite_weights("a checkpoint")
         acc = self.accelerator
         staging = staging_dir(target)
         try:
@@ -378,6 +383,7 @@ class Checkpointer:
             self.runlog.event(step, "checkpoint_deleted", f"deleted {path.name} (top-{keep} retention)", path=str(path))
 
     def save_best(self, directory: Path) -> None:
+        self.check_finite_weights("the best adapter")
         if self.is_main:
             with writing(directory.name, directory), atomic_directory(directory) as staging:
                 self.save_weights(staging)
