@@ -21,6 +21,7 @@ from trainkit.runlog import CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, TRAINER_
 
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = f"{TMP_PREFIX}old-"  # a committed directory moved aside while its replacement is renamed in
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -53,12 +54,20 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
 
 
 def remove_partial_saves(run_dir: str | os.PathLike) -> None:
-    """Delete temp directories left by a save that a crash interrupted."""
+    """Clean up after a save that a crash interrupted: a complete copy that commit_directory had
+    moved aside (`.tmp-old-<name>`) goes back to `<name>` when the new copy never arrived; every
+    other temp directory (half-written staging, an old copy already replaced) is deleted."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            if child.name.startswith(TMP_PREFIX) and child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
+    if not run_dir.is_dir():
+        return
+    for child in sorted(run_dir.iterdir()):
+        if child.name.startswith(OLD_PREFIX) and child.is_dir():
+            final = run_dir / child.name[len(OLD_PREFIX):]
+            if not final.exists():
+                os.rename(child, final)
+    for child in run_dir.iterdir():
+        if child.name.startswith(TMP_PREFIX) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -84,9 +93,10 @@ def commit_directory(staging: Path, final: str | os.PathLike) -> None:
     final = Path(final)
     _fsync_tree(staging)
     if final.exists():
-        # Same step saved again (after a resume): move the old copy aside first so that a
-        # crash between the two renames still leaves one complete copy.
-        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        # Same name saved again (best-adapter, or a step saved again after a resume): move the
+        # old copy aside first, so a crash between the two renames still leaves one complete
+        # copy, which remove_partial_saves puts back at the next start.
+        old = final.with_name(f"{OLD_PREFIX}{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(staging, final)
