@@ -25,6 +25,7 @@ from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fractio
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
 from trainkit.preflight import check_model_config
+from trainkit.resume_check import COMMON_MUTABLE
 from trainkit.runtime import DTYPE_CHOICES
 
 MIXERS = ("discrete_mamba2", "gla")
@@ -92,6 +93,11 @@ DISTILL_SCHEMA = merge_schema(BASE_SCHEMA, {
     },
 })
 SCHEMA = DISTILL_SCHEMA  # launch_training.sh validates configs against it before launching
+# Keys that may change on resume (README, "Resume and config changes"); the others must match the checkpoint's.
+# Not the stage lengths (training.max_steps/epochs, stage2.max_steps/epochs, data.estimate_rows): the
+# staged schedule runs on the global step, so a stage of another length shifts every later stage.
+RESUME_MUTABLE = (COMMON_MUTABLE - {"training.epochs", "training.max_steps"}) | {
+    "stage2.learning_rate", "teacher.device", "teacher.dtype", "distill.chunk_size", "distill.loss"}
 KD_STATS = ("kd_loss", "ce_loss", "top1_agreement")  # per-step means logged besides the loss
 EVAL_METRICS = {"eval_kd_loss": False, "eval_loss": False, "perplexity": False, "eval_top1_agreement": True}
 
@@ -163,7 +169,7 @@ def main() -> int:
     cfg = load_config(args.config, env_overrides + args.overrides, DISTILL_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
     run_dir = Path(cfg["run_dir"])
-    resume_from = resolve_resume(args, run_dir)
+    resume_from = resolve_resume(args, run_dir, cfg, RESUME_MUTABLE)
     # hub id, positions: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]})
 
@@ -297,7 +303,7 @@ def main() -> int:
             tokenizer.save_pretrained(directory)
 
         checkpointer = Checkpointer(accelerator, run_dir, runlog, log_cfg, cfg["memory"]["save_optimizer_state"],
-                                    save_student, params_to_check=trainable)
+                                    save_student, params_to_check=trainable, run_config=cfg)
         best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-student")
 
         # ------------------------------------------------------------ state of the loop
@@ -305,7 +311,8 @@ def main() -> int:
                  "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
                  "interval": new_interval(*KD_STATS)}
         if resume_from is not None:
-            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_weights_into(student, d), say)
+            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_weights_into(student, d), say,
+                                  checkpointer, scheduler)
         step = state["step"]
         runlog.update_run_info(**base_run_info(
             accelerator, "distill.py", cfg, total_steps, resume_from,

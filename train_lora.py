@@ -25,6 +25,7 @@ from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fractio
                              non_negative, positive)
 from trainkit.loop import check_trackers, resolve_resume
 from trainkit.preflight import check_model_config
+from trainkit.resume_check import COMMON_MUTABLE
 from trainkit.runtime import DTYPE_CHOICES, resolve_dtype
 
 LORA_SCHEMA = merge_schema(BASE_SCHEMA, {
@@ -83,6 +84,11 @@ LORA_SCHEMA = merge_schema(BASE_SCHEMA, {
     },
 })
 SCHEMA = LORA_SCHEMA  # launch_training.sh validates configs against it before launching
+# Keys that may change on resume (README, "Resume and config changes"); the others must match the checkpoint's.
+# Generation settings that decide the task score stay: the best so far was ranked by them.
+RESUME_MUTABLE = COMMON_MUTABLE | {"lora.dropout", "model.dtype", "model.attn_mode", "model.fused_swiglu",
+                                   "task.max_eval_samples", "task.evaluate_test", "generation.batch_size",
+                                   "generation.force_left_pad", "logging.verbose"}
 PREDICTIONS_DIR = "predictions"
 
 
@@ -142,7 +148,7 @@ def main() -> int:
     if cfg["task"]["label_likelihood"] and task.kind != "classification":
         raise ConfigError(f"task.label_likelihood: {task.name} is not a classification task")
     run_dir = Path(cfg["run_dir"])
-    resume_from = resolve_resume(args, run_dir)
+    resume_from = resolve_resume(args, run_dir, cfg, RESUME_MUTABLE)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
                                    cfg["task"]["max_source_length"] + cfg["task"]["max_target_length"]},
@@ -282,7 +288,7 @@ def main() -> int:
             tokenizer.save_pretrained(directory)
 
         checkpointer = Checkpointer(accelerator, run_dir, runlog, log_cfg, mem_cfg["save_optimizer_state"],
-                                    save_adapter, params_to_check=trainable)
+                                    save_adapter, params_to_check=trainable, run_config=cfg)
         best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-adapter")
 
         # ------------------------------------------------------------ state of the loop
@@ -290,7 +296,8 @@ def main() -> int:
                  "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
                  "interval": new_interval()}
         if resume_from is not None:
-            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say)
+            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say,
+                                  checkpointer, scheduler)
         step = state["step"]
         runlog.update_run_info(**base_run_info(accelerator, "train_lora.py", cfg, total_steps, resume_from,
                                                model=model_info, data=data_info, task=task.name,

@@ -22,6 +22,7 @@ from trainkit.cli import build_parser, run_main
 from trainkit.config import BASE_SCHEMA, ConfigError, Key, check_paths, load_config, merge_schema, positive
 from trainkit.loop import check_trackers, resolve_resume
 from trainkit.preflight import check_model_config
+from trainkit.resume_check import COMMON_MUTABLE
 from trainkit.runtime import DTYPE_CHOICES
 
 QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
@@ -47,6 +48,9 @@ QLORA_SCHEMA = merge_schema(BASE_SCHEMA, {
     },
 })
 SCHEMA = QLORA_SCHEMA  # launch_training.sh validates configs against it before launching
+# Keys that may change on resume (README, "Resume and config changes"); the others must match the checkpoint's.
+RESUME_MUTABLE = COMMON_MUTABLE | {"lora.dropout", "logging.expert_stats_interval",
+                                   "quantization.compute_dtype", "quantization.quantize_experts_on_load"}
 EVAL_METRICS = ("eval_loss", "perplexity")
 
 
@@ -75,7 +79,7 @@ def main() -> int:
     cfg = load_config(args.config, env_overrides + args.overrides, QLORA_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
     run_dir = Path(cfg["run_dir"])
-    resume_from = resolve_resume(args, run_dir)
+    resume_from = resolve_resume(args, run_dir, cfg, RESUME_MUTABLE)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]},
                        target_modules=cfg["lora"]["target_modules"])
@@ -179,7 +183,7 @@ def main() -> int:
             tokenizer.save_pretrained(directory)
 
         checkpointer = Checkpointer(accelerator, run_dir, runlog, log_cfg, cfg["memory"]["save_optimizer_state"],
-                                    save_adapter, params_to_check=trainable)
+                                    save_adapter, params_to_check=trainable, run_config=cfg)
         best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-adapter")
 
         # ------------------------------------------------------------ state of the loop
@@ -187,7 +191,8 @@ def main() -> int:
                  "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
                  "interval": new_interval("aux"), "router_counts": None}
         if resume_from is not None:
-            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say)
+            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say,
+                                  checkpointer, scheduler)
             if router_stats is not None:  # counts since the last snapshot before the checkpoint
                 router_stats.restore_pending_counts(state["router_counts"], accelerator.device, is_main)
         step = state["step"]

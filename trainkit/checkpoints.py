@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from trainkit.runlog import CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, TRAINER_STATE_FILE, read_json
+from trainkit.runlog import CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, RUN_INFO_FILE, TRAINER_STATE_FILE, read_json
 
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -38,8 +38,37 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a plain resume continues from: the newest complete one on the line of the
+    run's latest attempt (run.json `lineage`), so that after `--resume_from checkpoint-4` was
+    killed at step 6 the next resume takes checkpoint-4 again, not the abandoned line's
+    checkpoint-12 (which would leave steps 5-12 missing). A run from before lineages were
+    recorded: the newest complete checkpoint."""
     dirs = checkpoint_dirs(run_dir)
-    return dirs[-1][1] if dirs else None
+    lineage = (read_json(Path(run_dir) / RUN_INFO_FILE) or {}).get("lineage")
+    if not lineage:
+        return dirs[-1][1] if dirs else None
+    for step, path in reversed(dirs):
+        if on_lineage(read_json(path / TRAINER_STATE_FILE) or {}, step, lineage):
+            return path
+    return None
+
+
+def continue_lineage(attempt: str, resumed_state: dict | None) -> list[list]:
+    """The line of an attempt: [[attempt id, None]] followed by the line of the checkpoint it
+    resumed, each entry capped at that checkpoint's step ([id, last step on the line]). A
+    checkpoint from before lineages were recorded counts as attempt None."""
+    lineage: list[list] = [[attempt, None]]
+    if resumed_state is not None:
+        step = resumed_state["step"]
+        parent = resumed_state.get("lineage") or [[resumed_state.get("attempt"), None]]
+        lineage += [[a, step if limit is None else min(limit, step)] for a, limit in parent]
+    return lineage
+
+
+def on_lineage(trainer_state: dict, step: int, lineage: list[list]) -> bool:
+    """True when a checkpoint (its trainer_state and step) belongs to `lineage`."""
+    attempt = trainer_state.get("attempt")
+    return any(a == attempt and (limit is None or step <= limit) for a, limit in lineage)
 
 
 def final_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -129,15 +158,16 @@ def directory_size(path: str | os.PathLike) -> int:
 
 
 def checkpoints_to_delete(scored: list[tuple[int, float | None]], keep_top_k: int,
-                          greater_is_better: bool) -> list[int]:
-    """Steps to delete: keep the `keep_top_k` best by metric, plus the latest.
+                          greater_is_better: bool, latest: int | None = None) -> list[int]:
+    """Steps to delete: keep the `keep_top_k` best by metric, plus `latest` (default: the highest step).
 
     `scored` holds (step, metric); a checkpoint without a finite metric (none, NaN, inf)
     ranks below every scored one, newer before older.
     """
     if not scored:
         return []
-    latest = max(step for step, _ in scored)
+    if latest is None:
+        latest = max(step for step, _ in scored)
 
     def rank(item):
         step, metric = item

@@ -21,6 +21,9 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="resume from the latest checkpoint-* of the run")
     group.add_argument("--resume_from", metavar="PATH", help="resume from this checkpoint directory")
+    parser.add_argument("--allow_config_change", "--allow-config-change", action="store_true",
+                        help="resume even when keys that cannot change on resume (model, adapter shape, data, seed, "
+                             "sequence length, batch and accumulation, ...) differ from the checkpoint's config")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 

@@ -15,14 +15,16 @@ import os
 import shutil
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Callable
 
 from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_dirs, checkpoints_to_delete,
-                                  commit_directory, directory_size, find_latest_checkpoint, read_trainer_state,
-                                  remove_partial_saves, staging_dir)
+                                  commit_directory, continue_lineage, directory_size, find_latest_checkpoint,
+                                  read_trainer_state, remove_partial_saves, staging_dir)
 from trainkit import runlock
 from trainkit.config import ConfigError, public_config
+from trainkit.resume_check import config_changes, describe_changes, immutable_changes, stored_config
 from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, RunWriteError, release_frames, write_json_atomic, writing
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
@@ -32,21 +34,30 @@ FAULT_ENV = "TRAINKIT_FAULT_NONFINITE_STEPS"
 
 
 # ---------------------------------------------------------------- before the model loads
-def resolve_resume(args, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: --resume_from PATH, --resume (latest complete one), or None."""
+def resolve_resume(args, run_dir: Path, cfg: dict | None = None, mutable=()) -> Path | None:
+    """The checkpoint to resume from: --resume_from PATH, --resume (the newest complete one on the
+    latest attempt's line), or None. With `cfg`: the keys outside `mutable` must equal the config
+    stored in the checkpoint, unless --allow-config-change (trainkit.resume_check)."""
     if args.resume_from:
         path = Path(args.resume_from)
         try:
             read_trainer_state(path)
         except FileNotFoundError:
             raise ConfigError(f"--resume_from: {path} is not a complete checkpoint directory (no trainer_state.json)")
-        return path
-    if args.resume:
-        latest = find_latest_checkpoint(run_dir)
-        if latest is None:
+        flag = "--resume_from"
+    elif args.resume:
+        path = find_latest_checkpoint(run_dir)
+        if path is None:
             raise ConfigError(f"--resume: no complete checkpoint-* in {run_dir}")
-        return latest
-    return None
+        flag = "--resume"
+    else:
+        return None
+    if cfg is not None and not getattr(args, "allow_config_change", False):
+        changed = immutable_changes(read_trainer_state(path).get("config"), cfg, mutable)
+        if changed:
+            raise ConfigError(f"{flag}: {path} was trained with another config; these keys cannot change on resume: "
+                              f"{describe_changes(changed)} (--allow-config-change resumes anyway)")
+    return path
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -305,19 +316,56 @@ def register_adapter_state_hooks(accelerator):
     return load_adapter_hook
 
 
-def resume_training_state(accelerator, resume_from: Path, state: dict, runlog: RunLog, load_weights_only, say) -> None:
+def resume_training_state(accelerator, resume_from: Path, state: dict, runlog: RunLog, load_weights_only, say,
+                          checkpointer: "Checkpointer", scheduler) -> None:
     """Load optimizer/scheduler/RNG/model state (or only the weights when the checkpoint has no
-    optimizer state), restore the loop state, and drop log lines of steps after the checkpoint."""
+    optimizer state), restore the loop state, and drop log lines of steps after the checkpoint.
+    Keys of the config that changed since the checkpoint (the mutable ones, or any with
+    --allow-config-change) take effect and are recorded as one config_changed event."""
     saved = read_trainer_state(resume_from)
+    new_settings = schedule_settings(scheduler)  # what the new config built, before the checkpoint's replace it
     if (Path(resume_from) / "optimizer.bin").exists():
         accelerator.load_state(str(resume_from))
     else:
         say(f"warning: {resume_from} has no optimizer state: loading the weights only")
         load_weights_only(str(resume_from))
     state.update({k: saved[k] for k in state if k in saved})
+    changes = config_changes(saved["config"], checkpointer.run_config) if saved.get("config") else {}
+    if changes:
+        # load_state restored the old base lr and optimizer hyperparameters: the new ones apply.
+        apply_schedule_settings(scheduler, new_settings)
+    # The attempt's line is recorded before any log line is dropped, so a kill from here on
+    # resumes this same checkpoint again, never a checkpoint of the abandoned line.
+    checkpointer.lineage = continue_lineage(checkpointer.attempt, saved)
+    runlog.update_run_info(attempt=checkpointer.attempt, lineage=checkpointer.lineage)
     runlog.truncate_after(state["step"])
     runlog.event(state["step"], "resume", f"resumed from {resume_from}", path=str(resume_from))
+    if not saved.get("config"):
+        say(f"warning: {resume_from} stores no config (written by an earlier version): config changes not checked")
+    if changes:
+        message = f"config changed since {Path(resume_from).name}: {describe_changes(changes)}"
+        runlog.event(state["step"], "config_changed", message, changes=changes, path=str(resume_from))
+        say(message)
     say(f"resumed from {resume_from} at step {state['step']}")
+
+
+def schedule_settings(scheduler) -> dict:
+    """The learning rates and optimizer hyperparameters of a freshly built scheduler/optimizer."""
+    return {"base_lrs": list(scheduler.base_lrs),
+            "groups": [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                       for group in scheduler.optimizer.param_groups]}
+
+
+def apply_schedule_settings(scheduler, settings: dict) -> None:
+    """Put a new config's lr and optimizer hyperparameters over restored optimizer/scheduler state:
+    the lr of the next step is the new base lr times the (new) schedule at the restored step."""
+    scheduler.base_lrs = list(settings["base_lrs"])
+    for group, base_lr, lr_lambda, fresh in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                                scheduler.lr_lambdas, settings["groups"]):
+        group.update(fresh)
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class Checkpointer:
@@ -329,12 +377,17 @@ class Checkpointer:
     """
 
     def __init__(self, accelerator, run_dir: Path, runlog: RunLog, log_cfg: dict, save_optimizer_state: bool,
-                 save_weights: Callable[[Path], None], params_to_check=()):
+                 save_weights: Callable[[Path], None], params_to_check=(), run_config: dict | None = None):
         self.accelerator, self.run_dir, self.runlog, self.log_cfg = accelerator, Path(run_dir), runlog, log_cfg
         self.save_optimizer_state = save_optimizer_state
         self.save_weights = save_weights
         self.params_to_check = list(params_to_check)
         self.is_main = accelerator.is_main_process
+        # Stored in every checkpoint: the config that produced it (checked on resume), and the
+        # attempt that wrote it with the attempts its line continues (checkpoints.continue_lineage).
+        self.run_config = stored_config(run_config) if run_config is not None else None
+        self.attempt = uuid.uuid4().hex[:12]
+        self.lineage = continue_lineage(self.attempt, None)  # resume_training_state extends it
 
     def check_finite_weights(self, what: str) -> None:
         import torch
@@ -357,9 +410,11 @@ class Checkpointer:
                 if self.is_main:
                     self.save_weights(staging)
                     write_json_atomic(staging / TRAINER_STATE_FILE, {
-                        **state, **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"]})
+                        **state, **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"],
+                        "attempt": self.attempt, "lineage": self.lineage, "config": self.run_config})
                 acc.wait_for_everyone()
                 if self.is_main:
+                    self.runlog.update_run_info(attempt=self.attempt, lineage=self.lineage)  # before the checkpoint is visible
                     commit_directory(staging, target)
         except BaseException as exc:
             if self.is_main:
@@ -377,7 +432,9 @@ class Checkpointer:
             return
         keep = self.log_cfg["keep_top_k"]
         scored = [(s, read_trainer_state(p).get("metric_value")) for s, p in checkpoint_dirs(self.run_dir)]
-        for s in checkpoints_to_delete(scored, keep, self.log_cfg["greater_is_better"]):
+        # The checkpoint just saved is the newest of this attempt's line; it stays whatever its
+        # metric, even when an abandoned line holds higher steps.
+        for s in checkpoints_to_delete(scored, keep, self.log_cfg["greater_is_better"], latest=step):
             path = self.run_dir / f"checkpoint-{s}"
             shutil.rmtree(path, ignore_errors=True)
             self.runlog.event(step, "checkpoint_deleted", f"deleted {path.name} (top-{keep} retention)", path=str(path))

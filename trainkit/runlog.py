@@ -69,6 +69,8 @@ RUN_FIELDS = {
     "host": "hostname of the main process",
     "pid": "process id of the main process",
     "resumed_from": "checkpoint path of the latest resume, else null",
+    "attempt": "id of the latest attempt (start or resume) that reached its first checkpoint or resume",
+    "lineage": "[[attempt, last step or null], ...]: the checkpoints the latest attempt continues; --resume and the launcher resume the newest checkpoint on it",
     "versions": "python and the installed versions of torch, transformers, accelerate, peft, bitsandbytes, datasets, flash-linear-attention, fla-core, triton, tokenizers, safetensors, deepspeed (those installed), cuda and gpu on a GPU",
     "patches": "patches of library internals that acted in this run (trainkit/patches): [{name, library, version, why}]",
     "model": "model summary: name, family, is_moe, parameter counts, 4-bit parameter count",
@@ -166,6 +168,7 @@ EVENT_FIELDS = {
 EVENTS = {
     "start": "a fresh run started (total_steps, world_size)",
     "resume": "the run resumed (path: checkpoint it resumed from)",
+    "config_changed": "on resume, the config differs from the checkpoint's (changes: {key: [old, new]}, path)",
     "eval": "an evaluation finished (eval_loss, metric, metric_value)",
     "new_best": "a new best checkpoint by the configured metric (metric, metric_value, path)",
     "checkpoint_saved": "a checkpoint was written (path, size_bytes, metric, metric_value)",
