@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,9 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers_qlora import REPO, kill_at_drawn_state, run_script, script_env, tiny_config
+from helpers_qlora import REPO, run_script, script_env, tiny_config
 from trainkit.checkpoints import checkpoints_to_delete, remove_partial_saves
 from trainkit.loop import Checkpointer, is_better
 from trainkit.runlog import iter_jsonl
@@ -134,3 +132,169 @@ def test_kill_between_the_two_renames_keeps_best_adapter(tmp_path):
     remove_partial_saves(tmp_path)  # what every start does
     assert (best / "adapter_model.safetensors").read_text() == "old"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------- resume that checks the config
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    """A finished tiny train_qlora run with checkpoint-4, -8 and -12 kept (16 steps)."""
+    tmp = tmp_path_factory.mktemp("qlora")
+    cfg = tiny_config(tmp, training={"max_steps": 16}, logging={"keep_top_k": 5})
+    result = run_script(["--config", str(cfg)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp / "out" / "tiny"
+    assert (run_dir / "checkpoint-12").is_dir()
+    return cfg, run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of a finished run (same run name) and a config that writes there."""
+    import shutil
+    import yaml
+
+    target = tmp_path / "out" / run_dir.name
+    shutil.copytree(run_dir, target)
+    cfg = yaml.safe_load((run_dir.parent.parent / "config.yaml").read_text())
+    cfg["paths"]["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, target
+
+
+def recorded_changes(run_dir: Path) -> list[dict]:
+    """The config_changed events' changes, without the move of the run directory that copy_run made."""
+    moved = ("run_dir", "paths.output_dir")
+    return [{k: v for k, v in e["changes"].items() if k not in moved}
+            for e in read_stream(run_dir, "events.jsonl") if e["event"] == "config_changed"]
+
+
+def test_changed_immutable_keys_stop_before_model_load(qlora_run, tmp_path):
+    """Before: a changed LoRA rank died after model load with dozens of `size mismatch` lines, and a
+    changed seed (which re-splits train/validation) or sequence length was accepted without a word.
+    After: one line listing each changed key old -> new, exit 2, nothing written; the explicit flag
+    resumes anyway and records the change."""
+    cfg, run_dir = copy_run(qlora_run[1], tmp_path)
+    before = (run_dir / "logs" / "events.jsonl").read_text()
+    checkpoint = run_dir / "checkpoint-4"
+    result = run_script(["--config", str(cfg), "--resume_from", str(checkpoint), "lora.r=4", "training.seed=8",
+                         "training.max_seq_length=32"], timeout=120)
+    line = one_line_error(result)
+    assert line.startswith(f"config error: --resume_from: {checkpoint} was trained with another config"), line
+    for change in ("lora.r 8 -> 4", "training.seed 7 -> 8", "training.max_seq_length 64 -> 32"):
+        assert change in line, line
+    assert "--allow-config-change" in line
+    assert (run_dir / "logs" / "events.jsonl").read_text() == before  # stopped before anything was written
+
+    result = run_script(["--config", str(cfg), "--resume_from", str(checkpoint), "training.seed=8",
+                         "--allow-config-change"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert recorded_changes(run_dir) == [{"training.seed": [7, 8]}]
+    assert [e["step"] for e in read_stream(run_dir, "events.jsonl") if e["event"] == "config_changed"] == [4]
+
+
+def test_changed_learning_rate_takes_effect_and_is_recorded(qlora_run, tmp_path):
+    """Before: a new learning rate on resume was silently ignored (accelerate.load_state restored the
+    old one) while run.json showed the new value. After: the lr logged after the resume is the new
+    peak times the same schedule, and one config_changed event lists old -> new."""
+    cfg, run_dir = copy_run(qlora_run[1], tmp_path)
+    old_lrs = {r["step"]: r["lr"] for r in read_stream(run_dir, "training_log.jsonl")}
+    result = run_script(["--config", str(cfg), "--resume_from", str(run_dir / "checkpoint-4"),
+                         "optimization.learning_rate=1e-3", "logging.log_interval=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    new_lrs = {r["step"]: r["lr"] for r in read_stream(run_dir, "training_log.jsonl")}
+    assert sorted(new_lrs) == [2, 4, *range(5, 17)]  # the interval change applies too
+    for step in (6, 8, 10, 12, 14):
+        assert math.isclose(new_lrs[step], old_lrs[step] / 2, rel_tol=1e-9), (step, new_lrs[step], old_lrs[step])
+    assert recorded_changes(run_dir) == [{"optimization.learning_rate": [0.002, 0.001], "logging.log_interval": [2, 1]}]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["config"]["optimization"]["learning_rate"] == 0.001
+
+
+def test_train_lora_changed_rank_is_one_line(tmp_path):
+    """train_lora.py: HP_PEFT_R on resume differs from the checkpoint's rank. Before: the adapter
+    load failed after model load with `size mismatch` lines. After: one line, exit 2."""
+    from test_train_lora import lora_config
+
+    cfg = lora_config(tmp_path, training={"max_steps": 3}, generation={"enabled": False},
+                      task={"evaluate_test": False, "max_eval_samples": 4},
+                      logging={"metric_for_best": "eval_loss", "greater_is_better": False, "eval_interval": 100,
+                               "checkpoint_interval": 2})
+    result = run_script(["--config", str(cfg)], script="train_lora.py", HP_PEFT_R="4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "gla" / "checkpoint-2"
+    result = run_script(["--config", str(cfg), "--resume_from", str(checkpoint)], script="train_lora.py",
+                        timeout=120, HP_PEFT_R="8")
+    line = one_line_error(result)
+    assert "lora.r 4 -> 8" in line and "cannot change on resume" in line, line
+
+
+def test_distill_changed_student_layout_is_one_line(tmp_path):
+    """distill.py: a resume with another student layout. Before: the student weights failed to load
+    after the teacher and student were built. After: one line, exit 2."""
+    from test_distill import distill_config
+
+    cfg = distill_config(tmp_path, training={"max_steps": 3}, logging={"checkpoint_interval": 2, "eval_interval": 100})
+    result = run_script(["--config", str(cfg)], script="distill.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "kd" / "checkpoint-2"
+    result = run_script(["--config", str(cfg), "--resume_from", str(checkpoint), "student.attention_layers=[0]",
+                         "training.max_steps=6"], script="distill.py", timeout=120)
+    line = one_line_error(result)
+    assert "student.attention_layers [1] -> [0]" in line and "training.max_steps 3 -> 6" in line, line
+
+
+# ---------------------------------------------------------------- no resume over a gap
+def run_until_logged(args: list[str], run_dir: Path, step: int, timeout: float = 300) -> int:
+    """Start train_qlora.py with `args` and SIGKILL it once the training log has the line of `step`."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_qlora.py"), *args], cwd=REPO, env=script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            steps = [r["step"] for r in read_stream(run_dir, "training_log.jsonl")]
+            if step in steps and steps[-1] == step:
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, f"no training log line of step {step} in {timeout} s"
+            time.sleep(0.002)
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_resume_after_killed_resume_from_takes_the_latest_line(qlora_run, tmp_path):
+    """`--resume_from checkpoint-4` is killed at step 6; then a plain relaunch. Before: `--resume`
+    (and the launcher's auto-resume) took the abandoned line's checkpoint-12: steps 7-12 missing from
+    the log. After: checkpoint-4 again, every step logged once."""
+    cfg, run_dir = copy_run(qlora_run[1], tmp_path)
+    code = run_until_logged(["--config", str(cfg), "--resume_from", str(run_dir / "checkpoint-4")], run_dir, 6)
+    assert code == -signal.SIGKILL
+    info = subprocess.run([sys.executable, "-m", "trainkit.launcher", "info", "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, env=script_env())
+    assert info.returncode == 0, info.stderr
+    assert f"checkpoint:  {run_dir / 'checkpoint-4'} (step 4)" in info.stdout, info.stdout
+
+    result = run_script(["--config", str(cfg), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_stream(run_dir, "training_log.jsonl")] == list(range(2, 17, 2))
+    resumes = [e["path"] for e in read_stream(run_dir, "events.jsonl") if e["event"] == "resume"]
+    assert resumes == [str(run_dir / "checkpoint-4")] * 2
+
+
+def test_checkpoints_without_lineage_still_resume(tmp_path):
+    """Runs written before lineages were recorded: the newest complete checkpoint, as before."""
+    for step in (4, 8):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "failed"}))
+    from trainkit.checkpoints import continue_lineage, find_latest_checkpoint, on_lineage
+
+    assert find_latest_checkpoint(tmp_path).name == "checkpoint-8"
+    # a resume from the old checkpoint-4 continues its line; the old checkpoint-8 is off it
+    lineage = continue_lineage("new", {"step": 4})
+    (tmp_path / "run.json").write_text(json.dumps({"lineage": lineage}))
+    assert find_latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert on_lineage({"attempt": "new"}, 12, lineage) and not on_lineage({"attempt": "other"}, 2, lineage)
