@@ -37,9 +37,13 @@ Processes and devices:
 
 Resume:
   (default)                  resume from the run's latest complete checkpoint-* if any
+                             (the newest on the line of the latest attempt)
   --no-resume                start over; an existing run directory is moved aside to
                              <run>.old-<timestamp> (nothing is deleted)
   --resume-from PATH         resume from this checkpoint directory
+  --allow-config-change      resume even when keys that cannot change on resume (model,
+                             adapter shape, data, seed, sequence length, batch) differ
+                             from the checkpoint's config
 
 Other:
   --dashboard                also start ./start_dashboard.sh --logdir <output_dir> in the
@@ -88,6 +92,7 @@ MAIN_IP=""
 MAIN_PORT=""
 NO_RESUME=0
 RESUME_FROM=""
+ALLOW_CONFIG_CHANGE=0
 DASHBOARD=0
 DRY_RUN=0
 OVERRIDES=()
@@ -109,6 +114,7 @@ while [[ $# -gt 0 ]]; do
         --main-process-port) need_value "$@"; MAIN_PORT="$2"; shift 2 ;;
         --no-resume) NO_RESUME=1; shift ;;
         --resume-from) need_value "$@"; RESUME_FROM="$2"; shift 2 ;;
+        --allow-config-change) ALLOW_CONFIG_CHANGE=1; shift ;;
         --dashboard) DASHBOARD=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         --) shift; OVERRIDES+=("$@"); break ;;
@@ -308,6 +314,7 @@ if [[ $NUM_MACHINES -gt 1 || -n "$MAIN_IP" ]]; then
 elif [[ -n "$MAIN_PORT" ]]; then
     ACC+=(--main_process_port "$MAIN_PORT")
 fi
+[[ $ALLOW_CONFIG_CHANGE == 0 || ${#RESUME_ARGS[@]} == 0 ]] || RESUME_ARGS+=(--allow_config_change)
 SCRIPT_ARGS=("$TK_SCRIPT" --config "$CONFIG" ${RESUME_ARGS[@]+"${RESUME_ARGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 # The script runs through `python -m trainkit.launcher exec`, which records its exit code
 # (accelerate reports every failure as 1).

@@ -99,7 +99,7 @@ run_dir = Path(sys.argv[1])
 real_rename = os.rename
 def rename(src, dst):
     real_rename(src, dst)
-    if Path(dst).name.startswith(checkpoints.OLD_PREFIX):  # the first of the two renames is done
+    if Path(dst).name.startswith(".tmp-old-"):  # the first of the two renames is done
         (run_dir / "held").write_text("")
         time.sleep(600)
 os.rename = rename
@@ -298,3 +298,15 @@ def test_checkpoints_without_lineage_still_resume(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"lineage": lineage}))
     assert find_latest_checkpoint(tmp_path).name == "checkpoint-4"
     assert on_lineage({"attempt": "new"}, 12, lineage) and not on_lineage({"attempt": "other"}, 2, lineage)
+
+
+def test_launcher_passes_allow_config_change(qlora_run, tmp_path):
+    """launch_training.sh --allow-config-change reaches the script with the resume it passes."""
+    from test_launcher import command_line, launch
+
+    cfg, run_dir = copy_run(qlora_run[1], tmp_path)
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "status": "failed"}))  # a finished run is not resumed
+    result = launch("--config", cfg, "--dry-run", "--allow-config-change", "training.max_steps=20")
+    assert result.returncode == 0, result.stderr
+    assert "--resume --allow_config_change training.max_steps=20" in command_line(result.stdout)
