@@ -69,7 +69,7 @@ RUN_FIELDS = {
     "host": "hostname of the main process",
     "pid": "process id of the main process",
     "resumed_from": "checkpoint path of the latest resume, else null",
-    "attempt": "id of the latest attempt (start or resume) that reached its first checkpoint or resume",
+    "attempt": "id of the latest attempt (a start or a resume); written at a resume and with each checkpoint",
     "lineage": "[[attempt, last step or null], ...]: the checkpoints the latest attempt continues; --resume and the launcher resume the newest checkpoint on it",
     "versions": "python and the installed versions of torch, transformers, accelerate, peft, bitsandbytes, datasets, flash-linear-attention, fla-core, triton, tokenizers, safetensors, deepspeed (those installed), cuda and gpu on a GPU",
     "patches": "patches of library internals that acted in this run (trainkit/patches): [{name, library, version, why}]",
