@@ -177,7 +177,7 @@ def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: flo
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))  # None under DeepSpeed before its first step
     grad_norm = None if grad_norm is None else float(grad_norm)
     finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
-    lr = scheduler.get_last_lr()[0]
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (set by the scheduler, or by a resume's new config)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -365,7 +365,6 @@ def apply_schedule_settings(scheduler, settings: dict) -> None:
         group.update(fresh)
         group["initial_lr"] = base_lr
         group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class Checkpointer:
