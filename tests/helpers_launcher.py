@@ -20,11 +20,9 @@ def launcher_env(**extra) -> dict:
     return env
 
 
-def write_fake_run_config(tmp_path: Path, script_text: str, **sections) -> Path:
-    """Write script_text as the config's script, one line of data, and a config with a llama model
-    config, paths under tmp_path/out/run, and any extra sections; return the config's path."""
-    script = tmp_path / "fake_train.py"
-    script.write_text(script_text)
+def write_run_config(tmp_path: Path, script: Path, **sections) -> Path:
+    """A config naming `script`, one line of data, a llama model config, paths under tmp_path/out/run,
+    and any extra sections; return the config's path."""
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "hello"}\n')
     config = tmp_path / "fake.yaml"
@@ -35,3 +33,10 @@ def write_fake_run_config(tmp_path: Path, script_text: str, **sections) -> Path:
         **sections,
     }))
     return config
+
+
+def write_fake_run_config(tmp_path: Path, script_text: str, **sections) -> Path:
+    """write_run_config for a script made of script_text (written to tmp_path/fake_train.py)."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(script_text)
+    return write_run_config(tmp_path, script, **sections)

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers_launcher import launcher_env
+from helpers_launcher import launcher_env, write_run_config
 from helpers_qlora import run_script, script_env, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,16 +50,7 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 def fake_config(tmp_path: Path, steps: int = 4) -> tuple[Path, Path]:
     """A launcher config whose script is tests/fake_trainer.py; returns (config, run dir)."""
-    data = tmp_path / "data.jsonl"
-    data.write_text('{"text": "hello"}\n')
-    config = tmp_path / "fake.yaml"
-    config.write_text(yaml.safe_dump({
-        "script": str(FAKE_TRAINER),
-        "paths": {"data_path": str(data), "output_dir": str(tmp_path / "out"), "run_name": "run"},
-        "model": {"config": {"model_type": "llama"}},
-        "training": {"max_steps": steps},
-    }))
-    return config, tmp_path / "out" / "run"
+    return write_run_config(tmp_path, FAKE_TRAINER, training={"max_steps": steps}), tmp_path / "out" / "run"
 
 
 def start_launcher(config: Path, **env) -> subprocess.Popen:

@@ -306,16 +306,21 @@ def cmd_show_command(args) -> int:
     return 0
 
 
-def record_exit_code(code: int) -> None:
-    """Under launch_training.sh: this rank's exit code, for the launcher to exit with."""
+def _write_rank_file(prefix: str, value: int) -> None:
+    """Under launch_training.sh: $TRAINKIT_EXIT_DIR/<prefix><RANK> holds `value` (best effort)."""
     exit_dir = os.environ.get("TRAINKIT_EXIT_DIR")
     if not exit_dir:
         return
     try:
-        with open(os.path.join(exit_dir, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
-            f.write(f"{code}\n")
+        with open(os.path.join(exit_dir, f"{prefix}{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(f"{value}\n")
     except OSError:
         pass
+
+
+def record_exit_code(code: int) -> None:
+    """Under launch_training.sh: this rank's exit code, for the launcher to exit with."""
+    _write_rank_file("rank-", code)
 
 
 def exit_towards_parent(code: int) -> int:
@@ -330,14 +335,7 @@ def exit_towards_parent(code: int) -> int:
 def record_pid() -> None:
     """Under launch_training.sh: $TRAINKIT_EXIT_DIR/pid-<RANK> holds this trainer's pid, so the launcher
     can deliver SIGTERM/SIGINT to the trainers themselves rather than to accelerate or torchrun."""
-    exit_dir = os.environ.get("TRAINKIT_EXIT_DIR")
-    if not exit_dir:
-        return
-    try:
-        with open(os.path.join(exit_dir, f"pid-{os.environ.get('RANK', '0')}"), "w") as f:
-            f.write(f"{os.getpid()}\n")
-    except OSError:
-        pass
+    _write_rank_file("pid-", os.getpid())
 
 
 def cmd_exec(argv: list[str]) -> int:
