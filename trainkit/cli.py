@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable
 
@@ -43,6 +42,17 @@ def exit_code_for_exception(exc: BaseException) -> int:
     return 1
 
 
+def one_line_message(exc: BaseException) -> str:
+    """What run_main prints, alone, for the errors it ends a run on without a traceback."""
+    if isinstance(exc, ConfigError):
+        return f"config error: {exc}"
+    if isinstance(exc, RunDirInUse):
+        return f"error: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc)  # RunWriteError: already one line naming what and where
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`; a ConfigError, or a run directory another process holds, becomes one line on
     stderr and exit code 2; a file of the run that could not be written (disk full, permission) one
@@ -52,20 +62,10 @@ def run_main(main: Callable[[], int | None]) -> None:
 
     try:
         code = main()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunDirInUse as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-            print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except RunWriteError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (ConfigError, RunDirInUse, RunWriteError, Preempted, KeyboardInterrupt) as e:
+        if isinstance(e, Preempted):
+            e.report()
+        else:
+            print(one_line_message(e), file=sys.stderr)
+        sys.exit(exit_code_for_exception(e))
     sys.exit(code or 0)

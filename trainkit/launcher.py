@@ -340,6 +340,7 @@ def record_pid() -> None:
 
 def cmd_exec(argv: list[str]) -> int:
     """Run a script as __main__ and record its exit code (and pid) for the launcher."""
+    from trainkit.cli import exit_code_for_exception
     from trainkit.preemption import PREEMPTION, Preempted
 
     if not argv:
@@ -350,27 +351,21 @@ def cmd_exec(argv: list[str]) -> int:
     script = os.path.abspath(argv[0])
     sys.argv = [argv[0], *argv[1:]]
     sys.path[0] = os.path.dirname(script)  # as `python SCRIPT` would
-    code: object = 0
+    code = 0
     try:
         runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    except Preempted as e:  # before the script's own handling started
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-            print(str(e), file=sys.stderr)
-        code = e.exit_code
-    except KeyboardInterrupt:
-        code = 130
-        raise
-    except BaseException:
-        code = 1
-        raise
+    except BaseException as e:
+        code = exit_code_for_exception(e)  # the code run_main exits with, recorded for the launcher
+        if isinstance(e, Preempted):  # a signal before the script's own handling started
+            e.report()
+        elif isinstance(e, SystemExit):
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)  # what SystemExit("message") prints
+        else:
+            raise
     finally:
-        number = 0 if code is None else code if isinstance(code, int) else 1
-        record_exit_code(number)
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)  # what SystemExit("message") prints
-    return exit_towards_parent(number)
+        record_exit_code(code)
+    return exit_towards_parent(code)
 
 
 def main(argv: list[str] | None = None) -> int:

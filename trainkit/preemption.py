@@ -55,6 +55,11 @@ class Preempted(BaseException):
         self.signum = signum
         self.exit_code = exit_code_for(signum)
 
+    def report(self) -> None:
+        """The one stderr line for this stop: from rank 0 only, not one per process."""
+        if os.environ.get("RANK", "0") == "0":
+            print(str(self), file=sys.stderr)
+
 
 class Preemption:
     """The process's stop-signal state (one per process: signals are process-wide)."""
