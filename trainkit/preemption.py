@@ -74,6 +74,7 @@ class Preemption:
         self._timer: threading.Timer | None = None
         self._records_lock = threading.Lock()
         self._installed = False
+        self._flags: dict = {}           # device -> (0., 1.) tensors for flag()
 
     # ---------------------------------------------------------------- setup
     def install(self) -> None:
@@ -106,7 +107,11 @@ class Preemption:
         their per-step all-reduce, so a sum > 0 means every rank stops after this step."""
         import torch
 
-        return torch.tensor(1.0 if self.requested else 0.0, dtype=torch.float64, device=device)
+        # Made once per device: a new tensor from a Python number is a host-to-device copy, which
+        # on CUDA waits for the queued step; this runs every optimizer step. Callers only read it.
+        if device not in self._flags:
+            self._flags[device] = tuple(torch.tensor(v, dtype=torch.float64, device=device) for v in (0.0, 1.0))
+        return self._flags[device][self.requested]
 
     @property
     def exit_code(self) -> int:
