@@ -226,14 +226,14 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write a JSON file through a temp file and rename, so readers never see half of it."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temp file and rename, so readers never see half of it."""
     path = Path(path)
     # pid and thread in the name: the preemption grace timer may write from another thread
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "w") as f:
-            json.dump(json_safe(obj), f, indent=2, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -241,6 +241,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()  # a half-written temp file would keep holding the space of a full disk
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """A JSON file written whole or not at all (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, default=str))
 
 
 # ---------------------------------------------------------------- write failures
@@ -411,16 +416,8 @@ class RunLog:
                 continue
             kept = [json.dumps(r, separators=(",", ":")) + "\n" for r in iter_jsonl(path)
                     if isinstance(r.get("step"), (int, float)) and (r["step"] <= step or kept_on_resume(stream, r))]
-            tmp = path.with_name(path.name + ".tmp")
             with writing(f"{path.name} (dropping the lines after step {step})", path):
-                try:
-                    with open(tmp, "w") as f:
-                        f.writelines(kept)
-                    os.replace(tmp, path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                    raise
+                write_text_atomic(path, "".join(kept))
 
     def update_run_info(self, **fields: Any) -> dict:
         if not self.is_main:
