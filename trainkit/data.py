@@ -64,13 +64,18 @@ def parse_jsonl_line(raw: bytes, where: str, key: str) -> dict:
     return row
 
 
+def open_jsonl_bytes(path: Path):
+    """A JSONL or JSONL.gz file opened for reading bytes (lines are decoded one by one, so errors name them)."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def iter_jsonl_rows(path: Path, key: str, start: int = 0):
     """(row index, "FILE line N", row) of each non-blank line of a JSONL / JSONL.gz file, from row
     `start` (earlier rows are skipped without parsing). Lines are 1-based file lines, blank ones
     included; every error is one ConfigError naming the file and line."""
     index, lineno = -1, 0
     try:
-        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        with open_jsonl_bytes(path) as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import time
-import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,7 +55,7 @@ import numpy as np
 
 from trainkit.config import ConfigError, looks_local
 from trainkit.patches.datasets import hub_offline
-from trainkit.data import RESPONSE_KEYS, _ids, _jsonl_files, detect_format, iter_jsonl_rows
+from trainkit.data import READ_ERRORS, RESPONSE_KEYS, _ids, _jsonl_files, detect_format, iter_jsonl_rows, open_jsonl_bytes
 from trainkit.tokenizer import one_line
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -66,7 +65,6 @@ MANIFEST = "manifest.json"
 HF_SHARD_ROWS = 1000      # map-style HF datasets: shuffled blocks of this many consecutive rows
 TOKENIZE_BATCH = 256      # rows tokenized per tokenizer call
 STATE_VERSION = 1
-READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error)  # gzip.BadGzipFile is an OSError
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -198,7 +196,7 @@ class _FileShard:
         if self.rows is None:
             n = 0
             try:
-                with gzip.open(self.path, "rb") if self.path.name.endswith(".gz") else open(self.path, "rb") as f:
+                with open_jsonl_bytes(self.path) as f:
                     n = sum(1 for line in f if line.strip())
             except READ_ERRORS as e:
                 raise ConfigError(f"{self.key}: cannot read {self.path} (corrupt or truncated?): {one_line(e)}") from None
