@@ -219,15 +219,25 @@ def start_launcher(cfg: Path, *args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def start_two_ranks(tmp_path: Path, port_base: int) -> tuple[subprocess.Popen, Path, set[int]]:
+    """A 40-step tiny run on two CPU processes under launch_training.sh, once it has logged step 2:
+    (the launcher, the run dir, the launcher's process tree then)."""
+    cfg = tiny_config(tmp_path, training={"max_steps": 40})
+    run_dir = tmp_path / "out" / "tiny"
+    proc = start_launcher(cfg, "--num-processes", "2", "--main-process-port", str(port_base + os.getpid() % 1000))
+    try:
+        wait_for_log_step(proc, run_dir, 2)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, run_dir, descendants(proc.pid)
+
+
 def test_sigterm_to_launcher_reaches_both_ranks_and_leaves_no_orphans(tmp_path):
     """Two CPU processes: SIGTERM to launch_training.sh is passed to the trainers, which agree on the
     step, save one checkpoint and exit; the launcher waits for them and exits 143; nothing is left."""
-    cfg = tiny_config(tmp_path, training={"max_steps": 40})
-    run_dir = tmp_path / "out" / "tiny"
-    proc = start_launcher(cfg, "--num-processes", "2", "--main-process-port", str(29500 + os.getpid() % 1000))
+    proc, run_dir, tree = start_two_ranks(tmp_path, port_base=29500)
     try:
-        wait_for_log_step(proc, run_dir, 2)
-        tree = descendants(proc.pid)
         assert len(tree) >= 3, tree  # accelerate (torchrun) and two trainers
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
@@ -332,12 +342,8 @@ def test_grace_key_is_validated(tmp_path):
 def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     """SIGTERM to rank 1 only: its flag travels in the per-step all-reduce, so rank 0 stops after the
     same step and both take part in the checkpoint; no rank is left waiting in a collective."""
-    cfg = tiny_config(tmp_path, training={"max_steps": 40})
-    run_dir = tmp_path / "out" / "tiny"
-    proc = start_launcher(cfg, "--num-processes", "2", "--main-process-port", str(29600 + os.getpid() % 1000))
+    proc, run_dir, tree = start_two_ranks(tmp_path, port_base=29600)
     try:
-        wait_for_log_step(proc, run_dir, 2)
-        tree = descendants(proc.pid)
         ranks = {}
         for pid in tree:
             try:
