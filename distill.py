@@ -15,7 +15,6 @@ save_pretrained (loads back with from_pretrained after `import trainkit.students
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -120,46 +119,45 @@ def check_config(cfg: dict) -> None:
     check_trackers(cfg["logging"]["report_to"])
 
 
-def optimizer_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on norms, biases, embeddings and scalar/vector mixer parameters."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_student_kd(student, **kd_options):
-    """The student with its KD loss as one module, so DDP sees the lm_head used by the chunked loss
-    inside forward (accelerate.prepare wraps this module)."""
-    import torch
-
-    from trainkit.kd import chunked_kd_loss, naive_kd_loss
-
-    class StudentKD(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.student = student
-
-        def forward(self, input_ids, labels, teacher_hidden, teacher_head):
-            hidden = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            head = self.student.get_output_embeddings().weight
-            options = {k: v for k, v in kd_options.items() if k != "loss"}
-            if kd_options["loss"] == "naive":  # the full-logit baseline (benchmarks, debugging)
-                options.pop("chunk_size", None)
-                return naive_kd_loss(hidden.flatten(0, 1) @ head.T, teacher_hidden.flatten(0, 1) @ teacher_head.T,
-                                     labels.flatten(), **options)
-            return chunked_kd_loss(hidden.flatten(0, 1), head, teacher_hidden.flatten(0, 1), teacher_head,
-                                   labels.flatten(), **options)
-
-    return StudentKD()
-
-
 def env_config_overrides() -> tuple[list[str], dict]:
     """HP_* and friends from the environment (trainkit.env_overrides; launch_training.sh applies them too)."""
     from trainkit.env_overrides import env_overrides
     return env_overrides(schema=DISTILL_SCHEMA, script="distill.py")
+
+
+def plan_stages(cfg, tokenizer, windows_per_step: int, say) -> list[dict]:
+    """Stage 1 (paths.data_path) and, with stage2.enabled, stage 2 (instruction rows: messages,
+    prompt/response or text, rendered per row): each stage's data source, steps and peak lr. A stage
+    without max_steps runs tokens x epochs / tokens per step, its size estimated by tokenizing
+    data.estimate_rows rows (trainkit.text_windows.estimate_data)."""
+    from trainkit.text_windows import estimate_data
+
+    paths, data_cfg, stage2 = cfg["paths"], cfg["data"], cfg["stage2"]
+    seq_len = cfg["training"]["max_seq_length"]
+    sources = [{"path": paths["data_path"], "split": paths["data_split"], "name": data_cfg["dataset_config"],
+                "text_field": data_cfg["text_field"], "streaming": data_cfg["streaming"], "cache_dir": paths["cache_dir"],
+                "local_files_only": cfg["model"]["local_files_only"], "key": "paths.data_path"}]
+    if stage2["enabled"]:
+        sources.append({**sources[0], "path": stage2["data_path"], "key": "stage2.data_path",
+                        "split": stage2["data_split"], "name": None, "text_field": None})
+    stages = []
+    for index, source in enumerate(sources):
+        section = cfg["training"] if index == 0 else stage2
+        estimate = estimate_data(source, tokenizer, seq_len, sample_rows=data_cfg["estimate_rows"])
+        if section["max_steps"] > 0:
+            steps = section["max_steps"]
+        elif estimate.windows:
+            steps = max(1, math.ceil(estimate.windows * section["epochs"] / windows_per_step))
+        else:
+            raise ConfigError(f"{'training' if index == 0 else 'stage2'}.max_steps: the size of {source['path']} "
+                              "is unknown (streaming): set max_steps")
+        lr = cfg["optimization"]["learning_rate"] if index == 0 or stage2["learning_rate"] is None else stage2["learning_rate"]
+        stages.append({"source": source, "steps": steps, "windows_per_epoch": estimate.windows, "epochs": section["epochs"],
+                       "lr": lr, "empty_rows": estimate.empty_rows, "first_empty_row": estimate.first_empty_row})
+        say(f"stage {index + 1}: {source['path']}: ~{estimate.windows or '?'} windows of {seq_len + 1} tokens per epoch "
+            f"-> {steps} steps" + (f"; {estimate.empty_rows} rows of empty text left out (first: {estimate.first_empty_row})"
+                                   if estimate.empty_rows else ""))
+    return stages
 
 
 def main() -> int:
@@ -168,289 +166,151 @@ def main() -> int:
     env_overrides, env_applied = env_config_overrides()
     cfg = load_config(args.config, env_overrides + args.overrides, DISTILL_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
-    run_dir = Path(cfg["run_dir"])
-    resume_from = resolve_resume(args, run_dir, cfg, RESUME_MUTABLE)
+    resume_from = resolve_resume(args, Path(cfg["run_dir"]), cfg, RESUME_MUTABLE)
     # hub id, positions: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]})
 
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.env_overrides import describe
+    from trainkit.kd import StudentKD, evaluate_kd
+    from trainkit.loop import gradient_sync, pretrained_saver
     from trainkit.models import enable_activation_checkpointing, load_frozen_model, load_weights_into
-    from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, fault_steps, finish_run,
-                               interval_means, is_due, new_interval, optimizer_step, prepare_run_dir,
-                               record_evaluation, record_failure, report_nonfinite, resume_training_state,
-                               tracker_config, training_record, watch_preemption)
     from trainkit.patches.peft import quiet_known_warnings
-    from trainkit.runlog import RunLog
-    from trainkit.schedules import build_staged_scheduler
+    from trainkit.schedules import build_optimizer, build_staged_scheduler, weight_decay_groups
     from trainkit.students import build_student, freeze
-    from trainkit.text_windows import WindowStream, estimate_data
+    from trainkit.text_windows import WindowStream
     from trainkit.tokenizer import load_tokenizer
+    from trainkit.train_state import Interval, StageTrainState
+    from trainkit.training_run import TrainingRun
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
-    paths, train_cfg, opt_cfg, log_cfg, kd_cfg = (cfg["paths"], cfg["training"], cfg["optimization"],
-                                                  cfg["logging"], cfg["distill"])
-    accelerator = Accelerator(log_with=log_cfg["report_to"] or None, project_dir=str(run_dir))
-    is_main = accelerator.is_main_process
+    train_cfg, opt_cfg, kd_cfg, student_cfg = cfg["training"], cfg["optimization"], cfg["distill"], cfg["student"]
+    seed, seq_len = train_cfg["seed"], train_cfg["max_seq_length"]
+    micro_bs, accum = opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
+    accelerator = Accelerator(log_with=cfg["logging"]["report_to"] or None, project_dir=cfg["run_dir"])
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
-    def say(msg: str) -> None:
-        accelerator.print(f"[distill] {msg}")
-
-    prepare_run_dir(run_dir, resume_from, is_main, say)
-    accelerator.wait_for_everyone()
-    runlog = RunLog(run_dir, is_main)
-    if env_applied:
-        say(describe(env_applied))
-    step = 0
-    preemption = watch_preemption(runlog, train_cfg, lambda: step)
-
-    try:
+    with TrainingRun(accelerator, cfg, "distill.py", resume_from) as run:
+        if env_applied:
+            run.say(describe(env_applied))
         # ------------------------------------------------------------ tokenizer, teacher, student
-        set_seed(train_cfg["seed"])
+        set_seed(seed)
         tokenizer = load_tokenizer(cfg)
-        device = accelerator.device
         teacher_device = device if cfg["teacher"]["device"] == "same" else torch.device(cfg["teacher"]["device"])
         teacher, teacher_info = load_frozen_model(cfg, teacher_device, tokenizer, dtype=cfg["teacher"]["dtype"])
-        say(f"teacher: {teacher_info['summary']} on {teacher_device}")
-        set_seed(train_cfg["seed"])  # student init independent of how much randomness loading used
+        run.say(f"teacher: {teacher_info['summary']} on {teacher_device}")
+        set_seed(seed)  # student init independent of how much randomness loading used
         student, student_report = build_student(
-            teacher, mixer=cfg["student"]["mixer"], attention_layers=cfg["student"]["attention_layers"],
-            init_from_teacher=cfg["student"]["init_from_teacher"], dtype=getattr(torch, cfg["student"]["dtype"]),
-            device=device, **cfg["student"]["mixer_options"])
-        trainable_count = freeze(student, freeze_mlp=cfg["student"]["freeze_mlp"],
-                                 freeze_replaced_layers=cfg["student"]["freeze_replaced_layers"],
-                                 attention_layers=cfg["student"]["attention_layers"])
+            teacher, mixer=student_cfg["mixer"], attention_layers=student_cfg["attention_layers"],
+            init_from_teacher=student_cfg["init_from_teacher"], dtype=getattr(torch, student_cfg["dtype"]),
+            device=device, **student_cfg["mixer_options"])
+        trainable_count = freeze(student, freeze_mlp=student_cfg["freeze_mlp"], attention_layers=student_cfg["attention_layers"],
+                                 freeze_replaced_layers=student_cfg["freeze_replaced_layers"])
         if cfg["memory"]["gradient_checkpointing"]:
             enable_activation_checkpointing(student)
         student.train()
-        say(f"student: {cfg['student']['mixer']} mixers, attention kept in layers {cfg['student']['attention_layers'] or 'none'}; "
-            f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")
+        run.say(f"student: {student_cfg['mixer']} mixers, attention kept in layers {student_cfg['attention_layers'] or 'none'}; "
+                f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")
         # The teacher's lm_head is used inside the student's chunked loss: it must sit on the student's device.
         teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
-        kd_model = make_student_kd(student, temperature=kd_cfg["temperature"], top_k=kd_cfg["top_k"],
-                             ce_weight=kd_cfg["ce_weight"], chunk_size=kd_cfg["chunk_size"], loss=kd_cfg["loss"])
-
-        # ------------------------------------------------------------ data: packed windows, stages
-        seq_len = train_cfg["max_seq_length"]
-        micro_bs, accum = cfg["optimization"]["micro_batch_size"], cfg["optimization"]["gradient_accumulation_steps"]
-        windows_per_step = micro_bs * accum * accelerator.num_processes
-        data_cfg = cfg["data"]
-        stage_sources = [{"path": paths["data_path"], "split": paths["data_split"], "name": data_cfg["dataset_config"],
-                          "text_field": data_cfg["text_field"], "streaming": data_cfg["streaming"],
-                          "cache_dir": paths["cache_dir"], "local_files_only": cfg["model"]["local_files_only"],
-                          "key": "paths.data_path"}]
-        if cfg["stage2"]["enabled"]:  # instruction rows (messages, prompt/response or text), rendered per row
-            stage_sources.append({**stage_sources[0], "path": cfg["stage2"]["data_path"], "key": "stage2.data_path",
-                                  "split": cfg["stage2"]["data_split"], "name": None, "text_field": None})
-        stages = []
-        for index, source in enumerate(stage_sources):
-            data_estimate = estimate_data(source, tokenizer, seq_len, sample_rows=data_cfg["estimate_rows"])
-            estimate = data_estimate.windows
-            explicit = train_cfg["max_steps"] if index == 0 else cfg["stage2"]["max_steps"]
-            epochs = train_cfg["epochs"] if index == 0 else cfg["stage2"]["epochs"]
-            if explicit > 0:
-                steps = explicit
-            elif estimate:
-                steps = max(1, math.ceil(estimate * epochs / windows_per_step))  # tokens x epochs / tokens per step
-            else:
-                raise ConfigError(f"{'training' if index == 0 else 'stage2'}.max_steps: the size of {source['path']} is unknown "
-                                  "(streaming): set max_steps")
-            lr = opt_cfg["learning_rate"] if index == 0 or cfg["stage2"]["learning_rate"] is None else cfg["stage2"]["learning_rate"]
-            stages.append({"source": source, "steps": steps, "windows_per_epoch": estimate, "epochs": epochs, "lr": lr,
-                           "empty_rows": data_estimate.empty_rows, "first_empty_row": data_estimate.first_empty_row})
-            say(f"stage {index + 1}: {source['path']}: ~{estimate or '?'} windows of {seq_len + 1} tokens per epoch -> {steps} steps"
-                + (f"; {data_estimate.empty_rows} rows of empty text left out (first: {data_estimate.first_empty_row})"
-                   if data_estimate.empty_rows else ""))
-        total_steps = sum(s["steps"] for s in stages)
-        steps_per_epoch = (stages[0]["windows_per_epoch"] or windows_per_step) / windows_per_step
-
-        eval_batches = []
-        if paths["eval_data_path"]:
-            eval_stream = WindowStream({**stage_sources[0], "path": paths["eval_data_path"], "key": "paths.eval_data_path"},
-                                       tokenizer, seq_len, seed=0, rank=accelerator.process_index,
-                                       world_size=accelerator.num_processes, epochs=1)
-            limit = (train_cfg["max_eval_batches"] or 8) * micro_bs
-            windows = [w for _, w in zip(range(limit), eval_stream)]
-            eval_batches = [torch.stack(windows[i:i + micro_bs]) for i in range(0, len(windows), micro_bs)]
-
-        # ------------------------------------------------------------ optimizer, schedule, checkpoints
-        optimizer = torch.optim.AdamW(optimizer_groups(student, opt_cfg["weight_decay"]), lr=opt_cfg["learning_rate"],
-                                      betas=(opt_cfg["adam_beta1"], opt_cfg["adam_beta2"]), eps=opt_cfg["adam_epsilon"],
-                                      fused=device.type == "cuda")
-        kd_model, optimizer = accelerator.prepare(kd_model, optimizer)
-        scheduler = build_staged_scheduler(optimizer, opt_cfg, [(s["steps"], s["lr"] / opt_cfg["learning_rate"]) for s in stages])
-        accelerator.register_for_checkpointing(scheduler)
-        trainable = [p for p in student.parameters() if p.requires_grad]
-
-        # Checkpoints hold the student in save_pretrained form (loads with from_pretrained), not a second copy.
-        def save_hook(models, weights, output_dir):
-            weights.clear()
-
-        def load_hook(models, input_dir):
-            load_weights_into(student, input_dir)
-            models.clear()
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
-
-        def save_student(directory: Path) -> None:
-            student.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-
-        checkpointer = Checkpointer(accelerator, run_dir, runlog, log_cfg, cfg["memory"]["save_optimizer_state"],
-                                    save_student, params_to_check=trainable, run_config=cfg)
-        best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-student")
-
-        # ------------------------------------------------------------ state of the loop
-        state = {"step": 0, "stage": 0, "stage_step": 0, "data_state": None, "tokens_seen": 0, "best_metric": None,
-                 "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
-                 "interval": new_interval(*KD_STATS)}
-        if resume_from is not None:
-            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_weights_into(student, d), say,
-                                  checkpointer, scheduler)
-        step = state["step"]
-        runlog.update_run_info(**base_run_info(
-            accelerator, "distill.py", cfg, total_steps, resume_from,
-            model={**teacher_info, "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
-            data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]},
-            env_overrides=env_applied))
-        if resume_from is None:
-            runlog.event(0, "start", f"distilling {total_steps} steps in {len(stages)} stage(s) on {accelerator.num_processes} process(es)",
-                         total_steps=total_steps, world_size=accelerator.num_processes)
-        accelerator.init_trackers(paths["run_name"], config=tracker_config(cfg))
 
         def teacher_hidden(input_ids):
             with torch.no_grad():
                 hidden = teacher.base_model(input_ids=input_ids.to(teacher_device), use_cache=False).last_hidden_state
             return hidden.to(device)
 
-        def evaluate() -> dict:
-            kd_model.eval()
-            sums = torch.zeros(4, device=device, dtype=torch.float64)  # kd*tokens, ce*tokens, agree*tokens, tokens
-            started = time.time()
-            with torch.no_grad():
-                for windows in eval_batches:
-                    windows = windows.to(device)
-                    inputs, labels = windows[:, :-1], windows[:, 1:]
-                    with accelerator.autocast():
-                        out = kd_model(inputs, labels, teacher_hidden(inputs), teacher_head)
-                    n = torch.as_tensor(out.tokens, device=device, dtype=torch.float64)  # no host sync per batch
-                    sums += torch.stack([out.kd_loss.double() * n, out.ce_loss.double() * n,
-                                         out.top1_agreement.double() * n, n])
-            kd_model.train()
-            kd, ce, agree, tokens = accelerator.reduce(sums, "sum").tolist()
-            tokens = max(tokens, 1)
-            return {"eval_kd_loss": kd / tokens, "eval_loss": ce / tokens, "perplexity": math.exp(min(ce / tokens, 50)),
-                    "eval_top1_agreement": agree / tokens, "eval_tokens": int(tokens), "eval_seconds": round(time.time() - started, 3)}
+        kd_model = StudentKD(student, loss=kd_cfg["loss"], temperature=kd_cfg["temperature"], top_k=kd_cfg["top_k"],
+                             ce_weight=kd_cfg["ce_weight"], chunk_size=kd_cfg["chunk_size"])
 
-        def run_evaluation() -> None:
-            result = evaluate()
-            summary = f"eval_kd_loss {result['eval_kd_loss']:.4f} eval_loss {result['eval_loss']:.4f} top1 {result['eval_top1_agreement']:.3f}"
-            is_best = record_evaluation(runlog, state, result, log_cfg, summary)
-            accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=state["step"])
-            say(f"step {state['step']}: {summary}")
-            if is_best:
-                checkpointer.save_best(best_dir)
-                announce_best(runlog, state, log_cfg["metric_for_best"], best_dir)
+        # ------------------------------------------------------------ data: stages of packed windows
+        windows_per_step = micro_bs * accum * world
+        stages = plan_stages(cfg, tokenizer, windows_per_step, run.say)
+        total_steps = sum(s["steps"] for s in stages)
+        steps_per_epoch = (stages[0]["windows_per_epoch"] or windows_per_step) / windows_per_step
+        eval_batches = []
+        if cfg["paths"]["eval_data_path"]:
+            eval_source = {**stages[0]["source"], "path": cfg["paths"]["eval_data_path"], "key": "paths.eval_data_path"}
+            eval_windows = WindowStream(eval_source, tokenizer, seq_len, seed=0, rank=rank, world_size=world, epochs=1)
+            windows = [w for _, w in zip(range((train_cfg["max_eval_batches"] or 8) * micro_bs), eval_windows)]
+            eval_batches = [torch.stack(windows[i:i + micro_bs]) for i in range(0, len(windows), micro_bs)]
 
-        nan_steps = fault_steps()
+        # ------------------------------------------------------------ optimizer, schedule, checkpoints
+        optimizer = build_optimizer(weight_decay_groups(student, opt_cfg["weight_decay"]), opt_cfg, device)
+        kd_model, optimizer = accelerator.prepare(kd_model, optimizer)
+        scheduler = build_staged_scheduler(optimizer, opt_cfg, [(s["steps"], s["lr"] / opt_cfg["learning_rate"]) for s in stages])
+        accelerator.register_for_checkpointing(scheduler)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        # Checkpoints hold the student in save_pretrained form (loads with from_pretrained), not a second copy.
+        run.make_checkpointer(pretrained_saver(student, tokenizer), lambda d: load_weights_into(student, d), trainable)
+        best_dir = Path(cfg["paths"]["best_adapter_dir"] or run.run_dir / "best-student")
+
+        state = StageTrainState(interval=Interval(KD_STATS))
+        run.resume(state, scheduler)
+        run.begin(state, total_steps, f"distilling {total_steps} steps in {len(stages)} stage(s)", "distill",
+                  model={**teacher_info, "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
+                  data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]},
+                  env_overrides=env_applied)
+
+        def evaluate() -> None:
+            result = evaluate_kd(kd_model, eval_batches, teacher_hidden, teacher_head, accelerator)
+            run.record_evaluation(state, result, f"eval_kd_loss {result['eval_kd_loss']:.4f} eval_loss {result['eval_loss']:.4f} "
+                                  f"top1 {result['eval_top1_agreement']:.3f}", best_dir)
 
         # ------------------------------------------------------------ the loop: stages -> windows -> steps
-        progress = tqdm(total=total_steps, initial=state["step"], disable=not (is_main and log_cfg["progress_bar"]),
-                        desc="distill", unit="step", dynamic_ncols=True)
         stop_reason = "finished"
-        preemption.arm()
-        while state["stage"] < len(stages) and stop_reason == "finished":
-            stage = stages[state["stage"]]
-            stream = WindowStream(stage["source"], tokenizer, seq_len, seed=train_cfg["seed"] + state["stage"],
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                  shuffle_buffer=data_cfg["shuffle_buffer"])
-            if state["data_state"] is not None:
-                stream.load_state_dict(state["data_state"])  # exact continuation after a resume
+        while state.stage < len(stages) and stop_reason == "finished":
+            stage = stages[state.stage]
+            stream = WindowStream(stage["source"], tokenizer, seq_len, seed=seed + state.stage, rank=rank, world_size=world,
+                                  shuffle_buffer=cfg["data"]["shuffle_buffer"])
+            if state.data_state is not None:
+                stream.load_state_dict(state.data_state)  # exact continuation after a resume
             windows_iter = iter(stream)
-            while state["stage_step"] < stage["steps"] and stop_reason == "finished":
+            while state.stage_step < stage["steps"] and stop_reason == "finished":
                 step_started = time.time()
                 stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, kd, ce, agreement (means over micro batches)
                 for micro in range(accum):
                     windows = torch.stack([next(windows_iter) for _ in range(micro_bs)]).to(device)
                     inputs, labels = windows[:, :-1], windows[:, 1:]
                     t_hidden = teacher_hidden(inputs)
-                    with accelerator.no_sync(kd_model) if micro < accum - 1 else contextlib.nullcontext():
+                    with gradient_sync(accelerator, kd_model, micro == accum - 1):
                         with accelerator.autocast():
                             out = kd_model(inputs, labels, t_hidden, teacher_head)
-                        loss = out.loss
-                        if state["step"] + 1 in nan_steps:
-                            loss = loss * float("nan")
-                        accelerator.backward(loss / accum)
-                    stats += torch.stack([loss.detach(), out.kd_loss.detach(), out.ce_loss.detach(),
+                        accelerator.backward(out.loss / accum)
+                    stats += torch.stack([out.loss.detach(), out.kd_loss.detach(), out.ce_loss.detach(),
                                           out.top1_agreement.detach()]).double() / accum
-                state["data_state"] = stream.state_dict()
+                state.data_state = stream.state_dict()
 
-                # ---- optimizer step: one all-reduce of the step's statistics and the stop-signal flags
-                stats = torch.cat([stats, preemption.flag(device)[None]])
-                step_loss, kd_loss, ce_loss, agreement, stop_votes = (accelerator.reduce(stats, "sum") / accelerator.num_processes).tolist()
-                tokens_all = windows_per_step * seq_len
-                finite, grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, trainable,
-                                                       opt_cfg["max_grad_norm"], step_loss)
-                state["nonfinite_streak"] = 0 if finite else state["nonfinite_streak"] + 1
-                state["step"] += 1
-                state["stage_step"] += 1
-                step = state["step"]
-                state["tokens_seen"] += tokens_all
-                progress.update(1)
-                add_to_interval(state["interval"], finite, tokens_all, time.time() - step_started,
-                                loss=step_loss, kd_loss=kd_loss, ce_loss=ce_loss, top1_agreement=agreement)
-                if not finite:
-                    report_nonfinite(runlog, state, step_loss, grad_norm, say)
-                    if state["nonfinite_streak"] >= train_cfg["max_consecutive_nonfinite"]:
-                        stop_reason = "nan_limit"
-                if stop_votes and stop_reason == "finished" and step < total_steps:
-                    stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step below, then stop
+                # ---- optimizer step (skipped when the loss or gradients are not finite)
+                sums, stop_requested = run.reduce_step(list(stats))
+                step_loss, kd_loss, ce_loss, agreement = (value / world for value in sums)
+                result = run.end_step(state, optimizer, scheduler, trainable, step_loss, windows_per_step * seq_len,
+                                      time.time() - step_started, stop_requested,
+                                      kd_loss=kd_loss, ce_loss=ce_loss, top1_agreement=agreement)
+                state.stage_step += 1
+                stop_reason, step = result.stop_reason, result.step
 
                 # ---- log, evaluate, checkpoint
-                if is_due(step, log_cfg["log_interval"], total_steps):
-                    record = training_record(state, state["interval"], total_steps=total_steps,
-                                             steps_per_epoch=steps_per_epoch, lr=lr, grad_norm=grad_norm, device=device)
-                    means = interval_means(state["interval"])
-                    record.update(stage=state["stage"] + 1, kd_loss=means["kd_loss"], ce_loss=means["ce_loss"],
-                                  top1_agreement=means["top1_agreement"])
-                    runlog.write("training", record)
-                    accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
-                    if record["loss"] is not None:
-                        progress.set_postfix(kd=f"{record['kd_loss']:.4f}", top1=f"{record['top1_agreement']:.3f}", lr=f"{lr:.2e}")
-                    state["interval"] = new_interval(*KD_STATS)
-                if eval_batches and step % log_cfg["eval_interval"] == 0:
-                    run_evaluation()
-                if (step % log_cfg["checkpoint_interval"] == 0 or stop_reason == "preempted") and step < total_steps:
-                    checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
-                    checkpointer.apply_retention(step)
-            if state["stage_step"] >= stage["steps"]:
-                state["stage"] += 1
-                state["stage_step"] = 0
-                state["data_state"] = None
-        progress.close()
+                if run.log_due(step):
+                    record = run.training_record(state, result, steps_per_epoch)
+                    record.update(stage=state.stage + 1, **{k: v for k, v in state.interval.means().items() if k in KD_STATS})
+                    run.write_training(state, record, kd_loss=".4f", top1_agreement=".3f", lr=".2e")
+                if eval_batches and run.eval_due(step):
+                    evaluate()
+                if run.checkpoint_due(result):
+                    run.save_checkpoint(state)
+            if state.stage_step >= stage["steps"]:
+                state.stage, state.stage_step, state.data_state = state.stage + 1, 0, None
 
         # ------------------------------------------------------------ final save
         if stop_reason == "finished":
-            if eval_batches and state["metric_step"] != state["step"]:
-                run_evaluation()
-            final = final_checkpoint_dir(run_dir, state["step"])
-            checkpointer.save(final, state, total_steps=total_steps)
-            say(f"done: {state['step']} steps; student in {final} (from_pretrained after `import trainkit.students`)")
-        elif stop_reason == "nan_limit":
-            say(f"stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
-        code = finish_run(runlog, state["step"], stop_reason)
-        accelerator.end_training()
-        return code
-
-    except BaseException as exc:
-        record_failure(runlog, step, exc)
-        raise
+            if eval_batches and state.metric_step != state.step:
+                evaluate()
+            final = run.save_final(state)
+            run.say(f"done: {state.step} steps; student in {final} (from_pretrained after `import trainkit.students`)")
+        return run.finish(state, stop_reason)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ directory is the one train_qlora.py writes (trainkit/runlog.py), so the dashboar
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -89,7 +87,6 @@ SCHEMA = LORA_SCHEMA  # launch_training.sh validates configs against it before l
 RESUME_MUTABLE = COMMON_MUTABLE | {"lora.dropout", "model.dtype", "model.attn_mode", "model.fused_swiglu",
                                    "task.max_eval_samples", "task.evaluate_test", "generation.batch_size",
                                    "generation.force_left_pad", "logging.verbose"}
-PREDICTIONS_DIR = "predictions"
 
 
 def env_config_overrides() -> tuple[list[str], dict]:
@@ -147,63 +144,49 @@ def main() -> int:
         raise ConfigError(f"task.name: {e.args[0] if e.args else e}") from None
     if cfg["task"]["label_likelihood"] and task.kind != "classification":
         raise ConfigError(f"task.label_likelihood: {task.name} is not a classification task")
-    run_dir = Path(cfg["run_dir"])
-    resume_from = resolve_resume(args, run_dir, cfg, RESUME_MUTABLE)
+    resume_from = resolve_resume(args, Path(cfg["run_dir"]), cfg, RESUME_MUTABLE)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
-                                   cfg["task"]["max_source_length"] + cfg["task"]["max_target_length"]},
+                                     cfg["task"]["max_source_length"] + cfg["task"]["max_target_length"]},
                        target_modules=cfg["lora"]["target_modules"])
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from trainkit.adapters import apply_lora
-    from trainkit.checkpoints import final_checkpoint_dir
     from trainkit.data import make_collator, tokenize_prompt_target
-    from trainkit.generation import GenerationSettings, check_generate_support, generate_texts, score_label_likelihood
-    from trainkit.loop import (Checkpointer, add_to_interval, announce_best, base_run_info, evaluate_loss, fault_steps,
-                               finish_run, is_due, new_interval, optimizer_step, prepare_run_dir,
-                               record_evaluation, record_failure, register_adapter_state_hooks, report_nonfinite,
-                               resume_training_state, tracker_config, training_record, watch_preemption)
+    from trainkit.evaluation import TaskEvaluator, evaluate_loss
+    from trainkit.generation import GenerationSettings, check_generate_support
     from trainkit.gla import guard_adapter_paths
+    from trainkit.loop import accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader
     from trainkit.models import load_model
     from trainkit.patches.peft import quiet_known_warnings
-    from trainkit.runlog import RunLog, write_json_atomic
-    from trainkit.schedules import build_scheduler
-    from trainkit.tasks.official import TASK_SCORE, selection_score
+    from trainkit.runlog import write_json_atomic
+    from trainkit.schedules import build_optimizer, build_scheduler
+    from trainkit.tasks.official import TASK_SCORE
     from trainkit.tokenizer import load_tokenizer
+    from trainkit.train_state import EpochTrainState
+    from trainkit.training_run import TrainingRun
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
-    paths, train_cfg, opt_cfg, log_cfg, task_cfg, gen_cfg, mem_cfg = (
-        cfg["paths"], cfg["training"], cfg["optimization"], cfg["logging"], cfg["task"], cfg["generation"], cfg["memory"])
+    train_cfg, opt_cfg, log_cfg, task_cfg, gen_cfg, mem_cfg = (
+        cfg["training"], cfg["optimization"], cfg["logging"], cfg["task"], cfg["generation"], cfg["memory"])
+    seed, micro_bs, accum = train_cfg["seed"], opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
     # fp16 base weights need loss scaling: accelerate's fp16 mixed precision brings the GradScaler.
     base_dtype, _ = resolve_dtype(cfg["model"]["dtype"], "cuda" if torch.cuda.is_available() else "cpu")
-    mixed_precision = "fp16" if base_dtype == "float16" and torch.cuda.is_available() else None
     accelerator = Accelerator(
-        log_with=log_cfg["report_to"] or None, project_dir=str(run_dir), mixed_precision=mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
-    )
-    is_main = accelerator.is_main_process
-    verbose = log_cfg["verbose"]
+        log_with=log_cfg["report_to"] or None, project_dir=cfg["run_dir"],
+        mixed_precision="fp16" if base_dtype == "float16" and torch.cuda.is_available() else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    device = accelerator.device
 
-    def say(msg: str) -> None:
-        accelerator.print(f"[train_lora] {msg}")
-
-    say(describe(env_applied))
-    prepare_run_dir(run_dir, resume_from, is_main, say)
-    accelerator.wait_for_everyone()
-    runlog = RunLog(run_dir, is_main)
-    step = 0
-    preemption = watch_preemption(runlog, train_cfg, lambda: step)
-
-    try:
+    with TrainingRun(accelerator, cfg, "train_lora.py", resume_from) as run:
+        run.say(describe(env_applied))
         # ------------------------------------------------------------ task data, tokenizer
-        set_seed(train_cfg["seed"])
+        set_seed(seed)
         try:
-            splits = task.load(local_dir=task_cfg["local_dir"], seed=train_cfg["seed"], cache_dir=paths["cache_dir"],
+            splits = task.load(local_dir=task_cfg["local_dir"], seed=seed, cache_dir=cfg["paths"]["cache_dir"],
                                local_files_only=cfg["model"]["local_files_only"], max_train=task_cfg["max_train_samples"],
                                max_eval=task_cfg["max_eval_samples"])
         except TaskDataError as e:
@@ -220,267 +203,137 @@ def main() -> int:
         if not train_rows:
             raise ConfigError(f"task.name: {task.name} has no training examples")
         cut_targets = sum(r["_truncated_target"] for r in train_rows)
-        cut_prompts = sum(r["_truncated_prompt"] for r in train_rows)
         if cut_targets:  # the model never sees the end of those answers (nor learns to stop)
-            say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
-                f"task.max_target_length={task_cfg['max_target_length']} tokens and were cut")
+            run.say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
+                    f"task.max_target_length={task_cfg['max_target_length']} tokens and were cut")
         eval_splits = [s for s in task.eval_splits if splits.get(s)]
         val_rows = [r for s in eval_splits for r in rows(splits[s])]
         data_info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
-                     "eval_splits": eval_splits, "truncated_train_prompts": cut_prompts,
+                     "eval_splits": eval_splits, "truncated_train_prompts": sum(r["_truncated_prompt"] for r in train_rows),
                      "truncated_train_targets": cut_targets}
-        say(f"data: {data_info}")
-        collate = make_collator(tokenizer)
-        micro_bs, accum = opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
-        workers = mem_cfg["dataloader_num_workers"]
-        loader_kwargs = dict(num_workers=workers, collate_fn=collate,
-                             pin_memory=mem_cfg["dataloader_pin_memory"] and torch.cuda.is_available())
-        if workers:
-            loader_kwargs.update(persistent_workers=mem_cfg["dataloader_persistent_workers"],
-                                 prefetch_factor=mem_cfg["dataloader_prefetch_factor"])
-        # Own generators (see train_qlora.py): exact resume needs data order independent of the global RNG.
-        train_loader = DataLoader(train_rows, batch_size=micro_bs, shuffle=True,
-                                  generator=torch.Generator().manual_seed(train_cfg["seed"]), **loader_kwargs)
-        val_loader = DataLoader(val_rows, batch_size=micro_bs, shuffle=False, **loader_kwargs) if val_rows else None
+        run.say(f"data: {data_info}")
+        loader_options = dict(num_workers=mem_cfg["dataloader_num_workers"], collate_fn=make_collator(tokenizer),
+                              pin_memory=mem_cfg["dataloader_pin_memory"] and torch.cuda.is_available())
+        if mem_cfg["dataloader_num_workers"]:
+            loader_options.update(persistent_workers=mem_cfg["dataloader_persistent_workers"],
+                                  prefetch_factor=mem_cfg["dataloader_prefetch_factor"])
+        train_loader = seeded_loader(train_rows, micro_bs, seed, shuffle=True, **loader_options)
+        val_loader = seeded_loader(val_rows, micro_bs, seed, shuffle=False, **loader_options) if val_rows else None
 
         # ------------------------------------------------------------ model + adapters
         model_cfg = {**cfg, "quantization": {"load_in_4bit": False, "compute_dtype": cfg["model"]["dtype"]}}
-        model, model_info = load_model(model_cfg, accelerator.device, tokenizer)
-        say(model_info["summary"])
-        for note in model_info.get("notes", []):
-            say(note)
-        set_seed(train_cfg["seed"])  # adapter init independent of how much randomness loading used
+        model, model_info = load_model(model_cfg, device, tokenizer)
+        for note in [model_info["summary"], *model_info.get("notes", [])]:
+            run.say(note)
+        set_seed(seed)  # adapter init independent of how much randomness loading used
         lora_cfg = {**cfg["lora"], "init": lora_init(cfg["lora"])}
         model = apply_lora(model, lora_cfg)
         if model_info["family"] == "gla":  # fused fla paths that would bypass an adapter get unfused ones
             for note in guard_adapter_paths(model):
-                say(note)
+                run.say(note)
         trainable = [p for p in model.parameters() if p.requires_grad]
         init_name = lora_cfg["init"] if isinstance(lora_cfg["init"], str) else "default"
-        say(f"adapters: {cfg['lora']['variant']} init {init_name} on {model.trainkit_lora_info['target_modules']}, "
-            f"trainable parameters: {sum(p.numel() for p in trainable):,}")
-
-        gen_settings = GenerationSettings(
-            max_new_tokens=gen_cfg["max_length"], min_new_tokens=gen_cfg["min_length"], num_beams=gen_cfg["num_beams"],
-            batch_size=gen_cfg["batch_size"], use_max_new_tokens=gen_cfg["use_max_new_tokens"],
-            max_length=None if gen_cfg["use_max_new_tokens"] else gen_cfg["max_length"],
-            min_length=None if gen_cfg["use_max_new_tokens"] else gen_cfg["min_length"],
-            max_source_length=task_cfg["max_source_length"], force_left_pad=gen_cfg["force_left_pad"])
+        run.say(f"adapters: {cfg['lora']['variant']} init {init_name} on {model.trainkit_lora_info['target_modules']}, "
+                f"trainable parameters: {sum(p.numel() for p in trainable):,}")
+        generation = GenerationSettings.from_config(gen_cfg, task_cfg["max_source_length"])
         if gen_cfg["enabled"]:
-            check_generate_support(model, gen_settings)  # fail now, not at the first evaluation
+            check_generate_support(model, generation)  # fail now, not at the first evaluation
 
-        optimizer = torch.optim.AdamW(
-            trainable, lr=opt_cfg["learning_rate"], betas=(opt_cfg["adam_beta1"], opt_cfg["adam_beta2"]),
-            eps=opt_cfg["adam_epsilon"], weight_decay=opt_cfg["weight_decay"], fused=accelerator.device.type == "cuda")
+        optimizer = build_optimizer(trainable, opt_cfg, device)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-        if val_loader is not None:
-            val_loader = accelerator.prepare(val_loader)
-
+        val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
         batches_per_epoch = len(train_loader)
         steps_per_epoch = math.ceil(batches_per_epoch / accum)
         total_steps = train_cfg["max_steps"] if train_cfg["max_steps"] > 0 else math.ceil(train_cfg["epochs"] * steps_per_epoch)
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)  # stepped by hand, once per optimizer step
         accelerator.register_for_checkpointing(scheduler)
-        load_adapter = register_adapter_state_hooks(accelerator)
+        load_adapter = adapter_loader(accelerator, model)
+        run.make_checkpointer(pretrained_saver(accelerator.unwrap_model(model), tokenizer), load_adapter, trainable)
+        best_dir = Path(cfg["paths"]["best_adapter_dir"] or run.run_dir / "best-adapter")
 
-        def save_adapter(directory: Path) -> None:
-            accelerator.unwrap_model(model).save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
+        state = EpochTrainState()
+        run.resume(state, scheduler)
+        run.begin(state, total_steps, model=model_info, data=data_info, task=task.name, env_overrides=env_applied)
+        evaluator = TaskEvaluator(accelerator, model, tokenizer, task, splits, generation,
+                                  label_likelihood=task_cfg["label_likelihood"], batch_size=gen_cfg["batch_size"],
+                                  run_dir=run.run_dir, progress=log_cfg["progress_bar"], say=run.say, verbose=log_cfg["verbose"])
+        scores_by_generation = gen_cfg["enabled"] or task_cfg["label_likelihood"]
 
-        checkpointer = Checkpointer(accelerator, run_dir, runlog, log_cfg, mem_cfg["save_optimizer_state"],
-                                    save_adapter, params_to_check=trainable, run_config=cfg)
-        best_dir = Path(paths["best_adapter_dir"] or run_dir / "best-adapter")
-
-        # ------------------------------------------------------------ state of the loop
-        state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "best_metric": None,
-                 "best_step": None, "metric_value": None, "metric_step": None, "nonfinite_streak": 0,
-                 "interval": new_interval()}
-        if resume_from is not None:
-            resume_training_state(accelerator, resume_from, state, runlog, lambda d: load_adapter([model], d), say,
-                                  checkpointer, scheduler)
-        step = state["step"]
-        runlog.update_run_info(**base_run_info(accelerator, "train_lora.py", cfg, total_steps, resume_from,
-                                               model=model_info, data=data_info, task=task.name,
-                                               env_overrides=env_applied))
-        if resume_from is None:
-            runlog.event(0, "start", f"training {total_steps} steps on {accelerator.num_processes} process(es)",
-                         total_steps=total_steps, world_size=accelerator.num_processes)
-        accelerator.init_trackers(paths["run_name"], config=tracker_config(cfg))
-
-        # ------------------------------------------------------------ evaluation by generation
-        def predict(split: str) -> tuple[list[str], float]:
-            """Predictions for every example of `split` (each process takes every world_size-th one)."""
-            examples = splits[split]
-            mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-            prompts = [examples[i].prompt for i in mine]
-            unwrapped = accelerator.unwrap_model(model)
-            started = time.time()
-            if task_cfg["label_likelihood"]:
-                picks = score_label_likelihood(unwrapped, tokenizer, prompts, task.label_words,
-                                               batch_size=gen_cfg["batch_size"], device=accelerator.device)
-                texts = [task.label_words[i] for i in picks]
-            else:
-                texts = generate_texts(unwrapped, tokenizer, prompts, gen_settings, device=accelerator.device,
-                                       progress=is_main and log_cfg["progress_bar"]).texts
-            pairs = gather_object(list(zip(mine, texts)))
-            by_index = dict(pairs)
-            return [by_index[i] for i in range(len(examples))], time.time() - started
-
-        def score_splits(split_names: list[str], tag: str) -> dict:
-            """Generate, score and save predictions; returns flat metrics (+ task_score) on every process."""
-            result: dict = {}
-            for split in split_names:
-                texts, seconds = predict(split)
-                if is_main:
-                    metrics = task.score(texts, splits[split], split=split)
-                    result.update({k: v for k, v in metrics.items() if k != "num_examples"})
-                    result[f"{split}_examples"] = metrics.get("num_examples", len(texts))
-                    result["generation_seconds"] = round(result.get("generation_seconds", 0) + seconds, 3)
-                    out = run_dir / PREDICTIONS_DIR / f"{tag}-{split}.jsonl"
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = out.with_name(out.name + ".tmp")
-                    with open(tmp, "w") as f:
-                        for example, text in zip(splits[split], texts):
-                            f.write(json.dumps({"prompt": example.prompt, "prediction": text,
-                                                "references": example.references, **example.meta}, default=str) + "\n")
-                    tmp.replace(out)
-                    result.setdefault("predictions", []).append(str(out.relative_to(run_dir)))
-                    if verbose and texts:
-                        say(f"{split} sample: {splits[split][0].prompt[-80:]!r} -> {texts[0]!r} (ref {splits[split][0].references[:1]})")
-            if is_main:
-                result[TASK_SCORE] = selection_score(task.name, result)
-            return broadcast_object_list([result])[0]
-
-        def run_evaluation() -> None:
+        def evaluate() -> None:
             result = {"task": task.name, "split": "validation"}
             if val_loader is not None:
                 result.update(evaluate_loss(model, val_loader, accelerator, train_cfg["max_eval_batches"]))
-            if gen_cfg["enabled"] or task_cfg["label_likelihood"]:
-                result.update(score_splits(eval_splits, f"step-{state['step']}"))
+            if scores_by_generation:
+                result.update(evaluator.score(eval_splits, f"step-{state.step}"))
             summary = " ".join(f"{k} {result[k]:.4f}" for k in ("eval_loss", TASK_SCORE) if result.get(k) is not None)
-            is_best = record_evaluation(runlog, state, result, log_cfg, summary)
-            accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=state["step"])
-            say(f"step {state['step']}: {summary}")
-            if is_best:
-                checkpointer.save_best(best_dir)
-                announce_best(runlog, state, log_cfg["metric_for_best"], best_dir)
-
-        def run_test_evaluation() -> None:
-            """The best adapter on the test split: one eval_log line with split 'test' at the last step.
-            Called once, after the final checkpoint is saved."""
-            test_splits = [s for s in splits if s.startswith("test") and splits[s]]
-            if not test_splits or not (gen_cfg["enabled"] or task_cfg["label_likelihood"]):
-                return
-            def prompts(name):
-                return [e.prompt for e in splits.get(name) or []]
-            if all(prompts(s) == prompts(s.replace("test", "validation")) for s in test_splits):
-                return  # test is the validation split (plain GLUE, hidden test labels): already scored
-            # the last use of the model (after the final save): the best adapter can replace the final one
-            if state["best_step"] is not None and (best_dir / "adapter_model.safetensors").exists():
-                load_adapter([model], str(best_dir))
-            result = {"task": task.name, "split": "test", "evaluated_step": state["best_step"],
-                      **score_splits(test_splits, f"test-best-step-{state['best_step']}")}
-            runlog.write("eval", {"step": state["step"], **result, "metric": log_cfg["metric_for_best"],
-                                  "metric_value": None, "is_best": False})
-            say(f"test ({', '.join(test_splits)}) with the adapter of step {state['best_step']}: {TASK_SCORE} {result.get(TASK_SCORE)}")
-
-        nan_steps = fault_steps()
+            run.record_evaluation(state, result, summary, best_dir)
 
         # ------------------------------------------------------------ the loop
         model.train()
-        progress = tqdm(total=total_steps, initial=state["step"], disable=not (is_main and log_cfg["progress_bar"]),
-                        desc="train", unit="step", dynamic_ncols=True)
         stop_reason = "finished"
-        device = accelerator.device
-        preemption.arm()
-        while state["step"] < total_steps and stop_reason == "finished":
-            train_loader.set_epoch(state["epoch"])
-            skip = state["batches_in_epoch"]
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        while state.step < total_steps and stop_reason == "finished":
+            train_loader.set_epoch(state.epoch)
+            skip = state.batches_in_epoch
             micro_losses, step_tokens = [], torch.zeros((), device=device, dtype=torch.long)
             step_started = time.time()
-            for batch_index, batch in enumerate(loader, start=skip):
-                group_start = (batch_index // accum) * accum
-                micro_in_step = min(accum, batches_per_epoch - group_start)  # the epoch's last step may be short
-                is_step_end = batch_index + 1 == group_start + micro_in_step
-                with accelerator.no_sync(model) if not is_step_end else contextlib.nullcontext():
+            for batch_index, batch in enumerate(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader,
+                                                start=skip):
+                micro_in_step, is_step_end = accumulation_position(batch_index, accum, batches_per_epoch)
+                with gradient_sync(accelerator, model, is_step_end):
                     with accelerator.autocast():
                         loss = model(**batch).loss
-                    if state["step"] + 1 in nan_steps:
-                        loss = loss * float("nan")
                     accelerator.backward(loss / micro_in_step)
                 micro_losses.append(loss.detach())
                 step_tokens += batch["attention_mask"].sum()
-                state["batches_in_epoch"] = batch_index + 1
+                state.batches_in_epoch = batch_index + 1
                 if not is_step_end:
                     continue
 
-                # ---- optimizer step: one all-reduce of [loss, tokens, stop-signal flags], skipped when not finite
-                local = torch.stack([torch.stack(micro_losses).double().mean(), step_tokens.double(), preemption.flag(device)])
-                loss_sum, tokens_all, stop_votes = accelerator.reduce(local, "sum").tolist()
-                step_loss, tokens_all = loss_sum / accelerator.num_processes, int(tokens_all)
-                finite, grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, trainable,
-                                                       opt_cfg["max_grad_norm"], step_loss)
-                state["nonfinite_streak"] = 0 if finite else state["nonfinite_streak"] + 1
-                state["step"] += 1
-                step = state["step"]
-                state["tokens_seen"] += tokens_all
-                progress.update(1)
-                add_to_interval(state["interval"], finite, tokens_all, time.time() - step_started, loss=step_loss)
-                if not finite:
-                    report_nonfinite(runlog, state, step_loss, grad_norm, say)
-                    if state["nonfinite_streak"] >= train_cfg["max_consecutive_nonfinite"]:
-                        stop_reason = "nan_limit"
-                if stop_votes and stop_reason == "finished" and step < total_steps:
-                    stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step below, then stop
+                # ---- optimizer step (skipped when the loss or gradients are not finite)
+                (loss_sum, tokens), stop_requested = run.reduce_step([torch.stack(micro_losses).double().mean(),
+                                                                      step_tokens.double()])
+                result = run.end_step(state, optimizer, scheduler, trainable, loss_sum / accelerator.num_processes,
+                                      int(tokens), time.time() - step_started, stop_requested)
+                stop_reason, step = result.stop_reason, result.step
 
                 # ---- log, evaluate, checkpoint
-                if is_due(step, log_cfg["log_interval"], total_steps):
-                    record = training_record(state, state["interval"], total_steps=total_steps,
-                                             steps_per_epoch=steps_per_epoch, lr=lr, grad_norm=grad_norm, device=device)
-                    runlog.write("training", record)
-                    accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
-                    if record["loss"] is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    state["interval"] = new_interval()
-                if step % log_cfg["eval_interval"] == 0:
-                    run_evaluation()
-                if (step % log_cfg["checkpoint_interval"] == 0 or stop_reason == "preempted") and step < total_steps:
-                    checkpointer.save(run_dir / f"checkpoint-{step}", state, total_steps=total_steps)
-                    checkpointer.apply_retention(step)
+                if run.log_due(step):
+                    run.write_training(state, run.training_record(state, result, steps_per_epoch), loss=".4f", lr=".2e")
+                if run.eval_due(step):
+                    evaluate()
+                if run.checkpoint_due(result):
+                    run.save_checkpoint(state)
 
                 micro_losses, step_tokens = [], torch.zeros((), device=device, dtype=torch.long)
                 step_started = time.time()
-                if state["step"] >= total_steps or stop_reason != "finished":
+                if step >= total_steps or stop_reason != "finished":
                     break
             else:  # the epoch ran out
-                state["epoch"] += 1
-                state["batches_in_epoch"] = 0
-        progress.close()
+                state.epoch += 1
+                state.batches_in_epoch = 0
 
-        # ------------------------------------------------------------ final evaluation and save
+        # ------------------------------------------------------------ final evaluation and save, then the test split
         if stop_reason == "finished":
-            if state["metric_step"] != state["step"]:
-                run_evaluation()
-            final = final_checkpoint_dir(run_dir, state["step"])
-            checkpointer.save(final, state, total_steps=total_steps)
-            if task_cfg["evaluate_test"]:
-                run_test_evaluation()
-            if is_main:
-                write_json_atomic(run_dir / "results.json", {
-                    "task": task.name, "metric": log_cfg["metric_for_best"], "best_metric": state["best_metric"],
-                    "best_step": state["best_step"], "final_checkpoint": str(final), "best_adapter": str(best_dir)})
-            say(f"done: {state['step']} steps; best {log_cfg['metric_for_best']} {state['best_metric']} at step "
-                f"{state['best_step']}; final adapter in {final}")
-        elif stop_reason == "nan_limit":
-            say(f"stopped after {state['nonfinite_streak']} consecutive non-finite steps (training.max_consecutive_nonfinite)")
-        code = finish_run(runlog, state["step"], stop_reason)
-        accelerator.end_training()
-        return code
-
-    except BaseException as exc:
-        record_failure(runlog, step, exc)
-        raise
+            if state.metric_step != state.step:
+                evaluate()
+            final = run.save_final(state)
+            test_splits = evaluator.test_splits() if task_cfg["evaluate_test"] and scores_by_generation else []
+            if test_splits:  # the best adapter (the model's last use: it may replace the final one)
+                if state.best_step is not None and (best_dir / "adapter_model.safetensors").exists():
+                    load_adapter(str(best_dir))
+                result = {"task": task.name, "split": "test", "evaluated_step": state.best_step,
+                          **evaluator.score(test_splits, f"test-best-step-{state.best_step}")}
+                run.runlog.write("eval", {"step": state.step, **result, "metric": log_cfg["metric_for_best"],
+                                          "metric_value": None, "is_best": False})
+                run.say(f"test ({', '.join(test_splits)}) with the adapter of step {state.best_step}: "
+                        f"{TASK_SCORE} {result.get(TASK_SCORE)}")
+            if run.is_main:
+                write_json_atomic(run.run_dir / "results.json", {
+                    "task": task.name, "metric": log_cfg["metric_for_best"], "best_metric": state.best_metric,
+                    "best_step": state.best_step, "final_checkpoint": str(final), "best_adapter": str(best_dir)})
+            run.say(f"done: {state.step} steps; best {log_cfg['metric_for_best']} {state.best_metric} at step "
+                    f"{state.best_step}; final adapter in {final}")
+        return run.finish(state, stop_reason)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Reads only what the run directory says (run.json, the latest ``stop`` event, the latest
 fatal error line). The exit code is the one run.json records (``exit_code``) when a tool
 wrote it; otherwise it follows from how trainkit's entry points exit
-(``trainkit.cli.run_main``, ``trainkit.loop.finish_run``): 0 finished, 1 for a stop by
+(``trainkit.cli.run_main``, ``trainkit.training_run.TrainingRun.finish``): 0 finished, 1 for a stop by
 ``training.max_consecutive_nonfinite`` (reason ``nan_limit``) or an uncaught exception,
 2 for a config error, 130 when interrupted (SIGINT/SIGTERM), the code of a SystemExit; a run
 run.json says `preempted` (trainkit.preemption) exited 128 + signal, 143 when the stop event does

@@ -99,7 +99,7 @@ def main() -> int:
     start_hold = os.environ.get("FAKE_TRAINER_START_HOLD_FILE", fake.get("start_hold_file"))
 
     try:
-        acquire_run_lock(run_dir)  # as loop.prepare_run_dir does: before anything is read, written or moved
+        acquire_run_lock(run_dir)  # as trainkit.training_run.TrainingRun does: before anything is read, written or moved
     except RunDirInUse as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

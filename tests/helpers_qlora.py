@@ -52,6 +52,16 @@ def script_env(**extra) -> dict:
     return env
 
 
+FAULT_INJECTION_DIR = REPO / "tests" / "fault_injection"
+
+
+def fault_env(**faults: str) -> dict:
+    """Environment of a run with faults put in (tests/fault_injection/sitecustomize.py): e.g.
+    fault_env(TRAINKIT_FAULT_NONFINITE_STEPS="3,7")."""
+    path = os.pathsep.join(p for p in (str(FAULT_INJECTION_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **faults}
+
+
 def run_script(args: list[str], script: str = "train_qlora.py", timeout: int = 600, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=script_env(**env))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, script_env, kill_at_drawn_state, tiny_config
+from helpers_qlora import REPO, fault_env, run_script, script_env, kill_at_drawn_state, tiny_config
 from trainkit.runlog import EVAL_FIELDS, EXPERT_FIELDS, TRAINING_FIELDS, iter_jsonl
 
 
@@ -128,7 +128,7 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
 
 def test_nonfinite_loss_skips_steps_and_stops(tmp_path):
     cfg = tiny_config(tmp_path, training={"max_consecutive_nonfinite": 3}, logging={"keep_top_k": 5})
-    result = run_script(["--config", str(cfg)], TRAINKIT_FAULT_NONFINITE_STEPS="3,6,7,8")
+    result = run_script(["--config", str(cfg)], **fault_env(TRAINKIT_FAULT_NONFINITE_STEPS="3,6,7,8"))
     run_dir = tmp_path / "out" / "tiny"
     assert result.returncode == 1, result.stderr[-2000:]
     errors = read_stream(run_dir, "error_log.jsonl")

@@ -338,3 +338,50 @@ def naive_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     with torch.no_grad():
         top1 = ((s.argmax(-1) == t_arg) & valid).sum().to(acc) / n
     return KDOutput(loss, kd_loss.detach(), ce_loss.detach(), top1, count)
+
+
+# ---------------------------------------------------------------- the student with its loss, and its evaluation
+class StudentKD(torch.nn.Module):
+    """A student with its KD loss as one module, so that DDP sees the lm_head the chunked loss uses
+    inside forward (accelerate.prepare wraps this module). `loss`: chunked (memory-lean) or naive
+    (full logits; the baseline of benchmarks/bench_distill.py)."""
+
+    def __init__(self, student, *, loss: str = "chunked", **kd_options):
+        super().__init__()
+        self.student, self.loss_kind, self.kd_options = student, loss, kd_options
+
+    def forward(self, input_ids, labels, teacher_hidden, teacher_head) -> KDOutput:
+        hidden = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        head = self.student.get_output_embeddings().weight
+        if self.loss_kind == "naive":
+            options = {k: v for k, v in self.kd_options.items() if k != "chunk_size"}
+            return naive_kd_loss(hidden.flatten(0, 1) @ head.T, teacher_hidden.flatten(0, 1) @ teacher_head.T,
+                                 labels.flatten(), **options)
+        return chunked_kd_loss(hidden.flatten(0, 1), head, teacher_hidden.flatten(0, 1), teacher_head,
+                               labels.flatten(), **self.kd_options)
+
+
+def evaluate_kd(kd_model, eval_batches: list[torch.Tensor], teacher_hidden, teacher_head, accelerator) -> dict:
+    """KD loss, cross-entropy, perplexity and top-1 agreement with the teacher on held-out windows
+    (each a row of max_seq_length + 1 tokens), token-weighted and summed over processes.
+    `teacher_hidden(input_ids)`: the frozen teacher's final hidden states on the student's device."""
+    import math
+    import time
+
+    device = accelerator.device
+    kd_model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # kd*tokens, ce*tokens, agree*tokens, tokens
+    started = time.time()
+    with torch.no_grad():
+        for windows in eval_batches:
+            windows = windows.to(device)
+            inputs, labels = windows[:, :-1], windows[:, 1:]
+            with accelerator.autocast():
+                out = kd_model(inputs, labels, teacher_hidden(inputs), teacher_head)
+            n = torch.as_tensor(out.tokens, device=device, dtype=torch.float64)  # no host sync per batch
+            sums += torch.stack([out.kd_loss.double() * n, out.ce_loss.double() * n, out.top1_agreement.double() * n, n])
+    kd_model.train()
+    kd, ce, agree, tokens = accelerator.reduce(sums, "sum").tolist()
+    tokens = max(tokens, 1)
+    return {"eval_kd_loss": kd / tokens, "eval_loss": ce / tokens, "perplexity": math.exp(min(ce / tokens, 50)),
+            "eval_top1_agreement": agree / tokens, "eval_tokens": int(tokens), "eval_seconds": round(time.time() - started, 3)}

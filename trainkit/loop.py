@@ -1,36 +1,34 @@
 """Pieces of the training loop that train_qlora.py, train_lora.py and distill.py share.
 
 Each script keeps its own loop, readable top to bottom; what would otherwise be written three
-times lives here as plain functions: resume discovery, the run directory at start, the optimizer
-step with non-finite skipping, the logging interval, checkpoint save/retention, evaluation
-bookkeeping and the failure record. Nothing here owns the loop or calls back into it except
-`Checkpointer`, which takes a function that writes the model's files.
+times lives here as plain functions: resume discovery and the config check on resume, the
+optimizer step with non-finite skipping, gradient accumulation, the validation loss, the adapter
+checkpoint hooks and `Checkpointer` (atomic save, top-K retention, best weights). The run's
+lifecycle (run directory, start and end records, logging) is trainkit.training_run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import shutil
 import time
-import traceback
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from trainkit.checkpoints import (archive_run_dir, atomic_directory, checkpoint_dirs, checkpoints_to_delete,
-                                  commit_directory, continue_lineage, directory_size, find_latest_checkpoint,
-                                  read_trainer_state, remove_partial_saves, staging_dir)
-from trainkit import runlock
-from trainkit.config import ConfigError, public_config
+from trainkit.checkpoints import (atomic_directory, checkpoint_dirs, checkpoints_to_delete, commit_directory,
+                                  continue_lineage, directory_size, find_latest_checkpoint, read_trainer_state,
+                                  staging_dir)
+from trainkit.config import ConfigError
 from trainkit.resume_check import config_changes, describe_changes, immutable_changes, stored_config
-from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, RunWriteError, release_frames, write_json_atomic, writing
+from trainkit.runlog import TRAINER_STATE_FILE, RunLog, release_frames, write_json_atomic, writing
+from trainkit.train_state import TrainState
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
-# Fault injection for tests and drills: comma-separated optimizer steps whose loss is made NaN.
-FAULT_ENV = "TRAINKIT_FAULT_NONFINITE_STEPS"
 
 
 # ---------------------------------------------------------------- before the model loads
@@ -69,108 +67,21 @@ def check_trackers(report_to: list[str]) -> None:
             raise ConfigError(f"logging.report_to: {tracker} is not installed (pip install {module})")
 
 
-def fault_steps() -> set[int]:
-    return {int(s) for s in os.environ.get(FAULT_ENV, "").split(",") if s.strip()}
+# ---------------------------------------------------------------- micro batches and the optimizer step
+def accumulation_position(batch_index: int, accum: int, batches_per_epoch: int) -> tuple[int, bool]:
+    """(micro batches in this batch's optimizer step, whether this batch ends the step). The last
+    optimizer step of an epoch takes fewer micro batches when the epoch does not divide evenly."""
+    group_start = (batch_index // accum) * accum
+    micro_in_step = min(accum, batches_per_epoch - group_start)
+    return micro_in_step, batch_index + 1 == group_start + micro_in_step
 
 
-# ---------------------------------------------------------------- run directory
-def prepare_run_dir(run_dir: Path, resume_from: Path | None, is_main: bool, say: Callable[[str], None]) -> None:
-    """Main process: lock the run directory for this run (trainkit.runlock; RunDirInUse when another
-    live process has it), then a fresh start never overwrites an earlier attempt (it is moved aside)
-    and half-written checkpoints of a killed run are removed."""
-    if not is_main:
-        return
-    runlock.acquire(run_dir)  # before anything in the run dir is written or moved
-    if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
-        archived = archive_run_dir(run_dir)
-        say(f"{run_dir} held an earlier run without --resume: moved it to {archived}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_saves(run_dir)
+def gradient_sync(accelerator, model, sync: bool):
+    """Context of one micro batch's forward and backward: gradients are all-reduced only on the
+    micro batch that ends an optimizer step (DDP's no_sync on the others)."""
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
 
 
-def watch_preemption(runlog: RunLog, train_cfg: dict, current_step: Callable[[], int]):
-    """SIGTERM/SIGINT from here on: recorded as `preempted` (trainkit.preemption). Returns the process's
-    Preemption, whose `flag` the loop adds to its per-step all-reduce once `arm()` is called."""
-    from trainkit.preemption import PREEMPTION
-
-    return PREEMPTION.watch(runlog, train_cfg["preemption_grace_seconds"], current_step)
-
-
-def base_run_info(accelerator, script: str, cfg: dict, total_steps: int, resume_from, **fields) -> dict:
-    """run.json fields every script writes at (re)start."""
-    from trainkit.patches import applied
-    from trainkit.runtime import library_versions
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    info = dict(script=script, status="running", last_start_time=time.time(), end_time=None,
-                total_steps=total_steps, world_size=accelerator.num_processes,
-                num_machines=max(1, accelerator.num_processes // max(local_world, 1)),
-                mixed_precision=accelerator.mixed_precision, pid=os.getpid(), versions=library_versions(), patches=applied(),
-                config=public_config(cfg), config_path=cfg.get("_config_path"), error=None, exit_code=None, resumed_from=str(resume_from) if resume_from else None, **fields)
-    if resume_from is None:
-        info["start_time"] = time.time()
-    return info
-
-
-def tracker_config(cfg: dict) -> dict:
-    """Flat scalar config for accelerate's trackers (secrets redacted)."""
-    return {f"{s}.{k}": v for s, sec in public_config(cfg).items() if isinstance(sec, dict)
-            for k, v in sec.items() if isinstance(v, (int, float, str, bool))}
-
-
-def record_failure(runlog: RunLog, step: int, exc: BaseException) -> None:
-    """Fatal error: traceback to error_log.jsonl, a stop event, status failed and the exit code in
-    run.json. A stop signal before the loop is recorded as preempted instead. A clean SystemExit
-    (code 0 or None) is not a failure and records nothing."""
-    from trainkit.cli import exit_code_for_exception
-    from trainkit.preemption import PREEMPTION, Preempted
-
-    if isinstance(exc, SystemExit) and not exc.code:
-        return
-    PREEMPTION.settle()
-    if isinstance(exc, Preempted):
-        PREEMPTION.record(runlog, step, checkpoint=None, detail="stopped before the training loop")
-        return
-    if isinstance(exc, RunWriteError):
-        message = str(exc)  # already one line naming what and where
-    else:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    # run.json first: its status is what readers trust, and after a write failure (full disk) the
-    # later records may not fit. Each record is best effort: the error itself is what gets raised.
-    records = (lambda: runlog.update_run_info(status="failed", end_time=time.time(), error=message,
-                                              exit_code=exit_code_for_exception(exc)),
-               lambda: runlog.error(step, type(exc).__name__, message, traceback=traceback.format_exc(), fatal=True),
-               lambda: runlog.event(step, "stop", f"run failed: {message}", reason="failed"))
-    for record in records:
-        try:
-            record()
-        except OSError:
-            pass
-
-
-def finish_run(runlog: RunLog, step: int, stop_reason: str) -> int:
-    """End records of a run that left its loop (finished, nan_limit or preempted); returns the exit code."""
-    from trainkit.patches import applied
-    from trainkit.preemption import PREEMPTION
-
-    PREEMPTION.settle()
-    if stop_reason == "preempted":
-        saved = runlog.run_dir / f"{CHECKPOINT_PREFIX}{step}"
-        checkpoint = str(saved) if (saved / TRAINER_STATE_FILE).is_file() else None
-        code = PREEMPTION.record(runlog, step, checkpoint)
-        if runlog.is_main:
-            PREEMPTION.say(f"preempted at step {step}: {checkpoint or 'no checkpoint'} saved; exit code {code} "
-                            "(launch_training.sh, or the script with --resume, continues from it)")
-        return code
-    code = 0 if stop_reason == "finished" else 1
-    runlog.event(step, "stop", f"run ended: {stop_reason}", reason=stop_reason)
-    status = "finished" if stop_reason == "finished" else "failed"
-    runlog.update_run_info(status=status, end_time=time.time(), patches=applied(), exit_code=code,
-                           error=None if status == "finished" else f"stopped: {stop_reason}")
-    return code
-
-
-# ---------------------------------------------------------------- the optimizer step
 def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: float, step_loss: float):
     """Clip, then step unless the loss or the gradient norm is not finite. The scheduler advances
     either way (one call per optimizer step, on every process). Returns (finite, grad_norm, lr)."""
@@ -185,85 +96,6 @@ def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: flo
     return finite, grad_norm, lr
 
 
-def report_nonfinite(runlog: RunLog, state: dict, step_loss, grad_norm, say) -> None:
-    msg = (f"non-finite loss ({step_loss}) or gradient norm ({grad_norm}) at step {state['step']}: "
-           f"optimizer step skipped ({state['nonfinite_streak']} in a row)")
-    runlog.error(state["step"], "NonFiniteLoss", msg)
-    runlog.event(state["step"], "nan_skip", msg, consecutive=state["nonfinite_streak"])
-    say(msg)
-
-
-# ---------------------------------------------------------------- the logging interval
-def new_interval(*names: str) -> dict:
-    """Accumulators of the current logging interval (kept in checkpoints so a resume logs the same
-    lines). `sums` holds per-step means summed over the finite steps: loss and script-specific ones."""
-    return {"steps": 0, "all_steps": 0, "tokens": 0, "seconds": 0.0, "sums": {n: 0.0 for n in ("loss", *names)}}
-
-
-def add_to_interval(interval: dict, finite: bool, tokens: int, seconds: float, **values: float) -> None:
-    interval["all_steps"] += 1
-    interval["tokens"] += tokens
-    interval["seconds"] += seconds
-    if finite:
-        interval["steps"] += 1
-        for name, value in values.items():
-            interval["sums"][name] = interval["sums"].get(name, 0.0) + value
-
-
-def interval_means(interval: dict) -> dict:
-    """Mean of each summed value over the finite steps of the interval (None when there were none)."""
-    return {k: (v / interval["steps"] if interval["steps"] else None) for k, v in interval["sums"].items()}
-
-
-def training_record(state: dict, interval: dict, *, total_steps: int, steps_per_epoch: float, lr: float,
-                    grad_norm, device) -> dict:
-    """The common fields of a training_log line (trainkit.runlog.TRAINING_FIELDS)."""
-    from trainkit.runtime import memory_gb
-
-    step = state["step"]
-    seconds = max(interval["seconds"], 1e-9)
-    step_time = seconds / max(interval["all_steps"], 1)
-    mem_now, mem_peak = memory_gb(device)
-    return {"step": step, "epoch": round(step / max(steps_per_epoch, 1e-9), 4),
-            "loss": interval_means(interval)["loss"], "lr": lr, "grad_norm": grad_norm,
-            "tokens": state["tokens_seen"], "tokens_per_sec": round(interval["tokens"] / seconds, 1),
-            "step_time": round(step_time, 4), "eta_seconds": round(step_time * (total_steps - step), 1),
-            "total_steps": total_steps, "memory_allocated_gb": round(mem_now, 3), "memory_peak_gb": round(mem_peak, 3),
-            "router_aux_loss": None}  # train_qlora.py fills it in for MoE models
-
-
-def is_due(step: int, interval: int, total_steps: int | None = None) -> bool:
-    return step % interval == 0 or (total_steps is not None and step == total_steps)
-
-
-# ---------------------------------------------------------------- evaluation
-def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) -> dict:
-    """Token-level LM loss on a labelled loader (labels -100 are ignored), summed over processes.
-    Computed from the logits, not the model's loss, which may include a MoE router aux loss."""
-    import torch
-    import torch.nn.functional as F
-
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    started = time.time()
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                        ignore_index=-100, reduction="sum")
-            tokens += (labels != -100).sum()
-    model.train(was_training)
-    loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens]), "sum").tolist()
-    eval_loss = loss_sum / max(tokens, 1)
-    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": int(tokens),
-            "eval_seconds": round(time.time() - started, 3)}
-
-
 # ---------------------------------------------------------------- evaluation bookkeeping
 def is_better(value, best, greater_is_better: bool) -> bool:
     """True when `value` beats `best`. A missing or non-finite value (a NaN eval after a divergence)
@@ -275,48 +107,55 @@ def is_better(value, best, greater_is_better: bool) -> bool:
     return value > best if greater_is_better else value < best
 
 
-def record_evaluation(runlog: RunLog, state: dict, result: dict, log_cfg: dict, summary: str) -> bool:
-    """Write the eval_log line and the eval event; update the best metric in `state`.
-    Returns True when this evaluation is the new best (the caller saves the best adapter)."""
-    metric = log_cfg["metric_for_best"]
-    value = result.get(metric)
-    best = is_better(value, state["best_metric"], log_cfg["greater_is_better"])
-    state["metric_value"], state["metric_step"] = value, state["step"]
-    runlog.write("eval", {"step": state["step"], **result, "metric": metric, "metric_value": value, "is_best": best})
-    runlog.event(state["step"], "eval", summary, eval_loss=result.get("eval_loss"), metric=metric, metric_value=value)
-    if best:
-        state["best_metric"], state["best_step"] = value, state["step"]
-    return best
-
-
-def announce_best(runlog: RunLog, state: dict, metric: str, path: Path) -> None:
-    runlog.event(state["step"], "new_best", f"new best {metric} {state['best_metric']:.4f}",
-                 metric=metric, metric_value=state["best_metric"], path=str(path))
-
-
 # ---------------------------------------------------------------- checkpoints
-def register_adapter_state_hooks(accelerator):
-    """Checkpoints hold the PEFT adapter, not the (4-bit or frozen) base: accelerate's model weights
-    are replaced by these hooks (the pattern of diffusers' LoRA scripts). Returns the load function,
-    also used to load an adapter-only checkpoint."""
+def register_weight_hooks(accelerator, load_weights: Callable[[str], None]) -> None:
+    """Checkpoints hold the model in its own save_pretrained form (the PEFT adapter, not the 4-bit or
+    frozen base; distill's student), written by Checkpointer's `save_weights`. These hooks drop
+    accelerate's copy of the model weights from save_state and make load_state call
+    `load_weights(directory)` instead (the pattern of diffusers' LoRA scripts)."""
+    def save_hook(models, weights, output_dir):
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        load_weights(input_dir)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def adapter_loader(accelerator, model) -> Callable[[str], None]:
+    """Loads a checkpoint's (or best-adapter's) adapter_model.safetensors into the PEFT `model`."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    def save_adapter_hook(models, weights, output_dir):
-        weights.clear()  # Checkpointer.save writes the adapter through the script's save_weights
+    def load_adapter(directory: str) -> None:
+        state = load_file(os.path.join(directory, "adapter_model.safetensors"), device=str(accelerator.device))
+        set_peft_model_state_dict(accelerator.unwrap_model(model), state)
 
-    def load_adapter_hook(models, input_dir):
-        for m in models:
-            state = load_file(os.path.join(input_dir, "adapter_model.safetensors"), device=str(accelerator.device))
-            set_peft_model_state_dict(accelerator.unwrap_model(m), state)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_adapter_hook)
-    accelerator.register_load_state_pre_hook(load_adapter_hook)
-    return load_adapter_hook
+    return load_adapter
 
 
-def resume_training_state(accelerator, resume_from: Path, state: dict, runlog: RunLog, load_weights_only, say,
+def pretrained_saver(model, tokenizer) -> Callable[[Path], None]:
+    """Writes `model` (an adapter, a student) and the tokenizer with save_pretrained."""
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return save
+
+
+def seeded_loader(dataset, batch_size: int, seed: int, shuffle: bool, **kwargs):
+    """A DataLoader with its own generator: creating an iterator draws a base seed, which must not come
+    from the global RNG (restored on resume, then consumed again by the first iterator: drift)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def resume_training_state(accelerator, resume_from: Path, state: TrainState, runlog: RunLog, load_weights_only, say,
                           checkpointer: "Checkpointer", scheduler) -> None:
     """Load optimizer/scheduler/RNG/model state (or only the weights when the checkpoint has no
     optimizer state), restore the loop state, and drop log lines of steps after the checkpoint.
@@ -329,7 +168,7 @@ def resume_training_state(accelerator, resume_from: Path, state: dict, runlog: R
     else:
         say(f"warning: {resume_from} has no optimizer state: loading the weights only")
         load_weights_only(str(resume_from))
-    state.update({k: saved[k] for k in state if k in saved})
+    state.load_dict(saved)
     changes = config_changes(saved["config"], checkpointer.run_config) if saved.get("config") else {}
     if changes:
         # load_state restored the old base lr and optimizer hyperparameters: the new ones apply.
@@ -338,15 +177,15 @@ def resume_training_state(accelerator, resume_from: Path, state: dict, runlog: R
     # resumes this same checkpoint again, never a checkpoint of the abandoned line.
     checkpointer.lineage = continue_lineage(checkpointer.attempt, saved)
     runlog.update_run_info(attempt=checkpointer.attempt, lineage=checkpointer.lineage)
-    runlog.truncate_after(state["step"])
-    runlog.event(state["step"], "resume", f"resumed from {resume_from}", path=str(resume_from))
+    runlog.truncate_after(state.step)
+    runlog.event(state.step, "resume", f"resumed from {resume_from}", path=str(resume_from))
     if not saved.get("config"):
         say(f"warning: {resume_from} stores no config (written by an earlier version): config changes not checked")
     if changes:
         message = f"config changed since {Path(resume_from).name}: {describe_changes(changes)}"
-        runlog.event(state["step"], "config_changed", message, changes=changes, path=str(resume_from))
+        runlog.event(state.step, "config_changed", message, changes=changes, path=str(resume_from))
         say(message)
-    say(f"resumed from {resume_from} at step {state['step']}")
+    say(f"resumed from {resume_from} at step {state.step}")
 
 
 def schedule_settings(scheduler) -> dict:
@@ -394,7 +233,7 @@ class Checkpointer:
         if not all(torch.isfinite(p).all() for p in self.params_to_check):
             raise FloatingPointError(f"non-finite trained weights: refusing to save {what}")
 
-    def save(self, target: Path, state: dict, **extra_state) -> None:
+    def save(self, target: Path, state: TrainState, **extra_state) -> None:
         self.check_finite_weights("a checkpoint")
         acc = self.accelerator
         staging = staging_dir(target)
@@ -409,7 +248,7 @@ class Checkpointer:
                 if self.is_main:
                     self.save_weights(staging)
                     write_json_atomic(staging / TRAINER_STATE_FILE, {
-                        **state, **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"],
+                        **state.to_dict(), **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"],
                         "attempt": self.attempt, "lineage": self.lineage, "config": self.run_config})
                 acc.wait_for_everyone()
                 if self.is_main:
@@ -421,9 +260,9 @@ class Checkpointer:
                 shutil.rmtree(staging, ignore_errors=True)  # a partial save only holds space (resume never picks it)
             raise
         if self.is_main:
-            self.runlog.event(state["step"], "checkpoint_saved", f"saved {target.name}", path=str(target),
+            self.runlog.event(state.step, "checkpoint_saved", f"saved {target.name}", path=str(target),
                               size_bytes=directory_size(target), metric=self.log_cfg["metric_for_best"],
-                              metric_value=state["metric_value"])
+                              metric_value=state.metric_value)
         acc.wait_for_everyone()
 
     def apply_retention(self, step: int) -> None:

@@ -8,7 +8,7 @@ What happens, on every process:
   raises `Preempted`, which the script records (status `preempted`) and exits with;
 - inside the loop (after `arm()`) the signal only sets a flag. Each script adds the flag to the
   all-reduce it already does once per optimizer step, so every rank sees the same sum and all
-  stop after the same step; the script then saves `checkpoint-<step>` and `finish_run` writes the
+  stop after the same step; the script then saves `checkpoint-<step>` and `TrainingRun.finish` writes the
   `preempted` event and status;
 - a grace timer (training.preemption_grace_seconds) starts at the first signal: if the step and
   the save are not done by then, the records are written and the process exits anyway (a

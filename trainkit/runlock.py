@@ -12,7 +12,7 @@ Who locks:
 - launch_training.sh (machine rank 0) before it decides on resume or moves an earlier attempt
   aside, and holds it until training ends: the shell keeps the file open on a descriptor and a
   python child (`python -m trainkit.launcher lock --fd N`) flocks that shared open file.
-- the scripts' global main process in loop.prepare_run_dir, before anything is written or moved
+- the scripts' global main process when a TrainingRun block is entered (trainkit.training_run), before anything is written or moved
   and before data and model load, for the life of the process. A script the launcher started
   cannot inherit the shell's lock (subprocess closes inherited descriptors), so it accepts a
   lock held by its own ancestor when TRAINKIT_RUN_LOCK names this lock file.

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (transformers' implementations), chosen by `optimization.lr_scheduler`."""
+"""Optimizer (AdamW) and learning-rate schedules (transformers' implementations), chosen by `optimization.*`."""
 
 from __future__ import annotations
 
@@ -62,3 +62,20 @@ def build_staged_scheduler(optimizer: torch.optim.Optimizer, opt: dict, stages: 
         return scale * lr_lambda(steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, staged)
+
+
+def build_optimizer(params, opt, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the optimization.* hyperparameters (fused kernels on CUDA). `params`: tensors,
+    or parameter groups that set their own weight_decay (weight_decay_groups)."""
+    return torch.optim.AdamW(params, lr=opt["learning_rate"], betas=(opt["adam_beta1"], opt["adam_beta2"]),
+                             eps=opt["adam_epsilon"], weight_decay=opt["weight_decay"], fused=device.type == "cuda")
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on norms, biases, embeddings and scalar/vector parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

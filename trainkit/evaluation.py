@@ -1,0 +1,122 @@
+"""Evaluation during training: the validation loss (every script with labelled validation data) and
+train_lora.py's task evaluation by generation (trainkit.generation + the task's official metrics).
+distill.py's KD evaluation is trainkit.kd.evaluate_kd.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+PREDICTIONS_DIR = "predictions"  # <run_dir>/predictions/<tag>-<split>.jsonl
+
+
+def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) -> dict:
+    """Token-level LM loss on a labelled loader (labels -100 are ignored), summed over processes.
+    Computed from the logits, not the model's loss, which may include a MoE router aux loss."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    started = time.time()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                        ignore_index=-100, reduction="sum")
+            tokens += (labels != -100).sum()
+    model.train(was_training)
+    loss_sum, tokens = accelerator.reduce(torch.stack([loss_sum, tokens]), "sum").tolist()
+    eval_loss = loss_sum / max(tokens, 1)
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": int(tokens),
+            "eval_seconds": round(time.time() - started, 3)}
+
+
+
+class TaskEvaluator:
+    """Generates (or scores label likelihoods) for every example of a split, scores the texts with the
+    task's official metrics and saves the predictions under <run_dir>/predictions/. Under DDP each
+    process takes every world_size-th example; the main process scores, every process gets the result."""
+
+    def __init__(self, accelerator, model, tokenizer, task, splits: dict, generation, *, label_likelihood: bool,
+                 batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False):
+        self.accelerator, self.model, self.tokenizer, self.task, self.splits = accelerator, model, tokenizer, task, splits
+        self.generation, self.label_likelihood, self.batch_size = generation, label_likelihood, batch_size
+        self.run_dir, self.progress, self.say, self.verbose = Path(run_dir), progress, say, verbose
+
+    def predict(self, split: str) -> tuple[list[str], float]:
+        """Predictions for every example of `split`, in order, on every process; and the seconds taken."""
+        from accelerate.utils import gather_object
+
+        from trainkit.generation import generate_texts, score_label_likelihood
+
+        acc, examples = self.accelerator, self.splits[split]
+        mine = list(range(acc.process_index, len(examples), acc.num_processes))
+        prompts = [examples[i].prompt for i in mine]
+        model = acc.unwrap_model(self.model)
+        started = time.time()
+        if self.label_likelihood:
+            picks = score_label_likelihood(model, self.tokenizer, prompts, self.task.label_words,
+                                           batch_size=self.batch_size, device=acc.device)
+            texts = [self.task.label_words[i] for i in picks]
+        else:
+            texts = generate_texts(model, self.tokenizer, prompts, self.generation, device=acc.device,
+                                   progress=acc.is_main_process and self.progress).texts
+        by_index = dict(gather_object(list(zip(mine, texts))))
+        return [by_index[i] for i in range(len(examples))], time.time() - started
+
+    def score(self, split_names: list[str], tag: str) -> dict:
+        """Generate, score and save predictions of each split; flat metrics (+ task_score) on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        from trainkit.tasks.official import TASK_SCORE, selection_score
+
+        is_main = self.accelerator.is_main_process
+        result: dict = {}
+        for split in split_names:
+            texts, seconds = self.predict(split)
+            if not is_main:
+                continue
+            examples = self.splits[split]
+            metrics = self.task.score(texts, examples, split=split)
+            result.update({k: v for k, v in metrics.items() if k != "num_examples"})
+            result[f"{split}_examples"] = metrics.get("num_examples", len(texts))
+            result["generation_seconds"] = round(result.get("generation_seconds", 0) + seconds, 3)
+            result.setdefault("predictions", []).append(self.save_predictions(f"{tag}-{split}", examples, texts))
+            if self.verbose and texts:
+                self.say(f"{split} sample: {examples[0].prompt[-80:]!r} -> {texts[0]!r} (ref {examples[0].references[:1]})")
+        if is_main:
+            result[TASK_SCORE] = selection_score(self.task.name, result)
+        return broadcast_object_list([result])[0]
+
+    def save_predictions(self, name: str, examples, texts: list[str]) -> str:
+        """<run_dir>/predictions/<name>.jsonl, one line per example; returns its path relative to the run dir."""
+        out = self.run_dir / PREDICTIONS_DIR / f"{name}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w") as f:
+            for example, text in zip(examples, texts):
+                f.write(json.dumps({"prompt": example.prompt, "prediction": text,
+                                    "references": example.references, **example.meta}, default=str) + "\n")
+        tmp.replace(out)
+        return str(out.relative_to(self.run_dir))
+
+    def test_splits(self) -> list[str]:
+        """The test splits worth scoring at the end: none when they are the validation split again
+        (plain GLUE, whose test labels are hidden)."""
+        names = [s for s in self.splits if s.startswith("test") and self.splits[s]]
+
+        def prompts(name):
+            return [e.prompt for e in self.splits.get(name) or []]
+
+        if all(prompts(s) == prompts(s.replace("test", "validation")) for s in names):
+            return []
+        return names
