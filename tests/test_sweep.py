@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainkit import sweep
+from trainkit.runlock import pid_alive
+from trainkit.sweep.cli import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = str(REPO / "tests" / "fake_trainer.py")
@@ -45,7 +46,7 @@ def run_json(name: str) -> dict:
 
 
 def one_line_error(capsys, argv, expected):
-    assert sweep.main(argv) == 2
+    assert sweep_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("sweep: error:") and expected in err, err
 
@@ -54,7 +55,7 @@ def one_line_error(capsys, argv, expected):
 def test_plan_dry_run(work, capsys):
     argv = ["run", *args("--gpus", "0 1 3", "--gpu-plan", "2,2,1", "--dry-run",
                          configs=("configs/a.yaml", "configs/b.yaml"), seeds=("1", "2"), datasets=("sst2", "mrpc"))]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("job "))
@@ -83,7 +84,7 @@ def test_errors_are_one_line(work, capsys):
 def test_gpu_slots_and_concurrency_limit(work, capsys):
     argv = ["run", *args("--gpus", "0,1", "--gpu-plan", "2,1", "--foreground", "--poll-interval", "0.05",
                          "--", "fake.step_sleep=0.1", seeds=("1", "2", "3"), datasets=("sst2", "mrpc"))]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     jobs = state()["jobs"]
     assert [j["state"] for j in jobs] == ["finished"] * 6 and state()["scheduler_state"] == "done"
     intervals = {"0": [], "1": []}
@@ -125,7 +126,7 @@ def test_rerun_skips_finished_and_resumes_failed_only_with_checkpoint(work, caps
                          seeds=("1", "2", "3"))]
     # seed 2 fails after its step-2 checkpoint; seed 3 fails at step 1, before any checkpoint
     monkeypatch.setenv("FAKE_TRAINER_FAIL_RUNS", "a__sst2__seed2=3,a__sst2__seed3=1")
-    assert sweep.main(argv) == 1
+    assert sweep_main(argv) == 1
     assert [j["state"] for j in state()["jobs"]] == ["finished", "failed", "failed"]
     assert [j["exit_code"] for j in state()["jobs"]] == [0, 1, 1]
     assert run_json("a__sst2__seed1")["cuda_visible_devices"] == ""  # CPU slots hide the GPUs
@@ -133,7 +134,7 @@ def test_rerun_skips_finished_and_resumes_failed_only_with_checkpoint(work, caps
     capsys.readouterr()
 
     monkeypatch.delenv("FAKE_TRAINER_FAIL_RUNS")
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     out = capsys.readouterr().out
     plan = {line.split()[-2]: line.split()[-1] for line in out.splitlines() if line.split()[-2:-1]
             and line.split()[-2].startswith("outputs/")}
@@ -175,7 +176,7 @@ def test_sigterm_interrupts_jobs(work):
     for name in ("a__sst2__seed1", "a__sst2__seed2"):
         info = run_json(name)
         assert info["status"] == "failed" and info["attempts"][-1]["exit"] == 143  # the trainer saw SIGTERM
-        assert not sweep.pid_alive(info["pid"])
+        assert not pid_alive(info["pid"])
 
 
 # ---------------------------------------------------------------- detached mode and status
@@ -202,7 +203,7 @@ def test_detached_scheduler_survives_its_parent_and_status(work, capsys):
         while time.time() < deadline and any(j["state"] != "running" for j in state()["jobs"]):
             time.sleep(0.02)
         capsys.readouterr()
-        assert sweep.main(["status", "--sweep-dir", "sweeps/t"]) == 0
+        assert sweep_main(["status", "--sweep-dir", "sweeps/t"]) == 0
         status_out = capsys.readouterr().out
         assert f"alive (pid {pid})" in status_out and "2 running" in status_out
         release.touch()   # only now can the jobs end: after the launcher did, and after status saw them running
@@ -216,22 +217,22 @@ def test_detached_scheduler_survives_its_parent_and_status(work, capsys):
         assert all(run_json(j["run_name"])["cuda_visible_devices"] == "0" for j in final["jobs"])
         assert "scheduler pid" in Path("sweeps/t/sweep.log").read_text()
         deadline = time.time() + 10
-        while time.time() < deadline and sweep.pid_alive(pid):
+        while time.time() < deadline and pid_alive(pid):
             time.sleep(0.05)
         capsys.readouterr()
-        assert sweep.main(["status"]) == 0  # default: the newest sweeps/*/state.json
+        assert sweep_main(["status"]) == 0  # default: the newest sweeps/*/state.json
         lines = capsys.readouterr().out.splitlines()
         assert "scheduler not running (last state: done" in lines[0] and "2 finished" in lines[0]
         assert lines[1].split() == ["job", "run", "state", "gpu", "elapsed", "step", "task_score", "exit"]
         row = lines[2].split()
         assert row[:4] == ["0", "a__sst2__seed1", "finished", "0"] and row[5] == "3/3" and row[-1] == "0"
         assert float(row[6]) > 0 and row[7] == "@3"
-        assert sweep.main(["status", "--sweep-dir", "sweeps/t", "--json"]) == 0
+        assert sweep_main(["status", "--sweep-dir", "sweeps/t", "--json"]) == 0
         js = json.loads(capsys.readouterr().out)
         assert js["scheduler_alive"] is False and js["jobs"][1]["step"] == 3 and js["jobs"][1]["total_steps"] == 3
     finally:
         release.touch()
-        if sweep.pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
 
 
@@ -244,7 +245,7 @@ def test_slurm_script(work, capsys, tmp_path):
     argv = ["slurm", *args("--partition", "gpu", "--gpus-per-job", "1", "--time", "04:00:00", "--max-concurrent",
                            "2", "--out", "sweep.sbatch", "--python", sys.executable, "--",
                            "training.max_steps=2", seeds=("1", "2"), datasets=("sst2", "mrpc"))]
-    assert sweep.main(argv) == 0
+    assert sweep_main(argv) == 0
     out = capsys.readouterr().out
     assert "sbatch sweep.sbatch" in out and "finished-skip" in out
     text = Path("sweep.sbatch").read_text()
@@ -252,11 +253,12 @@ def test_slurm_script(work, capsys, tmp_path):
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gres=gpu:1", "#SBATCH --time=04:00:00",
                  "#SBATCH --array=0-2%2", f"#SBATCH --output={tmp_path}/sweeps/t/logs/slurm-%A_%a.out"):
         assert line in text.splitlines()
-    assert "SLURM_ARRAY_TASK_ID" in text and 'eval "${JOBS[$i]}"' in text
-    jobs_block = text.split("JOBS=(\n")[1].split("\n)")[0].splitlines()
-    assert len(jobs_block) == 3 and "a__sst2__seed1" not in text.split("JOBS=(")[1]
-    assert "task.name=sst2 training.seed=2 paths.run_name=a__sst2__seed2" in jobs_block[0]
-    assert "$RESUME" in jobs_block[0] and "training.max_steps=2" in jobs_block[0]
+    assert "SLURM_ARRAY_TASK_ID" in text and '"${ARGV[@]}"' in text and "eval " not in text
+    tasks_block = text.split('case "$i" in\n')[1].split("\nesac")[0]
+    argvs = [line for line in tasks_block.splitlines() if "ARGV=(" in line]
+    assert len(argvs) == 3 and "a__sst2__seed1" not in tasks_block
+    assert "task.name=sst2 training.seed=2 paths.run_name=a__sst2__seed2" in argvs[0]
+    assert "--resume" not in argvs[0] and "training.max_steps=2" in argvs[0]
     assert subprocess.run(["bash", "-n", "sweep.sbatch"]).returncode == 0
     # run array task 1 the way SLURM would (CUDA_VISIBLE_DEVICES set by SLURM)
     env = dict(ENV, SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="77", CUDA_VISIBLE_DEVICES="5")
@@ -273,3 +275,20 @@ def test_slurm_script(work, capsys, tmp_path):
     res = subprocess.run(["bash", "sweep.sbatch"], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "--resume" in run_json("a__mrpc__seed1")["argv"]
+
+
+def test_slurm_arguments_reach_the_job_unevaluated(work, capsys):
+    # spaces, both quotes, $(...), backticks and ; in an output dir and an override value: the task
+    # must pass each to the trainer as one argument, exactly, and the shell must run none of them
+    value = """it's a "quoted" $(touch pwned) `touch pwned2`; touch pwned3 ${HOME}"""
+    out_dir = "out dir $(touch pwned4)"
+    argv = ["slurm", *args("--partition", "gpu", "--out", "sweep.sbatch", "--python", sys.executable,
+                           "--output-dir", out_dir, "--", f"fake.note={value}", "training.max_steps=2")]
+    assert sweep_main(argv) == 0
+    env = dict(ENV, SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_JOB_ID="9")
+    res = subprocess.run(["bash", "sweep.sbatch"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads(Path(out_dir, "a__sst2__seed1", "run.json").read_text())
+    assert info["status"] == "finished"
+    assert f"fake.note={value}" in info["argv"] and f"paths.output_dir={out_dir}" in info["argv"]
+    assert not any(Path(name).exists() for name in ("pwned", "pwned2", "pwned3", "pwned4"))
