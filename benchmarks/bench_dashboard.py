@@ -35,9 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))   # the run generator and server/browser helpers the dashboard tests use
 
-from dashboard.fake_runs import big_log_line, write_big_log  # noqa: E402
-from dashboard.testing import (children, chromium_driver, free_port, get, rss_bytes, start_gunicorn,  # noqa: E402
+from fake_runs import big_log_line, write_big_log  # noqa: E402
+from helpers_dashboard import (children, chromium_driver, free_port, get, rss_bytes, start_gunicorn,  # noqa: E402
                                stop)
 
 GOALS = {"first_answer_s": 2.0, "stats_p99_ms": 50.0, "metrics_p99_ms": 50.0, "rss_mb": 300.0,

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dashboard import alerts, create_app
-from dashboard.fake_runs import SyntheticRun, generate, set_mtime
-from dashboard.testing import REPO_ROOT, ThreadedServer, free_port, get, get_json, stop, wait_until
+from fake_runs import SyntheticRun, generate, set_mtime
+from helpers_dashboard import REPO_ROOT, ThreadedServer, free_port, get, get_json, stop, wait_until
 
 SECRET_PATH = "/services/T000/B000/XXXXsecretXXXX"
 

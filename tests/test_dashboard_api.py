@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from dashboard import create_app
-from dashboard.fake_runs import RUN_NAMES, SyntheticRun, generate, set_mtime
+from fake_runs import RUN_NAMES, SyntheticRun, generate, set_mtime
 from dashboard.gpu import GpuMonitor
 from dashboard.runs import RunStore
-from dashboard.testing import ThreadedServer, get, get_json, wait_until
+from helpers_dashboard import ThreadedServer, get, get_json, wait_until
 from urllib.parse import quote
 
 

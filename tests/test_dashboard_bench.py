@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 
-from dashboard.testing import REPO_ROOT, ensure_chromium
+from helpers_dashboard import REPO_ROOT, ensure_chromium
 
 
 def load_bench():

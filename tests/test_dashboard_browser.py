@@ -20,8 +20,8 @@ from selenium.webdriver.support.ui import Select
 
 from dashboard import create_app
 from dashboard.downsample import ema_debiased
-from dashboard.fake_runs import SyntheticRun, generate, write_big_log
-from dashboard.testing import REPO_ROOT, ThreadedServer, chromium_driver, ensure_chromium, get_json, wait_until
+from fake_runs import SyntheticRun, generate, write_big_log
+from helpers_dashboard import REPO_ROOT, ThreadedServer, chromium_driver, ensure_chromium, get_json, wait_until
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 pytestmark = pytest.mark.slow

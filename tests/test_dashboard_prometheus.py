@@ -12,10 +12,10 @@ from prometheus_client.registry import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
 from dashboard import create_app
-from dashboard.fake_runs import generate
+from fake_runs import generate
 from dashboard.gpu import GpuMonitor
 from dashboard.prometheus import DashboardCollector
-from dashboard.testing import ThreadedServer, get, get_json, wait_until
+from helpers_dashboard import ThreadedServer, get, get_json, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import textwrap
 import pytest
 
 from dashboard import create_app
-from dashboard.fake_runs import generate
-from dashboard.testing import REPO_ROOT, ThreadedServer, free_port, get, get_json, start_gunicorn, stop, wait_until
+from fake_runs import generate
+from helpers_dashboard import REPO_ROOT, ThreadedServer, free_port, get, get_json, start_gunicorn, stop, wait_until
 from helpers_launcher import write_fake_run_config
 
 PYTHON = sys.executable

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from dashboard.__main__ import check_bind
-from dashboard.fake_runs import SyntheticRun, generate
-from dashboard.testing import REPO_ROOT, free_port, get, get_json, start_gunicorn, stop, wait_until
+from fake_runs import SyntheticRun, generate
+from helpers_dashboard import REPO_ROOT, free_port, get, get_json, start_gunicorn, stop, wait_until
 
 PYTHON = sys.executable
+FAKE_RUNS = REPO_ROOT / "tests" / "fake_runs.py"
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,7 @@ def test_100_concurrent_clients_for_30_s_against_gunicorn(logdir, tmp_path):
 
 
 def test_fake_runs_command_line(tmp_path):
-    result = subprocess.run([PYTHON, "-m", "dashboard.fake_runs", str(tmp_path / "out"), "--scale", "0.2",
+    result = subprocess.run([PYTHON, str(FAKE_RUNS), str(tmp_path / "out"), "--scale", "0.2",
                              "--live", "--rate", "50", "--duration", "1"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -193,7 +194,7 @@ def test_fake_runs_command_line(tmp_path):
     assert any(b < a for a, b in zip(steps, steps[1:]))          # the resume: steps go backwards
     state = json.loads(next((tmp_path / "out" / "dense-qlora-finished").glob("checkpoint-*/trainer_state.json")).read_text())
     assert set(state) == {"step", "metric_name", "metric_value"}
-    big = subprocess.run([PYTHON, "-m", "dashboard.fake_runs", str(tmp_path / "big"), "--big-lines", "1000"],
+    big = subprocess.run([PYTHON, str(FAKE_RUNS), str(tmp_path / "big"), "--big-lines", "1000"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert big.returncode == 0
     assert len((tmp_path / "big" / "big-run" / "logs" / "training_log.jsonl").read_text().splitlines()) == 1000

@@ -1,8 +1,8 @@
 """Realistic run directories for the dashboard's tests, demos and benchmark.
 
-    python -m dashboard.fake_runs OUT_DIR                 # five runs: dense/MoE, finished/running/failed/stalled, a resume
-    python -m dashboard.fake_runs OUT_DIR --live          # ... then keep appending to the running run (Ctrl-C stops)
-    python -m dashboard.fake_runs OUT_DIR --big-lines 1000000   # one run with a huge training_log.jsonl
+    python tests/fake_runs.py OUT_DIR                 # five runs: dense/MoE, finished/running/failed/stalled, a resume
+    python tests/fake_runs.py OUT_DIR --live          # ... then keep appending to the running run (Ctrl-C stops)
+    python tests/fake_runs.py OUT_DIR --big-lines 1000000   # one run with a huge training_log.jsonl
 
 Everything is written through trainkit.runlog (RunLog and its field names), the same
 contract the trainers follow, so the dashboard is tested against what trainers write.
@@ -16,11 +16,14 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, TRAINER_STATE_FILE,
-                             RunLog, write_json_atomic)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: trainkit from this checkout
+
+from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX,  # noqa: E402
+                             TRAINER_STATE_FILE, RunLog, write_json_atomic)
 
 RUN_NAMES = ("dense-qlora-finished", "moe-qlora-running", "dense-lora-failed", "moe-resumed", "dense-stalled")
 
@@ -301,7 +304,7 @@ def live(runs: dict[str, SyntheticRun], rate: float, duration: float | None) -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dashboard.fake_runs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tests/fake_runs.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the runs' lengths")
