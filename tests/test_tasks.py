@@ -13,7 +13,7 @@ import pytest
 
 from trainkit.tasks import Example, TaskDataError, carve, get_task, known_tasks, selection_score
 from trainkit.tasks.base import parse_float, parse_label
-from trainkit.tasks.fixtures import sqlite_files, text_files, write_fixtures
+from task_fixtures import sqlite_files, text_files, write_fixtures
 from trainkit.tasks.glue import GLUE_TASKS
 from trainkit.tasks.spider import QueryFailed, execute, execution_match, normalize_sql, prediction_sql
 
@@ -345,7 +345,7 @@ def test_shipped_fixtures_match_the_generator(tmp_path):
     rels = {p.relative_to(tmp_path).as_posix() for p in written}
     assert rels == set(text_files()) | set(sqlite_files())
     shipped = {p.relative_to(DATA).as_posix() for p in DATA.rglob("*") if p.is_file()}
-    assert shipped == rels, "data/tasks differs from the generator: run scripts/make_task_fixtures.py"
+    assert shipped == rels, "data/tasks differs from the generator: run python tests/task_fixtures.py"
     for rel in text_files():
         assert (DATA / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
     for rel in sqlite_files():
@@ -359,7 +359,7 @@ def test_shipped_fixtures_match_the_generator(tmp_path):
 
 
 def test_fixture_script(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_task_fixtures.py"), "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "task_fixtures.py"), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "glue" / "sst2" / "train.jsonl").is_file() and (tmp_path / "spider" / "tables.json").is_file()

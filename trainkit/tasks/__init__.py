@@ -22,7 +22,7 @@ schema and databases; GEM/dart or dart). A folder that is named but missing rais
 (a FileNotFoundError) naming the variable. A relative folder that does not exist from the working
 directory is looked up from the repository root. Layouts: see each module (glue, samsum, spider,
 dart) and data/tasks/README.md; data/tasks holds small synthetic fixtures in these layouts
-(trainkit.tasks.fixtures, scripts/make_task_fixtures.py).
+(written by tests/task_fixtures.py).
 
 Splits: keys "train", "validation", "test". GLUE without -tvt: test = public validation (GLUE test
 labels are hidden). With -tvt: test = public validation and train/validation are carved from the

@@ -1,6 +1,7 @@
 """Small synthetic task data in the exact layouts the loaders read (see data/tasks/README.md).
 
-    python scripts/make_task_fixtures.py --out data/tasks      # or: write_fixtures(root)
+    python tests/task_fixtures.py                  # into data/tasks (the shipped copy)
+    python tests/task_fixtures.py --out DIR        # or: write_fixtures(root)
 
 Writes, under root:
     glue/<task>/{train,validation,test}.jsonl    (MNLI: validation_/test_ matched and mismatched)
@@ -19,20 +20,25 @@ records the sqlite library version, so compare them with iterdump, not bytes).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import random
 import re
 import sqlite3
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # run as a script: trainkit (task names) from this checkout
 
 N_TRAIN, N_VALIDATION, N_TEST = 40, 16, 8
 
 README = """# Task fixtures
 
 Small synthetic data in the exact layouts of the real task data, written by
-`python scripts/make_task_fixtures.py --out data/tasks` (trainkit/tasks/fixtures.py); tests
+`python tests/task_fixtures.py --out data/tasks` (the generator lives with the tests); tests
 regenerate them and compare, so edit the generator, not these files.
 
 | folder | point at it with | layout |
@@ -381,3 +387,17 @@ def write_fixtures(root) -> list[Path]:
         write_sqlite(root / rel, script)
         written.append(root / rel)
     return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python tests/task_fixtures.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "data" / "tasks"), help="output folder (default: data/tasks)")
+    args = parser.parse_args()
+    written = write_fixtures(args.out)
+    total = sum(p.stat().st_size for p in written)
+    print(f"wrote {len(written)} files ({total / 1024:.1f} KiB) under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
