@@ -442,8 +442,7 @@ def _stream_response(run_name: str | None):
                 elif time.monotonic() - last_ping > 15:
                     last_ping = time.monotonic()
                     yield ": ping\n\n"
-                # the next pass of the reader, not one started after now: a change is sent as soon as read
-                runs.wait_for_pass(timeout=max(config.poll_interval * 2, 1.0), started_after=False)
+                runs.wait_for_pass(timeout=max(config.poll_interval * 2, 1.0))
             yield _sse("bye", {"reconnect": True})
         finally:
             slots.release()

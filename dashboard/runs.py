@@ -560,11 +560,10 @@ class RunStore:
         run.read_header()
         return run
 
-    def wait_for_pass(self, timeout: float, started_after: bool = True) -> bool:
-        """Block until the reader finishes a pass: one that started after this call (tests), or with
-        ``started_after=False`` the next one to finish (the live stream: sooner, by up to a pass)."""
+    def wait_for_pass(self, timeout: float) -> bool:
+        """Block until the reader finishes its next pass (the live stream sends a change as soon as read)."""
         with self.changed:
-            target = self.passes + (2 if started_after else 1)
+            target = self.passes + 1
             return self.changed.wait_for(lambda: self.passes >= target or self.stopping.is_set(), timeout)
 
     # ----- lookups -----------------------------------------------------------------------
