@@ -304,12 +304,8 @@ def main() -> int:
             if state.stage_step >= stage["steps"]:
                 state.stage, state.stage_step, state.data_state = state.stage + 1, 0, None
 
-        # ------------------------------------------------------------ final save
-        if stop_reason == "finished":
-            if eval_batches and state.metric_step != state.step:
-                evaluate()
-            final = run.save_final(state)
-            run.say(f"done: {state.step} steps; student in {final} (from_pretrained after `import trainkit.students`)")
+        if stop_reason == "finished":  # the student loads with from_pretrained after `import trainkit.students`
+            run.save_final(state, evaluate if eval_batches else None, what="student")
         return run.finish(state, stop_reason)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from trainkit.cli import build_parser, run_main
 from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
@@ -130,6 +131,52 @@ def lora_init(lora_cfg: dict):
     return init
 
 
+class TaskData(NamedTuple):
+    tokenizer: object
+    splits: dict          # split name -> [trainkit.tasks.Example]
+    eval_splits: list     # the validation splits evaluated during training
+    train_rows: list      # tokenized prompt + target rows (trainkit.data.tokenize_prompt_target)
+    val_rows: list
+    info: dict            # run.json `data`
+
+
+def load_task_data(cfg, task, say) -> TaskData:
+    """The task's splits (trainkit.tasks: local folder or HF datasets), the tokenizer, and the
+    training and validation rows tokenized as prompt + target."""
+    from trainkit.data import tokenize_prompt_target
+    from trainkit.tasks import TaskDataError
+    from trainkit.tokenizer import load_tokenizer
+
+    task_cfg = cfg["task"]
+    try:
+        splits = task.load(local_dir=task_cfg["local_dir"], seed=cfg["training"]["seed"], cache_dir=cfg["paths"]["cache_dir"],
+                           local_files_only=cfg["model"]["local_files_only"], max_train=task_cfg["max_train_samples"],
+                           max_eval=task_cfg["max_eval_samples"])
+    except TaskDataError as e:
+        raise ConfigError(f"task.local_dir: {e}") from None
+    tokenizer = load_tokenizer(cfg)
+    if tokenizer.pad_token_id is None:  # generation pads with eos when the tokenizer has no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def rows(examples):
+        return tokenize_prompt_target([e.prompt for e in examples], [e.target for e in examples], tokenizer,
+                                      task_cfg["max_source_length"], task_cfg["max_target_length"])
+
+    train_rows = rows(splits["train"])
+    if not train_rows:
+        raise ConfigError(f"task.name: {task.name} has no training examples")
+    cut_targets = sum(r["_truncated_target"] for r in train_rows)
+    if cut_targets:  # the model never sees the end of those answers (nor learns to stop)
+        say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
+            f"task.max_target_length={task_cfg['max_target_length']} tokens and were cut")
+    eval_splits = [s for s in task.eval_splits if splits.get(s)]
+    info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
+            "eval_splits": eval_splits, "truncated_train_prompts": sum(r["_truncated_prompt"] for r in train_rows),
+            "truncated_train_targets": cut_targets}
+    say(f"data: {info}")
+    return TaskData(tokenizer, splits, eval_splits, train_rows, [r for s in eval_splits for r in rows(splits[s])], info)
+
+
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "configs/gla_lora_sst2.yaml").parse_args()
@@ -137,7 +184,7 @@ def main() -> int:
     cfg = load_config(args.config, env_overrides + args.overrides, LORA_SCHEMA)  # YAML < environment < command line
     check_config(cfg)
     from trainkit.env_overrides import describe
-    from trainkit.tasks import TaskDataError, get_task
+    from trainkit.tasks import get_task
     try:
         task = get_task(cfg["task"]["name"])
     except (KeyError, ValueError) as e:
@@ -155,7 +202,7 @@ def main() -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from trainkit.adapters import apply_lora
-    from trainkit.data import make_collator, tokenize_prompt_target
+    from trainkit.data import make_collator
     from trainkit.evaluation import TaskEvaluator, evaluate_loss
     from trainkit.generation import GenerationSettings, check_generate_support
     from trainkit.gla import guard_adapter_paths
@@ -165,7 +212,6 @@ def main() -> int:
     from trainkit.runlog import write_json_atomic
     from trainkit.schedules import build_optimizer, build_scheduler
     from trainkit.tasks.official import TASK_SCORE
-    from trainkit.tokenizer import load_tokenizer
     from trainkit.train_state import EpochTrainState
     from trainkit.training_run import TrainingRun
 
@@ -185,40 +231,15 @@ def main() -> int:
         run.say(describe(env_applied))
         # ------------------------------------------------------------ task data, tokenizer
         set_seed(seed)
-        try:
-            splits = task.load(local_dir=task_cfg["local_dir"], seed=seed, cache_dir=cfg["paths"]["cache_dir"],
-                               local_files_only=cfg["model"]["local_files_only"], max_train=task_cfg["max_train_samples"],
-                               max_eval=task_cfg["max_eval_samples"])
-        except TaskDataError as e:
-            raise ConfigError(f"task.local_dir: {e}") from None
-        tokenizer = load_tokenizer(cfg)
-        if tokenizer.pad_token_id is None:  # generation pads with eos when the tokenizer has no pad token
-            tokenizer.pad_token = tokenizer.eos_token
-
-        def rows(examples):
-            return tokenize_prompt_target([e.prompt for e in examples], [e.target for e in examples], tokenizer,
-                                          task_cfg["max_source_length"], task_cfg["max_target_length"])
-
-        train_rows = rows(splits["train"])
-        if not train_rows:
-            raise ConfigError(f"task.name: {task.name} has no training examples")
-        cut_targets = sum(r["_truncated_target"] for r in train_rows)
-        if cut_targets:  # the model never sees the end of those answers (nor learns to stop)
-            run.say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
-                    f"task.max_target_length={task_cfg['max_target_length']} tokens and were cut")
-        eval_splits = [s for s in task.eval_splits if splits.get(s)]
-        val_rows = [r for s in eval_splits for r in rows(splits[s])]
-        data_info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
-                     "eval_splits": eval_splits, "truncated_train_prompts": sum(r["_truncated_prompt"] for r in train_rows),
-                     "truncated_train_targets": cut_targets}
-        run.say(f"data: {data_info}")
+        data = load_task_data(cfg, task, run.say)
+        tokenizer, splits, eval_splits = data.tokenizer, data.splits, data.eval_splits
         loader_options = dict(num_workers=mem_cfg["dataloader_num_workers"], collate_fn=make_collator(tokenizer),
                               pin_memory=mem_cfg["dataloader_pin_memory"] and torch.cuda.is_available())
         if mem_cfg["dataloader_num_workers"]:
             loader_options.update(persistent_workers=mem_cfg["dataloader_persistent_workers"],
                                   prefetch_factor=mem_cfg["dataloader_prefetch_factor"])
-        train_loader = seeded_loader(train_rows, micro_bs, seed, shuffle=True, **loader_options)
-        val_loader = seeded_loader(val_rows, micro_bs, seed, shuffle=False, **loader_options) if val_rows else None
+        train_loader = seeded_loader(data.train_rows, micro_bs, seed, shuffle=True, **loader_options)
+        val_loader = seeded_loader(data.val_rows, micro_bs, seed, shuffle=False, **loader_options) if data.val_rows else None
 
         # ------------------------------------------------------------ model + adapters
         model_cfg = {**cfg, "quantization": {"load_in_4bit": False, "compute_dtype": cfg["model"]["dtype"]}}
@@ -253,7 +274,7 @@ def main() -> int:
 
         state = EpochTrainState()
         run.resume(state, scheduler)
-        run.begin(state, total_steps, model=model_info, data=data_info, task=task.name, env_overrides=env_applied)
+        run.begin(state, total_steps, model=model_info, data=data.info, task=task.name, env_overrides=env_applied)
         evaluator = TaskEvaluator(accelerator, model, tokenizer, task, splits, generation,
                                   label_likelihood=task_cfg["label_likelihood"], batch_size=gen_cfg["batch_size"],
                                   run_dir=run.run_dir, progress=log_cfg["progress_bar"], say=run.say, verbose=log_cfg["verbose"])
@@ -303,36 +324,22 @@ def main() -> int:
                     evaluate()
                 if run.checkpoint_due(result):
                     run.save_checkpoint(state)
-
-                micro_losses, step_tokens = [], torch.zeros((), device=device, dtype=torch.long)
-                step_started = time.time()
-                if step >= total_steps or stop_reason != "finished":
+                if run.should_stop(result):
                     break
+                micro_losses, step_tokens, step_started = [], torch.zeros((), device=device, dtype=torch.long), time.time()
             else:  # the epoch ran out
-                state.epoch += 1
-                state.batches_in_epoch = 0
+                state.next_epoch()
 
         # ------------------------------------------------------------ final evaluation and save, then the test split
         if stop_reason == "finished":
-            if state.metric_step != state.step:
-                evaluate()
-            final = run.save_final(state)
-            test_splits = evaluator.test_splits() if task_cfg["evaluate_test"] and scores_by_generation else []
-            if test_splits:  # the best adapter (the model's last use: it may replace the final one)
-                if state.best_step is not None and (best_dir / "adapter_model.safetensors").exists():
-                    load_adapter(str(best_dir))
-                result = {"task": task.name, "split": "test", "evaluated_step": state.best_step,
-                          **evaluator.score(test_splits, f"test-best-step-{state.best_step}")}
-                run.runlog.write("eval", {"step": state.step, **result, "metric": log_cfg["metric_for_best"],
-                                          "metric_value": None, "is_best": False})
-                run.say(f"test ({', '.join(test_splits)}) with the adapter of step {state.best_step}: "
-                        f"{TASK_SCORE} {result.get(TASK_SCORE)}")
+            final = run.save_final(state, evaluate)
+            if task_cfg["evaluate_test"] and scores_by_generation:
+                evaluator.evaluate_test(run, state, load_adapter, best_dir)
             if run.is_main:
                 write_json_atomic(run.run_dir / "results.json", {
                     "task": task.name, "metric": log_cfg["metric_for_best"], "best_metric": state.best_metric,
                     "best_step": state.best_step, "final_checkpoint": str(final), "best_adapter": str(best_dir)})
-            run.say(f"done: {state.step} steps; best {log_cfg['metric_for_best']} {state.best_metric} at step "
-                    f"{state.best_step}; final adapter in {final}")
+            run.say(f"best {log_cfg['metric_for_best']} {state.best_metric} at step {state.best_step}")
         return run.finish(state, stop_reason)
 
 

@@ -210,21 +210,15 @@ def main() -> int:
                     if router_stats is not None:
                         state.router_counts = router_stats.pending_counts(lambda t: accelerator.reduce(t, "sum"), device)
                     run.save_checkpoint(state)
-
+                if run.should_stop(result):
+                    break
                 micro_losses, micro_aux, step_tokens = [], [], torch.zeros((), device=device, dtype=torch.long)
                 step_started = time.time()
-                if step >= total_steps or stop_reason != "finished":
-                    break
             else:  # the epoch ran out
-                state.epoch += 1
-                state.batches_in_epoch = 0
+                state.next_epoch()
 
-        # ------------------------------------------------------------ final save
         if stop_reason == "finished":
-            if val_loader is not None and state.metric_step != state.step:
-                evaluate()
-            final = run.save_final(state)
-            run.say(f"done: {state.step} steps, final adapter in {final}")
+            run.save_final(state, evaluate if val_loader is not None else None)
         return run.finish(state, stop_reason)
 
 

@@ -120,3 +120,21 @@ class TaskEvaluator:
         if all(prompts(s) == prompts(s.replace("test", "validation")) for s in names):
             return []
         return names
+
+    def evaluate_test(self, run, state, load_adapter, best_dir: Path) -> None:
+        """The best adapter on the test splits: one eval_log line with split 'test' at the last step.
+        Runs after the final checkpoint is saved (the model's last use: the best adapter may replace
+        the final one). Nothing to do when the test split is the validation split again (plain GLUE)."""
+        from trainkit.tasks.official import TASK_SCORE
+
+        test_splits = self.test_splits()
+        if not test_splits:
+            return
+        if state.best_step is not None and (best_dir / "adapter_model.safetensors").exists():
+            load_adapter(str(best_dir))
+        result = {"task": self.task.name, "split": "test", "evaluated_step": state.best_step,
+                  **self.score(test_splits, f"test-best-step-{state.best_step}")}
+        run.runlog.write("eval", {"step": state.step, **result, "metric": run.log_cfg["metric_for_best"],
+                                  "metric_value": None, "is_best": False})
+        run.say(f"test ({', '.join(test_splits)}) with the adapter of step {state.best_step}: "
+                f"{TASK_SCORE} {result.get(TASK_SCORE)}")

@@ -86,6 +86,10 @@ class EpochTrainState(TrainState):
     batches_in_epoch: int = 0           # micro batches of this epoch already consumed
     router_counts: list | None = None   # MoE: router counts since the last expert snapshot (train_qlora.py)
 
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+
 
 @dataclass
 class StageTrainState(TrainState):

@@ -204,6 +204,10 @@ class TrainingRun:
             stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step, then stop
         return StepResult(state.step, finite, grad_norm, lr, stop_reason)
 
+    def should_stop(self, result: StepResult) -> bool:
+        """The loop ends after this step: the last step, or a stop (nan_limit, preempted)."""
+        return result.stop_reason != "finished" or result.step >= self.total_steps
+
     def log_due(self, step: int) -> bool:
         return step % self.log_cfg["log_interval"] == 0 or step == self.total_steps
 
@@ -269,9 +273,14 @@ class TrainingRun:
         self.checkpointer.apply_retention(state.step)
 
     # ------------------------------------------------------------ after the loop
-    def save_final(self, state: TrainState) -> Path:
+    def save_final(self, state: TrainState, evaluate=None, what: str = "adapter") -> Path:
+        """After the last step: evaluate (when `evaluate` is given and the last evaluation was at an
+        earlier step), then save final-checkpoint-<step>/."""
+        if evaluate is not None and state.metric_step != state.step:
+            evaluate()
         final = final_checkpoint_dir(self.run_dir, state.step)
         self.checkpointer.save(final, state, total_steps=self.total_steps)
+        self.say(f"done: {state.step} steps; final {what} in {final}")
         return final
 
     def finish(self, state: TrainState, stop_reason: str) -> int:
