@@ -209,7 +209,7 @@ def main() -> int:
     from trainkit.loop import accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader
     from trainkit.models import load_model
     from trainkit.patches.peft import quiet_known_warnings
-    from trainkit.runlog import write_json_atomic
+    from trainkit.fileio import write_json_atomic
     from trainkit.schedules import build_optimizer, build_scheduler
     from trainkit.tasks.official import TASK_SCORE
     from trainkit.train_state import EpochTrainState

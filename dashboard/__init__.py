@@ -22,7 +22,7 @@ from .alerts import Alerter
 from .gpu import GpuMonitor
 from .runs import RunStore
 from .settings import Settings
-from trainkit.runlog import json_safe
+from trainkit.fileio import json_safe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -22,7 +22,8 @@ from . import plots, prometheus
 from .downsample import to_json_list
 from .runs import NUMERIC_FIELDS, int_if_whole
 from trainkit.config import redact
-from trainkit.runlog import DISTILL_TRAINING_FIELDS, json_safe
+from trainkit.fileio import json_safe
+from trainkit.runlog import DISTILL_TRAINING_FIELDS
 
 bp = Blueprint("api", __name__)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from trainkit.fileio import complete_lines
+
 MAX_LINE_BYTES = 1 << 20      # a log record is a few hundred bytes; a longer line is skipped
 CHUNK_BYTES = 4 << 20         # bytes read per call, so one big file cannot hog the reader
 SIGNATURE_BYTES = 64          # bytes before the offset remembered to notice in-place rewrites
@@ -132,19 +134,18 @@ class JsonlTail:
             self.skipping_long_line = False
             self.skipped["line_too_long"] += 1
             start = newline + 1
-        end = data.rfind(b"\n")
-        if end < start:
-            tail = data[start:]
-            if len(tail) >= MAX_LINE_BYTES:   # no newline within a megabyte: skip to the next one
+        lines, used = complete_lines(data[start:])
+        if not used:
+            if len(data) - start >= MAX_LINE_BYTES:   # no newline within a megabyte: skip to the next one
                 self.skipping_long_line = True
                 self._consume(data)
             else:
                 self._consume(data[:start])
                 self.waiting_for_newline = not batch.more  # a partial last line waits
             return batch
-        self._consume(data[:end + 1])
-        self.waiting_for_newline = not batch.more and end + 1 < len(data)
-        batch.records = self._parse(data[start:end].split(b"\n"))
+        self._consume(data[:start + used])
+        self.waiting_for_newline = not batch.more and start + used < len(data)
+        batch.records = self._parse(lines)
         return batch
 
     def _prefix_unchanged(self) -> bool:

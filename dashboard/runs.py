@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainkit.fileio import read_json
 from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, LOGS_DIR,
-                             RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS,
-                             read_json)
+                             RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS)
 
 from .diagnosis import describe_failure
 from .logreader import JsonlTail, is_number

@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: trainkit from this checkout
 
+from trainkit.fileio import write_json_atomic  # noqa: E402
 from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX,  # noqa: E402
-                             TRAINER_STATE_FILE, RunLog, write_json_atomic)
+                             TRAINER_STATE_FILE, RunLog)
 
 RUN_NAMES = ("dense-qlora-finished", "moe-qlora-running", "dense-lora-failed", "moe-resumed", "dense-stalled")
 

@@ -50,7 +50,8 @@ from trainkit.cli import build_parser  # noqa: E402
 from trainkit.config import ConfigError, load_raw, parse_override  # noqa: E402
 from trainkit.runlock import RunDirInUse  # noqa: E402
 from trainkit.runlock import acquire as acquire_run_lock  # noqa: E402
-from trainkit.runlog import RUN_INFO_FILE, RunLog, iter_jsonl, read_json  # noqa: E402
+from trainkit.fileio import iter_jsonl, read_json  # noqa: E402
+from trainkit.runlog import RUN_INFO_FILE, RunLog  # noqa: E402
 from trainkit.tasks.official import TASK_SCORE, official_metrics, selection_score  # noqa: E402
 
 

@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers_qlora import REPO, run_script, script_env, kill_at_drawn_state
-from trainkit.runlog import DISTILL_EVAL_FIELDS, DISTILL_TRAINING_FIELDS, EVAL_FIELDS, TRAINING_FIELDS, iter_jsonl
+from trainkit.fileio import iter_jsonl
+from trainkit.runlog import DISTILL_EVAL_FIELDS, DISTILL_TRAINING_FIELDS, EVAL_FIELDS, TRAINING_FIELDS
 
 CONFIG = REPO / "configs" / "distill_tiny_mamba2.yaml"
 

@@ -268,7 +268,7 @@ def test_router_stats_survive_a_kill_and_resume(tmp_path):
     import signal
 
     from helpers_qlora import kill_at_drawn_state
-    from trainkit.runlog import iter_jsonl
+    from trainkit.fileio import iter_jsonl
 
     def config(where: Path) -> Path:
         return tiny_config(where, logging={"expert_stats_interval": 6})

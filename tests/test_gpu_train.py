@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers_qlora import REPO, run_script, script_env, tiny_config
-from trainkit.runlog import iter_jsonl
+from trainkit.fileio import iter_jsonl
 
 pytestmark = pytest.mark.gpu
 

@@ -17,7 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers_qlora import REPO, logged_steps, run_script, signal_at_log_step, tiny_config, wait_for_log_step
-from trainkit.runlog import RunLog, iter_jsonl
+from trainkit.fileio import iter_jsonl
+from trainkit.runlog import RunLog
 
 LAUNCHER = REPO / "launch_training.sh"
 

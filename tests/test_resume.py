@@ -20,7 +20,7 @@ import torch
 from helpers_qlora import REPO, run_script, script_env, tiny_config
 from trainkit.checkpoints import checkpoints_to_delete, remove_partial_saves
 from trainkit.loop import Checkpointer, is_better
-from trainkit.runlog import iter_jsonl
+from trainkit.fileio import iter_jsonl
 
 
 def read_stream(run_dir: Path, name: str) -> list[dict]:

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers_qlora import REPO, run_script, kill_at_drawn_state
-from trainkit.runlog import EVAL_FIELDS, LORA_EVAL_FIELDS, iter_jsonl
+from trainkit.fileio import iter_jsonl
+from trainkit.runlog import EVAL_FIELDS, LORA_EVAL_FIELDS
 
 CONFIG = REPO / "configs" / "gla_lora_sst2.yaml"
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_qlora import REPO, fault_env, run_script, script_env, kill_at_drawn_state, tiny_config
-from trainkit.runlog import EVAL_FIELDS, EXPERT_FIELDS, TRAINING_FIELDS, iter_jsonl
+from trainkit.fileio import iter_jsonl
+from trainkit.runlog import EVAL_FIELDS, EXPERT_FIELDS, TRAINING_FIELDS
 
 
 def read_stream(run_dir: Path, name: str) -> list[dict]:

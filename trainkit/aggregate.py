@@ -68,7 +68,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS, iter_jsonl, read_json
+from trainkit.fileio import iter_jsonl, read_json
+from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS
 from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, official_metrics, selection_score
 
 SUFFIX_RE = re.compile(r"^(?P<config>.+?)__(?P<dataset>.+)__seed(?P<seed>-?\d+)$")

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from trainkit.runlog import CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, RUN_INFO_FILE, TRAINER_STATE_FILE, read_json
+from trainkit.fileio import fsync_directory, fsync_tree, read_json
+from trainkit.runlog import CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, RUN_INFO_FILE, TRAINER_STATE_FILE
 
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -99,18 +100,6 @@ def remove_partial_saves(run_dir: str | os.PathLike) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def staging_dir(final: str | os.PathLike) -> Path:
     """Hidden temp directory beside `final`; the same name on every process of a run."""
     final = Path(final)
@@ -120,7 +109,7 @@ def staging_dir(final: str | os.PathLike) -> Path:
 def commit_directory(staging: Path, final: str | os.PathLike) -> None:
     """Make a complete staging directory visible as `final` in one rename."""
     final = Path(final)
-    _fsync_tree(staging)
+    fsync_tree(staging)
     if final.exists():
         # Same name saved again (best-adapter, or a step saved again after a resume): move the
         # old copy aside first, so a crash between the two renames still leaves one complete
@@ -132,11 +121,7 @@ def commit_directory(staging: Path, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(final.parent)
 
 
 @contextlib.contextmanager

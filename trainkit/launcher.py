@@ -192,7 +192,8 @@ def run_dir_facts(run_dir: Path) -> dict:
     """What the launcher decides resume and archive on: the latest complete checkpoint, whether the
     run dir holds anything, run.json's status. Read again under the run-dir lock (`lock`)."""
     from trainkit.checkpoints import find_latest_checkpoint
-    from trainkit.runlog import RUN_INFO_FILE, read_json
+    from trainkit.fileio import read_json
+    from trainkit.runlog import RUN_INFO_FILE
 
     latest = find_latest_checkpoint(run_dir)
     has_data = run_dir.is_dir() and any(run_dir.iterdir())

@@ -24,7 +24,8 @@ from trainkit.checkpoints import (atomic_directory, checkpoint_dirs, checkpoints
                                   staging_dir)
 from trainkit.config import ConfigError
 from trainkit.resume_check import config_changes, describe_changes, immutable_changes, stored_config
-from trainkit.runlog import TRAINER_STATE_FILE, RunLog, release_frames, write_json_atomic, writing
+from trainkit.fileio import write_json_atomic
+from trainkit.runlog import TRAINER_STATE_FILE, RunLog, release_frames, writing
 from trainkit.train_state import TrainState
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",

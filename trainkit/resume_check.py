@@ -16,7 +16,7 @@ import json
 from typing import Any, Iterable
 
 from trainkit.config import public_config
-from trainkit.runlog import json_safe
+from trainkit.fileio import json_safe
 
 UNSET = "<unset>"  # a key one of the two configs lacks (a schema of another version)
 

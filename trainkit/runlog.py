@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import socket
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from trainkit.fileio import append_line, iter_jsonl, json_safe, read_json, write_json_atomic, write_text_atomic
 
 LOGS_DIR = "logs"
 RUN_INFO_FILE = "run.json"
@@ -188,66 +188,6 @@ def kept_on_resume(stream: str, record: dict) -> bool:
     return stream == "events" and record.get("event") in ("stop", "preempted")
 
 
-def json_safe(value: Any) -> Any:
-    """JSON has no NaN/Infinity: make them null (and numpy scalars plain numbers) so every reader can parse it."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield the complete, parseable JSON objects of a JSONL file; skip a partial last line."""
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # partial last line: its writer has not finished it
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict):
-                    yield obj
-    except FileNotFoundError:
-        return
-
-
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return default
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temp file and rename, so readers never see half of it."""
-    path = Path(path)
-    # pid and thread in the name: the preemption grace timer may write from another thread
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a half-written temp file would keep holding the space of a full disk
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """A JSON file written whole or not at all (write_text_atomic)."""
-    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, default=str))
-
-
 # ---------------------------------------------------------------- write failures
 # errno of a failed write -> the words that start its one-line message
 WRITE_FAILURES = {
@@ -337,24 +277,6 @@ def release_frames(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-def _append_whole(path: Path, data: bytes) -> None:
-    """Append `data` with O_APPEND; if the write fails part way (disk full), cut the file back so no
-    partial line stays in front of the lines a later attempt appends."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-    finally:
-        os.close(fd)
-
-
 def _overwrite_in_place(path: Path, obj: Any) -> bool:
     """Last resort for run.json when its temp file cannot be written: rewrite the file in place, compact, when that fits
     in the bytes it already holds (no new blocks needed). True when written."""
@@ -395,7 +317,7 @@ class RunLog:
         # except while it is being written, and then without its newline.
         path = self.path(stream)
         with writing(f"the {path.name} line of step {record['step']}", path):
-            _append_whole(path, line.encode())
+            append_line(path, line.encode())
 
     def event(self, step: int, event: str, message: str = "", **fields: Any) -> None:
         assert event in EVENTS, f"unknown event {event!r}"
