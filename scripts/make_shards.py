@@ -8,7 +8,7 @@
 SOURCE is an HF datasets id or local .jsonl / .jsonl.gz / .json / .parquet / .csv / .txt files (a file, a
 directory or a glob), read through datasets.load_dataset. The output directory is what WindowStream and
 distill.py read as data_path. Shards are written to .tmp files and renamed, and the manifest lists only
-finished shards, so an interrupted run leaves nothing truncated. Library: trainkit.text_windows.write_shards.
+finished shards, so an interrupted run leaves nothing truncated. Library: trainkit.shard_writer.write_shards.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def load_tokenizer_arg(value: str, offline: bool):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from trainkit.text_windows import write_shards
+    from trainkit.shard_writer import write_shards
 
     if args.max_tokens is not None and not args.tokenizer:
         print("make_shards: error: --max-tokens needs --tokenizer", file=sys.stderr)

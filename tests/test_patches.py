@@ -90,30 +90,6 @@ def test_peft_remap_entry_is_restored_and_recorded():
     assert "peft.no_moe_target_remap" in [p["name"] for p in patches.applied()]
 
 
-# ---------------------------------------------------------------- datasets
-def test_offline_globals_missing_is_an_error(monkeypatch):
-    import datasets
-
-    from trainkit.patches.datasets import hub_offline
-    monkeypatch.delattr(datasets.config, "HF_DATASETS_OFFLINE")
-    with pytest.raises(PatchError, match=r"^datasets \S+: datasets\.config\.HF_DATASETS_OFFLINE not found") as info:
-        with hub_offline():
-            pass
-    one_line(info.value)
-
-
-def test_offline_globals_are_set_for_the_block_only():
-    import datasets
-    import huggingface_hub.constants as hub_constants
-
-    from trainkit.patches.datasets import hub_offline
-    before = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE)
-    with hub_offline():
-        assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE and hub_constants.HF_HUB_OFFLINE
-    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
-            hub_constants.HF_HUB_OFFLINE) == before
-
-
 # ---------------------------------------------------------------- bitsandbytes
 def _linear4bit():
     import bitsandbytes as bnb

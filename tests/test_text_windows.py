@@ -1,4 +1,4 @@
-"""trainkit.text_windows: packed windows (contents, sources, ranks, resume, epochs), estimates,
+"""trainkit.text_windows (+ text_shards, text_documents, shard_writer): packed windows (contents, sources, ranks, resume, epochs), estimates,
 write_shards / scripts/make_shards.py, chat rendering, and the one-line errors."""
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainkit import shard_writer, text_documents
 from trainkit import text_windows as tw
 from trainkit.config import ConfigError
-from trainkit.text_windows import WindowStream, estimate_data, estimate_windows, read_shard_rows, write_shards
+from trainkit.fileio import temp_path
+from trainkit.shard_writer import read_shard_rows, write_shards
+from trainkit.text_windows import WindowStream, estimate_data, estimate_windows
 from trainkit.tokenizer import build_byte_level_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +227,7 @@ def test_write_shards_roundtrip_and_manifest(tmp_path, tok):
     assert on_disk == manifest and on_disk["complete"] and on_disk["rows"] == 25
     assert on_disk["source"] == str(src) and on_disk["split"] == "train" and on_disk["created"]
     assert read_shard_rows(out) == [{"text": r["text"]} for r in rows]
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     assert same(list(WindowStream(str(out), tok, 30, epochs=1, shuffle_shards=False)),
                 list(WindowStream(str(src), tok, 30, epochs=1)))
     with pytest.raises(ValueError, match="already holds shards"):
@@ -248,23 +251,23 @@ def test_write_shards_whole_rows_and_missing_field(tmp_path):
 
 def test_interrupted_write_leaves_only_whole_shards_listed(tmp_path, tok, monkeypatch):
     src = write_jsonl(tmp_path / "in.jsonl", corpus_rows(30))
-    real = tw._write_shard
+    real = shard_writer._write_shard
     calls = []
 
     def flaky(path, rows):
         calls.append(path)
         if len(calls) == 2:
-            path.with_name(path.name + ".tmp").write_bytes(b"\x1f\x8b partial")
+            temp_path(path).write_bytes(b"\x1f\x8b partial")  # as a process killed while writing leaves it
             raise KeyboardInterrupt
         return real(path, rows)
 
-    monkeypatch.setattr(tw, "_write_shard", flaky)
+    monkeypatch.setattr(shard_writer, "_write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_shards(str(src), tmp_path / "out", rows_per_shard=10, progress=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard-00000.jsonl.gz"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "shard-00000.jsonl.gz",
-                                                                    "shard-00001.jsonl.gz.tmp"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [temp_path(calls[1]).name, "manifest.json",
+                                                                    "shard-00000.jsonl.gz"]
     assert len(read_shard_rows(tmp_path / "out")) == 10  # readers see the listed shards only
 
 
@@ -288,10 +291,10 @@ def test_chat_and_prompt_rows_render_with_template(tok, tmp_path):
     chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
     pr = {"prompt": "Q: 2+2?", "response": "4"}
     path = write_jsonl(tmp_path / "mixed.jsonl", [chat, pr, {"text": "plain"}])
-    texts = [tw.render_row(r, tok, None) for r in (chat, pr, {"text": "plain"})]
+    texts = [text_documents.render_row(r, tok, None) for r in (chat, pr, {"text": "plain"})]
     assert texts[0] == tok.apply_chat_template(chat["messages"], tokenize=False)
     assert texts[1] == "<|user|>\nQ: 2+2?\n<|assistant|>\n4<|endoftext|>"
-    ids = tw.tokenize_documents(texts, tok, tok.eos_token_id)
+    ids = text_documents.tokenize_documents(texts, tok, tok.eos_token_id)
     assert [int(x[-1]) for x in ids] == [tok.eos_token_id] * 3 and int(ids[0][-2]) != tok.eos_token_id  # one eos, not two
     got = list(WindowStream({"path": str(path), "text_field": None}, tok, 9, epochs=1))
     flat = [t for x in ids for t in x.tolist()]
@@ -303,8 +306,8 @@ def test_rows_render_plain_without_template(tok):
     plain_tok.chat_template = None
     row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                         {"role": "assistant", "content": "Hello."}]}
-    assert tw.render_row(row, plain_tok, None) == "System: Be brief.\nUser: Hi?\nAssistant: Hello."
-    assert tw.render_row({"prompt": "Q", "completion": "A"}, plain_tok, None) == "User: Q\nAssistant: A"
+    assert text_documents.render_row(row, plain_tok, None) == "System: Be brief.\nUser: Hi?\nAssistant: Hello."
+    assert text_documents.render_row({"prompt": "Q", "completion": "A"}, plain_tok, None) == "User: Q\nAssistant: A"
 
 
 # ---------------------------------------------------------------------------------- errors

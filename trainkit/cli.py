@@ -42,6 +42,12 @@ def exit_code_for_exception(exc: BaseException) -> int:
     return 1
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception as one line (messages of ConfigError stay one line), capped in length."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def one_line_message(exc: BaseException) -> str:
     """What run_main prints, alone, for the errors it ends a run on without a traceback."""
     if isinstance(exc, ConfigError):

@@ -14,19 +14,17 @@ and a few MB take seconds.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
-import re
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from trainkit.config import ConfigError, looks_local
-from trainkit.tokenizer import one_line
+from trainkit import fileio
+from trainkit.cli import one_line
+from trainkit.data_sources import jsonl_files, load_hf
 
 IGNORE_INDEX = -100
 FORMATS = ("text", "messages", "prompt_response")
@@ -37,71 +35,24 @@ MAP_BATCH = 1000
 # ---------------------------------------------------------------------------------- loading
 
 WHERE = "_where"  # column with each row's location ("FILE line N"), for errors that come up later
-READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
-# A \uD800-\uDFFF escape: json.loads turns a lone one into a str that no encoder (arrow, tokenizers) accepts.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
-
-
-def parse_jsonl_line(raw: bytes, where: str, key: str) -> dict:
-    """One JSONL line (bytes) as a dict; ConfigError naming `where` (FILE line N) when it is not
-    UTF-8, not JSON, not an object, or holds a lone surrogate."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{key}: {where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{key}: {where} is not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise ConfigError(f"{key}: {where} is a JSON {type(row).__name__}, expected an object")
-    if SURROGATE_ESCAPE.search(line):
-        try:
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ConfigError(f"{key}: {where}: a string holds a lone surrogate \\u{ord(e.object[e.start]):04x}, "
-                              "which is not valid Unicode text") from None
-    return row
-
-
-def open_jsonl_bytes(path: Path):
-    """A JSONL or JSONL.gz file opened for reading bytes (lines are decoded one by one, so errors name them)."""
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def iter_jsonl_rows(path: Path, key: str, start: int = 0):
-    """(row index, "FILE line N", row) of each non-blank line of a JSONL / JSONL.gz file, from row
-    `start` (earlier rows are skipped without parsing). Lines are 1-based file lines, blank ones
-    included; every error is one ConfigError naming the file and line."""
-    index, lineno = -1, 0
+    """fileio.iter_jsonl_rows with its errors as one ConfigError naming `key` and the file and line."""
     try:
-        with open_jsonl_bytes(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                index += 1
-                if index < start:
-                    continue
-                where = f"{path} line {lineno}"
-                yield index, where, parse_jsonl_line(raw, where, key)
-    except READ_ERRORS as e:
-        raise ConfigError(f"{key}: cannot read {path} (corrupt or truncated?) after line {lineno}: {one_line(e)}") from None
-
-
-def _jsonl_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
+        yield from fileio.iter_jsonl_rows(path, start)
+    except fileio.JsonlError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def load_rows(cfg: dict):
     """The raw rows of `paths.data_path` (JSONL file, directory of *.jsonl[.gz], or HF datasets id),
     with a `_where` column naming each row's file and line (or dataset row) for later errors."""
-    import datasets
-
     paths = cfg["paths"]
     source = paths["data_path"]
     local = Path(os.path.expanduser(source))
     if local.is_dir():
-        files = _jsonl_files(local)
+        files = jsonl_files(local)
         if not files:
             found = sorted(p.name for p in local.iterdir())[:5]
             raise ConfigError(f"paths.data_path: no *.jsonl or *.jsonl.gz files in directory {source}"
@@ -111,12 +62,9 @@ def load_rows(cfg: dict):
     elif looks_local(source):
         raise ConfigError(f"paths.data_path: no such file or directory: {source}")
     else:
-        try:
-            ds = datasets.load_dataset(source, split=paths.get("data_split") or "train", cache_dir=paths.get("cache_dir"))
-        except Exception as e:  # hub/network/builder errors all mean "cannot use this id"
-            raise ConfigError(f"paths.data_path: cannot load dataset {source!r} (split {paths.get('data_split')!r}): {one_line(e)}") from None
-        if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)) or not isinstance(ds, datasets.Dataset):
-            raise ConfigError(f"paths.data_path: {source!r} did not give one split; set paths.data_split")
+        ds = load_hf(source, split=paths.get("data_split") or "train", cache_dir=paths.get("cache_dir"),
+                     local_files_only=bool(cfg.get("model", {}).get("local_files_only", False)),
+                     key="paths.data_path", split_key="paths.data_split")
         if len(ds) == 0:
             raise ConfigError(f"paths.data_path: dataset {source!r} split {paths.get('data_split')!r} has no rows")
         return ds.add_column(WHERE, [f"{source} row {i}" for i in range(len(ds))])
@@ -214,13 +162,14 @@ def _tokenizer_fingerprint(tokenizer, *extra) -> str:
     return h.hexdigest()[:16]
 
 
-def _ids(tokenizer, texts: list[str], offsets: bool = False, specials: bool = False):
+def token_ids(tokenizer, texts: list[str], offsets: bool = False, specials: bool = False):
+    """The tokenizer's ids of `texts` (no attention mask), with special tokens and offsets on request."""
     return tokenizer(texts, add_special_tokens=specials, return_offsets_mapping=offsets,
                      return_attention_mask=False, verbose=False)
 
 
 def _tokenize_text(batch, tokenizer, eos: list[int]):
-    return {"input_ids": [ids + eos for ids in _ids(tokenizer, batch["text"])["input_ids"]]}
+    return {"input_ids": [ids + eos for ids in token_ids(tokenizer, batch["text"])["input_ids"]]}
 
 
 def _label_spans(ids, offsets, spans, max_len):
@@ -239,7 +188,7 @@ def _collect(examples):
 def _tokenize_prompt_response(batch, tokenizer, max_len, eos):
     full = [p + r for p, r in zip(batch["prompt"], batch["response"])]
     # Specials on: a tokenizer that adds bos (Llama) gets it; bos has an empty span, so it is masked.
-    enc = _ids(tokenizer, full, offsets=True, specials=True)
+    enc = token_ids(tokenizer, full, offsets=True, specials=True)
     examples = []
     for ids, offs, p, text in zip(enc["input_ids"], enc["offset_mapping"], batch["prompt"], full):
         # Tokens holding any response character are targets, and so is the appended eos (learn to stop).
@@ -281,7 +230,7 @@ def _tokenize_messages(batch, tokenizer, max_len):
             raise ConfigError(f"paths.data_path: {where}: chat template failed: {one_line(e)}") from None
         texts.append(text)
         spans.append(sp)
-    enc = _ids(tokenizer, texts, offsets=True)  # the template itself holds bos/special tokens
+    enc = token_ids(tokenizer, texts, offsets=True)  # the template itself holds bos/special tokens
     return _collect([_label_spans(list(ids), list(offs), sp, max_len)
                      for ids, offs, sp in zip(enc["input_ids"], enc["offset_mapping"], spans)])
 
@@ -440,8 +389,8 @@ def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, ma
     and continues). A long prompt loses its beginning, not the end where the answer starts.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_ids = _ids(tokenizer, list(prompts), specials=True)["input_ids"]
-    target_ids = _ids(tokenizer, list(targets))["input_ids"]
+    prompt_ids = token_ids(tokenizer, list(prompts), specials=True)["input_ids"]
+    target_ids = token_ids(tokenizer, list(targets))["input_ids"]
     rows = []
     for p, t in zip(prompt_ids, target_ids):
         cut_prompt, cut_target = len(p) > max_source_length, len(t) + len(eos) > max_target_length

@@ -36,297 +36,26 @@ world_size resumes at the same place with no window lost or repeated. A resume r
 the block's start (at most shuffle_buffer + world_size windows), not from the start of the epoch;
 seeking there skips rows without parsing them (local files: reads past lines; streamed HF
 datasets: `IterableDataset.skip`).
+
+Where the parts live: this module holds the stream and `estimate_data` (what distill.py imports);
+sources and shards: trainkit.text_shards (paths: trainkit.data_sources); rows as text and ids:
+trainkit.text_documents; shards on disk: trainkit.shard_writer.
 """
 
 from __future__ import annotations
 
-import glob as globlib
-import gzip
-import json
 import math
-import os
-import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 
-from trainkit.config import ConfigError, looks_local
-from trainkit.patches.datasets import hub_offline
-from trainkit.data import READ_ERRORS, RESPONSE_KEYS, _ids, _jsonl_files, detect_format, iter_jsonl_rows, open_jsonl_bytes
-from trainkit.tokenizer import one_line
+from trainkit.config import ConfigError
+from trainkit.text_documents import TOKENIZE_BATCH, eos_id, render_row, tokenize_documents
+from trainkit.text_shards import FileShard, TableShard, TextSource, open_shards
 
-SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
-LOADER_SUFFIXES = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".json.gz": "json",
-                   ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-MANIFEST = "manifest.json"
-HF_SHARD_ROWS = 1000      # map-style HF datasets: shuffled blocks of this many consecutive rows
-TOKENIZE_BATCH = 256      # rows tokenized per tokenizer call
 STATE_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------- sources
-
-@dataclass
-class TextSource:
-    """Where the text comes from. `key` names the config key in error messages."""
-
-    path: str
-    split: str = "train"
-    name: str | None = None
-    text_field: str | None = "text"
-    streaming: bool = False
-    cache_dir: str | None = None
-    local_files_only: bool = False
-    key: str = "data_path"
-
-    @classmethod
-    def from_any(cls, source) -> "TextSource":
-        if isinstance(source, TextSource):
-            return source
-        if isinstance(source, (str, os.PathLike)):
-            return cls(path=str(source))
-        if not isinstance(source, dict):
-            raise TypeError(f"source must be a path, a dict or a TextSource, got {type(source).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(source) - known)
-        if unknown:
-            raise ValueError(f"source: unknown keys {unknown} (known: {sorted(known)})")
-        if not source.get("path"):
-            raise ConfigError(f"{source.get('key', 'data_path')}: no data path given")
-        values = {k: v for k, v in source.items() if v is not None or k in ("name", "text_field", "cache_dir")}
-        values["path"] = str(values["path"])
-        return cls(**values)
-
-
-def _has_glob(path: str) -> bool:
-    return any(ch in path for ch in "*?[")
-
-
-def _loader_for(path: Path) -> str | None:
-    name = path.name.lower()
-    for suffix in sorted(LOADER_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return LOADER_SUFFIXES[suffix]
-    return None
-
-
-def resolve_local_files(path: str, key: str = "data_path") -> list[Path] | None:
-    """The local files of `path` in reading order, or None when `path` is an HF datasets id.
-
-    A directory with a `manifest.json` (from `write_shards`) gives the manifest's shards; else
-    its *.jsonl[.gz] files (recursively, sorted), else its .parquet / .csv / .json files."""
-    expanded = os.path.expanduser(path)
-    if _has_glob(path):
-        files = sorted(Path(p) for p in globlib.glob(expanded, recursive=True) if os.path.isfile(p) and _loader_for(Path(p)))
-        if not files:
-            raise ConfigError(f"{key}: no *.jsonl, *.jsonl.gz, *.parquet, *.csv or *.json files match {path}")
-        return files
-    local = Path(expanded)
-    if local.is_dir():
-        manifest = local / MANIFEST
-        if manifest.is_file():
-            try:
-                listed = [local / s["file"] for s in json.loads(manifest.read_text())["shards"]]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"{key}: cannot read {manifest}: {one_line(e)}") from None
-            missing = [str(p) for p in listed if not p.is_file()]
-            if missing:
-                raise ConfigError(f"{key}: {manifest} lists shards that do not exist: {', '.join(missing[:3])}")
-            if not listed:
-                raise ConfigError(f"{key}: {manifest} lists no shards")
-            return listed
-        files = _jsonl_files(local)
-        if not files:
-            files = sorted(p for p in local.rglob("*") if p.is_file() and _loader_for(p) in ("parquet", "csv", "json"))
-        if not files:
-            found = sorted(p.name for p in local.iterdir())[:5]
-            raise ConfigError(f"{key}: no *.jsonl, *.jsonl.gz, *.parquet, *.csv or *.json files in directory {path}"
-                              f" (found: {', '.join(found) if found else 'nothing'})")
-        return files
-    if local.is_file():
-        if not _loader_for(local):
-            raise ConfigError(f"{key}: {path}: unsupported file type (expected .jsonl, .jsonl.gz, .parquet, .csv, .json or .txt)")
-        return [local]
-    if looks_local(path):
-        raise ConfigError(f"{key}: no such file or directory: {path}")
-    return None
-
-
-def load_hf(path: str, *, split: str = "train", name: str | None = None, streaming: bool = False,
-            cache_dir: str | None = None, local_files_only: bool = False, data_files: list[Path] | None = None,
-            key: str = "data_path"):
-    """`datasets.load_dataset` for an HF id, or for local files (`data_files`, loader from the suffix).
-    One split (a `Dataset` or `IterableDataset`); ConfigError naming `key` otherwise."""
-    import datasets
-
-    if data_files is not None:
-        loaders = {_loader_for(p) for p in data_files}
-        if len(loaders) != 1:
-            raise ConfigError(f"{key}: {path} mixes file types ({', '.join(sorted(map(str, loaders)))}): use one kind")
-        builder, kwargs = loaders.pop(), {"data_files": [str(p) for p in data_files]}
-        split = split if split.startswith("train") else "train"  # local files load as one "train" split
-    else:
-        builder, kwargs = path, {"name": name}
-    try:
-        with hub_offline(local_files_only):
-            ds = datasets.load_dataset(builder, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
-    except Exception as e:  # hub / network / builder errors all mean "cannot use this source"
-        raise ConfigError(f"{key}: cannot load dataset {path!r} (split {split!r}"
-                          f"{f', config {name!r}' if name else ''}): {one_line(e)}") from None
-    if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
-        raise ConfigError(f"{key}: {path!r} did not give one split; set the split")
-    return ds
-
-
-# ---------------------------------------------------------------------------------- shards
-
-class _FileShard:
-    """Rows of one local JSONL / JSONL.gz file; row i = i-th non-blank line."""
-
-    def __init__(self, path: Path, key: str, rows: int | None = None):
-        self.path, self.key, self.rows = path, key, rows
-
-    def iter_rows(self, start: int = 0) -> Iterator[tuple[int, str, dict]]:
-        yield from iter_jsonl_rows(self.path, self.key, start)
-
-    def count_rows(self) -> int:
-        if self.rows is None:
-            n = 0
-            try:
-                with open_jsonl_bytes(self.path) as f:
-                    n = sum(1 for line in f if line.strip())
-            except READ_ERRORS as e:
-                raise ConfigError(f"{self.key}: cannot read {self.path} (corrupt or truncated?): {one_line(e)}") from None
-            self.rows = n
-        return self.rows
-
-
-class _TableShard:
-    """Rows [lo, hi) of a map-style `datasets.Dataset`."""
-
-    def __init__(self, ds, lo: int, hi: int, shown: str):
-        self.ds, self.lo, self.hi, self.shown, self.rows = ds, lo, hi, shown, hi - lo
-
-    def iter_rows(self, start: int = 0):
-        for a in range(self.lo + start, self.hi, TOKENIZE_BATCH):
-            batch = self.ds[a:min(a + TOKENIZE_BATCH, self.hi)]
-            names = list(batch)
-            for i, values in enumerate(zip(*(batch[n] for n in names))):
-                yield a + i - self.lo, f"{self.shown} row {a + i}", dict(zip(names, values))
-
-    def count_rows(self) -> int:
-        return self.rows
-
-
-class _StreamShard:
-    """One file shard of a streamed `datasets.IterableDataset` (rows unknown until read)."""
-
-    def __init__(self, ds, shown: str):
-        self.ds, self.shown, self.rows = ds, shown, None
-
-    def iter_rows(self, start: int = 0):
-        for i, row in enumerate(self.ds.skip(start) if start else self.ds, start):
-            yield i, f"{self.shown} row {i}", row
-
-    def count_rows(self):
-        return None
-
-
-def _open_shards(src: TextSource) -> tuple[list, int | None]:
-    """The source's shards in canonical order, and its total row count when known up front."""
-    files = resolve_local_files(src.path, src.key)
-    if files is not None and all(p.name.endswith(SHARD_SUFFIXES) for p in files):
-        rows = _manifest_rows(src.path, files)
-        return [_FileShard(p, src.key, rows.get(p)) for p in files], None
-    ds = load_hf(src.path, split=src.split, name=src.name, streaming=src.streaming, cache_dir=src.cache_dir,
-                 local_files_only=src.local_files_only, data_files=files, key=src.key)
-    shown = src.path if files is None else str(src.path)
-    import datasets
-
-    if isinstance(ds, datasets.Dataset):
-        n = len(ds)
-        return [_TableShard(ds, lo, min(n, lo + HF_SHARD_ROWS), shown) for lo in range(0, n, HF_SHARD_ROWS)], n
-    n_shards = ds.num_shards
-    shards = [_StreamShard(ds, shown)] if n_shards <= 1 else [
-        _StreamShard(ds.shard(num_shards=n_shards, index=i, contiguous=True), f"{shown} (shard {i})") for i in range(n_shards)]
-    total = None
-    try:
-        info = ds.info.splits[src.split.split("[")[0]] if ds.info and ds.info.splits else None
-        total = int(info.num_examples) if info is not None and info.num_examples else None
-    except (KeyError, TypeError, AttributeError):
-        total = None
-    return shards, total
-
-
-def _manifest_rows(path: str, files: list[Path]) -> dict[Path, int]:
-    manifest = Path(os.path.expanduser(path)) / MANIFEST
-    if _has_glob(path) or not manifest.is_file():
-        return {}
-    try:
-        return {manifest.parent / s["file"]: int(s["rows"]) for s in json.loads(manifest.read_text())["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-# ---------------------------------------------------------------------------------- rendering
-
-def _plain_chat(messages: list[dict]) -> str:
-    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
-def render_row(row: dict, tokenizer, text_field: str | None = "text", where: str = "row", key: str = "data_path") -> str:
-    """One row as one document of text (see module doc); ConfigError naming `where` if it cannot."""
-    if text_field is not None:
-        value = row.get(text_field)
-        if not isinstance(value, str):
-            got = "no" if value is None else f"a {type(value).__name__} in the"
-            raise ConfigError(f"{key}: {where} has {got} `{text_field}` field (fields: {', '.join(sorted(row)) or 'none'})")
-        return value
-    try:
-        fmt = detect_format(row.keys())
-    except ConfigError:
-        raise ConfigError(f"{key}: {where}: unknown row format (fields: {', '.join(sorted(row)) or 'none'}); "
-                          "expected `text`, `messages`, or `prompt` and `response`") from None
-    if fmt == "text":
-        if not isinstance(row["text"], str):
-            raise ConfigError(f"{key}: {where}: `text` must be a string (got {type(row['text']).__name__})")
-        return row["text"]
-    if fmt == "prompt_response":
-        response = next(row[k] for k in RESPONSE_KEYS if k in row)
-        if not isinstance(row["prompt"], str) or not isinstance(response, str):
-            raise ConfigError(f"{key}: {where}: `prompt` and `response` must be strings")
-        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}]
-    else:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-            raise ConfigError(f"{key}: {where}: `messages` must be a non-empty list of {{role, content}} strings")
-        messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if not getattr(tokenizer, "chat_template", None):
-        return _plain_chat(messages)
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as e:  # jinja errors: unknown roles, bad alternation, ...
-        raise ConfigError(f"{key}: {where}: chat template failed: {one_line(e)}") from None
-
-
-def _eos_id(tokenizer, key: str) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"{key}: the tokenizer has no eos token, needed to join documents into windows")
-    return int(tokenizer.eos_token_id)
-
-
-def tokenize_documents(texts: list[str], tokenizer, eos: int) -> list[np.ndarray]:
-    """Each text's ids (no special tokens added) + eos, unless the ids already end with eos."""
-    out = []
-    for ids in _ids(tokenizer, texts)["input_ids"]:
-        if not ids or ids[-1] != eos:
-            ids = list(ids) + [eos]
-        out.append(np.asarray(ids, dtype=np.int64))
-    return out
 
 
 # ---------------------------------------------------------------------------------- the stream
@@ -356,7 +85,7 @@ class WindowStream:
         self.rank, self.world_size = int(rank), int(world_size)
         self.shuffle_buffer, self.shuffle_shards, self.epochs = int(shuffle_buffer), bool(shuffle_shards), epochs
         self.block_size = max(1, self.shuffle_buffer)
-        self.eos = _eos_id(tokenizer, self.source.key)
+        self.eos = eos_id(tokenizer, self.source.key)
         self._shards: list | None = None
         self.epoch, self.position = 0, 0            # position: windows of the epoch consumed by all ranks
         self._cursors: dict[int, tuple] = {}          # block -> (shard pos, row, token offset) of its first window
@@ -393,7 +122,7 @@ class WindowStream:
     # -------------------------------------------------------------------- generation
     def shards(self) -> list:
         if self._shards is None:
-            self._shards, _ = _open_shards(self.source)
+            self._shards, _ = open_shards(self.source)
             if not self._shards:
                 raise ConfigError(f"{self.source.key}: {self.source.path} holds no rows")
         return self._shards
@@ -524,11 +253,11 @@ def estimate_data(source, tokenizer, seq_length: int, sample_rows: int = 2000) -
     a count of lines; map-style HF: len; streamed HF: the split's num_examples from the dataset
     info), or None when the row count is unknown."""
     src = TextSource.from_any(source)
-    eos = _eos_id(tokenizer, src.key)
-    shards, total = _open_shards(src)
+    eos = eos_id(tokenizer, src.key)
+    shards, total = open_shards(src)
     if not shards:
         raise ConfigError(f"{src.key}: {src.path} holds no rows")
-    if all(isinstance(s, _FileShard) for s in shards):
+    if all(isinstance(s, FileShard) for s in shards):
         total = sum(s.count_rows() for s in shards)
     if total == 0:
         raise ConfigError(f"{src.key}: {src.path} holds no rows")
@@ -566,7 +295,7 @@ def estimate_data(source, tokenizer, seq_length: int, sample_rows: int = 2000) -
         if rows == 0:
             raise ConfigError(f"{src.key}: {src.path} holds no rows")
         return WindowEstimate(tokens // width, tokens, rows, rows, True, **empty)
-    if isinstance(shards[0], _TableShard):
+    if isinstance(shards[0], TableShard):
         ds = shards[0].ds
         picks = np.unique(np.linspace(0, total - 1, sample_rows).round().astype(np.int64)).tolist()
         sample = ds.select(picks)
@@ -602,126 +331,3 @@ def estimate_windows(source, tokenizer, seq_length: int, sample_rows: int = 2000
     """Windows of seq_length + 1 tokens per epoch (all ranks together), or None when unknown.
     Per rank: estimate // world_size. See `estimate_data`."""
     return estimate_data(source, tokenizer, seq_length, sample_rows).windows
-
-
-# ---------------------------------------------------------------------------------- shards on disk
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_shard(path: Path, rows: list[dict]) -> int:
-    """gzip JSONL written to path.tmp, then renamed: a shard exists whole or not at all.
-    mtime 0 and no file name in the header: the same rows give the same bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
-            for row in rows:
-                gz.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def write_shards(source: str, out_dir, *, split: str = "train", name: str | None = None,
-                 text_field: str | None = "text", max_rows: int | None = None, max_tokens: int | None = None,
-                 tokenizer=None, rows_per_shard: int = 10000, streaming: bool = True, cache_dir: str | None = None,
-                 local_files_only: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write (a subset of) a dataset as out_dir/shard-00000.jsonl.gz ... + manifest.json; returns the manifest.
-
-    source: an HF datasets id, or local .jsonl / .jsonl.gz / .json / .parquet / .csv / .txt files
-    (a file, a directory or a glob), all read through `datasets.load_dataset`.
-    text_field: rows are written as {"text": row[text_field]}; None writes rows whole (chat
-    `messages`, `prompt`/`response` rows for stage 2). Stops after max_rows rows, or once
-    max_tokens tokens (documents + eos, counted with `tokenizer`) are written.
-    Each shard is written to a .tmp file and renamed; the manifest is rewritten (atomically) after
-    each shard with "complete": false, and "complete": true at the end, so an interrupted run
-    leaves whole shards and a manifest that lists exactly those.
-    """
-    from tqdm.auto import tqdm
-
-    if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    if max_tokens is not None and tokenizer is None:
-        raise ValueError("max_tokens needs a tokenizer to count tokens")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("shard-*.jsonl.gz")) + sorted(out.glob("shard-*.jsonl.gz.tmp")) + \
-        [p for p in (out / MANIFEST, out / (MANIFEST + ".tmp")) if p.exists()]
-    if old and not overwrite:
-        raise ValueError(f"{out} already holds shards or a manifest ({old[0].name}); pass overwrite=True (--overwrite)")
-    for p in old:
-        p.unlink()
-
-    files = resolve_local_files(str(source), key="source")
-    ds = load_hf(str(source), split=split, name=name, streaming=streaming, cache_dir=cache_dir,
-                 local_files_only=local_files_only, data_files=files, key="source")
-    eos = None
-    if max_tokens is not None:
-        eos = _eos_id(tokenizer, "tokenizer")
-    import datasets
-
-    known = len(ds) if isinstance(ds, datasets.Dataset) else None
-    manifest: dict[str, Any] = {
-        "source": str(source), "name": name, "split": split, "text_field": text_field,
-        "format": "jsonl.gz", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": False,
-        "rows": 0, "tokens": 0 if max_tokens is not None else None, "max_rows": max_rows, "max_tokens": max_tokens,
-        "rows_per_shard": rows_per_shard, "shards": [],
-    }
-
-    def flush(rows: list[dict]) -> None:
-        path = out / f"shard-{len(manifest['shards']):05d}.jsonl.gz"
-        size = _write_shard(path, rows)
-        manifest["shards"].append({"file": path.name, "rows": len(rows), "bytes": size})
-        manifest["rows"] += len(rows)
-        _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-
-    bounds = [x for x in (max_rows, known) if x is not None]
-    total = min(bounds) if bounds else None
-    bar = tqdm(total=total, unit="row", desc=f"shards {out.name}", disable=not progress, dynamic_ncols=True)
-    rows: list[dict] = []
-    n_rows = n_tokens = 0
-    try:
-        for i, row in enumerate(ds):
-            if max_rows is not None and n_rows >= max_rows:
-                break
-            if max_tokens is not None and n_tokens >= max_tokens:
-                break
-            if text_field is not None:
-                value = row.get(text_field)
-                if not isinstance(value, str):
-                    got = "no" if value is None else f"a {type(value).__name__} in the"
-                    raise ConfigError(f"source: {source} row {i} has {got} `{text_field}` field "
-                                      f"(fields: {', '.join(sorted(row)) or 'none'})")
-                row = {"text": value}
-            if max_tokens is not None:
-                text = row["text"] if text_field is not None else render_row(row, tokenizer, None, f"{source} row {i}", "source")
-                n_tokens += len(tokenize_documents([text], tokenizer, eos)[0])
-            rows.append(row)
-            n_rows += 1
-            bar.update(1)
-            if len(rows) >= rows_per_shard:
-                flush(rows)
-                rows = []
-        if rows:
-            flush(rows)
-    finally:
-        bar.close()
-    if n_rows == 0:
-        raise ConfigError(f"source: {source} (split {split!r}) has no rows")
-    manifest["tokens"] = n_tokens if max_tokens is not None else None
-    manifest["complete"] = True
-    _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
-
-
-def read_shard_rows(path) -> list[dict]:
-    """All rows of the shards of `path` (file, directory or glob), in order (for checks and tests)."""
-    files = resolve_local_files(str(path)) or []
-    return [row for p in files for _, _, row in _FileShard(p, "data_path").iter_rows()]

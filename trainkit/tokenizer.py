@@ -7,6 +7,7 @@ tokenizer (`paths.model_name_or_path`), or the byte-level tokenizer for a model 
 
 from __future__ import annotations
 
+from trainkit.cli import one_line
 from trainkit.config import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -87,12 +88,6 @@ def ensure_pad_token(tokenizer):
         else:  # grows the vocab: vocab_size_for() reports it so the model can resize
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The exception as one line (messages of ConfigError stay one line), capped in length."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_tokenizer(cfg: dict):

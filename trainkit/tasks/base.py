@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainkit.patches.datasets import hub_offline
+from trainkit.data_sources import load_hf_dataset
 from trainkit.tasks.official import base_task, official_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,16 +125,9 @@ def load_hf(candidates: list[tuple[str, str | None]], task: str, env_var: str, l
     """The first of `candidates` ((path, config) pairs) that HF datasets loads: (path, split -> rows).
     Every failure together in one TaskDataError that names the environment variable."""
     errors = []
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a requirement
-        raise TaskDataError(f"{task}: the datasets library is missing ({e}); set {env_var} to a folder with {layout}") from None
     for path, config in candidates:
         try:
-            with hub_offline(local_files_only):
-                dataset = datasets.load_dataset(
-                    path, config, cache_dir=cache_dir,
-                    download_config=datasets.DownloadConfig(cache_dir=cache_dir, local_files_only=local_files_only))
+            dataset = load_hf_dataset(path, split=None, name=config, cache_dir=cache_dir, local_files_only=local_files_only)
             return path, {split: dataset[split].to_list() for split in dataset}
         except Exception as e:  # noqa: BLE001 - every loader failure is reported below
             detail = str(e).splitlines()[0][:200] if str(e) else ""
