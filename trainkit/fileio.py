@@ -113,6 +113,15 @@ def complete_lines(data: bytes) -> tuple[list[bytes], int]:
     return data[:end].split(b"\n"), end + 1
 
 
+def _json_object(raw: bytes) -> dict | None:
+    """A log line as a JSON object, or None when it is not one (garbage is skipped by log readers)."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Yield the complete, parseable JSON objects of a JSONL file; skip a partial last line.
     A missing file yields nothing."""
@@ -121,11 +130,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             for raw in f:
                 if not raw.endswith(b"\n"):
                     break  # partial last line: its writer has not finished it
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict):
+                obj = _json_object(raw)
+                if obj is not None:
                     yield obj
     except FileNotFoundError:
         return
@@ -144,14 +150,7 @@ def last_jsonl_record(path: str | os.PathLike, max_bytes: int = 65536) -> dict |
     lines, _ = complete_lines(data)
     if start and lines:
         lines = lines[1:]  # the first line may begin before the bytes read
-    for raw in reversed(lines):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
+    return next((obj for obj in map(_json_object, reversed(lines)) if obj is not None), None)
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
