@@ -68,7 +68,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainkit.fileio import iter_jsonl, read_json
+from trainkit.fileio import iter_jsonl, read_json, write_text_atomic
 from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS
 from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, official_metrics, selection_score
 
@@ -275,7 +275,7 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_cell(row.get(c)) for c in columns])
-    path.write_text(buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def results_columns(rows: list[dict]) -> list[str]:
@@ -386,9 +386,9 @@ def aggregate(patterns: list[str], out: Path, group_by: list[str], make_plot: bo
     write_csv(out / "summary.csv", columns, srows)
     summary = {"group_by": group_by, "selection": SELECTION, "metrics": [TASK_SCORE, *metrics],
                "groups": groups, "runs": rows, "skipped": skipped}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     md = markdown(groups, group_by, metrics, skipped, len(all_rows))
-    (out / "summary.md").write_text(md)
+    write_text_atomic(out / "summary.md", md)
     files = ["results.csv", "summary.csv", "summary.json", "summary.md"]
     if make_plot:
         if groups:
