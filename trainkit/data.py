@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from trainkit.config import ConfigError, looks_local
-from trainkit import fileio
 from trainkit.cli import one_line
-from trainkit.data_sources import jsonl_files, load_hf
+from trainkit.data_sources import iter_jsonl_rows, jsonl_files, load_hf
 
 IGNORE_INDEX = -100
 FORMATS = ("text", "messages", "prompt_response")
@@ -35,14 +34,6 @@ MAP_BATCH = 1000
 # ---------------------------------------------------------------------------------- loading
 
 WHERE = "_where"  # column with each row's location ("FILE line N"), for errors that come up later
-
-
-def iter_jsonl_rows(path: Path, key: str, start: int = 0):
-    """fileio.iter_jsonl_rows with its errors as one ConfigError naming `key` and the file and line."""
-    try:
-        yield from fileio.iter_jsonl_rows(path, start)
-    except fileio.JsonlError as e:
-        raise ConfigError(f"{key}: {e}") from None
 
 
 def load_rows(cfg: dict):

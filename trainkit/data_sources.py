@@ -1,6 +1,7 @@
 """Where data comes from: a local file, directory or glob of files, or an HF datasets id.
 
     files = resolve_local_files("data/shards/*.jsonl.gz")    # None: the path is an HF datasets id
+    rows = iter_jsonl_rows(files[0], "paths.data_path")      # errors: one ConfigError naming key, file, line
     ds = load_hf("org/name", split="train", streaming=True, local_files_only=True)
 
 Every `datasets.load_dataset` of the trainers goes through `load_hf_dataset` (data.py, text
@@ -20,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from trainkit import fileio
 from trainkit.cli import one_line
 from trainkit.config import ConfigError, looks_local
 
@@ -87,6 +89,15 @@ def resolve_local_files(path: str, key: str = "data_path") -> list[Path] | None:
     if looks_local(path):
         raise ConfigError(f"{key}: no such file or directory: {path}")
     return None
+
+
+def iter_jsonl_rows(path: Path, key: str, start: int = 0):
+    """(row index, "FILE line N", row) of a local JSONL / JSONL.gz data file from row `start`
+    (fileio.iter_jsonl_rows); an unreadable line is one ConfigError naming `key`, the file and the line."""
+    try:
+        yield from fileio.iter_jsonl_rows(path, start)
+    except fileio.JsonlError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def manifest_rows(path: str, files: list[Path]) -> dict[Path, int]:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from trainkit.config import ConfigError
-from trainkit.data import iter_jsonl_rows
-from trainkit.data_sources import JSONL_SUFFIXES, load_hf, manifest_rows, resolve_local_files
+from trainkit.data_sources import JSONL_SUFFIXES, iter_jsonl_rows, load_hf, manifest_rows, resolve_local_files
 from trainkit.fileio import JsonlError, count_jsonl_rows
 from trainkit.text_documents import TOKENIZE_BATCH
 

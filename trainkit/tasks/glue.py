@@ -64,7 +64,7 @@ MNLI_SETS = ("matched", "mismatched")
 
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a local task file; a bad line is a ConfigError naming the file and its line."""
-    from trainkit.data import iter_jsonl_rows
+    from trainkit.data_sources import iter_jsonl_rows
 
     return [row for _, _, row in iter_jsonl_rows(path, "task.local_dir")]
 
