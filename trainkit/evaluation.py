@@ -5,10 +5,11 @@ distill.py's KD evaluation is trainkit.kd.evaluate_kd.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
+
+from trainkit.fileio import write_jsonl_atomic
 
 PREDICTIONS_DIR = "predictions"  # <run_dir>/predictions/<tag>-<split>.jsonl
 
@@ -101,12 +102,8 @@ class TaskEvaluator:
         """<run_dir>/predictions/<name>.jsonl, one line per example; returns its path relative to the run dir."""
         out = self.run_dir / PREDICTIONS_DIR / f"{name}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as f:
-            for example, text in zip(examples, texts):
-                f.write(json.dumps({"prompt": example.prompt, "prediction": text,
-                                    "references": example.references, **example.meta}, default=str) + "\n")
-        tmp.replace(out)
+        write_jsonl_atomic(out, ({"prompt": e.prompt, "prediction": text, "references": e.references, **e.meta}
+                                 for e, text in zip(examples, texts)))
         return str(out.relative_to(self.run_dir))
 
     def test_splits(self) -> list[str]:

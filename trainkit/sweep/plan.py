@@ -39,7 +39,8 @@ from typing import Any
 
 from trainkit.checkpoints import find_latest_checkpoint
 from trainkit.runlock import pid_alive
-from trainkit.runlog import RUN_INFO_FILE, read_json
+from trainkit.fileio import read_json
+from trainkit.runlog import RUN_INFO_FILE
 from trainkit.tasks.official import OFFICIAL_METRICS, base_task
 
 # The sweep directory: <sweep dir>/state.json, scheduler.pid, sweep.log, logs/<run name>.log

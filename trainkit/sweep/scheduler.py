@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from trainkit.runlock import pid_alive
-from trainkit.runlog import RUN_INFO_FILE, read_json, write_json_atomic
+from trainkit.fileio import read_json, write_json_atomic
+from trainkit.runlog import RUN_INFO_FILE
 from trainkit.sweep.plan import (JOB_LOGS, PID_FILE, STATE_FILE, SWEEP_LOG, Job, Plan, Slot, job_command,
                                  run_status)
 

@@ -22,6 +22,7 @@ import os
 import shlex
 from pathlib import Path
 
+from trainkit.fileio import write_text_atomic
 from trainkit.runlog import RUN_INFO_FILE, TRAINER_STATE_FILE
 from trainkit.sweep.plan import (JOB_LOGS, Job, Plan, SweepError, build_plan, format_table, job_command,
                                  plan_states, resume_position)
@@ -40,7 +41,7 @@ def cmd_slurm(args) -> int:
     text = slurm_script(args, plan, todo)
     out.parent.mkdir(parents=True, exist_ok=True)
     (plan.sweep_dir / JOB_LOGS).mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text_atomic(out, text)
     out.chmod(0o755)
     print(f"wrote {out}: a job array of {len(todo)} tasks\nsubmit with:  sbatch {out}\n"
           f"watch with:   squeue --me   (task logs in {plan.sweep_dir / JOB_LOGS}/)")

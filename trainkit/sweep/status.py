@@ -8,35 +8,14 @@ latest validation task_score (<run dir>/logs/eval_log.jsonl), and whether the sc
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS, iter_jsonl, read_json
+from trainkit.fileio import iter_jsonl, last_jsonl_record, read_json
+from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS
 from trainkit.sweep.plan import STATE_FILE, SWEEPS_ROOT, SweepError, format_table
 from trainkit.sweep.scheduler import scheduler_alive
 from trainkit.tasks.official import TASK_SCORE, selection_score
-
-
-def last_jsonl_record(path: Path, max_bytes: int = 65536) -> dict | None:
-    """The last complete JSON object line of a (possibly large) JSONL file, reading only its last
-    `max_bytes`; None when the file is missing or holds none. A partial last line is skipped."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return None
-    for raw in reversed(data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")[1:-1]):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
 
 
 def run_progress(run_dir: str) -> dict:
