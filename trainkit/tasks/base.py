@@ -42,14 +42,15 @@ class Example:
 class Task:
     """A task: loads examples (local folder or HF datasets) and scores generated text.
 
-    Subclasses set name, kind, label_words, eval_splits, env_var, layout, and implement
+    Subclasses set name, env_var, layout (and kind, label_words, eval_splits where they differ from
+    the defaults below), and implement
     _load(root, seed, cache_dir, local_files_only) and score().
     """
 
     name: str = ""
     kind: str = "generation"          # "classification" | "regression" | "generation"
     label_words: list[str] | None = None
-    eval_splits: list[str] = ["validation"]
+    eval_splits: list[str] = ["validation"]  # shared by the tasks that keep it: never mutated (GLUE sets its own)
     env_var: str = ""
     layout: str = ""                  # expected local folder layout, for error messages
     tvt: bool = False

@@ -40,12 +40,8 @@ def from_hf_row(row: dict) -> dict:
 
 class DartTask(Task):
     name = "dart"
-    kind = "generation"
     env_var = ENV_VAR
     layout = LAYOUT
-
-    def __init__(self):
-        self.eval_splits = ["validation"]
 
     @staticmethod
     def prompt(tripleset: list) -> str:

@@ -35,12 +35,8 @@ def _text(value) -> str:
 
 class SamsumTask(Task):
     name = "samsum"
-    kind = "generation"
     env_var = ENV_VAR
     layout = LAYOUT
-
-    def __init__(self):
-        self.eval_splits = ["validation"]
 
     def example(self, row: dict, split: str) -> Example:
         dialogue, summary = _text(row.get("dialogue")), _text(row.get("summary"))

@@ -264,12 +264,10 @@ def execution_match(db_path, predicted: str, gold: str, timeout_s: float = DEFAU
 # ---------------------------------------------------------------------- the task
 class SpiderTask(Task):
     name = "spider"
-    kind = "generation"
     env_var = ENV_VAR
     layout = LAYOUT
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.eval_splits = ["validation"]
         self.timeout_s = timeout_s
 
     def _load(self, root, seed, cache_dir, local_files_only):
