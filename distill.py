@@ -20,109 +20,26 @@ import time
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
-                             non_negative, positive)
-from trainkit.loop import check_trackers, resolve_resume
+from trainkit.config import ConfigError, check_paths, load_config
+from trainkit.config.distill import DistillConfig
+from trainkit.env_overrides import env_overrides
+from trainkit.loop import resolve_resume
 from trainkit.preflight import check_model_config
-from trainkit.resume_check import COMMON_MUTABLE
-from trainkit.runtime import DTYPE_CHOICES
 
-MIXERS = ("discrete_mamba2", "gla")
-DISTILL_SCHEMA = merge_schema(BASE_SCHEMA, {
-    "paths": {
-        "model_name_or_path": Key(str, None, "the TEACHER: hub id or local directory (e.g. meta-llama/Llama-3.1-8B-Instruct); null builds model.config", nullable=True),
-        "data_path": Key(str, "data/distill/pretrain", "stage 1 text: JSONL / JSONL.gz file, directory or glob of shards, or an HF datasets id"),
-        "eval_data_path": Key(str, None, "held-out text for evaluation (same forms); null: no evaluation", nullable=True),
-    },
-    "model": {
-        "config": Key(dict, None, "HF config kwargs (with model_type) of a random-init TEACHER when paths.model_name_or_path is null", nullable=True),
-    },
-    "teacher": {
-        "device": Key(str, "same", "'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1"),
-        "dtype": Key(str, "auto", "teacher weights dtype; auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs", choices=DTYPE_CHOICES),
-    },
-    "student": {
-        "mixer": Key(str, "discrete_mamba2", "linear-attention mixer replacing softmax attention", choices=MIXERS),
-        "attention_layers": Key(list, [], "layer indices that keep the teacher's softmax attention (hybrid student)"),
-        "init_from_teacher": Key(bool, True, "copy embeddings, norms, MLPs, lm_head and (where shapes allow) mixer projections from the teacher"),
-        "freeze_mlp": Key(bool, False, "freeze every MLP (train mixers, norms, embeddings, head)"),
-        "freeze_replaced_layers": Key(bool, False, "freeze the teacher attention layers kept by attention_layers"),
-        "mixer_options": Key(dict, {}, "extra mixer hyperparameters (trainkit/students.py)"),
-        "dtype": Key(str, "float32", "student master weights (bf16 compute comes from accelerate mixed precision)",
-                     choices=("bfloat16", "float32")),
-    },
-    "distill": {
-        "temperature": Key(float, 1.0, "softmax temperature T of both distributions (the KD loss is scaled by T^2)", check=positive),
-        "top_k": Key(int, None, "keep only the teacher's top-k logits (renormalised) in the KD loss; null: full vocabulary", nullable=True, check=positive),
-        "ce_weight": Key(float, 0.0, "loss = (1 - ce_weight) * KD + ce_weight * hard-label cross-entropy", check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
-        "chunk_size": Key(int, None, "tokens per chunk of the KD loss (extra memory ~ 3 x chunk_size x vocab x 4 bytes); null: automatic (1,024 at vocab 128,256)", nullable=True, check=positive),
-        "loss": Key(str, "chunked", "chunked (memory-lean) or naive (full logits; the baseline)", choices=("chunked", "naive")),
-    },
-    "data": {
-        "text_field": Key(str, "text", "field holding the text in rows of stage 1 data"),
-        "dataset_config": Key(str, None, "HF datasets config name (e.g. sample-10BT for FineWeb-Edu)", nullable=True),
-        "streaming": Key(bool, False, "stream HF datasets instead of downloading them whole"),
-        "shuffle_buffer": Key(int, 0, "windows shuffled in a buffer of this size (0: in order)", check=non_negative),
-        "estimate_rows": Key(int, 2000, "rows tokenized to estimate windows per epoch of large or streamed data", check=positive),
-    },
-    "stage2": {
-        "enabled": Key(bool, False, "run stage 2 (instruction data) after stage 1"),
-        "data_path": Key(str, None, "stage 2 data: `messages` or `prompt`/`response` rows (rendered with the chat template), or `text`", nullable=True),
-        "data_split": Key(str, "train", "split when data_path is an HF datasets id"),
-        "epochs": Key(float, 1.0, "passes over the stage 2 data: steps = tokens x epochs / tokens per step", check=positive),
-        "max_steps": Key(int, -1, "stage 2 steps; -1: from tokens x epochs", check=lambda v: None if v > 0 or v == -1 else "must be > 0 or -1"),
-        "learning_rate": Key(float, None, "stage 2 peak lr; null: optimization.learning_rate", nullable=True, check=positive),
-    },
-    "optimization": {
-        "learning_rate": Key(float, 1e-3, "peak learning rate (stage 1)", check=positive),
-        "lr_scheduler": Key(str, "wsd", "schedule of each stage: warmup, stable, decay", choices=("wsd", "cosine", "linear", "constant")),
-        "warmup_ratio": Key(float, 0.02, "warmup as a fraction of each stage's steps", check=fraction),
-        "decay_ratio": Key(float, 0.2, "wsd: fraction of each stage's steps in the final decay", check=fraction),
-        "min_lr_ratio": Key(float, 0.1, "lr at the end of each stage's decay, as a fraction of the peak", check=fraction),
-        "adam_beta1": Key(float, 0.9, "AdamW beta1", check=fraction),
-        "adam_beta2": Key(float, 0.95, "AdamW beta2", check=fraction),
-        "weight_decay": Key(float, 0.1, "AdamW weight decay (not on norms, biases, embeddings)", check=non_negative),
-    },
-    "training": {
-        "max_seq_length": Key(int, 2048, "tokens per window (windows of max_seq_length + 1 give inputs and shifted labels)", check=positive),
-    },
-    "logging": {
-        "metric_for_best": Key(str, "eval_kd_loss", "eval_log field that ranks checkpoints (eval_kd_loss, eval_loss, eval_top1_agreement)"),
-        "greater_is_better": Key(bool, False, "true when a larger metric_for_best is better"),
-    },
-})
-SCHEMA = DISTILL_SCHEMA  # launch_training.sh validates configs against it before launching
-# Keys that may change on resume (README, "Resume and config changes"); the others must match the checkpoint's.
-# Not the stage lengths (training.max_steps/epochs, stage2.max_steps/epochs, data.estimate_rows): the
-# staged schedule runs on the global step, so a stage of another length shifts every later stage.
-RESUME_MUTABLE = (COMMON_MUTABLE - {"training.epochs", "training.max_steps"}) | {
-    "stage2.learning_rate", "teacher.device", "teacher.dtype", "distill.chunk_size", "distill.loss"}
 KD_STATS = ("kd_loss", "ce_loss", "top1_agreement")  # per-step means logged besides the loss
-EVAL_METRICS = {"eval_kd_loss": False, "eval_loss": False, "perplexity": False, "eval_top1_agreement": True}
 
 
-def check_config(cfg: dict) -> None:
-    """Everything about the config that can be checked before any model loads (the launcher calls it too)."""
-    check_paths(cfg, path_keys=("data_path", "eval_data_path"), model_hint="the teacher (hub id or local path)")
-    if cfg["stage2"]["enabled"] and not cfg["stage2"]["data_path"]:
-        raise ConfigError("stage2.data_path: required when stage2.enabled is true")
-    layers = cfg["student"]["attention_layers"]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-        raise ConfigError(f"student.attention_layers: expected non-negative layer indices, got {layers!r}")
-    metric = cfg["logging"]["metric_for_best"]
-    if metric not in EVAL_METRICS:
-        raise ConfigError(f"logging.metric_for_best: {metric!r} is not one of {', '.join(EVAL_METRICS)}")
-    if cfg["logging"]["greater_is_better"] != EVAL_METRICS[metric]:
-        raise ConfigError(f"logging.greater_is_better: must be {str(EVAL_METRICS[metric]).lower()} for {metric}")
-    if cfg["optimization"]["warmup_ratio"] + cfg["optimization"]["decay_ratio"] > 1:
-        raise ConfigError("optimization.decay_ratio: warmup_ratio + decay_ratio must be <= 1")
-    check_trackers(cfg["logging"]["report_to"])
+# TRANSITIONAL (issue 11): the names main() still uses; delete once main() calls
+# env_overrides(DistillConfig, script="distill.py"), load_config(..., DistillConfig), check_paths(cfg) and passes
+# DistillConfig.RESUME_MUTABLE to resolve_resume.
+DISTILL_SCHEMA = DistillConfig
+RESUME_MUTABLE = DistillConfig.RESUME_MUTABLE
+check_config = check_paths  # the rules between keys are the model's validators; the files are checked here
 
 
-def env_config_overrides() -> tuple[list[str], dict]:
-    """HP_* and friends from the environment (trainkit.env_overrides; launch_training.sh applies them too)."""
-    from trainkit.env_overrides import env_overrides
-    return env_overrides(schema=DISTILL_SCHEMA, script="distill.py")
+def env_config_overrides() -> tuple[list, dict]:
+    return env_overrides(DistillConfig, script="distill.py")
+# END TRANSITIONAL
 
 
 def plan_stages(cfg, tokenizer, windows_per_step: int, say) -> list[dict]:

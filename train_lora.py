@@ -20,115 +20,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import (BASE_SCHEMA, ConfigError, Key, check_paths, fraction, load_config, merge_schema,
-                             non_negative, positive)
-from trainkit.loop import check_trackers, resolve_resume
+from trainkit.config import ConfigError, check_paths, load_config
+from trainkit.config.lora import LoRAConfig
+from trainkit.env_overrides import env_overrides
+from trainkit.loop import resolve_resume
 from trainkit.preflight import check_model_config
-from trainkit.resume_check import COMMON_MUTABLE
-from trainkit.runtime import DTYPE_CHOICES, resolve_dtype
-
-LORA_SCHEMA = merge_schema(BASE_SCHEMA, {
-    "paths": {
-        "data_path": Key(str, None, "unused by train_lora.py (the data comes from task.name / task.local_dir)", nullable=True),
-    },
-    "model": {
-        "dtype": Key(str, "auto", "dtype of the base weights (HP_PREC: auto | bf16 | fp16 | fp32); auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs; adapters train in fp32",
-                     choices=DTYPE_CHOICES),
-        "attn_mode": Key(str, "chunk", "GLA kernel (fla): chunk; the removed fused_chunk maps to chunk",
-                         choices=("chunk", "fused_chunk", "fused_recurrent")),
-        "fused_swiglu": Key(bool, False, "GLA: fla's fused SwiGLU MLP (GLA_USE_FUSED_SWIGLU); adapters on down_proj still get gradients"),
-    },
-    "lora": {
-        "r": Key(int, 16, "adapter rank", check=positive),
-        "alpha": Key(float, 32.0, "scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora)", check=positive),
-        "dropout": Key(float, 0.05, "dropout on the adapter input", check=fraction),
-        "target_modules": Key((str, list), "auto", "'auto' (preset by model family: gla, llama, ...), a preset name, or a list of module names"),
-        "variant": Key(str, "lora", "adapter variant", choices=("lora", "dora", "rslora")),
-        "init": Key(str, "default", "adapter init: default (PEFT's: A random, B zero), gaussian, pissa, pissa_niter_N (fast SVD), olora"),
-        "pissa_fast": Key(bool, False, "with init pissa: fast randomized SVD (pissa_niter_<pissa_niter>) instead of a full SVD"),
-        "pissa_niter": Key(int, 4, "subspace iterations of the fast PiSSA SVD", check=positive),
-        "bias": Key(str, "none", "train biases", choices=("none", "all", "lora_only")),
-        "modules_to_save": Key(list, [], "modules trained in full and saved with the adapter (e.g. [lm_head] for a random-init model)"),
-    },
-    "task": {
-        "name": Key(str, "sst2", "GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte wnli; glue-tvt_<task> or <task>-tvt: "
-                                 "train/validation/test carved from the public splits), samsum, spider, dart (HP_DATA)"),
-        "local_dir": Key(str, None, "local copy of the data (else GLUE_LOCAL_DIR / SAMSUM_LOCAL_DIR / SPIDER_LOCAL_DIR / DART_LOCAL_DIR, else HF datasets)", nullable=True),
-        "max_train_samples": Key(int, None, "cap on training examples", nullable=True, check=positive),
-        "max_eval_samples": Key(int, None, "cap on examples per evaluation split (generation is the slow part)", nullable=True, check=positive),
-        "max_source_length": Key(int, 512, "prompt tokens kept (the beginning is cut, not the end)", check=positive),
-        "max_target_length": Key(int, 128, "target tokens kept for training", check=positive),
-        "label_likelihood": Key(bool, False, "classification: score by the likelihood of each label instead of generating"),
-        "evaluate_test": Key(bool, True, "at the end, evaluate the best adapter on the test split (when it differs from validation)"),
-    },
-    "generation": {
-        "enabled": Key(bool, True, "evaluate by .generate() (EVAL_GEN); false: eval_loss only"),
-        "max_length": Key(int, 32, "new tokens to generate (EVAL_GEN_MAX_LENGTH); with use_max_new_tokens false: prompt + new tokens", check=positive),
-        "min_length": Key(int, 0, "minimum new tokens (EVAL_GEN_MIN_LENGTH); same meaning switch", check=non_negative),
-        "use_max_new_tokens": Key(bool, True, "lengths count new tokens (max_new_tokens); false: legacy total length (GLA_USE_MAX_NEW_TOKENS=0)"),
-        "num_beams": Key(int, 1, "beam search width (EVAL_GEN_NUM_BEAMS)", check=positive),
-        "batch_size": Key(int, 16, "prompts per generate() call", check=positive),
-        "force_left_pad": Key(bool, True, "left-pad prompts (GLA_FORCE_LEFT_PAD): batched generation needs it"),
-    },
-    "logging": {
-        "metric_for_best": Key(str, "task_score", "eval_log field that ranks checkpoints: task_score (mean of the task's official metrics) or eval_loss"),
-        "greater_is_better": Key(bool, True, "true when a larger metric_for_best is better (false for eval_loss)"),
-        "verbose": Key(bool, False, "print backends, shapes and sample predictions (GLA_VERBOSE)"),
-    },
-    "memory": {
-        "dataloader_prefetch_factor": Key(int, None, "batches prefetched per worker (with workers)", nullable=True, check=positive),
-        "dataloader_pin_memory": Key(bool, True, "pinned host memory for batches on GPU"),
-        "dataloader_persistent_workers": Key(bool, False, "keep DataLoader workers between epochs"),
-        "eval_accumulation_steps": Key(int, None, "accepted for earlier launchers (EVAL_ACCUMULATION_STEPS); no effect: predictions are gathered once per split", nullable=True, check=positive),
-    },
-})
-SCHEMA = LORA_SCHEMA  # launch_training.sh validates configs against it before launching
-# Keys that may change on resume (README, "Resume and config changes"); the others must match the checkpoint's.
-# Generation settings that decide the task score stay: the best so far was ranked by them.
-RESUME_MUTABLE = COMMON_MUTABLE | {"lora.dropout", "model.dtype", "model.attn_mode", "model.fused_swiglu",
-                                   "task.max_eval_samples", "task.evaluate_test", "generation.batch_size",
-                                   "generation.force_left_pad", "logging.verbose"}
+from trainkit.runtime import resolve_dtype
 
 
-def env_config_overrides() -> tuple[list[str], dict]:
-    """HP_* and friends from the environment (launch_training.sh applies them too when it validates)."""
-    from trainkit.env_overrides import env_overrides
-    return env_overrides(schema=LORA_SCHEMA, script="train_lora.py")
+
+# TRANSITIONAL (issue 11): the names main() still uses; delete once main() calls
+# env_overrides(LoRAConfig, script="train_lora.py"), load_config(..., LoRAConfig), check_paths(cfg) and passes
+# LoRAConfig.RESUME_MUTABLE to resolve_resume.
+LORA_SCHEMA = LoRAConfig
+RESUME_MUTABLE = LoRAConfig.RESUME_MUTABLE
+check_config = check_paths  # the rules between keys are the model's validators; the files are checked here
 
 
-def check_config(cfg: dict) -> None:
-    """Everything about the config that can be checked before any model loads (the launcher calls it too)."""
-    check_paths(cfg, path_keys=(), model_hint="a hub id or local path (e.g. fla-hub/gla-1.3B-100B)")
-    lora = cfg["lora"]
-    init = lora["init"]
-    if not (init in ("default", "gaussian", "pissa", "olora") or (init.startswith("pissa_niter_") and init[12:].isdigit())):
-        raise ConfigError(f"lora.init: {init!r} is not one of default, gaussian, pissa, pissa_niter_<N>, olora")
-    if init.startswith("pissa") and lora["variant"] == "dora":
-        raise ConfigError("lora.init: PiSSA init cannot be combined with lora.variant dora")
-    metric = cfg["logging"]["metric_for_best"]
-    if metric not in ("task_score", "eval_loss"):
-        from trainkit.tasks.official import official_metrics
-        try:
-            allowed = official_metrics(cfg["task"]["name"])
-        except KeyError:
-            allowed = ()
-        if metric not in allowed:
-            raise ConfigError(f"logging.metric_for_best: {metric!r} is not task_score, eval_loss or one of {', '.join(allowed)}")
-    if metric == "task_score" and not cfg["generation"]["enabled"] and not cfg["task"]["label_likelihood"]:
-        raise ConfigError("logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood (or use eval_loss)")
-    if metric == "eval_loss" and cfg["logging"]["greater_is_better"]:
-        raise ConfigError("logging.greater_is_better: must be false when metric_for_best is eval_loss")
-    check_trackers(cfg["logging"]["report_to"])
+def env_config_overrides() -> tuple[list, dict]:
+    return env_overrides(LoRAConfig, script="train_lora.py")
 
 
-def lora_init(lora_cfg: dict):
-    """PEFT's init_lora_weights value for lora.init / lora.pissa_fast."""
-    init = lora_cfg["init"]
-    if init == "default":
-        return True
-    if init == "pissa" and lora_cfg["pissa_fast"]:
-        return f"pissa_niter_{lora_cfg['pissa_niter']}"
-    return init
+def lora_init(lora_cfg):
+    return lora_cfg.init_lora_weights
+# END TRANSITIONAL
 
 
 class TaskData(NamedTuple):

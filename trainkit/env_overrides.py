@@ -4,17 +4,23 @@ Experiment launchers written for the earlier GLA fine-tuning scripts set these v
 working, in every script. Precedence: YAML < environment < command-line `section.key=value`. Every
 error names the variable: a malformed value, a value out of range for its key, and a variable set
 for a key the running script does not have (it would be silently ignored otherwise: unset it).
-`env_overrides()` returns the overrides in the `section.key=value` form that
-trainkit.config.load_config applies, plus a record of what was applied for the logs.
+Each variable names a field of the running script's config model (trainkit/config/): its text is read
+by the field's type (or by the variable's own parser: aliases such as HP_PREC=bf16) and checked by the
+field itself. `env_overrides()` returns ("section.key", value) pairs that trainkit.config.load_config
+applies before the command line's overrides, plus a record of what was applied for the logs.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Callable, Mapping, NamedTuple
 
-from trainkit.config import ConfigError, REDACTED, check_value, is_secret_name
+from pydantic import TypeAdapter, ValidationError
+
+from trainkit.config import REDACTED, ConfigError, config_error, is_secret_name, section_class
+from trainkit.config.base import TrainConfig
+from trainkit.config.fields import expected_types
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -69,73 +75,89 @@ def _init(text: str) -> str:
 _PRECISION = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 
-# variable -> (section.key, parser, description)
-ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "HP_PEFT_R": ("lora.r", _int, "LoRA rank"),
-    "HP_PEFT_ALPHA": ("lora.alpha", _float, "LoRA alpha"),
-    "HP_PEFT_DROPOUT": ("lora.dropout", _float, "LoRA dropout"),
-    "HP_INIT": ("lora.init", _init, "adapter init: default, gaussian, pissa, pissa_niter_N, olora"),
-    "HP_PISSA_FAST": ("lora.pissa_fast", _bool, "PiSSA by fast randomized SVD (pissa_niter_<lora.pissa_niter>)"),
-    "HP_BATCH_SIZE": ("optimization.micro_batch_size", _int, "sequences per device per forward pass"),
-    "HP_LR": ("optimization.learning_rate", _float, "peak learning rate"),
-    "HP_EPOCHS": ("training.epochs", _float, "epochs (also sets training.max_steps=-1)"),
-    "HP_PREC": ("model.dtype", _choice("auto", "bfloat16", "float16", "float32", mapping=_PRECISION), "auto | bf16 | fp16 | fp32"),
-    "HP_SEED": ("training.seed", _int, "seed"),
-    "HP_DATA": ("task.name", _str, "task / dataset name (e.g. sst2, glue-tvt_mrpc, samsum, spider)"),
-    "HP_EVAL_STEPS": ("logging.eval_interval", _int, "steps between evaluations"),
-    "HP_SAVE_STEPS": ("logging.checkpoint_interval", _int, "steps between checkpoints"),
-    "HP_LOGGING_STEPS": ("logging.log_interval", _int, "steps between training_log lines"),
-    "LR_SCHEDULER_TYPE": ("optimization.lr_scheduler", _choice("constant", "linear", "cosine", "polynomial"), "lr schedule"),
-    "LR_WARMUP_RATIO": ("optimization.warmup_ratio", _float, "warmup fraction of total steps"),
-    "LR_WARMUP_STEPS": ("optimization.warmup_steps", _int, "warmup steps (wins over the ratio when > 0)"),
-    "EVAL_GEN": ("generation.enabled", _bool, "evaluate by generation"),
-    "EVAL_GEN_MAX_LENGTH": ("generation.max_length", _int, "generation length (new tokens, or total with GLA_USE_MAX_NEW_TOKENS=0)"),
-    "EVAL_GEN_MIN_LENGTH": ("generation.min_length", _int, "minimum generation length (same meaning switch)"),
-    "EVAL_GEN_NUM_BEAMS": ("generation.num_beams", _int, "beams"),
-    "GLA_FORCE_LEFT_PAD": ("generation.force_left_pad", _bool, "left-pad prompts for generation"),
-    "GLA_USE_MAX_NEW_TOKENS": ("generation.use_max_new_tokens", _bool, "1: lengths count new tokens; 0: legacy total length"),
-    "GLA_VERBOSE": ("logging.verbose", _bool, "print more (shapes, backends, sample predictions)"),
-    "GLA_USE_FUSED_SWIGLU": ("model.fused_swiglu", _bool, "fla fused SwiGLU in GLA MLPs (adapter-safe path)"),
-    "GRADIENT_CHECKPOINTING": ("memory.gradient_checkpointing", _bool, "recompute activations in backward"),
-    "NUM_DATA_WORKERS": ("memory.dataloader_num_workers", _int, "DataLoader workers"),
-    "DATALOADER_PREFETCH_FACTOR": ("memory.dataloader_prefetch_factor", _int, "batches prefetched per worker"),
-    "DATALOADER_PIN_MEMORY": ("memory.dataloader_pin_memory", _bool, "pinned host memory for batches"),
-    "DATALOADER_PERSISTENT_WORKERS": ("memory.dataloader_persistent_workers", _bool, "keep workers between epochs"),
-    "EVAL_ACCUMULATION_STEPS": ("memory.eval_accumulation_steps", _int, "generation batches between gathers of predictions"),
-    "SAVE_OPTIMIZER_STATE": ("memory.save_optimizer_state", _bool, "optimizer state in checkpoints (exact resume)"),
+class EnvVar(NamedTuple):
+    key: str                                    # section.key it sets
+    doc: str
+    parse: Callable[[str], Any] | None = None   # None: by the field's type (TEXT_PARSERS)
+
+
+ENV_OVERRIDES: dict[str, EnvVar] = {
+    "HP_PEFT_R": EnvVar("lora.r", "LoRA rank"),
+    "HP_PEFT_ALPHA": EnvVar("lora.alpha", "LoRA alpha"),
+    "HP_PEFT_DROPOUT": EnvVar("lora.dropout", "LoRA dropout"),
+    "HP_INIT": EnvVar("lora.init", "adapter init: default, gaussian, pissa, pissa_niter_N, olora", _init),
+    "HP_PISSA_FAST": EnvVar("lora.pissa_fast", "PiSSA by fast randomized SVD (pissa_niter_<lora.pissa_niter>)"),
+    "HP_BATCH_SIZE": EnvVar("optimization.micro_batch_size", "sequences per device per forward pass"),
+    "HP_LR": EnvVar("optimization.learning_rate", "peak learning rate"),
+    "HP_EPOCHS": EnvVar("training.epochs", "epochs (also sets training.max_steps=-1)"),
+    "HP_PREC": EnvVar("model.dtype", "auto | bf16 | fp16 | fp32", _choice("auto", "bfloat16", "float16", "float32", mapping=_PRECISION)),
+    "HP_SEED": EnvVar("training.seed", "seed"),
+    "HP_DATA": EnvVar("task.name", "task / dataset name (e.g. sst2, glue-tvt_mrpc, samsum, spider)"),
+    "HP_EVAL_STEPS": EnvVar("logging.eval_interval", "steps between evaluations"),
+    "HP_SAVE_STEPS": EnvVar("logging.checkpoint_interval", "steps between checkpoints"),
+    "HP_LOGGING_STEPS": EnvVar("logging.log_interval", "steps between training_log lines"),
+    "LR_SCHEDULER_TYPE": EnvVar("optimization.lr_scheduler", "lr schedule", _choice("constant", "linear", "cosine", "polynomial")),
+    "LR_WARMUP_RATIO": EnvVar("optimization.warmup_ratio", "warmup fraction of total steps"),
+    "LR_WARMUP_STEPS": EnvVar("optimization.warmup_steps", "warmup steps (wins over the ratio when > 0)"),
+    "EVAL_GEN": EnvVar("generation.enabled", "evaluate by generation"),
+    "EVAL_GEN_MAX_LENGTH": EnvVar("generation.max_length", "generation length (new tokens, or total with GLA_USE_MAX_NEW_TOKENS=0)"),
+    "EVAL_GEN_MIN_LENGTH": EnvVar("generation.min_length", "minimum generation length (same meaning switch)"),
+    "EVAL_GEN_NUM_BEAMS": EnvVar("generation.num_beams", "beams"),
+    "GLA_FORCE_LEFT_PAD": EnvVar("generation.force_left_pad", "left-pad prompts for generation"),
+    "GLA_USE_MAX_NEW_TOKENS": EnvVar("generation.use_max_new_tokens", "1: lengths count new tokens; 0: legacy total length"),
+    "GLA_VERBOSE": EnvVar("logging.verbose", "print more (shapes, backends, sample predictions)"),
+    "GLA_USE_FUSED_SWIGLU": EnvVar("model.fused_swiglu", "fla fused SwiGLU in GLA MLPs (adapter-safe path)"),
+    "GRADIENT_CHECKPOINTING": EnvVar("memory.gradient_checkpointing", "recompute activations in backward"),
+    "NUM_DATA_WORKERS": EnvVar("memory.dataloader_num_workers", "DataLoader workers"),
+    "DATALOADER_PREFETCH_FACTOR": EnvVar("memory.dataloader_prefetch_factor", "batches prefetched per worker"),
+    "DATALOADER_PIN_MEMORY": EnvVar("memory.dataloader_pin_memory", "pinned host memory for batches"),
+    "DATALOADER_PERSISTENT_WORKERS": EnvVar("memory.dataloader_persistent_workers", "keep workers between epochs"),
+    "EVAL_ACCUMULATION_STEPS": EnvVar("memory.eval_accumulation_steps", "generation batches between gathers of predictions"),
+    "SAVE_OPTIMIZER_STATE": EnvVar("memory.save_optimizer_state", "optimizer state in checkpoints (exact resume)"),
 }
 
 
-def env_overrides(environ: Mapping[str, str] | None = None, schema: dict | None = None,
-                  script: str = "this script") -> tuple[list[str], dict[str, dict]]:
-    """Overrides from the environment: (["section.key=value", ...], {VAR: {key, value}}).
+TEXT_PARSERS: dict[type, Callable[[str], Any]] = {bool: _bool, int: _int, float: _float, str: _str}
 
-    With `schema` (the running script's), each value is checked against its key here, so the error
-    names the variable, and a variable whose key `script` lacks is an error instead of being ignored."""
-    import json
 
+def field_of(config_class: type[TrainConfig], key: str):
+    """The pydantic field `section.key` of `config_class`, or None when the script has no such key."""
+    section, name = key.split(".")
+    model = section_class(config_class, section)
+    return model.model_fields.get(name) if model is not None else None
+
+
+def env_overrides(config_class: type[TrainConfig], environ: Mapping[str, str] | None = None,
+                  script: str = "this script") -> tuple[list[tuple[str, Any]], dict[str, dict]]:
+    """Overrides from the environment: ([("section.key", value), ...], {VAR: {key, value}}).
+
+    Each value is read and checked by its field of `config_class` (the running script's model), so the
+    error names the variable; a variable whose key `script` lacks is an error instead of being ignored."""
     environ = os.environ if environ is None else environ
-    overrides: list[str] = []
+    overrides: list[tuple[str, Any]] = []
     applied: dict[str, dict] = {}
-    for var, (key, parse, doc) in ENV_OVERRIDES.items():
+    for var, (key, doc, parse) in ENV_OVERRIDES.items():
         if var not in environ:
             continue
         raw = environ[var]
         shown = REDACTED if is_secret_name(var) else raw
-        section, name = key.split(".")
-        if schema is not None and name not in schema.get(section, {}):
+        field = field_of(config_class, key)
+        if field is None:
             raise ConfigError(f"environment variable {var}={shown!r}: {script} has no {key} ({doc}); unset {var}")
+        expect = expected_types(field)
+        parse = parse or TEXT_PARSERS[expect.types[0] if expect else str]
         try:
             value = parse(raw)
         except ValueError as e:
             raise ConfigError(f"environment variable {var}={shown!r}: {e} ({doc}; sets {key})") from None
-        if schema is not None:
-            value = check_value(f"environment variable {var}={shown!r} (sets {key})", schema[section][name], value)
-        # JSON is valid YAML: strings with ':' or '#' survive load_config's yaml parsing.
-        overrides.append(f"{key}={json.dumps(value)}")
+        try:
+            value = TypeAdapter(Annotated[(field.annotation, *field.metadata)]).validate_python(value)
+        except ValidationError as e:
+            raise config_error(e, config_class, name=f"environment variable {var}={shown!r} (sets {key})") from None
+        overrides.append((key, value))
         applied[var] = {"key": key, "value": REDACTED if is_secret_name(var) else value}
         if var == "HP_EPOCHS":
-            overrides.append("training.max_steps=-1")
+            overrides.append(("training.max_steps", -1))
     return overrides, applied
 
 
