@@ -23,18 +23,15 @@
         SIGTERM/SIGINT to the trainers directly. A run stopped by such a signal exits 0
         towards accelerate (no torchrun failure report); its code (143/130) is recorded.
 
-Validation: the sections of BASE_SCHEMA are checked strictly, together with whatever the
-named script declares: a script that defines a module-level `SCHEMA` (or exactly one
-`*_SCHEMA` dict other than BASE_SCHEMA) and keeps its top-level imports light gets its
-own keys checked here too; otherwise sections and keys outside BASE_SCHEMA are passed
-through for the script to check.
+Validation: a config whose `script` is one of the entry points (trainkit.config.scripts.SCRIPT_CONFIGS)
+is checked against that script's model, environment overrides (HP_*) included, as the script will
+check it; for any other script the shared sections (trainkit.config.base.TrainConfig) are checked
+strictly and the sections and keys they do not know are passed through for the script to check.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import functools
 import os
 import runpy
 import shlex
@@ -45,8 +42,10 @@ import yaml
 
 from trainkit import runlock
 from trainkit.checkpoints import archive_run_dir
-from trainkit.config import (BASE_SCHEMA, REDACTED, ConfigError, check_paths, is_secret_name, load_config, load_raw,
-                             merge_schema, public_config, redact)
+from trainkit.config import (REDACTED, ConfigError, apply_overrides, check_paths, is_secret_name, load_config, load_raw,
+                             name_run, public_config, redact, section_class, validate)
+from trainkit.config.base import TrainConfig
+from trainkit.config.scripts import SCRIPT_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIG_DIR = REPO / "configs" / "accelerate"
@@ -86,87 +85,29 @@ def read_accelerate_config(path: Path) -> dict:
     return data
 
 
-def _defines_schema(script: Path) -> bool:
-    """Cheap look at the source: does the script define SCHEMA or *_SCHEMA at module level?"""
-    try:
-        tree = ast.parse(script.read_text(), str(script))
-    except (OSError, SyntaxError):
-        return False
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id.endswith("SCHEMA"):
-                return True
-    return False
-
-
-def script_schema(script: Path) -> dict | None:
-    """The config schema a script declares, or None when it declares none or cannot be imported."""
-    module = script_module(script)
-    if module is None:
-        return None
-    schema = getattr(module, "SCHEMA", None)
-    if not isinstance(schema, dict):
-        found = [v for k, v in vars(module).items()
-                 if k.endswith("_SCHEMA") and isinstance(v, dict) and v is not BASE_SCHEMA]
-        schema = found[0] if len(found) == 1 else None
-    return schema
-
-
-def script_env_overrides(script: Path) -> list[str]:
-    """Config overrides a script reads from the environment (HP_* variables, trainkit.env_overrides), so the
-    launcher validates what the script will run; a malformed value is a ConfigError here already."""
-    module = script_module(script)
-    reader = getattr(module, "env_config_overrides", None) if module is not None else None
-    return list(reader()[0]) if callable(reader) else []
-
-
-@functools.lru_cache(maxsize=None)
-def script_module(script: Path):
-    """The script imported under another module name (its `if __name__ == "__main__"` block does not
-    run; the entry points keep heavy imports inside main(), so this is quick), or None when it
-    declares no schema or cannot be imported."""
-    if not _defines_schema(script):
-        return None
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_trainkit_script_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(script.parent))
-    try:
-        spec.loader.exec_module(module)
-    except Exception:  # a broken script reports itself when it runs; the base sections are still checked
-        return None
-    finally:
-        sys.path.remove(str(script.parent))
-    return module
-
-
-def lenient_load(config: str, overrides: list[str]) -> dict:
-    """load_config against BASE_SCHEMA, passing through the sections and keys it does not know.
-
-    Every unknown key gets a permissive spec (any type, may be null), so BASE_SCHEMA's
-    keys are still checked strictly and the script checks the rest when it starts.
-    """
-    from trainkit.config import TOP_LEVEL_KEYS, Key, parse_override
-
-    raw = load_raw(config)
-    extra: dict[str, set] = {}
+def lenient_load(config: str, overrides: list[str]) -> tuple[TrainConfig, dict]:
+    """(the shared sections checked strictly, {section: {key: value}} of what they do not know,
+    passed through unchecked for the script to check when it starts)."""
+    raw = apply_overrides(load_raw(config), overrides, TrainConfig)
+    known, unknown = {}, {}
     for section, keys in raw.items():
-        if section not in TOP_LEVEL_KEYS:
-            extra.setdefault(section, set()).update(keys if isinstance(keys, dict) else ())
-    for text in overrides:
-        (section, key), _ = parse_override(text)
-        if section not in TOP_LEVEL_KEYS:
-            extra.setdefault(section, set()).add(key)
-    passthrough = {section: {k: Key(object, None, "checked by the script", nullable=True)
-                             for k in keys if k not in BASE_SCHEMA.get(section, {})}
-                   for section, keys in extra.items()}
-    return load_config(config, overrides, merge_schema(BASE_SCHEMA, passthrough))
+        model = section_class(TrainConfig, section)
+        if model is None and section not in TrainConfig.model_fields:
+            unknown[section] = keys
+        elif model is not None and isinstance(keys, dict):
+            known[section] = {k: v for k, v in keys.items() if k in model.model_fields}
+            extra = {k: v for k, v in keys.items() if k not in model.model_fields}
+            if extra:
+                unknown[section] = extra
+        else:
+            known[section] = keys
+    return name_run(validate(known, TrainConfig), config), unknown
 
 
-def load_for_launch(config: str, overrides: list[str]) -> tuple[dict, Path, str]:
-    """(validated config, script path, how it was validated)."""
+def load_for_launch(config: str, overrides: list[str]) -> tuple[TrainConfig, dict, Path, str]:
+    """(validated config, keys passed through unchecked, script path, how it was validated)."""
+    from trainkit.env_overrides import env_overrides
+
     raw = load_raw(config)
     name = raw.get("script") or DEFAULT_SCRIPT
     if not isinstance(name, str):
@@ -174,18 +115,16 @@ def load_for_launch(config: str, overrides: list[str]) -> tuple[dict, Path, str]
     script = Path(name) if Path(name).is_absolute() else REPO / name
     if not script.is_file():
         raise ConfigError(f"script: no such entry point: {name}")
-    schema = script_schema(script)
-    if schema is not None:
-        overrides = script_env_overrides(script) + list(overrides)  # environment < command line, as in the script
-        cfg, how = load_config(config, overrides, schema), f"checked against {script.name}'s schema"
+    config_class = SCRIPT_CONFIGS.get(script.name)
+    if config_class is not None:
+        env, _ = env_overrides(config_class, script=script.name)
+        cfg = load_config(config, env + list(overrides), config_class)  # environment < command line, as in the script
+        unchecked, how = {}, f"checked against {script.name}'s config model"
     else:
-        cfg, how = lenient_load(config, overrides), "base sections checked; the script checks the rest"
-    checker = getattr(script_module(script), "check_config", None) if schema is not None else None
-    if callable(checker):
-        checker(cfg)
-    else:
-        check_paths(cfg)
-    return cfg, script, how
+        cfg, unchecked = lenient_load(config, overrides)
+        how = "base sections checked; the script checks the rest"
+    check_paths(cfg)
+    return cfg, unchecked, script, how
 
 
 def run_dir_facts(run_dir: Path) -> dict:
@@ -217,8 +156,8 @@ def relevant_env(environ=None) -> dict:
 def cmd_info(args) -> int:
     from trainkit.checkpoints import read_trainer_state
 
-    cfg, script, how = load_for_launch(args.config, args.overrides)
-    run_dir = Path(cfg["run_dir"])
+    cfg, unchecked, script, how = load_for_launch(args.config, args.overrides)
+    run_dir = cfg.run_dir
     state = run_dir_facts(run_dir)
     latest = Path(state["TK_LATEST_CHECKPOINT"]) if state["TK_LATEST_CHECKPOINT"] else None
     if args.resume_from:
@@ -235,7 +174,7 @@ def cmd_info(args) -> int:
     facts = {
         "TK_SCRIPT": str(script.relative_to(REPO) if script.is_relative_to(REPO) else script),
         "TK_RUN_DIR": str(run_dir),
-        "TK_OUTPUT_DIR": cfg["paths"]["output_dir"],
+        "TK_OUTPUT_DIR": cfg.paths.output_dir,
         "TK_LOCK_FILE": str(runlock.lock_path(run_dir)),
         **state,
         "TK_ACCELERATE_CONFIG": str(acc_path or ""),
@@ -262,7 +201,10 @@ def cmd_info(args) -> int:
         for k, v in redact(relevant_env()).items():
             print(f"  {k}={v}")
         print("validated config (secrets redacted):")
-        text = yaml.safe_dump(public_config(cfg), sort_keys=False, default_flow_style=False, width=100)
+        shown = public_config(cfg)
+        for section, keys in redact(unchecked).items():
+            shown[section] = {**shown[section], **keys} if isinstance(shown.get(section), dict) else keys
+        text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False, width=100)
         print("".join(f"  {line}\n" for line in text.splitlines()), end="")
     return 0
 

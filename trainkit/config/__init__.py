@@ -149,10 +149,13 @@ def validate(raw: dict, config_class: type[TrainConfig] = TrainConfig) -> TrainC
 
 
 def load_config(path: str | os.PathLike, overrides: list[Override], config_class: type[TrainConfig]) -> TrainConfig:
-    """Read YAML, apply overrides (environment pairs, then command-line strings), validate; fill in
-    paths.run_name (default: the config file's name) and remember the file (cfg.config_path)."""
+    """Read YAML, apply overrides (environment pairs, then command-line strings), validate, name the run."""
     raw = apply_overrides(load_raw(path), overrides, config_class)
-    cfg = validate(raw, config_class)
+    return name_run(validate(raw, config_class), path)
+
+
+def name_run(cfg: TrainConfig, path: str | os.PathLike) -> TrainConfig:
+    """Fill in paths.run_name (default: the config file's name) and remember the file (cfg.config_path)."""
     run_name = cfg.paths.run_name or Path(path).stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name) or run_name in (".", ".."):
         raise ConfigError(f"paths.run_name: {run_name!r} may hold only letters, digits, '.', '_' and '-'")
