@@ -15,8 +15,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from typing import Literal, get_args, get_origin  # noqa: E402
+
 from trainkit import runlog  # noqa: E402
-from trainkit.config import TOP_LEVEL_KEYS  # noqa: E402
+from trainkit.config import section_class  # noqa: E402
+from trainkit.config.fields import expected_types  # noqa: E402
+from trainkit.config.scripts import SCRIPT_CONFIGS  # noqa: E402
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (scripts/gen_reference.py) -->"
 END = "<!-- END GENERATED REFERENCE -->"
@@ -32,16 +36,25 @@ def _fmt(value) -> str:
     return f"`{value}`".replace("|", "\\|")
 
 
-def config_table(schema: dict) -> str:
+def _type_name(field) -> str:
+    if get_origin(field.annotation) is Literal:
+        return "str"
+    expect = expected_types(field)
+    return expect.type_name() if expect else getattr(field.annotation, "__name__", str(field.annotation))
+
+
+def config_table(config_class) -> str:
+    """One row per key of a script's config model: its type, default and description."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for key, spec in TOP_LEVEL_KEYS.items():
-        rows.append(f"| `{key}` | str | {_fmt(spec.default)} | {spec.doc} |")
-    for section, keys in schema.items():
-        for key, spec in keys.items():
-            types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-            type_name = " or ".join(t.__name__ for t in types)
-            doc = spec.doc + (f" (one of: {', '.join(spec.choices)})" if spec.choices else "")
-            rows.append(f"| `{section}.{key}` | {type_name} | {_fmt(spec.default)} | {_text(doc)} |")
+    for name, field in config_class.model_fields.items():
+        section = section_class(config_class, name)
+        if section is None:  # a top-level key (script)
+            rows.append(f"| `{name}` | {_type_name(field)} | {_fmt(field.default)} | {field.description} |")
+            continue
+        for key, spec in section.model_fields.items():
+            choices = get_args(spec.annotation) if get_origin(spec.annotation) is Literal else ()
+            doc = spec.description + (f" (one of: {', '.join(choices)})" if choices else "")
+            rows.append(f"| `{name}.{key}` | {_type_name(spec)} | {_fmt(spec.default)} | {_text(doc)} |")
     return "\n".join(rows)
 
 
@@ -60,22 +73,15 @@ def env_table() -> str:
     from trainkit.env_overrides import ENV_OVERRIDES
 
     rows = ["| variable | sets | meaning |", "| --- | --- | --- |"]
-    rows += [f"| `{var}` | `{key}` | {_text(doc)} |" for var, (key, _, doc) in ENV_OVERRIDES.items()]
+    rows += [f"| `{var}` | `{var_spec.key}` | {_text(var_spec.doc)} |" for var, var_spec in ENV_OVERRIDES.items()]
     return "\n".join(rows)
 
 
 def reference() -> str:
-    import distill
-    import train_lora
-    import train_qlora
-
-    parts = [
-        "### Config reference: train_qlora.py", "",
-        config_table(train_qlora.QLORA_SCHEMA), "",
-        "### Config reference: train_lora.py", "",
-        config_table(train_lora.LORA_SCHEMA), "",
-        "### Config reference: distill.py", "",
-        config_table(distill.DISTILL_SCHEMA), "",
+    parts = []
+    for script, config_class in SCRIPT_CONFIGS.items():
+        parts += [f"### Config reference: {script}", "", config_table(config_class), ""]
+    parts += [
         "### Log fields", "",
         fields_table("run.json", runlog.RUN_FIELDS), "",
         fields_table("logs/training_log.jsonl", runlog.TRAINING_FIELDS), "",

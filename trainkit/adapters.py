@@ -24,9 +24,12 @@ Module names checked against transformers 5.23 modeling code:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from torch import nn
 
 from trainkit.config import ConfigError
+from trainkit.config.base import LoraSection
 from trainkit.patches.peft import no_moe_target_remap
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -139,31 +142,33 @@ def load_adapter(model: nn.Module, path, is_trainable: bool = False, **kwargs):
         return PeftModel.from_pretrained(model, path, is_trainable=is_trainable, **kwargs)
 
 
-def apply_lora(model: nn.Module, lora_cfg: dict):
+def apply_lora(model: nn.Module, lora: LoraSection):
     """Wrap `model` with PEFT LoRA adapters; returns the PeftModel.
 
-    lora_cfg: r, alpha, dropout, target_modules ('auto' | preset | list), variant
-    (lora | dora | rslora), bias (none | all | lora_only), init (PEFT's init_lora_weights: True,
-    "gaussian", "pissa", "pissa_niter_N", "olora"; PiSSA/OLoRA move the principal part of each
-    target weight into the adapter and leave the residual in the base). The returned model carries
-    ``trainkit_lora_info`` = {target_modules, num_targets, trainable, variant}.
+    lora: the config's lora section: r, alpha, dropout, target_modules ('auto' | preset | list),
+    variant (lora | dora | rslora), bias (none | all | lora_only), modules_to_save, and
+    init_lora_weights (PEFT's: True, "gaussian", "pissa", "pissa_niter_N", "olora"; PiSSA/OLoRA
+    move the principal part of each target weight into the adapter and leave the residual in the
+    base). The returned model carries ``trainkit_lora_info`` = {target_modules, num_targets,
+    trainable, variant}.
     """
     from peft import LoraConfig, get_peft_model
 
-    variant = lora_cfg.get("variant", "lora")
-    if variant not in ("lora", "dora", "rslora"):
-        raise ConfigError(f"lora.variant: {variant!r} is not one of lora, dora, rslora")
-    targets = resolve_target_modules(model, lora_cfg.get("target_modules", "auto"))
+    # TRANSITIONAL (issue 11): train_lora.py's main() passes {**cfg["lora"], "init": <PEFT's value>}
+    # instead of cfg.lora; delete once it passes the section.
+    if isinstance(lora, dict):
+        lora = SimpleNamespace(**lora, init_lora_weights=lora["init"])
+    targets = resolve_target_modules(model, lora.target_modules)
     config = LoraConfig(
-        r=int(lora_cfg.get("r", 16)),
-        lora_alpha=float(lora_cfg.get("alpha", 32)),
-        lora_dropout=float(lora_cfg.get("dropout", 0.0)),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=targets,
-        bias=lora_cfg.get("bias", "none"),
-        use_dora=variant == "dora",
-        use_rslora=variant == "rslora",
-        modules_to_save=list(lora_cfg.get("modules_to_save") or []) or None,
-        init_lora_weights=lora_cfg.get("init", True),
+        bias=lora.bias,
+        use_dora=lora.variant == "dora",
+        use_rslora=lora.variant == "rslora",
+        modules_to_save=list(lora.modules_to_save) or None,
+        init_lora_weights=lora.init_lora_weights,
         task_type="CAUSAL_LM",
     )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -171,5 +176,5 @@ def apply_lora(model: nn.Module, lora_cfg: dict):
         peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     peft_model.trainkit_lora_info = {"target_modules": sorted({_leaf(t) for t in targets}),
-                                     "num_targets": len(targets), "trainable": trainable, "variant": variant}
+                                     "num_targets": len(targets), "trainable": trainable, "variant": lora.variant}
     return peft_model

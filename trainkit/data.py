@@ -23,6 +23,7 @@ import numpy as np
 
 from trainkit.config import ConfigError, looks_local
 from trainkit.cli import one_line
+from trainkit.config.base import TrainConfig, TrainingSection
 from trainkit.data_sources import iter_jsonl_rows, jsonl_files, load_hf
 
 IGNORE_INDEX = -100
@@ -36,11 +37,11 @@ MAP_BATCH = 1000
 WHERE = "_where"  # column with each row's location ("FILE line N"), for errors that come up later
 
 
-def load_rows(cfg: dict):
+def load_rows(cfg: TrainConfig):
     """The raw rows of `paths.data_path` (JSONL file, directory of *.jsonl[.gz], or HF datasets id),
     with a `_where` column naming each row's file and line (or dataset row) for later errors."""
-    paths = cfg["paths"]
-    source = paths["data_path"]
+    paths = cfg.paths
+    source = paths.data_path
     local = Path(os.path.expanduser(source))
     if local.is_dir():
         files = jsonl_files(local)
@@ -53,11 +54,10 @@ def load_rows(cfg: dict):
     elif looks_local(source):
         raise ConfigError(f"paths.data_path: no such file or directory: {source}")
     else:
-        ds = load_hf(source, split=paths.get("data_split") or "train", cache_dir=paths.get("cache_dir"),
-                     local_files_only=bool(cfg.get("model", {}).get("local_files_only", False)),
-                     key="paths.data_path", split_key="paths.data_split")
+        ds = load_hf(source, split=paths.data_split or "train", cache_dir=paths.cache_dir,
+                     local_files_only=cfg.model.local_files_only, key="paths.data_path", split_key="paths.data_split")
         if len(ds) == 0:
-            raise ConfigError(f"paths.data_path: dataset {source!r} split {paths.get('data_split')!r} has no rows")
+            raise ConfigError(f"paths.data_path: dataset {source!r} split {paths.data_split!r} has no rows")
         return ds.add_column(WHERE, [f"{source} row {i}" for i in range(len(ds))])
     rows, wheres = [], []
     for f in files:
@@ -258,8 +258,8 @@ def _empty_dataset():
                                       features=datasets.Features({k: feature for k in ("input_ids", "labels", "attention_mask")}))
 
 
-def _build_split(rows, fmt, tokenizer, train_cfg, fingerprint):
-    max_len = train_cfg["max_seq_length"]
+def _build_split(rows, fmt, tokenizer, training: TrainingSection, fingerprint):
+    max_len = training.max_seq_length
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stats = {"rows": len(rows), "dropped_rows": 0, "truncated_rows": 0}
     if len(rows) == 0:
@@ -270,7 +270,7 @@ def _build_split(rows, fmt, tokenizer, train_cfg, fingerprint):
     if fmt == "text":
         tok = rows.map(_tokenize_text, fn_kwargs={"tokenizer": tokenizer, "eos": eos}, remove_columns=rows.column_names,
                        new_fingerprint=fingerprint + "-tok", **map_kw)
-        if train_cfg.get("packing", True):
+        if training.packing:
             # Validation keeps a short last window if it has no full one, so it is never empty.
             ds, n_tokens, kept = _pack(tok, max_len, keep_partial=fingerprint.endswith("-val"))
             stats.update(tokens_before_packing=n_tokens, dropped_tokens=n_tokens - kept)
@@ -307,8 +307,8 @@ def build_datasets(cfg: dict, tokenizer):
     attention_mask. `info` counts rows, examples and tokens per split."""
     import datasets
 
-    train_cfg = cfg["training"]
-    max_len = train_cfg["max_seq_length"]
+    training = cfg.training
+    max_len = training.max_seq_length
     rows = load_rows(cfg)
     fmt = detect_format(set(rows.column_names) - {WHERE})
     if fmt == "prompt_response" and "response" not in rows.column_names:
@@ -325,19 +325,19 @@ def build_datasets(cfg: dict, tokenizer):
             empty = {"empty_rows": len(blank), "first_empty_row": rows[blank[0]][WHERE]}
             blank_set = set(blank)
             rows = rows.select([i for i in range(len(rows)) if i not in blank_set])
-    train_idx, val_idx = split_indices(len(rows), train_cfg["val_split"], train_cfg["seed"])
-    fingerprint = _tokenizer_fingerprint(tokenizer, fmt, max_len, train_cfg.get("packing", True),
-                                         train_cfg["seed"], train_cfg["val_split"], rows._fingerprint)
+    train_idx, val_idx = split_indices(len(rows), training.val_split, training.seed)
+    fingerprint = _tokenizer_fingerprint(tokenizer, fmt, max_len, training.packing,
+                                         training.seed, training.val_split, rows._fingerprint)
     was_verbose = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()  # quiet maps: the trainer prints `info`
     try:
-        train, train_stats = _build_split(rows.select(train_idx), fmt, tokenizer, train_cfg, fingerprint + "-train")
-        val, val_stats = _build_split(rows.select(val_idx), fmt, tokenizer, train_cfg, fingerprint + "-val")
+        train, train_stats = _build_split(rows.select(train_idx), fmt, tokenizer, training, fingerprint + "-train")
+        val, val_stats = _build_split(rows.select(val_idx), fmt, tokenizer, training, fingerprint + "-val")
     finally:
         if was_verbose:
             datasets.utils.logging.enable_progress_bar()
     if len(train) == 0:
-        if fmt == "text" and train_cfg.get("packing", True):
+        if fmt == "text" and training.packing:
             raise ConfigError(f"paths.data_path: {train_stats.get('tokens_before_packing', 0)} training tokens, fewer than one "
                               f"window of training.max_seq_length={max_len}")
         raise ConfigError(f"paths.data_path: no training examples left ({train_stats['rows']} rows, "
@@ -351,7 +351,7 @@ def build_datasets(cfg: dict, tokenizer):
 
     info: dict[str, Any] = {
         "format": fmt,
-        "source": cfg["paths"]["data_path"],
+        "source": cfg.paths.data_path,
         "rows": len(rows),
         "train_rows": len(train_idx),
         "val_rows": len(val_idx),
@@ -361,7 +361,7 @@ def build_datasets(cfg: dict, tokenizer):
         "val_tokens": tokens(val, "attention_mask", lambda x: x == 1),
         "train_target_tokens": tokens(train, "labels", lambda x: x != IGNORE_INDEX),
         "max_seq_length": max_len,
-        "packing": bool(fmt == "text" and train_cfg.get("packing", True)),
+        "packing": fmt == "text" and training.packing,
         "dropped_rows": train_stats["dropped_rows"] + val_stats["dropped_rows"],
         "truncated_rows": train_stats["truncated_rows"] + val_stats["truncated_rows"],
         **empty,

@@ -1,6 +1,6 @@
 """Loading the base model for QLoRA: NF4 4-bit (experts too), bf16 compute, checkpointing.
 
-``load_model(cfg, device, tokenizer) -> (model, info)`` is the one entry point. A model
+``load_model(cfg, device, tokenizer, dtype, quantization) -> (model, info)`` is the one entry point. A model
 given by ``paths.model_name_or_path`` (hub id or local directory) and a model built from
 ``model.config`` (random init, seeded by ``training.seed``) go through the same
 ``from_pretrained`` call: the built one is saved to a temp directory first, so the tests
@@ -20,11 +20,14 @@ import os
 import shutil
 import tempfile
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from trainkit.config.base import TrainConfig
+from trainkit.config.qlora import QuantizationSection
 from trainkit.patches.bitsandbytes import keep_cpu_4bit_layout
 from trainkit.patches.transformers import quantize_experts_on_load
 from trainkit.quantization import (count_parameters, float_expert_params, iter_expert_modules,
@@ -62,12 +65,12 @@ def is_moe(model: nn.Module) -> bool:
     return any(type(m).__name__.endswith(("SparseMoeBlock", "MoE", "MoeBlock")) for m in model.modules())
 
 
-def _quantization_config(qcfg: dict, compute_dtype: torch.dtype):
+def _quantization_config(quantization: QuantizationSection, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=qcfg.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=bool(qcfg.get("double_quant", True)),
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=list(SKIP_QUANT_MODULES),
@@ -112,27 +115,32 @@ def build_random_model_dir(model_config: dict, vocab_size: int, seed: int, dtype
     return out
 
 
-def model_source(cfg: dict, tokenizer, dtype: torch.dtype) -> tuple[str, str, dict]:
+def model_source(cfg: TrainConfig, tokenizer, dtype: torch.dtype) -> tuple[str, str, dict]:
     """(what from_pretrained loads, a display name, its hub/trust kwargs): paths.model_name_or_path,
     or a random-init model built from model.config (seeded by training.seed) in a temp directory."""
-    paths, mcfg = cfg["paths"], cfg.get("model") or {}
-    source = paths.get("model_name_or_path")
-    common = dict(trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
-                  cache_dir=paths.get("cache_dir"), local_files_only=bool(mcfg.get("local_files_only", False)))
+    paths, model_cfg = cfg.paths, cfg.model
+    source = paths.model_name_or_path
+    common = dict(trust_remote_code=model_cfg.trust_remote_code, cache_dir=paths.cache_dir,
+                  local_files_only=model_cfg.local_files_only)
     if source:
         return source, source, common
-    if not mcfg.get("config"):
+    if not model_cfg.config:
         raise ValueError("load_model: paths.model_name_or_path or model.config is required")
-    if mcfg["config"].get("model_type") == "gla":
+    if model_cfg.config.get("model_type") == "gla":
         from trainkit.gla import import_fla
         import_fla()  # registers model_type "gla" with the Auto classes
-    seed = int((cfg.get("training") or {}).get("seed", 42))
-    source = build_random_model_dir(mcfg["config"], len(tokenizer), seed, dtype, tokenizer)
-    return source, f"random-init {mcfg['config']['model_type']}", {**common, "local_files_only": True, "cache_dir": None}
+    source = build_random_model_dir(model_cfg.config, len(tokenizer), cfg.training.seed, dtype, tokenizer)
+    return source, f"random-init {model_cfg.config['model_type']}", {**common, "local_files_only": True, "cache_dir": None}
 
 
-def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]:
-    """Load (or build) the base model in 4 bit on `device`; returns (model, info).
+def load_model(cfg: TrainConfig, device, tokenizer, dtype: str | None = None,
+               quantization: QuantizationSection | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load (or build) the base model on `device`, frozen; returns (model, info).
+
+    dtype: of the matmuls and of the weights that stay unquantized ("auto": trainkit.runtime.resolve_dtype).
+    quantization: train_qlora.py's section: the linear layers in 4 bit (load_in_4bit), fused MoE
+    experts too (quantize_moe_experts, only with load_in_4bit); None: no quantization (train_lora.py).
+    The model section (and, for GLA models, lora.target_modules / modules_to_save) come from `cfg`.
 
     info: name, family, is_moe, num_experts, top_k, parameters (count_parameters),
     fraction_4bit, non_embedding_parameters, quantized_expert_banks, summary (the
@@ -140,13 +148,20 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    mcfg = cfg.get("model") or {}
-    qcfg = cfg.get("quantization") or {}
-    mem = cfg.get("memory") or {}
+    # TRANSITIONAL (issue 11): the main() bodies still call load_model(cfg, device, tokenizer), train_lora.py's
+    # with {**cfg, "quantization": {"load_in_4bit": False, "compute_dtype": <model.dtype>}}; delete once
+    # they pass dtype and quantization.
+    if dtype is None:
+        if isinstance(cfg, dict):
+            dtype, cfg = cfg["quantization"]["compute_dtype"], SimpleNamespace(**cfg)
+        else:
+            dtype, quantization = cfg.quantization.compute_dtype, cfg.quantization
+    model_cfg = cfg.model
+    load_4bit = quantization is not None and quantization.load_in_4bit
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype_name, dtype_reason = resolve_dtype(qcfg.get("compute_dtype", "auto"), device)
+    dtype_name, dtype_reason = resolve_dtype(dtype, device)
     compute_dtype = DTYPES[dtype_name]
 
     source, name, common = model_source(cfg, tokenizer, compute_dtype)
@@ -163,11 +178,13 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
     gla = getattr(config, "model_type", None) == "gla"
     if gla:
         from trainkit.gla import prepare_gla_config, use_reference_backend
-        lora_cfg = cfg.get("lora") or {}
-        notes += prepare_gla_config(config, on_cuda=device.type == "cuda", fused_swiglu=bool(mcfg.get("fused_swiglu", False)),
-                                    adapter_targets=lora_cfg.get("target_modules") or "auto",  # names, presets, "auto"
-                                    modules_to_save=list(lora_cfg.get("modules_to_save") or []),
-                                    attn_mode=mcfg.get("attn_mode"))
+        # model.fused_swiglu and model.attn_mode are train_lora.py's keys (the GLA script); other
+        # scripts have no such keys and get fla's defaults
+        notes += prepare_gla_config(config, on_cuda=device.type == "cuda",
+                                    fused_swiglu=getattr(model_cfg, "fused_swiglu", False),
+                                    adapter_targets=cfg.lora.target_modules,  # names, presets, "auto"
+                                    modules_to_save=list(cfg.lora.modules_to_save),
+                                    attn_mode=getattr(model_cfg, "attn_mode", None))
     num_experts, top_k = moe_fields(config)
     if num_experts:
         config.output_router_logits = True      # outputs carry aux_loss (added to loss by the model)
@@ -175,15 +192,18 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         text.output_router_logits = True
     config.use_cache = False
 
-    load_4bit = bool(qcfg.get("load_in_4bit", True))
     kwargs: dict[str, Any] = dict(config=config, dtype=compute_dtype, device_map={"": device}, **common)
     if not gla:  # GLA has no softmax attention: transformers refuses an attn_implementation for it
-        kwargs["attn_implementation"] = mcfg.get("attn_implementation", "sdpa")
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
     if load_4bit:
-        kwargs["quantization_config"] = _quantization_config(qcfg, compute_dtype)
-    quantize_experts = load_4bit and bool(qcfg.get("quantize_moe_experts", True))
+        kwargs["quantization_config"] = _quantization_config(quantization, compute_dtype)
+    # quantize_moe_experts quantizes to 4 bit: without load_in_4bit every weight stays in the compute dtype
+    quantize_experts = load_4bit and quantization.quantize_moe_experts
+    if quantization is not None and not load_4bit and quantization.quantize_moe_experts and num_experts:
+        notes.append("quantization.quantize_moe_experts applies only with load_in_4bit: the experts stay in "
+                     f"{dtype_name} like every other weight")
     # experts quantize while they load (one parameter's bf16 tensor at a time), not after
-    stream = quantize_experts and bool(qcfg.get("quantize_experts_on_load", True)) and bool(num_experts)
+    stream = quantize_experts and quantization.quantize_experts_on_load and bool(num_experts)
     with quantize_experts_on_load(enabled=stream) as streaming:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
@@ -201,8 +221,8 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
                           "loading; quantizing them after loading", RuntimeWarning, stacklevel=2)
     if quantize_experts:
         banks = streamed + quantize_moe_experts(model, device=device, compute_dtype=compute_dtype,
-                                                quant_type=qcfg.get("quant_type", "nf4"),
-                                                double_quant=bool(qcfg.get("double_quant", True)))
+                                                quant_type=quantization.quant_type,
+                                                double_quant=quantization.double_quant)
 
     if gla and device.type != "cuda":
         swapped = use_reference_backend(model)  # fla's Triton kernels need a GPU
@@ -215,7 +235,7 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         if p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit":
             p.data = p.data.to(compute_dtype)
 
-    if mem.get("gradient_checkpointing", True):
+    if cfg.memory.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; checkpointing only acts in train mode
@@ -243,25 +263,24 @@ def load_model(cfg: dict, device, tokenizer) -> tuple[nn.Module, dict[str, Any]]
         "load_in_4bit": load_4bit,
         "compute_dtype": dtype_name,
         "compute_dtype_reason": dtype_reason,
-        "gradient_checkpointing": bool(mem.get("gradient_checkpointing", True)),
-        "attn_implementation": None if gla else mcfg.get("attn_implementation", "sdpa"),
+        "gradient_checkpointing": cfg.memory.gradient_checkpointing,
+        "attn_implementation": None if gla else model_cfg.attn_implementation,
         "summary": summary,
         "notes": notes,
     }
     return model, info
 
 
-def load_frozen_model(cfg: dict, device, tokenizer, dtype: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+def load_frozen_model(cfg: TrainConfig, device, tokenizer, dtype: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """A frozen model in eval mode (distill.py's teacher): hub id / local path, or random init from model.config.
     `dtype` "auto" is resolved for `device` (trainkit.runtime.resolve_dtype)."""
     from transformers import AutoModelForCausalLM
 
-    mcfg = cfg.get("model") or {}
     dtype, dtype_reason = resolve_dtype(dtype, device)
     torch_dtype = DTYPES[dtype]
     source, name, common = model_source(cfg, tokenizer, torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": torch.device(device)},
-                                                 attn_implementation=mcfg.get("attn_implementation", "sdpa"), **common)
+                                                 attn_implementation=cfg.model.attn_implementation, **common)
     model.requires_grad_(False)
     model.eval()
     total = sum(p.numel() for p in model.parameters())

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from trainkit.config import ConfigError
+from trainkit.config.base import TrainConfig
 
 HUB_CHECK_TIMEOUT = 10.0  # seconds for the one request that checks a hub id
 # model_type of families whose token mixing has no position embeddings: no length limit to check
@@ -77,14 +78,14 @@ def _from_pretrained(source: str, **kwargs):
         return AutoConfig.from_pretrained(source, **kwargs)
 
 
-def load_model_config(cfg: dict):
+def load_model_config(cfg: TrainConfig):
     """The HF config of paths.model_name_or_path (local directory or hub id) or of model.config; no weights."""
     from transformers import AutoConfig
 
-    paths, mcfg = cfg["paths"], cfg["model"]
-    source = paths.get("model_name_or_path")
+    paths, model_cfg = cfg.paths, cfg.model
+    source = paths.model_name_or_path
     if not source:
-        kwargs = dict(mcfg["config"])
+        kwargs = dict(model_cfg.config)
         model_type = kwargs.pop("model_type")
         if model_type == "gla":
             from trainkit.gla import import_fla
@@ -93,20 +94,20 @@ def load_model_config(cfg: dict):
             return AutoConfig.for_model(model_type, **kwargs)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"model.config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}") from None
-    common: dict[str, Any] = dict(trust_remote_code=bool(mcfg.get("trust_remote_code")), cache_dir=paths.get("cache_dir"))
+    common: dict[str, Any] = dict(trust_remote_code=model_cfg.trust_remote_code, cache_dir=paths.cache_dir)
     if os.path.isdir(os.path.expanduser(source)):
         where = f"paths.model_name_or_path: {source}"
         kwargs = common
     else:
-        offline = offline_mode() or bool(mcfg.get("local_files_only"))
+        offline = offline_mode() or model_cfg.local_files_only
         if not offline:
             from huggingface_hub import try_to_load_from_cache
             try:
-                cached = try_to_load_from_cache(source, "config.json", cache_dir=paths.get("cache_dir"))
+                cached = try_to_load_from_cache(source, "config.json", cache_dir=paths.cache_dir)
             except ValueError:  # not a valid repo id: check_hub_model says so
                 cached = None
             if not isinstance(cached, str):  # a cached config is used when the hub is unreachable: no check
-                check_hub_model(source, paths.get("cache_dir"))
+                check_hub_model(source, paths.cache_dir)
         where = f"paths.model_name_or_path: {source!r}" + (" (offline mode: local cache only)" if offline else "")
         kwargs = {**common, "local_files_only": offline}
     try:
@@ -147,11 +148,11 @@ def build_empty_model(config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def check_model_config(cfg: dict, lengths: dict[str, int] | None = None, target_modules=None) -> None:
+def check_model_config(cfg: TrainConfig, lengths: dict[str, int] | None = None, target_modules=None) -> None:
     """The early model checks of the module docstring; ConfigError (one line) on the first problem."""
     config = load_model_config(cfg)
     if lengths:
         check_positions(config, lengths)
     if target_modules is not None:
         from trainkit.adapters import resolve_target_modules
-        resolve_target_modules(build_empty_model(config, bool(cfg["model"].get("trust_remote_code"))), target_modules)
+        resolve_target_modules(build_empty_model(config, cfg.model.trust_remote_code), target_modules)

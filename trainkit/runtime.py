@@ -26,9 +26,6 @@ def library_versions() -> dict:
     return versions
 
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-
-
 def resolve_dtype(name: str, device) -> tuple[str, str]:
     """(dtype name, why) for a configured dtype: an explicit name as is; "auto" -> bfloat16 where the
     device computes bf16 natively (CUDA with bf16 support), float16 on older GPUs, float32 on CPUs.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from trainkit.cli import one_line
 from trainkit.config import ConfigError
+from trainkit.config.base import TrainConfig
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -90,13 +91,13 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def load_tokenizer(cfg: dict):
+def load_tokenizer(cfg: TrainConfig):
     """The configured tokenizer (see module doc); ConfigError naming the key if it cannot load."""
-    paths, model_cfg = cfg["paths"], cfg.get("model", {})
-    if paths.get("tokenizer_name_or_path"):
-        key, source = "paths.tokenizer_name_or_path", paths["tokenizer_name_or_path"]
-    elif paths.get("model_name_or_path"):
-        key, source = "paths.model_name_or_path", paths["model_name_or_path"]
+    paths = cfg.paths
+    if paths.tokenizer_name_or_path:
+        key, source = "paths.tokenizer_name_or_path", paths.tokenizer_name_or_path
+    elif paths.model_name_or_path:
+        key, source = "paths.model_name_or_path", paths.model_name_or_path
     else:
         return build_byte_level_tokenizer()
 
@@ -105,9 +106,9 @@ def load_tokenizer(cfg: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source,
-            cache_dir=paths.get("cache_dir"),
-            local_files_only=bool(model_cfg.get("local_files_only", False)),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            cache_dir=paths.cache_dir,
+            local_files_only=cfg.model.local_files_only,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
     except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot use this"
         raise ConfigError(f"{key}: cannot load tokenizer from {source}: {one_line(e)}") from None

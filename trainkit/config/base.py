@@ -205,7 +205,7 @@ class LoraSection(ConfigModel):
     r: PositiveInt = Field(16, description="LoRA rank")
     alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora)")
     dropout: Fraction = Field(0.05, description="dropout on the LoRA input")
-    target_modules: StrOrList = Field("auto", description="'auto' (preset by model family), a preset name, or a list of module names")
+    target_modules: StrOrList = Field("auto", description="'auto' (preset by model family: llama, mixtral, gla, ...), a preset name, or a list of module names")
     variant: one_of("lora", "dora", "rslora") = Field("lora", description="adapter variant")
     bias: one_of("none", "all", "lora_only") = Field("none", description="train biases")
     modules_to_save: List = Field([], description="modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] for a random-init base or new tokens)")
