@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from trainkit.config import BASE_SCHEMA, ConfigError, load_config, redact
+from trainkit.config import ConfigError, load_config, public_config, redact
+from trainkit.config.base import TrainConfig
 
 from helpers_qlora import REPO
 
@@ -18,11 +19,11 @@ def write(tmp_path, data) -> str:
 
 def test_defaults_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, {"training": {"max_steps": 5}}),
-                      ["optimization.learning_rate=1e-4", "logging.report_to=tensorboard,wandb"], BASE_SCHEMA)
-    assert cfg["training"]["max_steps"] == 5 and cfg["training"]["seed"] == 42
-    assert cfg["optimization"]["learning_rate"] == 1e-4
-    assert cfg["logging"]["report_to"] == ["tensorboard", "wandb"]
-    assert cfg["run_dir"].endswith("outputs/c")
+                      ["optimization.learning_rate=1e-4", "logging.report_to=tensorboard"], TrainConfig)
+    assert cfg.training.max_steps == 5 and cfg.training.seed == 42
+    assert cfg.optimization.learning_rate == 1e-4
+    assert cfg.logging.report_to == ["tensorboard"]
+    assert str(cfg.run_dir).endswith("outputs/c") and public_config(cfg)["run_dir"].endswith("outputs/c")
 
 
 @pytest.mark.parametrize("data, overrides, message", [
@@ -38,14 +39,14 @@ def test_defaults_and_overrides(tmp_path):
 ])
 def test_errors_name_the_key(tmp_path, data, overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, data), overrides, BASE_SCHEMA)
+        load_config(write(tmp_path, data), overrides, TrainConfig)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: line \d+ is not valid YAML"):
-        load_config(write(tmp_path, "training:\n  max_steps: [1\n"), [], BASE_SCHEMA)
+        load_config(write(tmp_path, "training:\n  max_steps: [1\n"), [], TrainConfig)
 
 
 def test_redaction():
@@ -65,6 +66,6 @@ def test_redaction():
 
 
 def test_default_config_is_valid():
-    import train_qlora
-    cfg = load_config(REPO / "training_config.yaml", [], train_qlora.QLORA_SCHEMA)
-    assert cfg["script"] == "train_qlora.py" and cfg["model"]["config"]["model_type"] == "mixtral"
+    from trainkit.config.qlora import QLoRAConfig
+    cfg = load_config(REPO / "training_config.yaml", [], QLoRAConfig)
+    assert cfg.script == "train_qlora.py" and cfg.model.config["model_type"] == "mixtral"

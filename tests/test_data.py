@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainkit.config import BASE_SCHEMA, ConfigError, validate
+from trainkit.config import ConfigError, validate
+from trainkit.config.base import TrainConfig
 from trainkit.data import (IGNORE_INDEX, build_datasets, count_target_tokens, detect_format, load_rows,
                            make_collator, split_indices)
 from trainkit.tokenizer import build_byte_level_tokenizer
@@ -25,7 +26,7 @@ def tok():
 
 def make_cfg(data_path, **training):
     return validate({"paths": {"data_path": str(data_path)}, "model": {"config": {"model_type": "llama"}},
-                     "training": {"seed": 3, "val_split": 0.1, "max_seq_length": 64, **training}}, BASE_SCHEMA)
+                     "training": {"seed": 3, "val_split": 0.1, "max_seq_length": 64, **training}}, TrainConfig)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers_qlora import REPO, run_script, tiny_config
-from trainkit.config import BASE_SCHEMA, ConfigError, validate
+from trainkit.config import ConfigError, validate
+from trainkit.config.base import TrainConfig
 from trainkit.data import build_datasets
 from trainkit.text_windows import WindowStream, estimate_data
 from trainkit.tokenizer import build_byte_level_tokenizer
@@ -22,7 +23,7 @@ GOOD = [json.dumps({"text": f"document number {i} with some words in it"}) for i
 
 def qlora_data(path: Path):
     cfg = validate({"paths": {"data_path": str(path)}, "model": {"config": {"model_type": "llama"}},
-                    "training": {"seed": 3, "val_split": 0.1, "max_seq_length": 16}}, BASE_SCHEMA)
+                    "training": {"seed": 3, "val_split": 0.1, "max_seq_length": 16}}, TrainConfig)
     return build_datasets(cfg, TOK)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from helpers_qlora import REPO, run_script, script_env, tiny_config
 from trainkit.config import ConfigError
+from trainkit.config.scripts import SCRIPT_CONFIGS
 from trainkit.env_overrides import env_overrides
 
 
@@ -65,15 +66,12 @@ def test_launcher_checks_env_overrides_of_every_script(tmp_path):
 
 
 def test_env_value_out_of_range_names_the_variable():
-    import distill
-    import train_lora
-    import train_qlora
-    for module, script in ((train_qlora, "train_qlora.py"), (train_lora, "train_lora.py"), (distill, "distill.py")):
+    for script, config_class in SCRIPT_CONFIGS.items():
         with pytest.raises(ConfigError, match=r"^environment variable HP_PEFT_DROPOUT='1.5' \(sets lora.dropout\): must be in|"
                                               r"^environment variable HP_PEFT_DROPOUT='1.5': distill.py has no lora.dropout"):
-            env_overrides({"HP_PEFT_DROPOUT": "1.5"}, schema=module.SCHEMA, script=script)
-        overrides, applied = env_overrides({"HP_LR": "3e-4", "HP_SEED": "3"}, schema=module.SCHEMA, script=script)
-        assert overrides == ["optimization.learning_rate=0.0003", "training.seed=3"]
+            env_overrides(config_class, {"HP_PEFT_DROPOUT": "1.5"}, script=script)
+        overrides, applied = env_overrides(config_class, {"HP_LR": "3e-4", "HP_SEED": "3"}, script=script)
+        assert overrides == [("optimization.learning_rate", 0.0003), ("training.seed", 3)]
 
 
 # ---------------------------------------------------------------- output directory

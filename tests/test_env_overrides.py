@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 
 from trainkit.config import ConfigError, load_config
-from trainkit.env_overrides import ENV_OVERRIDES, describe, env_overrides
+from trainkit.config.lora import LoRAConfig
+from trainkit.env_overrides import ENV_OVERRIDES, describe, env_overrides, field_of
 
 REPO_CONFIG = "configs/gla_lora_sst2.yaml"
-
-
-def lora_schema():
-    import train_lora
-    return train_lora.LORA_SCHEMA
 
 
 def test_every_variable_of_the_issue_is_mapped_to_a_schema_key():
@@ -23,26 +19,25 @@ def test_every_variable_of_the_issue_is_mapped_to_a_schema_key():
               "DATALOADER_PIN_MEMORY DATALOADER_PERSISTENT_WORKERS EVAL_ACCUMULATION_STEPS SAVE_OPTIMIZER_STATE "
               "GLA_USE_FUSED_SWIGLU").split()
     assert set(wanted) == set(ENV_OVERRIDES)
-    schema = lora_schema()
-    for var, (key, _, _) in ENV_OVERRIDES.items():
-        section, name = key.split(".")
-        assert name in schema[section], f"{var} -> {key} is not a train_lora.py config key"
+    for var, spec in ENV_OVERRIDES.items():
+        assert field_of(LoRAConfig, spec.key) is not None, f"{var} -> {spec.key} is not a train_lora.py config key"
 
 
 def test_environment_beats_yaml_and_command_line_beats_environment():
     env = {"HP_PEFT_R": "4", "HP_LR": "1e-4", "HP_PREC": "fp32", "HP_EPOCHS": "2", "HP_DATA": "glue-tvt_mrpc",
            "LR_SCHEDULER_TYPE": "Linear", "GLA_USE_MAX_NEW_TOKENS": "0", "HP_INIT": "pissa_niter_4",
            "EVAL_GEN": "false", "UNRELATED": "x"}
-    overrides, applied = env_overrides(env)
-    cfg = load_config(REPO_CONFIG, overrides + ["lora.r=2"], lora_schema())
-    assert cfg["lora"]["r"] == 2                     # command line wins
-    assert cfg["optimization"]["learning_rate"] == 1e-4
-    assert cfg["model"]["dtype"] == "float32"
-    assert cfg["training"]["epochs"] == 2.0 and cfg["training"]["max_steps"] == -1
-    assert cfg["task"]["name"] == "glue-tvt_mrpc"
-    assert cfg["optimization"]["lr_scheduler"] == "linear"
-    assert cfg["generation"]["use_max_new_tokens"] is False and cfg["generation"]["enabled"] is False
-    assert cfg["lora"]["init"] == "pissa_niter_4"
+    overrides, applied = env_overrides(LoRAConfig, env)
+    # (EVAL_GEN=false: task_score then needs label likelihood, a rule the model checks while loading)
+    cfg = load_config(REPO_CONFIG, overrides + ["lora.r=2", "task.label_likelihood=true"], LoRAConfig)
+    assert cfg.lora.r == 2                     # command line wins
+    assert cfg.optimization.learning_rate == 1e-4
+    assert cfg.model.dtype == "float32"
+    assert cfg.training.epochs == 2.0 and cfg.training.max_steps == -1
+    assert cfg.task.name == "glue-tvt_mrpc"
+    assert cfg.optimization.lr_scheduler == "linear"
+    assert cfg.generation.use_max_new_tokens is False and cfg.generation.enabled is False
+    assert cfg.lora.init == "pissa_niter_4"
     assert applied["HP_PEFT_R"] == {"key": "lora.r", "value": 4}
     assert "UNRELATED" not in applied
     assert "HP_LR -> optimization.learning_rate=0.0001" in describe(applied)
@@ -57,12 +52,11 @@ def test_environment_beats_yaml_and_command_line_beats_environment():
 ])
 def test_malformed_value_names_the_variable(var, value, needle):
     with pytest.raises(ConfigError) as info:
-        env_overrides({var: value})
+        env_overrides(LoRAConfig, {var: value})
     message = str(info.value)
     assert var in message and needle in message and "\n" not in message
 
 
 def test_out_of_range_value_is_reported_with_its_key():
-    overrides, _ = env_overrides({"HP_PEFT_DROPOUT": "1.5"})
-    with pytest.raises(ConfigError, match="lora.dropout"):
-        load_config(REPO_CONFIG, overrides, lora_schema())
+    with pytest.raises(ConfigError, match=r"HP_PEFT_DROPOUT='1.5' \(sets lora.dropout\): must be in \[0, 1\)"):
+        env_overrides(LoRAConfig, {"HP_PEFT_DROPOUT": "1.5"})

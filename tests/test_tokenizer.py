@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainkit.config import BASE_SCHEMA, ConfigError, validate
+from trainkit.config import ConfigError, validate
+from trainkit.config.base import TrainConfig
 from trainkit.tokenizer import (ASSISTANT_TOKEN, EOS_TOKEN, PAD_TOKEN, SYSTEM_TOKEN, USER_TOKEN,
                                 build_byte_level_tokenizer, load_tokenizer, vocab_size_for)
 
@@ -71,14 +72,14 @@ def test_deterministic_build(tok):
 
 
 def _cfg(**paths):
-    return validate({"paths": paths, "model": {"config": {"model_type": "llama"}}}, BASE_SCHEMA)
+    return validate({"paths": paths, "model": {"config": {"model_type": "llama"}}}, TrainConfig)
 
 
 def test_load_tokenizer_choices(tok, tmp_path):
     assert len(load_tokenizer(_cfg())) == 261  # model built from config: the byte-level one
     tok.save_pretrained(tmp_path / "tk")
     cfg = _cfg(tokenizer_name_or_path=str(tmp_path / "tk"))
-    cfg["model"]["local_files_only"] = True
+    cfg.model.local_files_only = True
     loaded = load_tokenizer(cfg)
     assert len(loaded) == 261 and loaded.pad_token_id is not None
 
@@ -99,7 +100,7 @@ def test_load_tokenizer_error_names_key(tmp_path):
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     cfg = _cfg(tokenizer_name_or_path=str(empty))
-    cfg["model"]["local_files_only"] = True
+    cfg.model.local_files_only = True
     with pytest.raises(ConfigError) as e:
         load_tokenizer(cfg)
     msg = str(e.value)
@@ -107,7 +108,7 @@ def test_load_tokenizer_error_names_key(tmp_path):
     assert "\n" not in msg
 
     cfg = validate({"paths": {"model_name_or_path": "no-such-org/no-such-model"}, "model": {"local_files_only": True}},
-                   BASE_SCHEMA)
+                   TrainConfig)
     with pytest.raises(ConfigError) as e:
         load_tokenizer(cfg)
     assert str(e.value).startswith("paths.model_name_or_path: cannot load tokenizer from no-such-org/no-such-model: ")
