@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+from trainkit.config import validate
+from trainkit.config.qlora import QLoRAConfig
 from trainkit.models import load_model
 
 TINY = {
@@ -36,8 +38,8 @@ class ByteTok:
 
 
 def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, checkpointing=True, seed=11,
-             attn="sdpa") -> dict:
-    return {
+             attn="sdpa") -> QLoRAConfig:
+    return validate({
         "paths": {"model_name_or_path": None, "cache_dir": None},
         "model": {"config": copy.deepcopy(TINY[family]), "attn_implementation": attn,
                   "trust_remote_code": False, "local_files_only": True},
@@ -45,11 +47,16 @@ def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, checkpoin
         "quantization": {"load_in_4bit": load_in_4bit, "quant_type": "nf4", "double_quant": True,
                          "compute_dtype": "bfloat16", "quantize_moe_experts": quantize_experts},
         "memory": {"gradient_checkpointing": checkpointing},
-    }
+    }, QLoRAConfig)
 
 
 def load(family: str, device="cpu", **kw):
-    return load_model(make_cfg(family, **kw), device, ByteTok())
+    return load_quantized(make_cfg(family, **kw), device)
+
+
+def load_quantized(cfg: QLoRAConfig, device="cpu"):
+    """load_model as train_qlora.py calls it: the quantization section and its compute dtype."""
+    return load_model(cfg, device, ByteTok(), cfg.quantization.compute_dtype, cfg.quantization)
 
 
 def batch(seed=0, b=2, t=24, device="cpu"):

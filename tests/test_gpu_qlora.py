@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.gpu,
 def test_cuda_4bit_moe_lora_step(family):
     from moe_fixtures import batch, load
     from trainkit.adapters import apply_lora
+    from trainkit.config.base import LoraSection
     from trainkit.moe import RouterStats
     from trainkit.quantization import NF4ExpertBank, count_parameters
 
@@ -25,7 +26,7 @@ def test_cuda_4bit_moe_lora_step(family):
     cpu_banks = [m for m in cpu_model.modules() if isinstance(m, NF4ExpertBank)]
     for b, c in zip(banks, cpu_banks):
         assert torch.allclose(b.dequantize().float().cpu(), c.dequantize().float(), atol=1e-2, rtol=1e-2)
-    peft_model = apply_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto"})
+    peft_model = apply_lora(model, LoraSection(r=4, alpha=8, dropout=0.0))
     stats = RouterStats(peft_model)
     b = batch(1, device="cuda")
     out = peft_model(**b)

@@ -9,12 +9,13 @@ from torch import nn
 from moe_fixtures import batch, load
 from trainkit.adapters import apply_lora, load_adapter, resolve_target_modules
 from trainkit.config import ConfigError
+from trainkit.config.base import LoraSection
 from trainkit.models import is_moe
 from trainkit.quantization import (NF4ExpertBank, base_weight_bytes, bf16_weight_bytes, count_parameters,
                                    non_embedding_parameters)
 
 MOE = ["mixtral", "qwen3_moe", "glm4_moe"]
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto", "variant": "lora", "bias": "none"}
+LORA = LoraSection(r=4, alpha=8, dropout=0.0)
 
 
 @pytest.fixture(scope="module", params=MOE)
@@ -162,7 +163,7 @@ def test_presets_and_user_targets():
 def test_peft_save_load_round_trip(tmp_path, family, variant):
     from peft import PeftModel
     model, _ = load(family)
-    peft_model = apply_lora(model, dict(LORA, variant=variant))
+    peft_model = apply_lora(model, LORA.model_copy(update={"variant": variant}))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model(**batch(3)).loss.backward()
     opt.step()
@@ -180,3 +181,13 @@ def test_peft_save_load_round_trip(tmp_path, family, variant):
     peft_model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(peft_model(**batch(4)).logits, loaded(**batch(4)).logits)
+
+
+def test_quantize_moe_experts_applies_only_with_load_in_4bit():
+    """quantization.quantize_moe_experts (default true) was silently ignored without load_in_4bit: the
+    experts stay in the compute dtype like every other weight, and load_model says so."""
+    model, info = load("mixtral", load_in_4bit=False)
+    assert info["quantized_expert_banks"] == 0 and not any(isinstance(m, NF4ExpertBank) for m in model.modules())
+    assert any("quantize_moe_experts applies only with load_in_4bit" in note for note in info["notes"])
+    _, info = load("mixtral")
+    assert not any("quantize_moe_experts" in note for note in info["notes"])

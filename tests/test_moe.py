@@ -9,6 +9,7 @@ import torch
 
 from moe_fixtures import batch, load
 from trainkit.adapters import apply_lora
+from trainkit.config.base import LoraSection
 from trainkit.moe import RouterStats
 from trainkit.runlog import EXPERT_FIELDS
 
@@ -18,7 +19,7 @@ LAYER_KEYS = {"layer", "tokens_per_expert", "load_imbalance", "router_entropy", 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "glm4_moe"])
 def moe_model(request):
     model, info = load(request.param)
-    return request.param, apply_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto"}), info
+    return request.param, apply_lora(model, LoraSection(r=4, alpha=8, dropout=0.0)), info
 
 
 def test_counts_sum_to_tokens_times_top_k(moe_model):

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_fixtures import TINY, VOCAB, ByteTok, batch
+from moe_fixtures import TINY, VOCAB, ByteTok, batch, load_quantized
 from trainkit import quantization as Q
-from trainkit.models import build_random_model_dir, load_model
+from trainkit.config import validate
+from trainkit.config.qlora import QLoRAConfig
+from trainkit.models import build_random_model_dir
 from trainkit.quantization import NF4ExpertBank, float_expert_params
 
 MOE = ["mixtral", "qwen3_moe", "glm4_moe"]
@@ -39,14 +41,14 @@ def layer_expert_bytes(c: dict) -> int:
     return c["num_local_experts"] * 3 * c["intermediate_size"] * c["hidden_size"] * 2
 
 
-def cfg_for(source: str, *, stream=True, quantize_experts=True) -> dict:
-    return {"paths": {"model_name_or_path": source, "cache_dir": None},
+def cfg_for(source: str, *, stream=True, quantize_experts=True) -> QLoRAConfig:
+    return validate({"paths": {"model_name_or_path": source, "cache_dir": None},
             "model": {"local_files_only": True},
             "training": {"seed": 0},
             "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
                              "compute_dtype": "bfloat16", "quantize_moe_experts": quantize_experts,
                              "quantize_experts_on_load": stream},
-            "memory": {"gradient_checkpointing": False}}
+            "memory": {"gradient_checkpointing": False}}, QLoRAConfig)
 
 
 def per_expert_state_dict(state: dict, model_type: str) -> dict:
@@ -117,8 +119,8 @@ def test_quantized_on_load_equals_post_load(checkpoints, family, layout):
     else:
         assert any(k.endswith("experts.gate_up_proj") for k in keys) and not any(".experts.0." in k for k in keys)
 
-    streamed, info = load_model(cfg_for(source), "cpu", ByteTok())
-    post, info_post = load_model(cfg_for(source, stream=False), "cpu", ByteTok())
+    streamed, info = load_quantized(cfg_for(source), "cpu")
+    post, info_post = load_quantized(cfg_for(source, stream=False), "cpu")
 
     n_layers = sum(1 for n, _ in Q.iter_expert_modules(streamed))
     assert info["experts_quantized_on_load"] == info["quantized_expert_banks"] == 2 * n_layers > 0
@@ -193,7 +195,7 @@ def test_at_most_one_layer_of_bf16_experts_alive(big_checkpoints, layout, monkey
     results = {}
     for stream in (True, False):
         seen.clear()
-        model, info = load_model(cfg_for(big_checkpoints[layout], stream=stream), "cpu", ByteTok())
+        model, info = load_quantized(cfg_for(big_checkpoints[layout], stream=stream), "cpu")
         results[stream] = (list(seen), info, {n: b.packed.clone() for n, b in banks_of(model).items()})
         del model
         gc.collect()
@@ -214,8 +216,7 @@ import gc, json, sys, threading, time
 import torch, transformers, bitsandbytes  # noqa: F401  (imported before the baseline)
 sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
 from test_streaming_quant import cfg_for
-from moe_fixtures import ByteTok
-from trainkit.models import load_model
+from moe_fixtures import load_quantized
 from trainkit.quantization import base_weight_bytes
 
 def anon():
@@ -233,7 +234,7 @@ base = peak[0] = anon()
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
 t0 = time.perf_counter()
-model, info = load_model(cfg_for(sys.argv[1], stream=sys.argv[2] == "1"), "cpu", ByteTok())
+model, info = load_quantized(cfg_for(sys.argv[1], stream=sys.argv[2] == "1"), "cpu")
 seconds = time.perf_counter() - t0
 stop[0] = True
 thread.join()
@@ -282,7 +283,7 @@ def test_falls_back_to_post_load_with_a_warning(checkpoints, monkeypatch):
     monkeypatch.setattr(patches_transformers, "_streaming_quantizer_class", lambda: (None, "transformers lacks X (test)"))
     source = checkpoints["qwen3_moe"]["per_expert"]
     with pytest.warns(PatchWarning, match=r"^transformers \S+: transformers lacks X \(test\) .*quantized after loading"):
-        model, info = load_model(cfg_for(source), "cpu", ByteTok())
+        model, info = load_quantized(cfg_for(source), "cpu")
     assert info["experts_quantized_on_load"] == 0 and info["quantized_expert_banks"] == 4
     assert float_expert_params(model) == [] and type(model.hf_quantizer).__name__ == "Bnb4BitHfQuantizer"
 
@@ -290,8 +291,7 @@ def test_falls_back_to_post_load_with_a_warning(checkpoints, monkeypatch):
 def test_no_streaming_when_experts_stay_bf16(checkpoints):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        model, info = load_model(cfg_for(checkpoints["mixtral"]["per_expert"], quantize_experts=False), "cpu",
-                                 ByteTok())
+        model, info = load_quantized(cfg_for(checkpoints["mixtral"]["per_expert"], quantize_experts=False), "cpu")
     assert info["quantized_expert_banks"] == 0 and len(float_expert_params(model)) == 4
     assert type(model.hf_quantizer).__name__ == "Bnb4BitHfQuantizer"
 
@@ -300,7 +300,7 @@ def test_registry_restored_and_errors_raised(checkpoints, monkeypatch):
     from transformers.quantizers import auto
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
     source = checkpoints["glm4_moe"]["fused"]
-    load_model(cfg_for(source), "cpu", ByteTok())
+    load_quantized(cfg_for(source), "cpu")
     assert auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] is Bnb4BitHfQuantizer
 
     def broken(*args, **kwargs):
@@ -311,7 +311,7 @@ def test_registry_restored_and_errors_raised(checkpoints, monkeypatch):
     # goes on); either way load_model must not hand back experts silently left uninitialized
     with pytest.raises(RuntimeError, match=r"quantizing MoE experts while loading failed: .*experts\..*MemoryError"
                        r"|issues during automatic conversion of the weights"):
-        load_model(cfg_for(source), "cpu", ByteTok())
+        load_quantized(cfg_for(source), "cpu")
     assert auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] is Bnb4BitHfQuantizer
 
 
@@ -329,7 +329,7 @@ def test_peak_gpu_memory_during_loading(layout, tmp_path):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
-        model, info = load_model(cfg_for(source, stream=stream), device, ByteTok())
+        model, info = load_quantized(cfg_for(source, stream=stream), device)
         stats[stream] = {"peak": torch.cuda.max_memory_allocated(device) - start,
                          "final": torch.cuda.memory_allocated(device) - start, "banks_on_load":
                          info["experts_quantized_on_load"]}
