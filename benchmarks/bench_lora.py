@@ -57,6 +57,8 @@ def run_row(name: str, seq: int, args, device) -> dict:
 
     from trainkit.adapters import apply_lora
     from trainkit.gla import guard_adapter_paths
+    from trainkit.config import validate
+    from trainkit.config.lora import LoRAConfig
     from trainkit.models import load_model
 
     class VocabOnly:  # load_model needs only the vocabulary size (and special ids) of a tokenizer
@@ -66,17 +68,17 @@ def run_row(name: str, seq: int, args, device) -> dict:
             return args.vocab
 
     cache = cache_state()
-    cfg = {"paths": {"model_name_or_path": None, "cache_dir": None},
-           "model": {"config": model_config(name, args.tiny), "attn_implementation": "sdpa", "attn_mode": "chunk",
-                     "fused_swiglu": False},
-           "quantization": {"load_in_4bit": False, "compute_dtype": "float32" if device.type == "cpu" else "bfloat16"},
-           "memory": {"gradient_checkpointing": True}, "training": {"seed": 0},
-           "lora": {"target_modules": "auto", "modules_to_save": []}}
+    cfg = validate({"paths": {"model_name_or_path": None, "cache_dir": None},
+                    "model": {"config": model_config(name, args.tiny), "attn_implementation": "sdpa", "attn_mode": "chunk",
+                              "fused_swiglu": False, "dtype": "float32" if device.type == "cpu" else "bfloat16"},
+                    "memory": {"gradient_checkpointing": True}, "training": {"seed": 0},
+                    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "auto", "modules_to_save": []},
+                    "logging": {"metric_for_best": "eval_loss", "greater_is_better": False}}, LoRAConfig)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, info = load_model(cfg, device, VocabOnly())
-    model = apply_lora(model, {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "auto", "variant": "lora"})
+    model, info = load_model(cfg, device, VocabOnly(), cfg.model.dtype)
+    model = apply_lora(model, cfg.lora)
     if name == "gla":
         guard_adapter_paths(model)
     params = [p for p in model.parameters() if p.requires_grad]

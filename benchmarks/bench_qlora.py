@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainkit.adapters import apply_lora  # noqa: E402
+from trainkit.config import validate  # noqa: E402
+from trainkit.config.qlora import QLoRAConfig  # noqa: E402
 from trainkit.models import build_random_model_dir, load_model  # noqa: E402
 from trainkit.quantization import base_weight_bytes, bf16_weight_bytes, count_parameters  # noqa: E402
 
@@ -80,15 +82,15 @@ def load_standard(model_dir: str):
 
 
 def load_ours(model_dir: str):
-    cfg = {"paths": {"model_name_or_path": model_dir, "cache_dir": None},
-           "model": {"config": None, "attn_implementation": "sdpa", "trust_remote_code": False,
-                     "local_files_only": True},
-           "training": {"seed": 0},
-           "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
-                            "compute_dtype": "bfloat16", "quantize_moe_experts": True},
-           "memory": {"gradient_checkpointing": True}}
-    model, info = load_model(cfg, torch.device("cuda", 0), _Tok())
-    return apply_lora(model, LORA), info
+    cfg = validate({"paths": {"model_name_or_path": model_dir, "cache_dir": None},
+                    "model": {"config": None, "attn_implementation": "sdpa", "trust_remote_code": False,
+                              "local_files_only": True},
+                    "training": {"seed": 0},
+                    "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
+                                     "compute_dtype": "bfloat16", "quantize_moe_experts": True},
+                    "memory": {"gradient_checkpointing": True}, "lora": LORA}, QLoRAConfig)
+    model, info = load_model(cfg, torch.device("cuda", 0), _Tok(), cfg.quantization.compute_dtype, cfg.quantization)
+    return apply_lora(model, cfg.lora), info
 
 
 def run_steps(model, batch_size, seq, steps, warmup, seed=0):
