@@ -42,9 +42,10 @@ def stored_config(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(json_safe(public_config(cfg)), default=str))
 
 
-def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, list]:
-    """{key: [old, new]} for every key whose value differs between a checkpoint's config and `cfg`."""
-    old, new = flatten(saved), flatten(stored_config(cfg))
+def config_changes(saved: dict, current: dict) -> dict[str, list]:
+    """{key: [old, new]} for every key whose value differs between a checkpoint's config and `current`
+    (both as stored_config gives them)."""
+    old, new = flatten(saved), flatten(current)
     return {key: [old.get(key, UNSET), new.get(key, UNSET)]
             for key in sorted(old.keys() | new.keys()) if old.get(key, UNSET) != new.get(key, UNSET)}
 
@@ -67,4 +68,4 @@ def immutable_changes(saved: dict | None, cfg: TrainConfig, mutable: Iterable[st
     """The changed keys that may not change on resume ({} for a checkpoint without a stored config)."""
     if not saved:
         return {}
-    return {k: v for k, v in config_changes(saved, cfg).items() if not is_mutable(k, mutable)}
+    return {k: v for k, v in config_changes(saved, stored_config(cfg)).items() if not is_mutable(k, mutable)}
