@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
-from trainkit.config import ConfigError, load_config, public_config, redact
+from trainkit.config import ConfigError, load_config, public_config, redact, validate
 from trainkit.config.base import TrainConfig
+from trainkit.config.distill import DistillConfig
+from trainkit.config.lora import LoRAConfig
+from trainkit.config.qlora import QLoRAConfig
+from trainkit.config.scripts import SCRIPT_CONFIGS
 
 from helpers_qlora import REPO
 
@@ -66,6 +72,87 @@ def test_redaction():
 
 
 def test_default_config_is_valid():
-    from trainkit.config.qlora import QLoRAConfig
     cfg = load_config(REPO / "training_config.yaml", [], QLoRAConfig)
     assert cfg.script == "train_qlora.py" and cfg.model.config["model_type"] == "mixtral"
+
+
+# ---------------------------------------------------------------- the typed models (trainkit/config/)
+@pytest.mark.parametrize("text, overrides, message", [
+    ("training:\n  epochs: .inf\n", [], "training.epochs: must be a finite number (got inf)"),
+    ("training:\n  max_steps: 2.5\n", [], "training.max_steps: expected int, got float 2.5"),
+    ("training:\n  max_steps: true\n", [], "training.max_steps: expected int, got bool True"),
+    ("training:\n  seed: null\n", [], "training.seed: must not be null (expected int)"),
+    ("training: 5\n", [], "training: expected a mapping of keys, got int"),
+    ("paths:\n  output_dir: 3\n", [], "paths.output_dir: expected str, got int 3"),
+    ("model:\n  config: [1]\n", [], "model.config: expected dict, got list [1]"),
+    ("scrip: x.py\n", [], "scrip: unknown section (did you mean script?)"),
+    ("", ["script.name=x"], "override 'script.name=x': script is a top-level key"),
+    ("", ["logging.report_to=[no_such_tracker]"], "logging.report_to: unknown tracker 'no_such_tracker'"),
+])
+def test_type_errors_are_one_line_naming_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), overrides, TrainConfig)
+    assert str(err.value) == message or str(err.value).startswith(message), str(err.value)
+
+
+def test_yaml_values_are_read_as_users_expect(tmp_path):
+    """YAML 1.1 reads 2e-4 as a string: float keys take it; an int given to a float key becomes a
+    float; comma strings fill list keys; an empty section is the defaults."""
+    cfg = load_config(write(tmp_path, "optimization:\n  learning_rate: 2e-4\ntraining:\n  epochs: 2\nmemory:\n"),
+                      ["logging.report_to=tensorboard,", "lora.modules_to_save=embed_tokens,lm_head"], QLoRAConfig)
+    assert cfg.optimization.learning_rate == 2e-4 and cfg.training.epochs == 2.0
+    assert isinstance(cfg.training.epochs, float)
+    assert cfg.logging.report_to == ["tensorboard"] and cfg.lora.modules_to_save == ["embed_tokens", "lm_head"]
+    assert cfg.memory.gradient_checkpointing is True
+
+
+def test_dump_is_plain_json_with_run_dir_and_secrets_redacted(tmp_path):
+    cfg = load_config(write(tmp_path, {"model": {"config": {"model_type": "llama", "hf_token": "hf_x"}}}),
+                      ["paths.run_name=r1"], QLoRAConfig)
+    dumped = public_config(cfg)
+    assert list(dumped) == ["script", "paths", "model", "training", "optimization", "logging", "memory", "lora",
+                            "quantization", "run_dir"]
+    assert dumped["run_dir"] == str(cfg.run_dir) == "outputs/r1" and cfg.config_path.endswith("c.yaml")
+    assert dumped["model"]["config"] == {"model_type": "llama", "hf_token": "***"}
+    assert cfg.model.config["hf_token"] == "hf_x"  # redacted in what is stored, not in the config itself
+    assert json.loads(json.dumps(dumped)) == dumped
+
+
+@pytest.mark.parametrize("config_class, data, message", [
+    (QLoRAConfig, {"logging": {"metric_for_best": "accuracy"}}, "logging.metric_for_best: 'accuracy' is not one of eval_loss, perplexity"),
+    (LoRAConfig, {"lora": {"init": "xavier"}}, "lora.init: 'xavier' is not one of default, gaussian, pissa, pissa_niter_<N>, olora"),
+    (LoRAConfig, {"lora": {"init": "pissa", "variant": "dora"}}, "lora.init: PiSSA init cannot be combined with lora.variant dora"),
+    (LoRAConfig, {"generation": {"enabled": False}}, "logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood"),
+    (LoRAConfig, {"logging": {"metric_for_best": "eval_loss"}}, "logging.greater_is_better: must be false when metric_for_best is eval_loss"),
+    (LoRAConfig, {"logging": {"metric_for_best": "bleu"}}, "logging.metric_for_best: 'bleu' is not task_score, eval_loss or one of"),
+    (DistillConfig, {"stage2": {"enabled": True}}, "stage2.data_path: required when stage2.enabled is true"),
+    (DistillConfig, {"student": {"attention_layers": [1, -2]}}, "student.attention_layers: expected non-negative layer indices, got [1, -2]"),
+    (DistillConfig, {"logging": {"metric_for_best": "eval_top1_agreement"}}, "logging.greater_is_better: must be true for eval_top1_agreement"),
+    (DistillConfig, {"optimization": {"warmup_ratio": 0.5, "decay_ratio": 0.6}}, "optimization.decay_ratio: warmup_ratio + decay_ratio must be <= 1"),
+    (DistillConfig, {"optimization": {"lr_scheduler": "polynomial"}}, "optimization.lr_scheduler: 'polynomial' is not one of wsd, cosine, linear, constant"),
+    (DistillConfig, {"lora": {"r": 4}}, "lora: unknown section"),
+])
+def test_rules_between_keys_are_checked_while_loading(config_class, data, message):
+    with pytest.raises(ConfigError) as err:
+        validate(data, config_class)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_script_has_a_config_model_and_its_configs_are_valid():
+    """The launcher validates against SCRIPT_CONFIGS: each entry is an entry point, and every config
+    in the repository validates against the model of the script it names."""
+    for script in SCRIPT_CONFIGS:
+        assert (REPO / script).is_file(), script
+    configs = [REPO / "training_config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
+    for path in configs:
+        data = yaml.safe_load(path.read_text())
+        load_config(path, [], SCRIPT_CONFIGS[data.get("script") or "train_qlora.py"])
+
+
+def test_null_max_eval_batches_means_all_batches_and_distill_caps_at_eight_by_default():
+    """One meaning of null everywhere ("all"); distill.py's default cap of 8 is its stated default."""
+    assert validate({}, QLoRAConfig).training.max_eval_batches is None
+    assert validate({}, LoRAConfig).training.max_eval_batches is None
+    assert validate({}, DistillConfig).training.max_eval_batches == 8
+    assert validate({"training": {"max_eval_batches": None}}, DistillConfig).training.max_eval_batches is None
