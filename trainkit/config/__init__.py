@@ -3,7 +3,7 @@
 The keys are typed models (pydantic): the shared sections in trainkit/config/base.py, each
 script's in qlora.py, lora.py, distill.py (`SCRIPT_CONFIGS` in trainkit/config/scripts.py maps an
 entry point to its model). This module reads the YAML, applies the overrides (environment
-variables, trainkit/config/env.py, then the command line) and turns every problem into a
+variables, trainkit/env_overrides.py, then the command line) and turns every problem into a
 `ConfigError` with one line naming the key; `cli.run_main` prints it as `config error: ...` and
 exits with code 2.
 """
@@ -79,7 +79,7 @@ Override = Union[str, tuple[str, Any]]
 def apply_overrides(raw: dict, overrides: list[Override], config_class: type[TrainConfig]) -> dict:
     """`raw` with each override set, in order (a later one wins). An override is a command-line
     `section.key=value` string, or a ("section.key", value) pair whose value is already parsed and
-    checked (environment variables: trainkit.config.env)."""
+    checked (environment variables: trainkit.env_overrides)."""
     raw = copy.deepcopy(raw)
     for override in overrides:
         if isinstance(override, str):
