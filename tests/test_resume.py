@@ -310,3 +310,21 @@ def test_launcher_passes_allow_config_change(qlora_run, tmp_path):
     result = launch("--config", cfg, "--dry-run", "--allow-config-change", "training.max_steps=20")
     assert result.returncode == 0, result.stderr
     assert "--resume --allow_config_change training.max_steps=20" in command_line(result.stdout)
+
+
+@pytest.mark.parametrize("script, config, overrides", [
+    ("train_qlora.py", "training_config.yaml", []),
+    ("train_lora.py", "configs/gla_lora_sst2.yaml", ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]"]),
+    ("distill.py", "configs/distill_tiny_mamba2.yaml", ["training.epochs=2", "student.attention_layers=[1]"]),
+])
+def test_typed_config_is_stored_as_checkpoints_stored_it_before(script, config, overrides):
+    """Checkpoints store the config as JSON and resume compares it key by key: the typed models
+    (trainkit/config/) must store exactly what the dict-based schema stored (data/ holds what it
+    stored for these configs at commit ab68e75), so that older checkpoints resume."""
+    from trainkit.config import load_config
+    from trainkit.config.scripts import SCRIPT_CONFIGS
+    from trainkit.resume_check import config_changes, stored_config
+
+    before = json.loads((REPO / "data" / "stored_configs_before_typed_models.json").read_text())[script]
+    cfg = load_config(REPO / config, overrides, SCRIPT_CONFIGS[script])
+    assert config_changes(before, stored_config(cfg)) == {}
