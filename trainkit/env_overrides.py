@@ -151,7 +151,8 @@ def env_overrides(config_class: type[TrainConfig], environ: Mapping[str, str] | 
         except ValueError as e:
             raise ConfigError(f"environment variable {var}={shown!r}: {e} ({doc}; sets {key})") from None
         try:
-            value = TypeAdapter(Annotated[(field.annotation, *field.metadata)]).validate_python(value)
+            checked = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            value = TypeAdapter(checked).validate_python(value)
         except ValidationError as e:
             raise config_error(e, config_class, name=f"environment variable {var}={shown!r} (sets {key})") from None
         overrides.append((key, value))
