@@ -15,31 +15,18 @@ save_pretrained (loads back with from_pretrained after `import trainkit.students
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import ConfigError, check_paths, load_config
+from trainkit.config import ConfigError, load_script_config
 from trainkit.config.distill import DistillConfig
-from trainkit.env_overrides import env_overrides
 from trainkit.loop import resolve_resume
 from trainkit.preflight import check_model_config
 
 KD_STATS = ("kd_loss", "ce_loss", "top1_agreement")  # per-step means logged besides the loss
-
-
-# TRANSITIONAL (issue 11): the names main() still uses; delete once main() calls
-# env_overrides(DistillConfig, script="distill.py"), load_config(..., DistillConfig), check_paths(cfg) and passes
-# DistillConfig.RESUME_MUTABLE to resolve_resume.
-DISTILL_SCHEMA = DistillConfig
-RESUME_MUTABLE = DistillConfig.RESUME_MUTABLE
-check_config = check_paths  # the rules between keys are the model's validators; the files are checked here
-
-
-def env_config_overrides() -> tuple[list, dict]:
-    return env_overrides(DistillConfig, script="distill.py")
-# END TRANSITIONAL
 
 
 def plan_stages(cfg, tokenizer, windows_per_step: int, say) -> list[dict]:
@@ -49,27 +36,27 @@ def plan_stages(cfg, tokenizer, windows_per_step: int, say) -> list[dict]:
     data.estimate_rows rows (trainkit.text_windows.estimate_data)."""
     from trainkit.text_windows import estimate_data
 
-    paths, data_cfg, stage2 = cfg["paths"], cfg["data"], cfg["stage2"]
-    seq_len = cfg["training"]["max_seq_length"]
-    sources = [{"path": paths["data_path"], "split": paths["data_split"], "name": data_cfg["dataset_config"],
-                "text_field": data_cfg["text_field"], "streaming": data_cfg["streaming"], "cache_dir": paths["cache_dir"],
-                "local_files_only": cfg["model"]["local_files_only"], "key": "paths.data_path"}]
-    if stage2["enabled"]:
-        sources.append({**sources[0], "path": stage2["data_path"], "key": "stage2.data_path",
-                        "split": stage2["data_split"], "name": None, "text_field": None})
+    paths, data_cfg, stage2 = cfg.paths, cfg.data, cfg.stage2
+    seq_len = cfg.training.max_seq_length
+    sources = [{"path": paths.data_path, "split": paths.data_split, "name": data_cfg.dataset_config,
+                "text_field": data_cfg.text_field, "streaming": data_cfg.streaming, "cache_dir": paths.cache_dir,
+                "local_files_only": cfg.model.local_files_only, "key": "paths.data_path"}]
+    if stage2.enabled:
+        sources.append({**sources[0], "path": stage2.data_path, "key": "stage2.data_path",
+                        "split": stage2.data_split, "name": None, "text_field": None})
     stages = []
     for index, source in enumerate(sources):
-        section = cfg["training"] if index == 0 else stage2
-        estimate = estimate_data(source, tokenizer, seq_len, sample_rows=data_cfg["estimate_rows"])
-        if section["max_steps"] > 0:
-            steps = section["max_steps"]
+        section = cfg.training if index == 0 else stage2
+        estimate = estimate_data(source, tokenizer, seq_len, sample_rows=data_cfg.estimate_rows)
+        if section.max_steps > 0:
+            steps = section.max_steps
         elif estimate.windows:
-            steps = max(1, math.ceil(estimate.windows * section["epochs"] / windows_per_step))
+            steps = max(1, math.ceil(estimate.windows * section.epochs / windows_per_step))
         else:
             raise ConfigError(f"{'training' if index == 0 else 'stage2'}.max_steps: the size of {source['path']} "
                               "is unknown (streaming): set max_steps")
-        lr = cfg["optimization"]["learning_rate"] if index == 0 or stage2["learning_rate"] is None else stage2["learning_rate"]
-        stages.append({"source": source, "steps": steps, "windows_per_epoch": estimate.windows, "epochs": section["epochs"],
+        lr = cfg.optimization.learning_rate if index == 0 or stage2.learning_rate is None else stage2.learning_rate
+        stages.append({"source": source, "steps": steps, "windows_per_epoch": estimate.windows, "epochs": section.epochs,
                        "lr": lr, "empty_rows": estimate.empty_rows, "first_empty_row": estimate.first_empty_row})
         say(f"stage {index + 1}: {source['path']}: ~{estimate.windows or '?'} windows of {seq_len + 1} tokens per epoch "
             f"-> {steps} steps" + (f"; {estimate.empty_rows} rows of empty text left out (first: {estimate.first_empty_row})"
@@ -80,12 +67,10 @@ def plan_stages(cfg, tokenizer, windows_per_step: int, say) -> list[dict]:
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "configs/distill_tiny_mamba2.yaml").parse_args()
-    env_overrides, env_applied = env_config_overrides()
-    cfg = load_config(args.config, env_overrides + args.overrides, DISTILL_SCHEMA)  # YAML < environment < command line
-    check_config(cfg)
-    resume_from = resolve_resume(args, Path(cfg["run_dir"]), cfg, RESUME_MUTABLE)
+    cfg, env_applied = load_script_config(args.config, args.overrides, DistillConfig, "distill.py")
+    resume_from = resolve_resume(args, cfg)
     # hub id, positions: from the model's config, before data or weights load
-    check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]})
+    check_model_config(cfg, lengths={"training.max_seq_length": cfg.training.max_seq_length})
 
     import torch
     from accelerate import Accelerator
@@ -104,10 +89,10 @@ def main() -> int:
     from trainkit.training_run import TrainingRun
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
-    train_cfg, opt_cfg, kd_cfg, student_cfg = cfg["training"], cfg["optimization"], cfg["distill"], cfg["student"]
-    seed, seq_len = train_cfg["seed"], train_cfg["max_seq_length"]
-    micro_bs, accum = opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
-    accelerator = Accelerator(log_with=cfg["logging"]["report_to"] or None, project_dir=cfg["run_dir"])
+    train_cfg, opt_cfg, kd_cfg, student_cfg = cfg.training, cfg.optimization, cfg.distill, cfg.student
+    seed, seq_len = train_cfg.seed, train_cfg.max_seq_length
+    micro_bs, accum = opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
+    accelerator = Accelerator(log_with=cfg.logging.report_to or None, project_dir=str(cfg.run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     with TrainingRun(accelerator, cfg, "distill.py", resume_from) as run:
@@ -116,20 +101,20 @@ def main() -> int:
         # ------------------------------------------------------------ tokenizer, teacher, student
         set_seed(seed)
         tokenizer = load_tokenizer(cfg)
-        teacher_device = device if cfg["teacher"]["device"] == "same" else torch.device(cfg["teacher"]["device"])
-        teacher, teacher_info = load_frozen_model(cfg, teacher_device, tokenizer, dtype=cfg["teacher"]["dtype"])
+        teacher_device = device if cfg.teacher.device == "same" else torch.device(cfg.teacher.device)
+        teacher, teacher_info = load_frozen_model(cfg, teacher_device, tokenizer, dtype=cfg.teacher.dtype)
         run.say(f"teacher: {teacher_info['summary']} on {teacher_device}")
         set_seed(seed)  # student init independent of how much randomness loading used
         student, student_report = build_student(
-            teacher, mixer=student_cfg["mixer"], attention_layers=student_cfg["attention_layers"],
-            init_from_teacher=student_cfg["init_from_teacher"], dtype=getattr(torch, student_cfg["dtype"]),
-            device=device, **student_cfg["mixer_options"])
-        trainable_count = freeze(student, freeze_mlp=student_cfg["freeze_mlp"], attention_layers=student_cfg["attention_layers"],
-                                 freeze_replaced_layers=student_cfg["freeze_replaced_layers"])
-        if cfg["memory"]["gradient_checkpointing"]:
+            teacher, mixer=student_cfg.mixer, attention_layers=student_cfg.attention_layers,
+            init_from_teacher=student_cfg.init_from_teacher, dtype=getattr(torch, student_cfg.dtype),
+            device=device, **student_cfg.mixer_options)
+        trainable_count = freeze(student, freeze_mlp=student_cfg.freeze_mlp, attention_layers=student_cfg.attention_layers,
+                                 freeze_replaced_layers=student_cfg.freeze_replaced_layers)
+        if cfg.memory.gradient_checkpointing:
             enable_activation_checkpointing(student)
         student.train()
-        run.say(f"student: {student_cfg['mixer']} mixers, attention kept in layers {student_cfg['attention_layers'] or 'none'}; "
+        run.say(f"student: {student_cfg.mixer} mixers, attention kept in layers {student_cfg.attention_layers or 'none'}; "
                 f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")
         # The teacher's lm_head is used inside the student's chunked loss: it must sit on the student's device.
         teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
@@ -139,8 +124,8 @@ def main() -> int:
                 hidden = teacher.base_model(input_ids=input_ids.to(teacher_device), use_cache=False).last_hidden_state
             return hidden.to(device)
 
-        kd_model = StudentKD(student, loss=kd_cfg["loss"], temperature=kd_cfg["temperature"], top_k=kd_cfg["top_k"],
-                             ce_weight=kd_cfg["ce_weight"], chunk_size=kd_cfg["chunk_size"])
+        kd_model = StudentKD(student, loss=kd_cfg.loss, temperature=kd_cfg.temperature, top_k=kd_cfg.top_k,
+                             ce_weight=kd_cfg.ce_weight, chunk_size=kd_cfg.chunk_size)
 
         # ------------------------------------------------------------ data: stages of packed windows
         windows_per_step = micro_bs * accum * world
@@ -148,21 +133,22 @@ def main() -> int:
         total_steps = sum(s["steps"] for s in stages)
         steps_per_epoch = (stages[0]["windows_per_epoch"] or windows_per_step) / windows_per_step
         eval_batches = []
-        if cfg["paths"]["eval_data_path"]:
-            eval_source = {**stages[0]["source"], "path": cfg["paths"]["eval_data_path"], "key": "paths.eval_data_path"}
+        if cfg.paths.eval_data_path:
+            eval_source = {**stages[0]["source"], "path": cfg.paths.eval_data_path, "key": "paths.eval_data_path"}
             eval_windows = WindowStream(eval_source, tokenizer, seq_len, seed=0, rank=rank, world_size=world, epochs=1)
-            windows = [w for _, w in zip(range((train_cfg["max_eval_batches"] or 8) * micro_bs), eval_windows)]
+            limit = train_cfg.max_eval_batches * micro_bs if train_cfg.max_eval_batches else None  # None: all
+            windows = list(itertools.islice(eval_windows, limit))
             eval_batches = [torch.stack(windows[i:i + micro_bs]) for i in range(0, len(windows), micro_bs)]
 
         # ------------------------------------------------------------ optimizer, schedule, checkpoints
-        optimizer = build_optimizer(weight_decay_groups(student, opt_cfg["weight_decay"]), opt_cfg, device)
+        optimizer = build_optimizer(weight_decay_groups(student, opt_cfg.weight_decay), opt_cfg, device)
         kd_model, optimizer = accelerator.prepare(kd_model, optimizer)
-        scheduler = build_staged_scheduler(optimizer, opt_cfg, [(s["steps"], s["lr"] / opt_cfg["learning_rate"]) for s in stages])
+        scheduler = build_staged_scheduler(optimizer, opt_cfg, [(s["steps"], s["lr"] / opt_cfg.learning_rate) for s in stages])
         accelerator.register_for_checkpointing(scheduler)
         trainable = [p for p in student.parameters() if p.requires_grad]
         # Checkpoints hold the student in save_pretrained form (loads with from_pretrained), not a second copy.
         run.make_checkpointer(pretrained_saver(student, tokenizer), lambda d: load_weights_into(student, d), trainable)
-        best_dir = Path(cfg["paths"]["best_adapter_dir"] or run.run_dir / "best-student")
+        best_dir = Path(cfg.paths.best_adapter_dir or run.run_dir / "best-student")
 
         state = StageTrainState(interval=Interval(KD_STATS))
         run.resume(state, scheduler)
@@ -181,7 +167,7 @@ def main() -> int:
         while state.stage < len(stages) and stop_reason == "finished":
             stage = stages[state.stage]
             stream = WindowStream(stage["source"], tokenizer, seq_len, seed=seed + state.stage, rank=rank, world_size=world,
-                                  shuffle_buffer=cfg["data"]["shuffle_buffer"])
+                                  shuffle_buffer=cfg.data.shuffle_buffer)
             if state.data_state is not None:
                 stream.load_state_dict(state.data_state)  # exact continuation after a resume
             windows_iter = iter(stream)

@@ -20,30 +20,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import ConfigError, check_paths, load_config
+from trainkit.config import ConfigError, load_script_config
 from trainkit.config.lora import LoRAConfig
-from trainkit.env_overrides import env_overrides
 from trainkit.loop import resolve_resume
 from trainkit.preflight import check_model_config
 from trainkit.runtime import resolve_dtype
 
-
-
-# TRANSITIONAL (issue 11): the names main() still uses; delete once main() calls
-# env_overrides(LoRAConfig, script="train_lora.py"), load_config(..., LoRAConfig), check_paths(cfg) and passes
-# LoRAConfig.RESUME_MUTABLE to resolve_resume.
-LORA_SCHEMA = LoRAConfig
-RESUME_MUTABLE = LoRAConfig.RESUME_MUTABLE
-check_config = check_paths  # the rules between keys are the model's validators; the files are checked here
-
-
-def env_config_overrides() -> tuple[list, dict]:
-    return env_overrides(LoRAConfig, script="train_lora.py")
-
-
-def lora_init(lora_cfg):
-    return lora_cfg.init_lora_weights
-# END TRANSITIONAL
 
 
 class TaskData(NamedTuple):
@@ -62,11 +44,11 @@ def load_task_data(cfg, task, say) -> TaskData:
     from trainkit.tasks import TaskDataError
     from trainkit.tokenizer import load_tokenizer
 
-    task_cfg = cfg["task"]
+    task_cfg = cfg.task
     try:
-        splits = task.load(local_dir=task_cfg["local_dir"], seed=cfg["training"]["seed"], cache_dir=cfg["paths"]["cache_dir"],
-                           local_files_only=cfg["model"]["local_files_only"], max_train=task_cfg["max_train_samples"],
-                           max_eval=task_cfg["max_eval_samples"])
+        splits = task.load(local_dir=task_cfg.local_dir, seed=cfg.training.seed, cache_dir=cfg.paths.cache_dir,
+                           local_files_only=cfg.model.local_files_only, max_train=task_cfg.max_train_samples,
+                           max_eval=task_cfg.max_eval_samples)
     except TaskDataError as e:
         raise ConfigError(f"task.local_dir: {e}") from None
     tokenizer = load_tokenizer(cfg)
@@ -75,7 +57,7 @@ def load_task_data(cfg, task, say) -> TaskData:
 
     def rows(examples):
         return tokenize_prompt_target([e.prompt for e in examples], [e.target for e in examples], tokenizer,
-                                      task_cfg["max_source_length"], task_cfg["max_target_length"])
+                                      task_cfg.max_source_length, task_cfg.max_target_length)
 
     train_rows = rows(splits["train"])
     if not train_rows:
@@ -83,7 +65,7 @@ def load_task_data(cfg, task, say) -> TaskData:
     cut_targets = sum(r["_truncated_target"] for r in train_rows)
     if cut_targets:  # the model never sees the end of those answers (nor learns to stop)
         say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
-            f"task.max_target_length={task_cfg['max_target_length']} tokens and were cut")
+            f"task.max_target_length={task_cfg.max_target_length} tokens and were cut")
     eval_splits = [s for s in task.eval_splits if splits.get(s)]
     info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
             "eval_splits": eval_splits, "truncated_train_prompts": sum(r["_truncated_prompt"] for r in train_rows),
@@ -95,22 +77,20 @@ def load_task_data(cfg, task, say) -> TaskData:
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "configs/gla_lora_sst2.yaml").parse_args()
-    env_overrides, env_applied = env_config_overrides()
-    cfg = load_config(args.config, env_overrides + args.overrides, LORA_SCHEMA)  # YAML < environment < command line
-    check_config(cfg)
+    cfg, env_applied = load_script_config(args.config, args.overrides, LoRAConfig, "train_lora.py")
     from trainkit.env_overrides import describe
     from trainkit.tasks import get_task
     try:
-        task = get_task(cfg["task"]["name"])
+        task = get_task(cfg.task.name)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"task.name: {e.args[0] if e.args else e}") from None
-    if cfg["task"]["label_likelihood"] and task.kind != "classification":
+    if cfg.task.label_likelihood and task.kind != "classification":
         raise ConfigError(f"task.label_likelihood: {task.name} is not a classification task")
-    resume_from = resolve_resume(args, Path(cfg["run_dir"]), cfg, RESUME_MUTABLE)
+    resume_from = resolve_resume(args, cfg)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
-                                     cfg["task"]["max_source_length"] + cfg["task"]["max_target_length"]},
-                       target_modules=cfg["lora"]["target_modules"])
+                                     cfg.task.max_source_length + cfg.task.max_target_length},
+                       target_modules=cfg.lora.target_modules)
 
     import torch
     from accelerate import Accelerator
@@ -132,12 +112,12 @@ def main() -> int:
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
     train_cfg, opt_cfg, log_cfg, task_cfg, gen_cfg, mem_cfg = (
-        cfg["training"], cfg["optimization"], cfg["logging"], cfg["task"], cfg["generation"], cfg["memory"])
-    seed, micro_bs, accum = train_cfg["seed"], opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
+        cfg.training, cfg.optimization, cfg.logging, cfg.task, cfg.generation, cfg.memory)
+    seed, micro_bs, accum = train_cfg.seed, opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
     # fp16 base weights need loss scaling: accelerate's fp16 mixed precision brings the GradScaler.
-    base_dtype, _ = resolve_dtype(cfg["model"]["dtype"], "cuda" if torch.cuda.is_available() else "cpu")
+    base_dtype, _ = resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(
-        log_with=log_cfg["report_to"] or None, project_dir=cfg["run_dir"],
+        log_with=log_cfg.report_to or None, project_dir=str(cfg.run_dir),
         mixed_precision="fp16" if base_dtype == "float16" and torch.cuda.is_available() else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     device = accelerator.device
@@ -148,31 +128,29 @@ def main() -> int:
         set_seed(seed)
         data = load_task_data(cfg, task, run.say)
         tokenizer, splits, eval_splits = data.tokenizer, data.splits, data.eval_splits
-        loader_options = dict(num_workers=mem_cfg["dataloader_num_workers"], collate_fn=make_collator(tokenizer),
-                              pin_memory=mem_cfg["dataloader_pin_memory"] and torch.cuda.is_available())
-        if mem_cfg["dataloader_num_workers"]:
-            loader_options.update(persistent_workers=mem_cfg["dataloader_persistent_workers"],
-                                  prefetch_factor=mem_cfg["dataloader_prefetch_factor"])
+        loader_options = dict(num_workers=mem_cfg.dataloader_num_workers, collate_fn=make_collator(tokenizer),
+                              pin_memory=mem_cfg.dataloader_pin_memory and torch.cuda.is_available())
+        if mem_cfg.dataloader_num_workers:
+            loader_options.update(persistent_workers=mem_cfg.dataloader_persistent_workers,
+                                  prefetch_factor=mem_cfg.dataloader_prefetch_factor)
         train_loader = seeded_loader(data.train_rows, micro_bs, seed, shuffle=True, **loader_options)
         val_loader = seeded_loader(data.val_rows, micro_bs, seed, shuffle=False, **loader_options) if data.val_rows else None
 
         # ------------------------------------------------------------ model + adapters
-        model_cfg = {**cfg, "quantization": {"load_in_4bit": False, "compute_dtype": cfg["model"]["dtype"]}}
-        model, model_info = load_model(model_cfg, device, tokenizer)
+        model, model_info = load_model(cfg, device, tokenizer, cfg.model.dtype)
         for note in [model_info["summary"], *model_info.get("notes", [])]:
             run.say(note)
         set_seed(seed)  # adapter init independent of how much randomness loading used
-        lora_cfg = {**cfg["lora"], "init": lora_init(cfg["lora"])}
-        model = apply_lora(model, lora_cfg)
+        model = apply_lora(model, cfg.lora)
         if model_info["family"] == "gla":  # fused fla paths that would bypass an adapter get unfused ones
             for note in guard_adapter_paths(model):
                 run.say(note)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        init_name = lora_cfg["init"] if isinstance(lora_cfg["init"], str) else "default"
-        run.say(f"adapters: {cfg['lora']['variant']} init {init_name} on {model.trainkit_lora_info['target_modules']}, "
+        init = cfg.lora.init_lora_weights
+        run.say(f"adapters: {cfg.lora.variant} init {init if isinstance(init, str) else 'default'} on {model.trainkit_lora_info['target_modules']}, "
                 f"trainable parameters: {sum(p.numel() for p in trainable):,}")
-        generation = GenerationSettings.from_config(gen_cfg, task_cfg["max_source_length"])
-        if gen_cfg["enabled"]:
+        generation = GenerationSettings.from_config(gen_cfg, task_cfg.max_source_length)
+        if gen_cfg.enabled:
             check_generate_support(model, generation)  # fail now, not at the first evaluation
 
         optimizer = build_optimizer(trainable, opt_cfg, device)
@@ -180,25 +158,25 @@ def main() -> int:
         val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
         batches_per_epoch = len(train_loader)
         steps_per_epoch = math.ceil(batches_per_epoch / accum)
-        total_steps = train_cfg["max_steps"] if train_cfg["max_steps"] > 0 else math.ceil(train_cfg["epochs"] * steps_per_epoch)
+        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.epochs * steps_per_epoch)
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)  # stepped by hand, once per optimizer step
         accelerator.register_for_checkpointing(scheduler)
         load_adapter = adapter_loader(accelerator, model)
         run.make_checkpointer(pretrained_saver(accelerator.unwrap_model(model), tokenizer), load_adapter, trainable)
-        best_dir = Path(cfg["paths"]["best_adapter_dir"] or run.run_dir / "best-adapter")
+        best_dir = Path(cfg.paths.best_adapter_dir or run.run_dir / "best-adapter")
 
         state = EpochTrainState()
         run.resume(state, scheduler)
         run.begin(state, total_steps, model=model_info, data=data.info, task=task.name, env_overrides=env_applied)
         evaluator = TaskEvaluator(accelerator, model, tokenizer, task, splits, generation,
-                                  label_likelihood=task_cfg["label_likelihood"], batch_size=gen_cfg["batch_size"],
-                                  run_dir=run.run_dir, progress=log_cfg["progress_bar"], say=run.say, verbose=log_cfg["verbose"])
-        scores_by_generation = gen_cfg["enabled"] or task_cfg["label_likelihood"]
+                                  label_likelihood=task_cfg.label_likelihood, batch_size=gen_cfg.batch_size,
+                                  run_dir=run.run_dir, progress=log_cfg.progress_bar, say=run.say, verbose=log_cfg.verbose)
+        scores_by_generation = gen_cfg.enabled or task_cfg.label_likelihood
 
         def evaluate() -> None:
             result = {"task": task.name, "split": "validation"}
             if val_loader is not None:
-                result.update(evaluate_loss(model, val_loader, accelerator, train_cfg["max_eval_batches"]))
+                result.update(evaluate_loss(model, val_loader, accelerator, train_cfg.max_eval_batches))
             if scores_by_generation:
                 result.update(evaluator.score(eval_splits, f"step-{state.step}"))
             summary = " ".join(f"{k} {result[k]:.4f}" for k in ("eval_loss", TASK_SCORE) if result.get(k) is not None)
@@ -248,13 +226,13 @@ def main() -> int:
         # ------------------------------------------------------------ final evaluation and save, then the test split
         if stop_reason == "finished":
             final = run.save_final(state, evaluate)
-            if task_cfg["evaluate_test"] and scores_by_generation:
+            if task_cfg.evaluate_test and scores_by_generation:
                 evaluator.evaluate_test(run, state, load_adapter, best_dir)
             if run.is_main:
                 write_json_atomic(run.run_dir / "results.json", {
-                    "task": task.name, "metric": log_cfg["metric_for_best"], "best_metric": state.best_metric,
+                    "task": task.name, "metric": log_cfg.metric_for_best, "best_metric": state.best_metric,
                     "best_step": state.best_step, "final_checkpoint": str(final), "best_adapter": str(best_dir)})
-            run.say(f"best {log_cfg['metric_for_best']} {state.best_metric} at step {state.best_step}")
+            run.say(f"best {log_cfg.metric_for_best} {state.best_metric} at step {state.best_step}")
         return run.finish(state, stop_reason)
 
 

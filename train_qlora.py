@@ -18,36 +18,20 @@ import time
 from pathlib import Path
 
 from trainkit.cli import build_parser, run_main
-from trainkit.config import ConfigError, check_paths, load_config
+from trainkit.config import ConfigError, load_script_config
 from trainkit.config.qlora import QLoRAConfig
-from trainkit.env_overrides import env_overrides
 from trainkit.loop import resolve_resume
 from trainkit.preflight import check_model_config
-
-
-# TRANSITIONAL (issue 11): the names main() still uses; delete once main() calls
-# env_overrides(QLoRAConfig, script="train_qlora.py"), load_config(..., QLoRAConfig), check_paths(cfg) and passes
-# QLoRAConfig.RESUME_MUTABLE to resolve_resume.
-QLORA_SCHEMA = QLoRAConfig
-RESUME_MUTABLE = QLoRAConfig.RESUME_MUTABLE
-check_config = check_paths  # the rules between keys are the model's validators; the files are checked here
-
-
-def env_config_overrides() -> tuple[list, dict]:
-    return env_overrides(QLoRAConfig, script="train_qlora.py")
-# END TRANSITIONAL
 
 
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "training_config.yaml").parse_args()
-    env_overrides, env_applied = env_config_overrides()
-    cfg = load_config(args.config, env_overrides + args.overrides, QLORA_SCHEMA)  # YAML < environment < command line
-    check_config(cfg)
-    resume_from = resolve_resume(args, Path(cfg["run_dir"]), cfg, RESUME_MUTABLE)
+    cfg, env_applied = load_script_config(args.config, args.overrides, QLoRAConfig, "train_qlora.py")
+    resume_from = resolve_resume(args, cfg)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
-    check_model_config(cfg, lengths={"training.max_seq_length": cfg["training"]["max_seq_length"]},
-                       target_modules=cfg["lora"]["target_modules"])
+    check_model_config(cfg, lengths={"training.max_seq_length": cfg.training.max_seq_length},
+                       target_modules=cfg.lora.target_modules)
 
     import torch
     from accelerate import Accelerator
@@ -67,9 +51,9 @@ def main() -> int:
     from trainkit.training_run import TrainingRun
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
-    train_cfg, opt_cfg, log_cfg = cfg["training"], cfg["optimization"], cfg["logging"]
-    seed, micro_bs, accum = train_cfg["seed"], opt_cfg["micro_batch_size"], opt_cfg["gradient_accumulation_steps"]
-    accelerator = Accelerator(log_with=log_cfg["report_to"] or None, project_dir=cfg["run_dir"],
+    train_cfg, opt_cfg, log_cfg = cfg.training, cfg.optimization, cfg.logging
+    seed, micro_bs, accum = train_cfg.seed, opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
+    accelerator = Accelerator(log_with=log_cfg.report_to or None, project_dir=str(cfg.run_dir),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     device = accelerator.device
 
@@ -84,14 +68,15 @@ def main() -> int:
         run.say(f"data: {data_info}")
         collate = make_collator(tokenizer)
         train_loader = seeded_loader(train_ds, micro_bs, seed, shuffle=True, collate_fn=collate,
-                                     num_workers=cfg["memory"]["dataloader_num_workers"])
+                                     num_workers=cfg.memory.dataloader_num_workers)
         val_loader = seeded_loader(val_ds, micro_bs, seed, shuffle=False, collate_fn=collate) if len(val_ds) else None
 
         # ------------------------------------------------------------ model: 4-bit base + LoRA
-        model, model_info = load_model(cfg, device, tokenizer)
-        run.say(f"{model_info.get('summary', model_info)}")
+        model, model_info = load_model(cfg, device, tokenizer, cfg.quantization.compute_dtype, cfg.quantization)
+        for note in [model_info["summary"], *model_info.get("notes", [])]:
+            run.say(note)
         set_seed(seed)  # LoRA init independent of how much randomness loading used
-        model = apply_lora(model, cfg["lora"])
+        model = apply_lora(model, cfg.lora)
         trainable = [p for p in model.parameters() if p.requires_grad]
         run.say(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
         router_stats = RouterStats(model) if model_info.get("is_moe") else None
@@ -102,7 +87,7 @@ def main() -> int:
         if uses_deepspeed:  # DeepSpeed accumulates and steps inside backward(): give it our numbers
             accelerator.state.deepspeed_plugin.deepspeed_config.update(
                 gradient_accumulation_steps=accum, train_micro_batch_size_per_gpu=micro_bs,
-                gradient_clipping=opt_cfg["max_grad_norm"])
+                gradient_clipping=opt_cfg.max_grad_norm)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
 
@@ -110,14 +95,14 @@ def main() -> int:
         if batches_per_epoch == 0:
             raise ConfigError(f"paths.data_path: no training batches (train examples: {len(train_ds)})")
         steps_per_epoch = math.ceil(batches_per_epoch / accum)
-        total_steps = train_cfg["max_steps"] if train_cfg["max_steps"] > 0 else math.ceil(train_cfg["epochs"] * steps_per_epoch)
+        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.epochs * steps_per_epoch)
         # Stepped by hand once per optimizer step (prepared, accelerate would step it once per
         # process) and saved through register_for_checkpointing.
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)
         accelerator.register_for_checkpointing(scheduler)
         run.make_checkpointer(pretrained_saver(accelerator.unwrap_model(model), tokenizer),
                               adapter_loader(accelerator, model), trainable)
-        best_dir = Path(cfg["paths"]["best_adapter_dir"] or run.run_dir / "best-adapter")
+        best_dir = Path(cfg.paths.best_adapter_dir or run.run_dir / "best-adapter")
 
         state = EpochTrainState(interval=Interval(("aux",)))
         run.resume(state, scheduler)
@@ -126,7 +111,7 @@ def main() -> int:
         run.begin(state, total_steps, model=model_info, data=data_info, env_overrides=env_applied)
 
         def evaluate() -> None:
-            result = evaluate_loss(model, val_loader, accelerator, train_cfg["max_eval_batches"])
+            result = evaluate_loss(model, val_loader, accelerator, train_cfg.max_eval_batches)
             run.record_evaluation(state, result, f"eval_loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f}",
                                   best_dir, {"eval/loss": result["eval_loss"], "eval/perplexity": result["perplexity"]})
 
@@ -168,7 +153,7 @@ def main() -> int:
                     record = run.training_record(state, result, steps_per_epoch)
                     record["router_aux_loss"] = state.interval.means()["aux"] if router_stats else None
                     run.write_training(state, record, loss=".4f", lr=".2e", tokens_per_sec=".0f")
-                if router_stats is not None and step % log_cfg["expert_stats_interval"] == 0:
+                if router_stats is not None and step % log_cfg.expert_stats_interval == 0:
                     router_stats.load_counts(accelerator.reduce(router_stats.counts_tensor(), "sum"))
                     run.runlog.write("experts", {"step": step, **router_stats.snapshot(reset=True)})
                 if val_loader is not None and run.eval_due(step):

@@ -24,7 +24,6 @@ Module names checked against transformers 5.23 modeling code:
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 from torch import nn
 
@@ -154,10 +153,6 @@ def apply_lora(model: nn.Module, lora: LoraSection):
     """
     from peft import LoraConfig, get_peft_model
 
-    # TRANSITIONAL (issue 11): train_lora.py's main() passes {**cfg["lora"], "init": <PEFT's value>}
-    # instead of cfg.lora; delete once it passes the section.
-    if isinstance(lora, dict):
-        lora = SimpleNamespace(**lora, init_lora_weights=lora["init"])
     targets = resolve_target_modules(model, lora.target_modules)
     config = LoraConfig(
         r=lora.r,

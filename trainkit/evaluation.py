@@ -131,7 +131,7 @@ class TaskEvaluator:
             load_adapter(str(best_dir))
         result = {"task": self.task.name, "split": "test", "evaluated_step": state.best_step,
                   **self.score(test_splits, f"test-best-step-{state.best_step}")}
-        run.runlog.write("eval", {"step": state.step, **result, "metric": run.log_cfg["metric_for_best"],
+        run.runlog.write("eval", {"step": state.step, **result, "metric": run.log_cfg.metric_for_best,
                                   "metric_value": None, "is_best": False})
         run.say(f"test ({', '.join(test_splits)}) with the adapter of step {state.best_step}: "
                 f"{TASK_SCORE} {result.get(TASK_SCORE)}")

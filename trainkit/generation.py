@@ -77,11 +77,11 @@ class GenerationSettings:
     def from_config(cls, gen, max_source_length: int) -> "GenerationSettings":
         """The settings of train_lora.py's `generation` config section (the legacy total-length
         meaning of max_length / min_length when use_max_new_tokens is false)."""
-        total = not gen["use_max_new_tokens"]
-        return cls(max_new_tokens=gen["max_length"], min_new_tokens=gen["min_length"], num_beams=gen["num_beams"],
-                   batch_size=gen["batch_size"], use_max_new_tokens=gen["use_max_new_tokens"],
-                   max_length=gen["max_length"] if total else None, min_length=gen["min_length"] if total else None,
-                   max_source_length=max_source_length, force_left_pad=gen["force_left_pad"])
+        total = not gen.use_max_new_tokens
+        return cls(max_new_tokens=gen.max_length, min_new_tokens=gen.min_length, num_beams=gen.num_beams,
+                   batch_size=gen.batch_size, use_max_new_tokens=gen.use_max_new_tokens,
+                   max_length=gen.max_length if total else None, min_length=gen.min_length if total else None,
+                   max_source_length=max_source_length, force_left_pad=gen.force_left_pad)
 
 
 @dataclass

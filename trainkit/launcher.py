@@ -42,7 +42,7 @@ import yaml
 
 from trainkit import runlock
 from trainkit.checkpoints import archive_run_dir
-from trainkit.config import (REDACTED, ConfigError, apply_overrides, check_paths, is_secret_name, load_config, load_raw,
+from trainkit.config import (REDACTED, ConfigError, apply_overrides, check_paths, is_secret_name, load_raw, load_script_config,
                              name_run, public_config, redact, section_class, validate)
 from trainkit.config.base import TrainConfig
 from trainkit.config.scripts import SCRIPT_CONFIGS
@@ -106,8 +106,6 @@ def lenient_load(config: str, overrides: list[str]) -> tuple[TrainConfig, dict]:
 
 def load_for_launch(config: str, overrides: list[str]) -> tuple[TrainConfig, dict, Path, str]:
     """(validated config, keys passed through unchecked, script path, how it was validated)."""
-    from trainkit.env_overrides import env_overrides
-
     raw = load_raw(config)
     name = raw.get("script") or DEFAULT_SCRIPT
     if not isinstance(name, str):
@@ -116,15 +114,12 @@ def load_for_launch(config: str, overrides: list[str]) -> tuple[TrainConfig, dic
     if not script.is_file():
         raise ConfigError(f"script: no such entry point: {name}")
     config_class = SCRIPT_CONFIGS.get(script.name)
-    if config_class is not None:
-        env, _ = env_overrides(config_class, script=script.name)
-        cfg = load_config(config, env + list(overrides), config_class)  # environment < command line, as in the script
-        unchecked, how = {}, f"checked against {script.name}'s config model"
-    else:
-        cfg, unchecked = lenient_load(config, overrides)
-        how = "base sections checked; the script checks the rest"
+    if config_class is not None:  # as the script itself will read it
+        cfg, _ = load_script_config(config, overrides, config_class, script.name)
+        return cfg, {}, script, f"checked against {script.name}'s config model"
+    cfg, unchecked = lenient_load(config, overrides)
     check_paths(cfg)
-    return cfg, unchecked, script, how
+    return cfg, unchecked, script, "base sections checked; the script checks the rest"
 
 
 def run_dir_facts(run_dir: Path) -> dict:

@@ -10,7 +10,6 @@ lifecycle (run directory, start and end records, logging) is trainkit.training_r
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import shutil
@@ -23,20 +22,18 @@ from trainkit.checkpoints import (atomic_directory, checkpoint_dirs, checkpoints
                                   continue_lineage, directory_size, find_latest_checkpoint, read_trainer_state,
                                   staging_dir)
 from trainkit.config import ConfigError
+from trainkit.config.base import TrainConfig
 from trainkit.resume_check import config_changes, describe_changes, immutable_changes, stored_config
 from trainkit.fileio import write_json_atomic
 from trainkit.runlog import TRAINER_STATE_FILE, RunLog, release_frames, writing
 from trainkit.train_state import TrainState
 
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                   "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
-
-
 # ---------------------------------------------------------------- before the model loads
-def resolve_resume(args, run_dir: Path, cfg: dict | None = None, mutable=()) -> Path | None:
+def resolve_resume(args, cfg: TrainConfig) -> Path | None:
     """The checkpoint to resume from: --resume_from PATH, --resume (the newest complete one on the
-    latest attempt's line), or None. With `cfg`: the keys outside `mutable` must equal the config
-    stored in the checkpoint, unless --allow-config-change (trainkit.resume_check)."""
+    latest attempt's line in cfg.run_dir), or None. The keys outside the config's RESUME_MUTABLE must
+    equal the config stored in the checkpoint, unless --allow-config-change (trainkit.resume_check)."""
+    run_dir = cfg.run_dir
     if args.resume_from:
         path = Path(args.resume_from)
         try:
@@ -51,21 +48,12 @@ def resolve_resume(args, run_dir: Path, cfg: dict | None = None, mutable=()) -> 
         flag = "--resume"
     else:
         return None
-    if cfg is not None and not getattr(args, "allow_config_change", False):
-        changed = immutable_changes(read_trainer_state(path).get("config"), cfg, mutable)
+    if not getattr(args, "allow_config_change", False):
+        changed = immutable_changes(read_trainer_state(path).get("config"), cfg, cfg.RESUME_MUTABLE)
         if changed:
             raise ConfigError(f"{flag}: {path} was trained with another config; these keys cannot change on resume: "
                               f"{describe_changes(changed)} (--allow-config-change resumes anyway)")
     return path
-
-
-def check_trackers(report_to: list[str]) -> None:
-    for tracker in report_to:
-        module = TRACKER_MODULES.get(tracker)
-        if module is None:
-            raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} ({', '.join(TRACKER_MODULES)})")
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"logging.report_to: {tracker} is not installed (pip install {module})")
 
 
 # ---------------------------------------------------------------- micro batches and the optimizer step
@@ -249,7 +237,7 @@ class Checkpointer:
                 if self.is_main:
                     self.save_weights(staging)
                     write_json_atomic(staging / TRAINER_STATE_FILE, {
-                        **state.to_dict(), **extra_state, "time": time.time(), "metric_name": self.log_cfg["metric_for_best"],
+                        **state.to_dict(), **extra_state, "time": time.time(), "metric_name": self.log_cfg.metric_for_best,
                         "attempt": self.attempt, "lineage": self.lineage, "config": self.run_config})
                 acc.wait_for_everyone()
                 if self.is_main:
@@ -262,18 +250,18 @@ class Checkpointer:
             raise
         if self.is_main:
             self.runlog.event(state.step, "checkpoint_saved", f"saved {target.name}", path=str(target),
-                              size_bytes=directory_size(target), metric=self.log_cfg["metric_for_best"],
+                              size_bytes=directory_size(target), metric=self.log_cfg.metric_for_best,
                               metric_value=state.metric_value)
         acc.wait_for_everyone()
 
     def apply_retention(self, step: int) -> None:
         if not self.is_main:
             return
-        keep = self.log_cfg["keep_top_k"]
+        keep = self.log_cfg.keep_top_k
         scored = [(s, read_trainer_state(p).get("metric_value")) for s, p in checkpoint_dirs(self.run_dir)]
         # The checkpoint just saved is the newest of this attempt's line; it stays whatever its
         # metric, even when an abandoned line holds higher steps.
-        for s in checkpoints_to_delete(scored, keep, self.log_cfg["greater_is_better"], latest=step):
+        for s in checkpoints_to_delete(scored, keep, self.log_cfg.greater_is_better, latest=step):
             path = self.run_dir / f"checkpoint-{s}"
             shutil.rmtree(path, ignore_errors=True)
             self.runlog.event(step, "checkpoint_deleted", f"deleted {path.name} (top-{keep} retention)", path=str(path))

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -133,7 +132,7 @@ def model_source(cfg: TrainConfig, tokenizer, dtype: torch.dtype) -> tuple[str, 
     return source, f"random-init {model_cfg.config['model_type']}", {**common, "local_files_only": True, "cache_dir": None}
 
 
-def load_model(cfg: TrainConfig, device, tokenizer, dtype: str | None = None,
+def load_model(cfg: TrainConfig, device, tokenizer, dtype: str,
                quantization: QuantizationSection | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load (or build) the base model on `device`, frozen; returns (model, info).
 
@@ -148,14 +147,6 @@ def load_model(cfg: TrainConfig, device, tokenizer, dtype: str | None = None,
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    # TRANSITIONAL (issue 11): the main() bodies still call load_model(cfg, device, tokenizer), train_lora.py's
-    # with {**cfg, "quantization": {"load_in_4bit": False, "compute_dtype": <model.dtype>}}; delete once
-    # they pass dtype and quantization.
-    if dtype is None:
-        if isinstance(cfg, dict):
-            dtype, cfg = cfg["quantization"]["compute_dtype"], SimpleNamespace(**cfg)
-        else:
-            dtype, quantization = cfg.quantization.compute_dtype, cfg.quantization
     model_cfg = cfg.model
     load_4bit = quantization is not None and quantization.load_in_4bit
     device = torch.device(device)

@@ -47,9 +47,9 @@ class StepResult:
 class TrainingRun:
     def __init__(self, accelerator, cfg, script: str, resume_from: Path | None):
         self.accelerator, self.cfg, self.script, self.resume_from = accelerator, cfg, script, resume_from
-        self.run_dir = Path(cfg["run_dir"])
+        self.run_dir = cfg.run_dir
         self.is_main = accelerator.is_main_process
-        self.log_cfg = cfg["logging"]
+        self.log_cfg = cfg.logging
         self.state: TrainState | None = None   # set by resume()/begin(); the failure record reads its step
         self.checkpointer = None
         self.total_steps = 0
@@ -72,7 +72,7 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         self.runlog = RunLog(self.run_dir, self.is_main)
         # SIGTERM/SIGINT from here on are recorded as `preempted`; the loop reads the flag once armed.
-        self.preemption = PREEMPTION.watch(self.runlog, self.cfg["training"]["preemption_grace_seconds"],
+        self.preemption = PREEMPTION.watch(self.runlog, self.cfg.training.preemption_grace_seconds,
                                            lambda: self.step)
         return self
 
@@ -125,7 +125,7 @@ class TrainingRun:
         register_weight_hooks(self.accelerator, load_weights)
         self.load_weights = load_weights
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir, self.runlog, self.log_cfg,
-                                         self.cfg["memory"]["save_optimizer_state"], save_weights,
+                                         self.cfg.memory.save_optimizer_state, save_weights,
                                          params_to_check=params_to_check, run_config=self.cfg)
         return self.checkpointer
 
@@ -155,7 +155,7 @@ class TrainingRun:
                     total_steps=total_steps, world_size=acc.num_processes,
                     num_machines=max(1, acc.num_processes // max(local_world, 1)),
                     mixed_precision=acc.mixed_precision, pid=os.getpid(), versions=library_versions(),
-                    patches=applied(), config=public_config(cfg), config_path=cfg.get("_config_path"), error=None,
+                    patches=applied(), config=public_config(cfg), config_path=cfg.config_path, error=None,
                     exit_code=None, resumed_from=str(self.resume_from) if self.resume_from else None, **run_info)
         if self.resume_from is None:
             info["start_time"] = time.time()
@@ -164,8 +164,8 @@ class TrainingRun:
             what = start_message or f"training {total_steps} steps"
             self.runlog.event(0, "start", f"{what} on {acc.num_processes} process(es)",
                               total_steps=total_steps, world_size=acc.num_processes)
-        acc.init_trackers(cfg["paths"]["run_name"], config=tracker_config(cfg))
-        self.progress = tqdm(total=total_steps, initial=state.step, disable=not (self.is_main and self.log_cfg["progress_bar"]),
+        acc.init_trackers(cfg.paths.run_name, config=tracker_config(cfg))
+        self.progress = tqdm(total=total_steps, initial=state.step, disable=not (self.is_main and self.log_cfg.progress_bar),
                              desc=progress_desc, unit="step", dynamic_ncols=True)
         self.preemption.arm()
 
@@ -185,7 +185,7 @@ class TrainingRun:
         """Clip and step (skipped when the loss or gradients are not finite: error line, nan_skip event),
         advance `state`, the interval and the progress bar; decide whether the loop stops here."""
         finite, grad_norm, lr = optimizer_step(self.accelerator, optimizer, scheduler, params,
-                                               self.cfg["optimization"]["max_grad_norm"], step_loss)
+                                               self.cfg.optimization.max_grad_norm, step_loss)
         state.nonfinite_streak = 0 if finite else state.nonfinite_streak + 1
         state.step += 1
         state.tokens_seen += tokens
@@ -198,7 +198,7 @@ class TrainingRun:
             self.runlog.error(state.step, "NonFiniteLoss", message)
             self.runlog.event(state.step, "nan_skip", message, consecutive=state.nonfinite_streak)
             self.say(message)
-            if state.nonfinite_streak >= self.cfg["training"]["max_consecutive_nonfinite"]:
+            if state.nonfinite_streak >= self.cfg.training.max_consecutive_nonfinite:
                 stop_reason = "nan_limit"
         if stop_requested and stop_reason == "finished" and state.step < self.total_steps:
             stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step, then stop
@@ -209,13 +209,13 @@ class TrainingRun:
         return result.stop_reason != "finished" or result.step >= self.total_steps
 
     def log_due(self, step: int) -> bool:
-        return step % self.log_cfg["log_interval"] == 0 or step == self.total_steps
+        return step % self.log_cfg.log_interval == 0 or step == self.total_steps
 
     def eval_due(self, step: int) -> bool:
-        return step % self.log_cfg["eval_interval"] == 0
+        return step % self.log_cfg.eval_interval == 0
 
     def checkpoint_due(self, result: StepResult) -> bool:
-        due = result.step % self.log_cfg["checkpoint_interval"] == 0 or result.stop_reason == "preempted"
+        due = result.step % self.log_cfg.checkpoint_interval == 0 or result.stop_reason == "preempted"
         return due and result.step < self.total_steps  # the last step gets the final checkpoint instead
 
     def training_record(self, state: TrainState, result: StepResult, steps_per_epoch: float) -> dict:
@@ -251,9 +251,9 @@ class TrainingRun:
         trackers (default: every number of `result` as eval/<name>)."""
         from trainkit.loop import is_better
 
-        metric = self.log_cfg["metric_for_best"]
+        metric = self.log_cfg.metric_for_best
         value = result.get(metric)
-        best = is_better(value, state.best_metric, self.log_cfg["greater_is_better"])
+        best = is_better(value, state.best_metric, self.log_cfg.greater_is_better)
         state.metric_value, state.metric_step = value, state.step
         self.runlog.write("eval", {"step": state.step, **result, "metric": metric, "metric_value": value, "is_best": best})
         self.runlog.event(state.step, "eval", summary, eval_loss=result.get("eval_loss"), metric=metric, metric_value=value)

@@ -154,6 +154,20 @@ def load_config(path: str | os.PathLike, overrides: list[Override], config_class
     return name_run(validate(raw, config_class), path)
 
 
+def load_script_config(path: str | os.PathLike, overrides: list[str], config_class: type[TrainConfig],
+                       script: str) -> tuple[TrainConfig, dict]:
+    """A training script's config as the script (and the launcher, before it starts one) reads it:
+    YAML < environment (HP_* and friends, trainkit.env_overrides) < command-line `section.key=value`,
+    validated by `config_class`, local files and directories checked. Returns (cfg, what the
+    environment set, for the logs)."""
+    from trainkit.env_overrides import env_overrides
+
+    env, applied = env_overrides(config_class, script=script)
+    cfg = load_config(path, env + list(overrides), config_class)
+    check_paths(cfg)
+    return cfg, applied
+
+
 def name_run(cfg: TrainConfig, path: str | os.PathLike) -> TrainConfig:
     """Fill in paths.run_name (default: the config file's name) and remember the file (cfg.config_path)."""
     run_name = cfg.paths.run_name or Path(path).stem

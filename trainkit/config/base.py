@@ -29,32 +29,6 @@ class ConfigModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # ------------------------------------------------------------------------------------------------
-    # TRANSITIONAL (issue 11): dict-style reads (cfg["training"]["seed"], .get, `in`, {**section}) for
-    # the main() bodies of the three scripts and trainkit/loop.py until they read attributes. Delete
-    # this block once nothing indexes a config with strings.
-    def __getitem__(self, key: str) -> Any:
-        if key == "run_dir" and isinstance(self, TrainConfig):
-            return str(self.run_dir)
-        if key == "_config_path" and isinstance(self, TrainConfig):
-            return self.config_path
-        if key not in type(self).model_fields:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key: str) -> bool:
-        return key in type(self).model_fields
-
-    def keys(self):
-        return type(self).model_fields.keys()
-    # END TRANSITIONAL -------------------------------------------------------------------------------
-
 
 class PathsSection(ConfigModel):
     model_name_or_path: OptionalStr = Field(None, description="hub id or local directory of the base model; null builds a random-init model from `model.config`")
