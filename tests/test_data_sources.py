@@ -70,6 +70,8 @@ def test_local_files_only_reads_the_cache_without_network_or_globals(hf_cache, n
 
 
 def test_local_files_only_stream_and_trainer_data(hf_cache, no_network):
+    from trainkit.config import validate
+    from trainkit.config.base import TrainConfig
     from trainkit.data import load_rows
     from trainkit.text_windows import WindowStream, estimate_data
     from trainkit.tokenizer import build_byte_level_tokenizer
@@ -79,7 +81,8 @@ def test_local_files_only_stream_and_trainer_data(hf_cache, no_network):
     source = {"path": DATASET_ID, "cache_dir": str(hf_cache), "local_files_only": True}
     assert estimate_data(source, tok, 8).rows == len(ROWS)
     assert len(list(WindowStream(source, tok, 8, epochs=1))) > 0
-    rows = load_rows({"paths": {"data_path": DATASET_ID, "cache_dir": str(hf_cache)}, "model": {"local_files_only": True}})
+    rows = load_rows(validate({"paths": {"data_path": DATASET_ID, "cache_dir": str(hf_cache)},
+                               "model": {"local_files_only": True}}, TrainConfig))
     assert rows["text"] == [r["text"] for r in ROWS]
     assert no_network == [] and offline_globals() == before
 
