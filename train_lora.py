@@ -22,8 +22,10 @@ from typing import NamedTuple
 from trainkit.cli import build_parser, run_main
 from trainkit.config import ConfigError, load_script_config
 from trainkit.config.lora import LoRAConfig
+from trainkit.env_overrides import describe
 from trainkit.loop import resolve_resume
 from trainkit.preflight import check_model_config
+from trainkit.tasks import get_task
 from trainkit.runtime import resolve_dtype
 
 
@@ -74,18 +76,23 @@ def load_task_data(cfg, task, say) -> TaskData:
     return TaskData(tokenizer, splits, eval_splits, train_rows, [r for s in eval_splits for r in rows(splits[s])], info)
 
 
+def dataloader_options(memory, collate) -> dict:
+    """DataLoader arguments from the memory section (workers, pinned memory on GPU, prefetch)."""
+    import torch
+
+    options = dict(num_workers=memory.dataloader_num_workers, collate_fn=collate,
+                   pin_memory=memory.dataloader_pin_memory and torch.cuda.is_available())
+    if memory.dataloader_num_workers:
+        options.update(persistent_workers=memory.dataloader_persistent_workers,
+                       prefetch_factor=memory.dataloader_prefetch_factor)
+    return options
+
+
 def main() -> int:
     # ---------------------------------------------------------------- config (no heavy imports yet)
     args = build_parser(__doc__.splitlines()[0], "configs/gla_lora_sst2.yaml").parse_args()
     cfg, env_applied = load_script_config(args.config, args.overrides, LoRAConfig, "train_lora.py")
-    from trainkit.env_overrides import describe
-    from trainkit.tasks import get_task
-    try:
-        task = get_task(cfg.task.name)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"task.name: {e.args[0] if e.args else e}") from None
-    if cfg.task.label_likelihood and task.kind != "classification":
-        raise ConfigError(f"task.label_likelihood: {task.name} is not a classification task")
+    task = get_task(cfg.task.name)  # a known task (checked with the config)
     resume_from = resolve_resume(args, cfg)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
     check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
@@ -111,8 +118,7 @@ def main() -> int:
     from trainkit.training_run import TrainingRun
 
     quiet_known_warnings()  # the one warning users cannot act on (trainkit.patches.peft)
-    train_cfg, opt_cfg, log_cfg, task_cfg, gen_cfg, mem_cfg = (
-        cfg.training, cfg.optimization, cfg.logging, cfg.task, cfg.generation, cfg.memory)
+    train_cfg, opt_cfg, log_cfg, task_cfg, gen_cfg = cfg.training, cfg.optimization, cfg.logging, cfg.task, cfg.generation
     seed, micro_bs, accum = train_cfg.seed, opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
     # fp16 base weights need loss scaling: accelerate's fp16 mixed precision brings the GradScaler.
     base_dtype, _ = resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
@@ -128,11 +134,7 @@ def main() -> int:
         set_seed(seed)
         data = load_task_data(cfg, task, run.say)
         tokenizer, splits, eval_splits = data.tokenizer, data.splits, data.eval_splits
-        loader_options = dict(num_workers=mem_cfg.dataloader_num_workers, collate_fn=make_collator(tokenizer),
-                              pin_memory=mem_cfg.dataloader_pin_memory and torch.cuda.is_available())
-        if mem_cfg.dataloader_num_workers:
-            loader_options.update(persistent_workers=mem_cfg.dataloader_persistent_workers,
-                                  prefetch_factor=mem_cfg.dataloader_prefetch_factor)
+        loader_options = dataloader_options(cfg.memory, make_collator(tokenizer))
         train_loader = seeded_loader(data.train_rows, micro_bs, seed, shuffle=True, **loader_options)
         val_loader = seeded_loader(data.val_rows, micro_bs, seed, shuffle=False, **loader_options) if data.val_rows else None
 

@@ -104,6 +104,14 @@ class LoRAConfig(TrainConfig):
 
     @model_validator(mode="after")
     def consistent(self) -> LoRAConfig:
+        from trainkit.tasks import get_task
+
+        try:
+            task = get_task(self.task.name)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"task.name: {e.args[0] if e.args else e}") from None
+        if self.task.label_likelihood and task.kind != "classification":
+            raise ValueError(f"task.label_likelihood: {task.name} is not a classification task")
         if self.lora.init.startswith("pissa") and self.lora.variant == "dora":
             raise ValueError("lora.init: PiSSA init cannot be combined with lora.variant dora")
         metric = self.logging.metric_for_best
