@@ -14,7 +14,6 @@ directory is the one train_qlora.py writes (trainkit/runlog.py), so the dashboar
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -108,7 +107,8 @@ def main() -> int:
     from trainkit.evaluation import TaskEvaluator, evaluate_loss
     from trainkit.generation import GenerationSettings, check_generate_support
     from trainkit.gla import guard_adapter_paths
-    from trainkit.loop import accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader
+    from trainkit.loop import (accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader,
+                               training_length)
     from trainkit.models import load_model
     from trainkit.patches.peft import quiet_known_warnings
     from trainkit.fileio import write_json_atomic
@@ -159,8 +159,7 @@ def main() -> int:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
         batches_per_epoch = len(train_loader)
-        steps_per_epoch = math.ceil(batches_per_epoch / accum)
-        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.epochs * steps_per_epoch)
+        steps_per_epoch, total_steps = training_length(batches_per_epoch, accum, train_cfg)
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)  # stepped by hand, once per optimizer step
         accelerator.register_for_checkpointing(scheduler)
         load_adapter = adapter_loader(accelerator, model)

@@ -13,7 +13,6 @@ trainkit/runlog.py.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -35,13 +34,14 @@ def main() -> int:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from trainkit.adapters import apply_lora
     from trainkit.data import build_datasets, make_collator
     from trainkit.env_overrides import describe
     from trainkit.evaluation import evaluate_loss
-    from trainkit.loop import accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader
+    from trainkit.loop import (accumulation_position, adapter_loader, deepspeed_accumulates, gradient_sync, pretrained_saver,
+                               seeded_loader, training_length)
     from trainkit.models import load_model
     from trainkit.moe import RouterStats
     from trainkit.patches.peft import quiet_known_warnings
@@ -83,19 +83,14 @@ def main() -> int:
         aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if router_stats else 0.0
 
         optimizer = build_optimizer(trainable, opt_cfg, device)
-        uses_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        if uses_deepspeed:  # DeepSpeed accumulates and steps inside backward(): give it our numbers
-            accelerator.state.deepspeed_plugin.deepspeed_config.update(
-                gradient_accumulation_steps=accum, train_micro_batch_size_per_gpu=micro_bs,
-                gradient_clipping=opt_cfg.max_grad_norm)
+        uses_deepspeed = deepspeed_accumulates(accelerator, micro_bs, accum, opt_cfg.max_grad_norm)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
 
         batches_per_epoch = len(train_loader)
         if batches_per_epoch == 0:
             raise ConfigError(f"paths.data_path: no training batches (train examples: {len(train_ds)})")
-        steps_per_epoch = math.ceil(batches_per_epoch / accum)
-        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.epochs * steps_per_epoch)
+        steps_per_epoch, total_steps = training_length(batches_per_epoch, accum, train_cfg)
         # Stepped by hand once per optimizer step (prepared, accelerate would step it once per
         # process) and saved through register_for_checkpointing.
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)

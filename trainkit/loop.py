@@ -65,6 +65,27 @@ def accumulation_position(batch_index: int, accum: int, batches_per_epoch: int) 
     return micro_in_step, batch_index + 1 == group_start + micro_in_step
 
 
+def training_length(batches_per_epoch: int, accum: int, training) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps to train): training.max_steps, or training.epochs
+    passes over the data when max_steps is -1."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total = training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def deepspeed_accumulates(accelerator, micro_batch_size: int, accum: int, max_grad_norm: float) -> bool:
+    """Under DeepSpeed, which accumulates and clips inside backward(), give it our numbers; True then
+    (the loss is not divided by the micro batches: DeepSpeed divides by its own count)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        gradient_accumulation_steps=accum, train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_clipping=max_grad_norm)
+    return True
+
+
 def gradient_sync(accelerator, model, sync: bool):
     """Context of one micro batch's forward and backward: gradients are all-reduced only on the
     micro batch that ends an optimizer step (DDP's no_sync on the others)."""
