@@ -100,7 +100,7 @@ def iter_jsonl_rows(path: Path, key: str, start: int = 0):
         raise ConfigError(f"{key}: {e}") from None
 
 
-def manifest_rows(path: str, files: list[Path]) -> dict[Path, int]:
+def manifest_rows(path: str) -> dict[Path, int]:
     """Rows per shard file from the manifest of directory `path` ({} when it has none)."""
     manifest = Path(os.path.expanduser(path)) / MANIFEST
     if has_glob(path) or not manifest.is_file():

@@ -107,7 +107,7 @@ def open_shards(src: TextSource) -> tuple[list, int | None]:
     """The source's shards in canonical order, and its total row count when known up front."""
     files = resolve_local_files(src.path, src.key)
     if files is not None and all(p.name.endswith(JSONL_SUFFIXES) for p in files):
-        rows = manifest_rows(src.path, files)
+        rows = manifest_rows(src.path)
         return [FileShard(p, src.key, rows.get(p)) for p in files], None
     ds = load_hf(src.path, split=src.split, name=src.name, streaming=src.streaming, cache_dir=src.cache_dir,
                  local_files_only=src.local_files_only, data_files=files, key=src.key)
