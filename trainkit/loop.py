@@ -1,9 +1,9 @@
 """Pieces of the training loop that train_qlora.py, train_lora.py and distill.py share.
 
 Each script keeps its own loop, readable top to bottom; what would otherwise be written three
-times lives here as plain functions: resume discovery and the config check on resume, the
-optimizer step with non-finite skipping, gradient accumulation, the validation loss, the adapter
-checkpoint hooks and `Checkpointer` (atomic save, top-K retention, best weights). The run's
+times lives here as plain functions: resume discovery and the config check on resume, gradient
+accumulation, the optimizer step with non-finite skipping, the checkpoint hooks and
+`Checkpointer` (atomic save, top-K retention, best weights). The run's
 lifecycle (run directory, start and end records, logging) is trainkit.training_run.
 """
 
@@ -27,6 +27,7 @@ from trainkit.resume_check import config_changes, describe_changes, immutable_ch
 from trainkit.fileio import write_json_atomic
 from trainkit.runlog import TRAINER_STATE_FILE, RunLog, release_frames, writing
 from trainkit.train_state import TrainState
+
 
 # ---------------------------------------------------------------- before the model loads
 def resolve_resume(args, cfg: TrainConfig) -> Path | None:

@@ -3,14 +3,17 @@
     with TrainingRun(accelerator, cfg, "train_qlora.py", resume_from) as run:
         ...build data, model, optimizer, scheduler...
         run.make_checkpointer(save_weights, load_weights, trainable_params)
-        run.resume(state, scheduler)                        # when resume_from is set
+        run.resume(state, scheduler)                        # restores state when resume_from is set
         run.begin(state, total_steps, model=..., data=...)  # run.json, start event, trackers, progress bar
         while ...:                                          # the script's own loop
             ...forward, backward...
-            sums, stop_votes = run.reduce_step(local_values)
-            step = run.end_step(state, optimizer, scheduler, params, loss, tokens, seconds, stop_votes, ...)
+            sums, stop_requested = run.reduce_step(local_values)
+            result = run.end_step(state, optimizer, scheduler, params, loss, tokens, seconds, stop_requested, ...)
             ...log (run.write_training), evaluate (run.record_evaluation), checkpoint (run.save_checkpoint)...
-        return run.finish(state, stop_reason)
+            if run.should_stop(result): break
+        if result.stop_reason == "finished":
+            run.save_final(state, evaluate)
+        return run.finish(state, result.stop_reason)
 
 Entering locks and prepares the run directory (trainkit.runlock) and starts watching for stop
 signals (trainkit.preemption); an exception that leaves the block is recorded (error_log.jsonl,
@@ -28,7 +31,7 @@ from pathlib import Path
 from trainkit.checkpoints import archive_run_dir, final_checkpoint_dir, remove_partial_saves
 from trainkit import runlock
 from trainkit.config import public_config
-from trainkit.loop import optimizer_step
+from trainkit.loop import Checkpointer, is_better, optimizer_step, register_weight_hooks, resume_training_state
 from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, RunWriteError
 from trainkit.train_state import TrainState
 
@@ -38,7 +41,6 @@ class StepResult:
     """What one optimizer step left behind for logging and for the loop's exit."""
 
     step: int
-    finite: bool
     grad_norm: float | None
     lr: float
     stop_reason: str  # "finished" (go on), "nan_limit" or "preempted" (checkpoint this step, then stop)
@@ -51,7 +53,8 @@ class TrainingRun:
         self.is_main = accelerator.is_main_process
         self.log_cfg = cfg.logging
         self.state: TrainState | None = None   # set by resume()/begin(); the failure record reads its step
-        self.checkpointer = None
+        self.checkpointer = None               # make_checkpointer()
+        self.load_weights = None               # make_checkpointer(); resume() loads through it
         self.total_steps = 0
         self.progress = None
 
@@ -120,8 +123,6 @@ class TrainingRun:
         """The run's Checkpointer (trainkit.loop): checkpoints hold the model as `save_weights(dir)`
         writes it (an adapter, a student) besides accelerate's optimizer/scheduler/RNG state, and
         load back through `load_weights(dir)` (trainkit.loop.register_weight_hooks)."""
-        from trainkit.loop import Checkpointer, register_weight_hooks
-
         register_weight_hooks(self.accelerator, load_weights)
         self.load_weights = load_weights
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir, self.runlog, self.log_cfg,
@@ -132,8 +133,6 @@ class TrainingRun:
     def resume(self, state: TrainState, scheduler) -> None:
         """With resume_from: restore optimizer/scheduler/RNG/model state and `state` from the checkpoint
         (trainkit.loop.resume_training_state; a checkpoint without optimizer state loads the weights only)."""
-        from trainkit.loop import resume_training_state
-
         self.state = state
         if self.resume_from is not None:
             resume_training_state(self.accelerator, self.resume_from, state, self.runlog, self.load_weights,
@@ -148,14 +147,14 @@ class TrainingRun:
         from trainkit.patches import applied
         from trainkit.runtime import library_versions
 
-        acc, cfg = self.accelerator, self.cfg
+        acc, cfg, public = self.accelerator, self.cfg, public_config(self.cfg)
         self.state, self.total_steps = state, total_steps
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         info = dict(script=self.script, status="running", last_start_time=time.time(), end_time=None,
                     total_steps=total_steps, world_size=acc.num_processes,
                     num_machines=max(1, acc.num_processes // max(local_world, 1)),
                     mixed_precision=acc.mixed_precision, pid=os.getpid(), versions=library_versions(),
-                    patches=applied(), config=public_config(cfg), config_path=cfg.config_path, error=None,
+                    patches=applied(), config=public, config_path=cfg.config_path, error=None,
                     exit_code=None, resumed_from=str(self.resume_from) if self.resume_from else None, **run_info)
         if self.resume_from is None:
             info["start_time"] = time.time()
@@ -164,7 +163,7 @@ class TrainingRun:
             what = start_message or f"training {total_steps} steps"
             self.runlog.event(0, "start", f"{what} on {acc.num_processes} process(es)",
                               total_steps=total_steps, world_size=acc.num_processes)
-        acc.init_trackers(cfg.paths.run_name, config=tracker_config(cfg))
+        acc.init_trackers(cfg.paths.run_name, config=tracker_config(public))
         self.progress = tqdm(total=total_steps, initial=state.step, disable=not (self.is_main and self.log_cfg.progress_bar),
                              desc=progress_desc, unit="step", dynamic_ncols=True)
         self.preemption.arm()
@@ -202,7 +201,7 @@ class TrainingRun:
                 stop_reason = "nan_limit"
         if stop_requested and stop_reason == "finished" and state.step < self.total_steps:
             stop_reason = "preempted"  # SIGTERM/SIGINT: checkpoint this step, then stop
-        return StepResult(state.step, finite, grad_norm, lr, stop_reason)
+        return StepResult(state.step, grad_norm, lr, stop_reason)
 
     def should_stop(self, result: StepResult) -> bool:
         """The loop ends after this step: the last step, or a stop (nan_limit, preempted)."""
@@ -249,8 +248,6 @@ class TrainingRun:
         """eval_log line and eval event; a new best (by logging.metric_for_best, finite values only)
         saves the weights to `best_dir` and is announced. `tracker_values`: what goes to the
         trackers (default: every number of `result` as eval/<name>)."""
-        from trainkit.loop import is_better
-
         metric = self.log_cfg.metric_for_best
         value = result.get(metric)
         best = is_better(value, state.best_metric, self.log_cfg.greater_is_better)
@@ -311,7 +308,7 @@ class TrainingRun:
         return code
 
 
-def tracker_config(cfg) -> dict:
-    """Flat scalar config for accelerate's trackers (secrets redacted)."""
-    return {f"{s}.{k}": v for s, sec in public_config(cfg).items() if isinstance(sec, dict)
+def tracker_config(public: dict) -> dict:
+    """Flat scalar config for accelerate's trackers, from the redacted config (public_config)."""
+    return {f"{s}.{k}": v for s, sec in public.items() if isinstance(sec, dict)
             for k, v in sec.items() if isinstance(v, (int, float, str, bool))}
