@@ -23,7 +23,7 @@ from trainkit.config import ConfigError, load_script_config
 from trainkit.config.lora import LoRAConfig
 from trainkit.env_overrides import describe
 from trainkit.loop import resolve_resume
-from trainkit.preflight import check_model_config
+from trainkit.preflight import check_model_config, position_limit
 from trainkit.tasks import get_task
 from trainkit.runtime import resolve_dtype
 
@@ -35,13 +35,16 @@ class TaskData(NamedTuple):
     eval_splits: list     # the validation splits evaluated during training
     train_rows: list      # tokenized prompt + target rows (trainkit.data.tokenize_prompt_target)
     val_rows: list
+    max_new_tokens: int   # generation.max_length, or derived from the training targets when unset
     info: dict            # run.json `data`
 
 
-def load_task_data(cfg, task, say) -> TaskData:
-    """The task's splits (trainkit.tasks: local folder or HF datasets), the tokenizer, and the
-    training and validation rows tokenized as prompt + target."""
-    from trainkit.data import tokenize_prompt_target
+def load_task_data(cfg, task, say, position_limit: int | None) -> TaskData:
+    """The task's splits (trainkit.tasks: local folder or HF datasets), the tokenizer, the training
+    and validation rows tokenized as prompt + target, and the number of new tokens to generate
+    (generation.max_length, else from the training targets, capped by the model's `position_limit`)."""
+    from trainkit.data import IGNORE_INDEX, token_ids, tokenize_prompt_target
+    from trainkit.generation import max_new_tokens_from_data
     from trainkit.tasks import TaskDataError
     from trainkit.tokenizer import load_tokenizer
 
@@ -58,7 +61,8 @@ def load_task_data(cfg, task, say) -> TaskData:
 
     def rows(examples):
         return tokenize_prompt_target([e.prompt for e in examples], [e.target for e in examples], tokenizer,
-                                      task_cfg.max_source_length, task_cfg.max_target_length)
+                                      task_cfg.max_source_length, task_cfg.max_target_length,
+                                      cuts=[e.cut for e in examples])
 
     train_rows = rows(splits["train"])
     if not train_rows:
@@ -67,12 +71,34 @@ def load_task_data(cfg, task, say) -> TaskData:
     if cut_targets:  # the model never sees the end of those answers (nor learns to stop)
         say(f"warning: {cut_targets} of {len(train_rows)} training targets (+ eos) are longer than "
             f"task.max_target_length={task_cfg.max_target_length} tokens and were cut")
+    cut_prompts = sum(r["_truncated_prompt"] for r in train_rows)
+    if cut_prompts:  # cut as the evaluation cuts them (trainkit.data.fit_prompt)
+        say(f"warning: {cut_prompts} of {len(train_rows)} training prompts are longer than "
+            f"task.max_source_length={task_cfg.max_source_length} tokens and were cut (from the part of the prompt "
+            f"{task.name} lets go)")
+    gen_cfg = cfg.generation
+    if gen_cfg.max_length is not None:
+        max_new_tokens, how = gen_cfg.max_length, "generation.max_length"
+    else:
+        # as trained: target tokens + eos within max_target_length (the loss-carrying labels)
+        trained = [sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows]
+        eos = 1 if tokenizer.eos_token_id is not None else 0
+        labels = ([min(len(ids) + eos, task_cfg.max_target_length)
+                   for ids in token_ids(tokenizer, [" " + w for w in task.label_words])["input_ids"]]
+                  if task.kind == "classification" else None)
+        room = position_limit - task_cfg.max_source_length if position_limit else None
+        max_new_tokens, how = max_new_tokens_from_data(trained, labels, room)
+        if gen_cfg.min_length > max_new_tokens:
+            max_new_tokens, how = gen_cfg.min_length, how + f", raised to generation.min_length={gen_cfg.min_length}"
+    if gen_cfg.enabled:
+        say(f"generation: up to {max_new_tokens} new tokens ({how})")
     eval_splits = [s for s in task.eval_splits if splits.get(s)]
     info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
-            "eval_splits": eval_splits, "truncated_train_prompts": sum(r["_truncated_prompt"] for r in train_rows),
-            "truncated_train_targets": cut_targets}
+            "eval_splits": eval_splits, "truncated_train_prompts": cut_prompts, "truncated_train_targets": cut_targets,
+            "max_new_tokens": max_new_tokens, "max_new_tokens_from": how}
     say(f"data: {info}")
-    return TaskData(tokenizer, splits, eval_splits, train_rows, [r for s in eval_splits for r in rows(splits[s])], info)
+    return TaskData(tokenizer, splits, eval_splits, train_rows, [r for s in eval_splits for r in rows(splits[s])],
+                    max_new_tokens, info)
 
 
 def dataloader_options(memory, collate) -> dict:
@@ -94,9 +120,9 @@ def main() -> int:
     task = get_task(cfg.task.name)  # a known task (checked with the config)
     resume_from = resolve_resume(args, cfg)
     # hub id, positions, adapter targets: from the model's config, before data or weights load
-    check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
-                                     cfg.task.max_source_length + cfg.task.max_target_length},
-                       target_modules=cfg.lora.target_modules)
+    model_config = check_model_config(cfg, lengths={"task.max_source_length + task.max_target_length":
+                                                    cfg.task.max_source_length + cfg.task.max_target_length},
+                                      target_modules=cfg.lora.target_modules)
 
     import torch
     from accelerate import Accelerator
@@ -132,7 +158,7 @@ def main() -> int:
         run.say(describe(env_applied))
         # ------------------------------------------------------------ task data, tokenizer
         set_seed(seed)
-        data = load_task_data(cfg, task, run.say)
+        data = load_task_data(cfg, task, run.say, position_limit(model_config)[0])
         tokenizer, splits, eval_splits = data.tokenizer, data.splits, data.eval_splits
         loader_options = dataloader_options(cfg.memory, make_collator(tokenizer))
         train_loader = seeded_loader(data.train_rows, micro_bs, seed, shuffle=True, **loader_options)
@@ -151,7 +177,7 @@ def main() -> int:
         init = cfg.lora.init_lora_weights
         run.say(f"adapters: {cfg.lora.variant} init {init if isinstance(init, str) else 'default'} on {model.trainkit_lora_info['target_modules']}, "
                 f"trainable parameters: {sum(p.numel() for p in trainable):,}")
-        generation = GenerationSettings.from_config(gen_cfg, task_cfg.max_source_length)
+        generation = GenerationSettings.from_config(gen_cfg, task_cfg.max_source_length, data.max_new_tokens)
         if gen_cfg.enabled:
             check_generate_support(model, generation)  # fail now, not at the first evaluation
 

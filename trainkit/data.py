@@ -371,21 +371,61 @@ def build_datasets(cfg: dict, tokenizer):
     return train, val, info
 
 
+FIT_ATTEMPTS = 8  # re-tokenizations of a shortened prompt (a cut can change how its edges tokenize)
+
+
+def fit_prompt(tokenizer, prompt: str, cut, max_source_length: int | None) -> tuple[list[int], bool]:
+    """The prompt's ids (special tokens on, as for generation) within max_source_length tokens, and
+    whether it was cut.
+
+    A prompt that is too long loses characters of its PromptCut span (trainkit.tasks.PromptCut) from
+    the span's side (whole lines first when `cut.whole_lines`), and the shortened text is tokenized
+    again, so the ids are those of a real text. Without a span, or when even the empty span does not
+    fit, the ids lose their beginning: the end, where the answer starts, stays.
+    """
+    if max_source_length is None:
+        return list(token_ids(tokenizer, [prompt], specials=True)["input_ids"][0]), False
+    text, start, end = prompt, (cut.start if cut else 0), (cut.end if cut else 0)
+    for _ in range(FIT_ATTEMPTS if cut else 1):
+        enc = token_ids(tokenizer, [text], offsets=True, specials=True)
+        ids, offsets = list(enc["input_ids"][0]), enc["offset_mapping"][0]
+        excess = len(ids) - max_source_length
+        if excess <= 0:
+            return ids, text != prompt
+        if cut is None or start == end:
+            break
+        inside = [(a, b) for a, b in offsets if b > a and a >= start and b <= end]  # tokens wholly in the span
+        if cut.side == "right":
+            keep_to = inside[-excess][0] if excess < len(inside) else start
+            if cut.whole_lines and text.rfind("\n", start, keep_to) > start:
+                keep_to = text.rfind("\n", start, keep_to)  # drop the partial line and its line break
+            text, end = text[:keep_to] + text[end:], keep_to
+        else:
+            keep_from = inside[excess - 1][1] if excess < len(inside) else end
+            if cut.whole_lines and 0 <= text.find("\n", keep_from, end) < end - 1:
+                keep_from = text.find("\n", keep_from, end) + 1
+            text, end = text[:start] + text[keep_from:], end - (keep_from - start)
+    return ids[-max_source_length:], True
+
+
 def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, max_source_length: int,
-                           max_target_length: int) -> list[dict]:
+                           max_target_length: int, cuts: list | None = None) -> list[dict]:
     """Task examples -> training rows: prompt ids (loss masked) + target ids + eos (the loss).
     Rows carry `_truncated_prompt` / `_truncated_target` flags (the collator ignores them).
 
     Prompt and target are tokenized apart, as at generation time (the model sees the prompt's ids
-    and continues). A long prompt loses its beginning, not the end where the answer starts.
+    and continues). A long prompt is cut as `fit_prompt` cuts it for generation: from the part its
+    PromptCut (`cuts`, one per prompt, or None) names, else from the beginning; never at the end,
+    where the answer starts.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = token_ids(tokenizer, list(prompts), specials=True)["input_ids"]
     target_ids = token_ids(tokenizer, list(targets))["input_ids"]
+    cuts = list(cuts) if cuts is not None else [None] * len(prompt_ids)
     rows = []
-    for p, t in zip(prompt_ids, target_ids):
+    for prompt, cut, p, t in zip(prompts, cuts, prompt_ids, target_ids):
         cut_prompt, cut_target = len(p) > max_source_length, len(t) + len(eos) > max_target_length
-        p = list(p)[-max_source_length:]
+        p = fit_prompt(tokenizer, prompt, cut, max_source_length)[0] if cut_prompt else list(p)
         t = (list(t) + eos)[:max_target_length]
         rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t)),
                      "_truncated_prompt": cut_prompt, "_truncated_target": cut_target})

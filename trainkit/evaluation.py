@@ -53,8 +53,9 @@ class TaskEvaluator:
         self.generation, self.label_likelihood, self.batch_size = generation, label_likelihood, batch_size
         self.run_dir, self.progress, self.say, self.verbose = Path(run_dir), progress, say, verbose
 
-    def predict(self, split: str) -> tuple[list[str], float]:
-        """Predictions for every example of `split`, in order, on every process; and the seconds taken."""
+    def predict(self, split: str) -> tuple[list[str], float, int]:
+        """Predictions for every example of `split`, in order, on every process; the seconds taken; and
+        how many prompts were cut to task.max_source_length (every process's, summed)."""
         from accelerate.utils import gather_object
 
         from trainkit.generation import generate_texts, score_label_likelihood
@@ -68,11 +69,14 @@ class TaskEvaluator:
             picks = score_label_likelihood(model, self.tokenizer, prompts, self.task.label_words,
                                            batch_size=self.batch_size, device=acc.device)
             texts = [self.task.label_words[i] for i in picks]
+            truncated = 0  # label likelihood scores the whole prompt
         else:
-            texts = generate_texts(model, self.tokenizer, prompts, self.generation, device=acc.device,
-                                   progress=acc.is_main_process and self.progress).texts
+            generated = generate_texts(model, self.tokenizer, prompts, self.generation, device=acc.device,
+                                       progress=acc.is_main_process and self.progress, cuts=[examples[i].cut for i in mine])
+            texts, truncated = generated.texts, generated.truncated_prompts
         by_index = dict(gather_object(list(zip(mine, texts))))
-        return [by_index[i] for i in range(len(examples))], time.time() - started
+        truncated = sum(gather_object([truncated]))
+        return [by_index[i] for i in range(len(examples))], time.time() - started, truncated
 
     def score(self, split_names: list[str], tag: str) -> dict:
         """Generate, score and save predictions of each split; flat metrics (+ task_score) on every process."""
@@ -81,11 +85,12 @@ class TaskEvaluator:
         from trainkit.tasks.official import TASK_SCORE, selection_score
 
         is_main = self.accelerator.is_main_process
-        result: dict = {}
+        result: dict = {"truncated_prompts": 0}
         for split in split_names:
-            texts, seconds = self.predict(split)
+            texts, seconds, truncated = self.predict(split)
             if not is_main:
                 continue
+            result["truncated_prompts"] += truncated
             examples = self.splits[split]
             metrics = self.task.score(texts, examples, split=split)
             result.update({k: v for k, v in metrics.items() if k != "num_examples"})
@@ -96,6 +101,10 @@ class TaskEvaluator:
                 self.say(f"{split} sample: {examples[0].prompt[-80:]!r} -> {texts[0]!r} (ref {examples[0].references[:1]})")
         if is_main:
             result[TASK_SCORE] = selection_score(self.task.name, result)
+            if result["truncated_prompts"]:  # once per evaluation: the score is of shortened prompts
+                self.say(f"warning: {result['truncated_prompts']} {'/'.join(split_names)} prompts are longer than "
+                         f"task.max_source_length={self.generation.max_source_length} tokens and were cut "
+                         f"(from the part of the prompt {self.task.name} lets go; eval_log field truncated_prompts)")
         return broadcast_object_list([result])[0]
 
     def save_predictions(self, name: str, examples, texts: list[str]) -> str:

@@ -4,8 +4,10 @@
 prompts' order:
 
 - Prompts are tokenized as at training time (`data.tokenize_prompt_target`: special tokens
-  on, no eos), and a prompt longer than `max_source_length` tokens loses its BEGINNING (the end,
-  where the answer starts, stays). `GenerationResult.truncated_prompts` counts them.
+  on, no eos), and a prompt longer than `max_source_length` tokens is cut as training cuts it
+  (`data.fit_prompt`): from the part of the prompt its PromptCut names (`cuts`: one
+  trainkit.tasks.PromptCut or None per prompt; the schema's tail for Spider), else from its
+  BEGINNING (the end, where the answer starts, stays). `GenerationResult.truncated_prompts` counts them.
 - Prompts are sorted by length (longest first, so an out-of-memory shows on the first batch),
   cut into batches of `batch_size`, padded by hand to the LEFT (`force_left_pad`, default on:
   decoder-only and GLA models continue from the last position, so padding must come first) and
@@ -55,7 +57,7 @@ class GenerationSettings:
     """What `generate_texts` does; plain values (the trainer maps config / env vars onto them).
 
     max_length / min_length are read only when use_max_new_tokens is False (see module doc).
-    max_source_length: prompt tokens kept (from the end); None keeps all.
+    max_source_length: prompt tokens kept (data.fit_prompt says what is cut); None keeps all.
     early_stopping: beam search stops when num_beams finished candidates exist (num_beams > 1).
     use_cache: passed to generate() (the trainer sets config.use_cache=False for training).
     """
@@ -74,26 +76,62 @@ class GenerationSettings:
     use_cache: bool = True
 
     @classmethod
-    def from_config(cls, gen, max_source_length: int) -> "GenerationSettings":
+    def from_config(cls, gen, max_source_length: int, max_length: int) -> "GenerationSettings":
         """The settings of train_lora.py's `generation` config section (the legacy total-length
-        meaning of max_length / min_length when use_max_new_tokens is false)."""
+        meaning of max_length / min_length when use_max_new_tokens is false); `max_length`:
+        generation.max_length, or the number train_lora.py derived from the data when it is unset."""
         total = not gen.use_max_new_tokens
-        return cls(max_new_tokens=gen.max_length, min_new_tokens=gen.min_length, num_beams=gen.num_beams,
+        return cls(max_new_tokens=max_length, min_new_tokens=gen.min_length, num_beams=gen.num_beams,
                    batch_size=gen.batch_size, use_max_new_tokens=gen.use_max_new_tokens,
-                   max_length=gen.max_length if total else None, min_length=gen.min_length if total else None,
+                   max_length=max_length if total else None, min_length=gen.min_length if total else None,
                    max_source_length=max_source_length, force_left_pad=gen.force_left_pad)
 
 
 @dataclass
 class GenerationResult:
     texts: list[str]            # one per prompt, in the prompts' order
-    truncated_prompts: int      # prompts cut to max_source_length (from the left)
+    truncated_prompts: int      # prompts cut to max_source_length (data.fit_prompt)
     seconds: float              # wall time of the whole call
     new_tokens: int             # tokens generated, summed over prompts: up to and including eos
     prompts_without_room: int = 0  # legacy mode: prompts already >= max_length (text "")
 
 
 # ---------------------------------------------------------------------------------- settings
+
+TARGET_PERCENTILE = 99   # generation.max_length unset: cover this percentile of the training targets ...
+MARGIN_FRACTION = 0.1    # ... plus this fraction of it (at least MIN_MARGIN tokens)
+MIN_MARGIN = 2
+
+
+def max_new_tokens_from_data(target_lengths: list[int], label_lengths: list[int] | None = None,
+                             room: int | None = None) -> tuple[int, str]:
+    """New tokens to generate when generation.max_length is unset, and how they were computed.
+
+    target_lengths: tokens of each training target as trained (target + eos, within
+    task.max_target_length). label_lengths (classification): tokens of each label word as trained
+    (" positive" + eos); the longest is enough, no margin. Otherwise the TARGET_PERCENTILE-th
+    percentile of target_lengths plus MARGIN_FRACTION of it (at least MIN_MARGIN). Capped by
+    `room`: the model's positions left after the longest prompt (None: no limit).
+    """
+    if label_lengths:
+        value = max(label_lengths)
+        how = f"longest label word + eos: {value} tokens"
+    else:
+        if not target_lengths:
+            raise ValueError("no training targets to size generation from")
+        import numpy as np
+
+        covered = int(np.ceil(np.percentile(target_lengths, TARGET_PERCENTILE)))
+        margin = max(MIN_MARGIN, int(np.ceil(MARGIN_FRACTION * covered)))
+        value = covered + margin
+        how = (f"{TARGET_PERCENTILE}th percentile of {len(target_lengths)} training targets + eos ({covered} tokens; "
+               f"longest {max(target_lengths)}) + margin {margin}")
+    if room is not None and value > room:
+        value = room
+        how += f", capped at {room} (the model's positions left after task.max_source_length)"
+    return value, how
+
+
 
 def _total_limits(settings: GenerationSettings) -> tuple[int, int]:
     """Legacy mode: (max total length, min total length) per prompt."""
@@ -239,15 +277,20 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _tokenize_prompts(tokenizer, prompts: list[str], max_source_length: int | None) -> tuple[list[list[int]], int]:
-    """Prompt ids as at training time (special tokens on), truncated from the left; (ids, truncated)."""
+def _tokenize_prompts(tokenizer, prompts: list[str], max_source_length: int | None,
+                      cuts: list | None = None) -> tuple[list[list[int]], int]:
+    """Prompt ids as at training time (special tokens on), a long one cut as trainkit.data.fit_prompt
+    cuts it (its PromptCut from `cuts`, else from the left); (ids, number cut)."""
+    from trainkit.data import fit_prompt
+
     ids = tokenizer(list(prompts), add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+    cuts = list(cuts) if cuts is not None else [None] * len(ids)
     out, truncated = [], 0
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    for p in ids:
+    for prompt, cut, p in zip(prompts, cuts, ids):
         p = list(p)
         if max_source_length is not None and len(p) > max_source_length:
-            p = p[-max_source_length:]
+            p = fit_prompt(tokenizer, prompt, cut, max_source_length)[0]
             truncated += 1
         if not p:  # an empty prompt: generate from bos (else eos) rather than from nothing
             if fallback is None:
@@ -323,7 +366,7 @@ def _progress(iterable, enabled: bool, total: int, desc: str):
 # ---------------------------------------------------------------------------------- generation
 
 def generate_texts(model, tokenizer, prompts: list[str], settings: GenerationSettings | None = None,
-                   device=None, progress: bool = False) -> GenerationResult:
+                   device=None, progress: bool = False, cuts: list | None = None) -> GenerationResult:
     """One completion per prompt (see module doc); raises ValueError up front on unsupported settings."""
     start = time.perf_counter()
     settings = settings or GenerationSettings()
@@ -337,7 +380,7 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: GenerationSet
     eos_ids = _eos_ids(model, tokenizer)
     eos_set = set(eos_ids)
     left = bool(settings.force_left_pad) or getattr(tokenizer, "padding_side", "right") == "left"
-    ids, truncated = _tokenize_prompts(tokenizer, prompts, settings.max_source_length)
+    ids, truncated = _tokenize_prompts(tokenizer, prompts, settings.max_source_length, cuts)
 
     base_kwargs = _config_kwargs(settings)
     base_kwargs["pad_token_id"] = pad_id

@@ -117,14 +117,21 @@ def load_model_config(cfg: TrainConfig):
         raise ConfigError(f"{where}: cannot read its config ({first})") from None
 
 
-def check_positions(config, lengths: dict[str, int]) -> None:
-    """Each length (named by the config key(s) that set it) fits the model's position embeddings."""
+def position_limit(config) -> tuple[int | None, str | None, str | None]:
+    """(the model's position limit, the config key holding it, its family); limit None for families
+    without positions or configs that name none."""
     text = getattr(config, "get_text_config", lambda: config)()
     family = getattr(text, "model_type", None) or getattr(config, "model_type", None)
     if family in NO_POSITION_FAMILIES:
-        return
+        return None, None, family
     limit, limit_key = next(((v, k) for k in _POSITION_KEYS if isinstance(v := getattr(text, k, None), int) and v > 0),
                             (None, None))
+    return limit, limit_key, family
+
+
+def check_positions(config, lengths: dict[str, int]) -> None:
+    """Each length (named by the config key(s) that set it) fits the model's position embeddings."""
+    limit, limit_key, family = position_limit(config)
     if limit is None:
         return
     for key, length in lengths.items():
@@ -148,11 +155,13 @@ def build_empty_model(config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def check_model_config(cfg: TrainConfig, lengths: dict[str, int] | None = None, target_modules=None) -> None:
-    """The early model checks of the module docstring; ConfigError (one line) on the first problem."""
+def check_model_config(cfg: TrainConfig, lengths: dict[str, int] | None = None, target_modules=None):
+    """The early model checks of the module docstring; ConfigError (one line) on the first problem.
+    Returns the model's HF config."""
     config = load_model_config(cfg)
     if lengths:
         check_positions(config, lengths)
     if target_modules is not None:
         from trainkit.adapters import resolve_target_modules
         resolve_target_modules(build_empty_model(config, cfg.model.trust_remote_code), target_modules)
+    return config

@@ -128,6 +128,7 @@ LORA_EVAL_FIELDS = {
     "<official metric>": "train_lora.py: accuracy, f1, mcc, pearson, spearman, accuracy_matched, accuracy_mismatched, rouge1, rouge2, rougeL, exact_match, execution_accuracy, bleu (0-100)",
     "<split>_examples": "train_lora.py: examples scored in that split",
     "generation_seconds": "train_lora.py: seconds spent generating",
+    "truncated_prompts": "train_lora.py: prompts of this evaluation longer than task.max_source_length tokens, cut from the part the task lets go (Spider: the schema's last CREATE TABLE lines; beginning if none); 0 with label_likelihood (whole prompts scored)",
     "predictions": "train_lora.py: run-directory-relative JSONL files of this evaluation's predictions",
 }
 # logs/eval_log.jsonl, distill.py only (besides EVAL_FIELDS; eval_loss is the student's cross-entropy)

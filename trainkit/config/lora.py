@@ -57,7 +57,7 @@ class TaskSection(ConfigModel):
     local_dir: OptionalStr = Field(None, description="local copy of the data (else GLUE_LOCAL_DIR / SAMSUM_LOCAL_DIR / SPIDER_LOCAL_DIR / DART_LOCAL_DIR, else HF datasets)")
     max_train_samples: OptionalPositiveInt = Field(None, description="cap on training examples")
     max_eval_samples: OptionalPositiveInt = Field(None, description="cap on examples per evaluation split (generation is the slow part)")
-    max_source_length: PositiveInt = Field(512, description="prompt tokens kept (the beginning is cut, not the end)")
+    max_source_length: PositiveInt = Field(512, description="prompt tokens kept; a longer prompt loses the part its task lets go (Spider: the schema's last CREATE TABLE lines; SAMSum: the dialogue's last turns; DART: the last triples; GLUE: the (longer) sentence's tail), never the question or the answer cue")
     max_target_length: PositiveInt = Field(128, description="target tokens kept for training")
     label_likelihood: Bool = Field(False, description="classification: score by the likelihood of each label instead of generating")
     evaluate_test: Bool = Field(True, description="at the end, evaluate the best adapter on the test split (when it differs from validation)")
@@ -65,7 +65,7 @@ class TaskSection(ConfigModel):
 
 class GenerationSection(ConfigModel):
     enabled: Bool = Field(True, description="evaluate by .generate() (EVAL_GEN); false: eval_loss only")
-    max_length: PositiveInt = Field(32, description="new tokens to generate (EVAL_GEN_MAX_LENGTH); with use_max_new_tokens false: prompt + new tokens")
+    max_length: OptionalPositiveInt = Field(None, description="new tokens to generate (EVAL_GEN_MAX_LENGTH); null: from the data (classification: the longest label word + eos; else the 99th percentile of the tokenized training targets + eos, plus 10 % (at least 2), capped by the model's positions after task.max_source_length), printed at start and in run.json data.max_new_tokens; with use_max_new_tokens false: prompt + new tokens, and must be set")
     min_length: NonNegativeInt = Field(0, description="minimum new tokens (EVAL_GEN_MIN_LENGTH); same meaning switch")
     use_max_new_tokens: Bool = Field(True, description="lengths count new tokens (max_new_tokens); false: legacy total length (GLA_USE_MAX_NEW_TOKENS=0)")
     num_beams: PositiveInt = Field(1, description="beam search width (EVAL_GEN_NUM_BEAMS)")
@@ -123,6 +123,9 @@ class LoRAConfig(TrainConfig):
                 allowed = ()
             if metric not in allowed:
                 raise ValueError(f"logging.metric_for_best: {metric!r} is not task_score, eval_loss or one of {', '.join(allowed)}")
+        if not self.generation.use_max_new_tokens and self.generation.max_length is None:
+            raise ValueError("generation.max_length: must be set when generation.use_max_new_tokens is false "
+                             "(a total length of prompt + new tokens is not derived from the data)")
         if metric == "task_score" and not self.generation.enabled and not self.task.label_likelihood:
             raise ValueError("logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood (or use eval_loss)")
         if metric == "eval_loss" and self.logging.greater_is_better:

@@ -32,14 +32,17 @@ evaluation splits validation_matched / validation_mismatched / test_matched / te
 SAMSum and DART: their own three splits. Spider: test = dev.
 
 Examples: prompt ends where the answer starts ("...\\nAnswer:", "Summary:", "SQL:", "Text:");
-target starts with a space. Scoring reads generations robustly: classification takes the first
+target starts with a space. Example.cut (a PromptCut) names the part of the prompt a prompt longer
+than task.max_source_length loses (trainkit.data.fit_prompt): Spider the schema's last CREATE TABLE
+lines, SAMSum the dialogue's last turns, DART the last triples, GLUE the tail of the (longer)
+sentence; never the instruction, the question or the answer cue. Scoring reads generations robustly: classification takes the first
 line's label word (case-insensitive; unparseable = wrong), STS-B the first number clipped to
 [0, 5], generation tasks the text up to the first blank line.
 """
 
 from __future__ import annotations
 
-from trainkit.tasks.base import Example, Task, TaskDataError, carve
+from trainkit.tasks.base import Example, PromptCut, Task, TaskDataError, carve
 from trainkit.tasks.dart import DartTask
 from trainkit.tasks.glue import GLUE_TASKS, GlueTask
 from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, is_tvt, official_metrics, selection_score
@@ -48,7 +51,7 @@ from trainkit.tasks.spider import SpiderTask
 
 OTHER_TASKS = {"samsum": SamsumTask, "spider": SpiderTask, "dart": DartTask}
 
-__all__ = ["Example", "Task", "TaskDataError", "get_task", "known_tasks", "carve", "OFFICIAL_METRICS", "TASK_SCORE",
+__all__ = ["Example", "PromptCut", "Task", "TaskDataError", "get_task", "known_tasks", "carve", "OFFICIAL_METRICS", "TASK_SCORE",
            "base_task", "is_tvt", "official_metrics", "selection_score", "GLUE_TASKS"]
 
 

@@ -24,6 +24,27 @@ class TaskDataError(FileNotFoundError):
     The message names the environment variable (and config key) that points at a local copy."""
 
 
+@dataclass(frozen=True)
+class PromptCut:
+    """The part of a prompt that may be shortened when the prompt is too long, and from which end.
+
+    start, end: the character span [start, end) of the prompt (the schema, the dialogue, the facts,
+    a sentence); the instruction, the question and the answer cue ("SQL:") lie outside it.
+    side: "right" cuts the span's tail, "left" its beginning.
+    whole_lines: drop whole lines of the span (Spider's CREATE TABLE lines, DART's triples) rather
+    than stopping mid-line, unless not even its first line fits.
+    trainkit.data.fit_prompt applies it, for training and for generation alike.
+    """
+    start: int
+    end: int
+    side: str = "right"
+    whole_lines: bool = False
+
+    def __post_init__(self):
+        if self.side not in ("left", "right") or not 0 <= self.start <= self.end:
+            raise ValueError(f"bad PromptCut {self}")
+
+
 @dataclass
 class Example:
     """One task example.
@@ -32,11 +53,23 @@ class Example:
     target: the training completion, starting with a space (" positive", " SELECT ...").
     references: what predictions are scored against (label word, gold SQL, all reference texts).
     meta: per-task fields the scorer needs (label, idx, db_id/db_path, ...); JSON-serialisable.
+    cut: the part of the prompt a too-long prompt loses (PromptCut); None: the prompt's beginning.
     """
     prompt: str
     target: str
     references: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    cut: PromptCut | None = None
+
+
+def fill_prompt(template: str, shortenable: str, side: str = "right", whole_lines: bool = False,
+                **values: str) -> tuple[str, PromptCut]:
+    """template.format(**values) and the PromptCut of the field `shortenable` in it (its one
+    occurrence in the template)."""
+    before, after = template.split("{" + shortenable + "}")
+    head = before.format(**values)
+    prompt = head + values[shortenable] + after.format(**values)
+    return prompt, PromptCut(len(head), len(head) + len(values[shortenable]), side, whole_lines)
 
 
 class Task:

@@ -8,7 +8,8 @@ dart-v1.1.1-full-train.json, dart-v1.1.1-full-dev.json, dart-v1.1.1-full-test.js
 Splits: train has one example per annotation (every reference text is a training target);
 validation (dev) and test have one example per tripleset with all its annotation texts as
 references (target: the first). Entries without annotations are dropped.
-The prompt lists one triple per line as "subject | predicate | object".
+The prompt lists one triple per line as "subject | predicate | object"; a prompt too long for
+task.max_source_length loses whole triples from the end of the list.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 
 from trainkit.tasks import metrics as M
-from trainkit.tasks.base import Example, Task, check_lengths, clean_generation, load_hf, need_file
+from trainkit.tasks.base import Example, PromptCut, Task, check_lengths, clean_generation, fill_prompt, load_hf, need_file
 
 ENV_VAR = "DART_LOCAL_DIR"
 HF_CANDIDATES = [("GEM/dart", None), ("dart", None)]
@@ -44,9 +45,10 @@ class DartTask(Task):
     layout = LAYOUT
 
     @staticmethod
-    def prompt(tripleset: list) -> str:
+    def prompt(tripleset: list) -> tuple[str, PromptCut]:
+        """The prompt, and its PromptCut: a prompt too long for task.max_source_length loses its last triples."""
         facts = "\n".join(" | ".join(" ".join(str(x).split()) for x in triple) for triple in tripleset)
-        return PROMPT.format(facts=facts)
+        return fill_prompt(PROMPT, "facts", side="right", whole_lines=True, facts=facts)
 
     def examples(self, entries: list[dict], split: str) -> list[Example]:
         out = []
@@ -54,11 +56,11 @@ class DartTask(Task):
             texts = [" ".join(a["text"].split()) for a in entry.get("annotations") or [] if a.get("text", "").strip()]
             if not texts:
                 continue
-            prompt = self.prompt(entry["tripleset"])
+            prompt, cut = self.prompt(entry["tripleset"])
             if split == "train":
-                out.extend(Example(prompt, " " + t, [t], {"entry": n, "split": split}) for t in texts)
+                out.extend(Example(prompt, " " + t, [t], {"entry": n, "split": split}, cut) for t in texts)
             else:
-                out.append(Example(prompt, " " + texts[0], texts, {"entry": n, "split": split}))
+                out.append(Example(prompt, " " + texts[0], texts, {"entry": n, "split": split}, cut))
         return out
 
     def _load(self, root, seed, cache_dir, local_files_only):

@@ -20,7 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainkit.tasks import metrics as M
-from trainkit.tasks.base import Example, Task, carve, check_lengths, load_hf, need_file, parse_float, parse_label
+from trainkit.tasks.base import (Example, PromptCut, Task, carve, check_lengths, fill_prompt, load_hf, need_file, parse_float,
+                                 parse_label)
 
 ENV_VAR = "GLUE_LOCAL_DIR"
 HF_PATH = "nyu-mll/glue"
@@ -85,8 +86,12 @@ class GlueTask(Task):
             self.eval_splits = ["validation"]
 
     # ------------------------------------------------------------------ examples
-    def prompt(self, row: dict) -> str:
-        return self.template.format(**{f: str(row[f]).strip() for f in self.fields})
+    def prompt(self, row: dict) -> tuple[str, PromptCut]:
+        """The prompt, and its PromptCut: a prompt too long for task.max_source_length loses the tail of
+        its sentence (of pairs: the longer one), never the instruction or "Answer:"."""
+        values = {f: str(row[f]).strip() for f in self.fields}
+        longest = max(self.fields, key=lambda f: len(values[f]))  # the first on ties
+        return fill_prompt(self.template, longest, side="right", **values)
 
     def example(self, row: dict, split: str) -> Example:
         missing = [f for f in (*self.fields, "label") if f not in row]
@@ -104,7 +109,8 @@ class GlueTask(Task):
         meta = {"idx": row.get("idx"), "label": label, "split": split}
         if self.base == "mnli":
             meta["mnli_set"] = "mismatched" if "mismatched" in split else "matched"
-        return Example(prompt=self.prompt(row), target=" " + answer, references=references, meta=meta)
+        prompt, cut = self.prompt(row)
+        return Example(prompt=prompt, target=" " + answer, references=references, meta=meta, cut=cut)
 
     def _examples(self, rows: list[dict], split: str) -> list[Example]:
         # label -1: an unlabeled (test) row; only labeled rows can be trained on or scored

@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 
 from trainkit.tasks import metrics as M
-from trainkit.tasks.base import Example, Task, check_lengths, clean_generation, load_hf, need_file
+from trainkit.tasks.base import Example, Task, check_lengths, clean_generation, fill_prompt, load_hf, need_file
 
 ENV_VAR = "SAMSUM_LOCAL_DIR"
 HF_CANDIDATES = [("knkarthick/samsum", None), ("Samsung/samsum", None)]
@@ -40,8 +40,10 @@ class SamsumTask(Task):
 
     def example(self, row: dict, split: str) -> Example:
         dialogue, summary = _text(row.get("dialogue")), _text(row.get("summary"))
-        return Example(prompt=PROMPT.format(dialogue=dialogue), target=" " + summary, references=[summary],
-                       meta={"id": str(row.get("id", "")), "split": split})
+        # a prompt too long for task.max_source_length loses the dialogue's last turns
+        prompt, cut = fill_prompt(PROMPT, "dialogue", side="right", whole_lines=True, dialogue=dialogue)
+        return Example(prompt=prompt, target=" " + summary, references=[summary],
+                       meta={"id": str(row.get("id", "")), "split": split}, cut=cut)
 
     def _load(self, root, seed, cache_dir, local_files_only):
         if root is None:

@@ -43,7 +43,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from trainkit.tasks.base import Example, Task, TaskDataError, check_lengths, clean_generation, load_hf, need_file
+from trainkit.tasks.base import (Example, Task, TaskDataError, check_lengths, clean_generation, fill_prompt, load_hf,
+                                 need_file)
 
 ENV_VAR = "SPIDER_LOCAL_DIR"
 HF_PATH = "xlangai/spider"
@@ -294,13 +295,16 @@ class SpiderTask(Task):
                 schemas[db_id] = (schema_from_tables_entry(tables[db_id]) if db_id in tables
                                   else schema_from_sqlite(db_path))
             gold = collapse_whitespace(row["query"])
-            prompt = PROMPT.format(db_id=db_id, schema=schemas[db_id], question=" ".join(row["question"].split()))
+            # a prompt too long for task.max_source_length loses CREATE TABLE lines, last first
+            prompt, cut = fill_prompt(PROMPT, "schema", side="right", whole_lines=True, db_id=db_id,
+                                      schema=schemas[db_id], question=" ".join(row["question"].split()))
             return Example(prompt=prompt, target=" " + gold, references=[row["query"]],
-                           meta={"db_id": db_id, "db_path": str(db_path), "split": split})
+                           meta={"db_id": db_id, "db_path": str(db_path), "split": split}, cut=cut)
 
         validation = [example(r, "validation") for r in data["validation"]]
         return {"train": [example(r, "train") for r in data["train"]], "validation": validation,
-                "test": [Example(e.prompt, e.target, list(e.references), {**e.meta, "split": "test"}) for e in validation]}
+                "test": [Example(e.prompt, e.target, list(e.references), {**e.meta, "split": "test"}, e.cut)
+                         for e in validation]}
 
     def score(self, predictions, examples, split=None):
         check_lengths(predictions, examples)
