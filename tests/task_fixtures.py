@@ -8,6 +8,8 @@ Writes, under root:
         HF GLUE rows (column names, label ids, idx); 40 train and 16 validation rows per task, 8
         unlabeled test rows (label -1). Labels follow a keyword, so a tiny model can learn them
         (SST-2: a positive or negative adjective).
+    glue_demo/sst2/{train,validation,test}.jsonl  the CPU demo's SST-2 (configs/gla_lora_sst2.yaml):
+        240 train / 32 validation rows, balanced, four adjectives a side; 8 unlabeled test rows.
     samsum/{train,validation,test}.csv           id, dialogue, summary (dialogue lines joined by \\r\\n)
     spider/{train_spider.json,dev.json,tables.json}, spider/database/<db_id>/<db_id>.sqlite
         two tiny databases (school, shop) built with sqlite3; rows carry db_id, query, query_toks,
@@ -47,10 +49,13 @@ regenerate them and compare, so edit the generator, not these files.
 | samsum | `SAMSUM_LOCAL_DIR=data/tasks/samsum` | `train.csv`, `validation.csv`, `test.csv` (id, dialogue, summary) |
 | spider | `SPIDER_LOCAL_DIR=data/tasks/spider` | `train_spider.json`, `dev.json`, `tables.json`, `database/<db_id>/<db_id>.sqlite` |
 | dart | `DART_LOCAL_DIR=data/tasks/dart` | `dart-v1.1.1-full-{train,dev,test}.json` |
+| glue_demo | `task.local_dir: data/tasks/glue_demo` (configs/gla_lora_sst2.yaml) | `sst2/{train,validation,test}.jsonl`, HF GLUE rows |
 
 GLUE: 40 train / 16 validation / 8 unlabeled test rows per task; labels follow a keyword (SST-2:
-the adjective), so a tiny model can learn them. The contents are synthetic: scores on them say
-nothing about the real benchmarks.
+the adjective), so a tiny model can learn them. glue_demo/sst2 (the CPU demo's data): 240 train /
+32 validation rows (balanced) / 8 unlabeled test rows, four adjectives a side, which the demo's
+tiny random-init GLA learns within its 2-minute CPU budget. The contents are synthetic: scores on
+them say nothing about the real benchmarks.
 """
 
 NOUNS = ["film", "movie", "story", "cast", "script", "plot", "score", "ending", "director", "actor"]
@@ -135,6 +140,27 @@ def glue_files() -> dict[str, str]:
         for split in (["test_matched", "test_mismatched"] if task == "mnli" else ["test"]):
             files[f"glue/{task}/{split}.jsonl"] = _jsonl(_glue_rows(task, rng, N_TEST, labeled=False))
     return files
+
+
+# ---------------------------------------------------------------------- the CPU demo's SST-2
+DEMO_GOOD = ["good", "great", "nice", "fine"]
+DEMO_BAD = ["bad", "awful", "poor", "dull"]
+N_DEMO_TRAIN, N_DEMO_VALIDATION, N_DEMO_TEST = 240, 32, 8
+
+
+def glue_demo_files() -> dict[str, str]:
+    """glue_demo/sst2: SST-2 rows for configs/gla_lora_sst2.yaml, a task the tiny random-init GLA learns
+    within its 2-minute CPU budget: four adjectives a side (byte-level, a 2-layer model needs many
+    more steps to tell the 16 of glue/sst2 apart). Labels alternate, so every split is balanced."""
+    rng = random.Random(2000)
+
+    def rows(n, labeled=True):
+        return [{"sentence": f"the {rng.choice(NOUNS)} is {rng.choice(DEMO_GOOD if i % 2 else DEMO_BAD)} . ",
+                 "label": i % 2 if labeled else -1, "idx": i} for i in range(n)]
+
+    return {"glue_demo/sst2/train.jsonl": _jsonl(rows(N_DEMO_TRAIN)),
+            "glue_demo/sst2/validation.jsonl": _jsonl(rows(N_DEMO_VALIDATION)),
+            "glue_demo/sst2/test.jsonl": _jsonl(rows(N_DEMO_TEST, labeled=False))}  # GLUE test: labels hidden
 
 
 # ---------------------------------------------------------------------- SAMSum
@@ -365,7 +391,7 @@ def dart_files() -> dict[str, str]:
 # ---------------------------------------------------------------------- all
 def text_files() -> dict[str, str]:
     """relative path -> content of every text fixture."""
-    return {"README.md": README, **glue_files(), **samsum_files(), **spider_files(), **dart_files()}
+    return {"README.md": README, **glue_files(), **glue_demo_files(), **samsum_files(), **spider_files(), **dart_files()}
 
 
 def sqlite_files() -> dict[str, str]:

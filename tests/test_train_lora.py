@@ -65,11 +65,30 @@ def test_gla_run_reports_the_task_metric(sst2_run):
         assert e["metric"] == "task_score" and e["eval_loss"] > 0 and e["split"] == "validation"
         predictions = [json.loads(line) for line in (run_dir / e["predictions"][0]).read_text().splitlines()]
         assert len(predictions) == 12 and {"prompt", "prediction", "references"} <= predictions[0].keys()
+    # generation.max_length null: the longest label word + eos, " negative" + eos in byte-level tokens
+    assert info["data"]["max_new_tokens"] == 10 and "longest label word" in info["data"]["max_new_tokens_from"]
+    assert "generation: up to 10 new tokens" in result.stdout
+    assert all(e["truncated_prompts"] == 0 for e in evals)
     assert (run_dir / "final-checkpoint-8" / "adapter_model.safetensors").is_file()
     assert (run_dir / "best-adapter" / "adapter_config.json").is_file()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["metric"] == "task_score" and results["best_step"] in (4, 8)
     assert "task_score" in result.stdout
+
+
+def test_shipped_cpu_demo_learns(tmp_path):
+    """configs/gla_lora_sst2.yaml as shipped (only the output folder moved) ends well above chance
+    on its balanced validation split: it fails if learning breaks, not only if the pipeline does."""
+    result = run_script(["--config", str(CONFIG), f"paths.output_dir={tmp_path}"], script="train_lora.py", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = yaml.safe_load(CONFIG.read_text())
+    run_dir = tmp_path / cfg["paths"]["run_name"]
+    validation = [json.loads(line) for line in (REPO / cfg["task"]["local_dir"] / "sst2" / "validation.jsonl").open()]
+    assert sum(row["label"] for row in validation) * 2 == len(validation)  # balanced: chance is 50 %
+    final = stream(run_dir, "eval_log.jsonl")[-1]
+    assert final["split"] == "validation" and final["step"] == cfg["training"]["max_steps"]
+    assert final["validation_examples"] == len(validation)
+    assert final["accuracy"] >= 80, final
 
 
 def test_env_overrides_are_applied_printed_and_logged(sst2_run):
@@ -104,11 +123,13 @@ def test_malformed_env_and_config_are_one_line_errors(tmp_path):
 def test_generation_tasks_on_a_llama(tmp_path, task, metrics):
     """An HF Llama (not GLA) on SAMSum / Spider fixtures: metrics computed from generations, test split scored."""
     local = {"samsum": "samsum", "spider": "spider"}[task]
+    # Spider: byte-level prompts of 408-540 tokens, so some are cut (from the schema's tail)
+    max_source_length = {"samsum": 768, "spider": 450}[task]
     cfg = lora_config(tmp_path, model={"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                                   "num_hidden_layers": 2, "num_attention_heads": 4,
                                                   "num_key_value_heads": 2, "max_position_embeddings": 2048}},
                       task={"name": task, "local_dir": str(REPO / "data" / "tasks" / local), "max_eval_samples": 4,
-                            "max_source_length": 768, "max_target_length": 64},
+                            "max_source_length": max_source_length, "max_target_length": 64},
                       lora={"modules_to_save": ["embed_tokens", "lm_head"], "variant": "dora"},
                       generation={"max_length": 16, "num_beams": 2, "batch_size": 4},
                       training={"max_steps": 4}, optimization={"micro_batch_size": 2},
@@ -119,6 +140,14 @@ def test_generation_tasks_on_a_llama(tmp_path, task, metrics):
     evals = stream(run_dir, "eval_log.jsonl")
     validation = [e for e in evals if e["split"] == "validation"]
     assert validation and all(m in validation[-1] for m in metrics) and validation[-1]["task_score"] is not None
+    data = json.loads((run_dir / "run.json").read_text())["data"]
+    if task == "spider":  # the counts of cut prompts: logged per evaluation, warned, and at start for training
+        assert all(e["truncated_prompts"] > 0 for e in evals), evals
+        assert "prompts are longer than task.max_source_length=450 tokens and were cut" in result.stdout
+        assert data["truncated_train_prompts"] > 0
+    else:
+        assert all(e["truncated_prompts"] == 0 for e in evals) and data["truncated_train_prompts"] == 0
+    assert data["max_new_tokens"] == 16 and data["max_new_tokens_from"] == "generation.max_length"
 
 
 def test_pissa_init_and_exact_resume_after_sigkill(tmp_path):
