@@ -77,7 +77,7 @@ RUN_FIELDS = {
     "config": "the full validated config (secrets redacted)",
     "config_path": "the config file the run was started with",
     "error": "one-line message of the fatal error, when status is failed",
-    "data": "data summary: sizes, splits, stages; empty_rows and first_empty_row: rows of empty text left out (distill.py: per stage)",
+    "data": "data summary: sizes, splits, stages; empty_rows and first_empty_row: rows of empty text left out (distill.py: per stage); train_lora.py: truncated_train_prompts / truncated_train_targets (training rows cut to task.max_source_length / max_target_length), max_new_tokens and max_new_tokens_from (the generation length and how it was set or derived from the data)",
     "task": "train_lora.py: the task",
     "env_overrides": "environment variables applied (HP_LR, ...), {VAR: {key, value}}",
 }
