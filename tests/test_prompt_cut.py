@@ -153,3 +153,15 @@ def test_max_new_tokens_from_the_data():
     assert value == 64 and "capped at 64" in how
     with pytest.raises(ValueError):
         max_new_tokens_from_data([])
+
+
+def test_settings_from_config_with_the_derived_length():
+    from trainkit.config.lora import GenerationSection
+
+    new = GenerationSettings.from_config(GenerationSection(), max_source_length=100, max_length=23)
+    assert new.use_max_new_tokens and new.max_new_tokens == 23 and new.max_length is None
+    # legacy total length: a null max_length leaves every prompt (<= max_source_length) 23 new tokens
+    legacy = GenerationSettings.from_config(GenerationSection(use_max_new_tokens=False), 100, 23)
+    assert legacy.max_length == 123
+    given = GenerationSettings.from_config(GenerationSection(use_max_new_tokens=False, max_length=50), 100, 50)
+    assert given.max_length == 50

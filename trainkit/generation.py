@@ -79,8 +79,11 @@ class GenerationSettings:
     def from_config(cls, gen, max_source_length: int, max_length: int) -> "GenerationSettings":
         """The settings of train_lora.py's `generation` config section (the legacy total-length
         meaning of max_length / min_length when use_max_new_tokens is false); `max_length`:
-        generation.max_length, or the number train_lora.py derived from the data when it is unset."""
+        generation.max_length, or the new tokens train_lora.py derived from the data when it is
+        unset (legacy mode then allows max_source_length + that many tokens in all)."""
         total = not gen.use_max_new_tokens
+        if total and gen.max_length is None:
+            max_length = max_source_length + max_length
         return cls(max_new_tokens=max_length, min_new_tokens=gen.min_length, num_beams=gen.num_beams,
                    batch_size=gen.batch_size, use_max_new_tokens=gen.use_max_new_tokens,
                    max_length=max_length if total else None, min_length=gen.min_length if total else None,

@@ -65,7 +65,7 @@ class TaskSection(ConfigModel):
 
 class GenerationSection(ConfigModel):
     enabled: Bool = Field(True, description="evaluate by .generate() (EVAL_GEN); false: eval_loss only")
-    max_length: OptionalPositiveInt = Field(None, description="new tokens to generate (EVAL_GEN_MAX_LENGTH); null: from the data (classification: the longest label word + eos; else the 99th percentile of the tokenized training targets + eos, plus 10 % (at least 2), capped by the model's positions after task.max_source_length), printed at start and in run.json data.max_new_tokens; with use_max_new_tokens false: prompt + new tokens, and must be set")
+    max_length: OptionalPositiveInt = Field(None, description="new tokens to generate (EVAL_GEN_MAX_LENGTH); null: from the data (classification: the longest label word + eos; else the 99th percentile of the tokenized training targets + eos, plus 10 % (at least 2), capped by the model's positions after task.max_source_length), printed at start and in run.json data.max_new_tokens; with use_max_new_tokens false: prompt + new tokens (null: task.max_source_length + the number from the data)")
     min_length: NonNegativeInt = Field(0, description="minimum new tokens (EVAL_GEN_MIN_LENGTH); same meaning switch")
     use_max_new_tokens: Bool = Field(True, description="lengths count new tokens (max_new_tokens); false: legacy total length (GLA_USE_MAX_NEW_TOKENS=0)")
     num_beams: PositiveInt = Field(1, description="beam search width (EVAL_GEN_NUM_BEAMS)")
@@ -123,9 +123,6 @@ class LoRAConfig(TrainConfig):
                 allowed = ()
             if metric not in allowed:
                 raise ValueError(f"logging.metric_for_best: {metric!r} is not task_score, eval_loss or one of {', '.join(allowed)}")
-        if not self.generation.use_max_new_tokens and self.generation.max_length is None:
-            raise ValueError("generation.max_length: must be set when generation.use_max_new_tokens is false "
-                             "(a total length of prompt + new tokens is not derived from the data)")
         if metric == "task_score" and not self.generation.enabled and not self.task.label_likelihood:
             raise ValueError("logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood (or use eval_loss)")
         if metric == "eval_loss" and self.logging.greater_is_better:
