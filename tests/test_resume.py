@@ -314,7 +314,11 @@ def test_launcher_passes_allow_config_change(qlora_run, tmp_path):
 
 @pytest.mark.parametrize("script, config, overrides", [
     ("train_qlora.py", "training_config.yaml", []),
-    ("train_lora.py", "configs/gla_lora_sst2.yaml", ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]"]),
+    # the values the demo config had then (issue 12 changed its data, length and steps)
+    ("train_lora.py", "configs/gla_lora_sst2.yaml", ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]",
+                                                     "task.local_dir=data/tasks/glue", "generation.max_length=12",
+                                                     "training.max_steps=60", "logging.eval_interval=30",
+                                                     "logging.checkpoint_interval=30"]),
     ("distill.py", "configs/distill_tiny_mamba2.yaml", ["training.epochs=2", "student.attention_layers=[1]"]),
 ])
 def test_typed_config_is_stored_as_checkpoints_stored_it_before(script, config, overrides):
