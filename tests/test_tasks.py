@@ -15,7 +15,8 @@ from trainkit.tasks import Example, TaskDataError, carve, get_task, known_tasks,
 from trainkit.tasks.base import parse_float, parse_label
 from task_fixtures import sqlite_files, text_files, write_fixtures
 from trainkit.tasks.glue import GLUE_TASKS
-from trainkit.tasks.spider import QueryFailed, execute, execution_match, normalize_sql, prediction_sql
+from trainkit.tasks.spider import normalize_sql, prediction_sql
+from trainkit.tasks.spider_exec import QueryFailed, execute, execution_match
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tasks"
@@ -311,8 +312,10 @@ def test_execution_accuracy_semantics():
     ordered = "SELECT name FROM student ORDER BY age DESC"
     assert execution_match(SCHOOL_DB, "SELECT name FROM student ORDER BY age DESC, name", ordered)
     assert not execution_match(SCHOOL_DB, "SELECT name FROM student ORDER BY age ASC", ordered)  # order matters
-    # multiset, not set: duplicates count
-    assert not execution_match(SCHOOL_DB, "SELECT city FROM student", "SELECT DISTINCT city FROM student")
+    # DISTINCT is dropped from both queries (test-suite-sql-eval's default); kept, duplicates count
+    assert execution_match(SCHOOL_DB, "SELECT city FROM student", "SELECT DISTINCT city FROM student")
+    assert not execution_match(SCHOOL_DB, "SELECT city FROM student", "SELECT DISTINCT city FROM student",
+                               keep_distinct=True)
 
 
 def test_execution_failures_are_wrong_and_bounded():

@@ -24,13 +24,9 @@ compares them as sets and ignores values). It is a string match after this norma
   * whitespace: one space between tokens, none after '(' or around '.', none before '(', ')' or ','.
   So column order, condition order, aliases and values all still matter.
 
-execution_accuracy — predicted and gold query run against database/<db_id>/<db_id>.sqlite, opened
-read-only (file:...?mode=ro URI) behind an authorizer that allows reads only (no ATTACH, PRAGMA or
-writes). Results are compared as multisets of rows, as ordered lists when the gold query has
-ORDER BY (anywhere outside string literals, as in Spider's evaluation). Column order matters
-(Spider's evaluation also tries column permutations; this does not). Each query runs under a
-time limit (sqlite3 progress handler, SpiderTask.timeout_s, default 5 s); a predicted query that
-errors, times out or returns more rows than gold counts as wrong and never raises.
+execution_accuracy — test-suite-sql-eval's execution match (trainkit/tasks/spider_exec.py: read-only
+sqlite, per-query time limit SpiderTask.timeout_s, default 5 s; column permutations, DISTINCT
+dropped, every database of the folder's test suite).
 """
 
 from __future__ import annotations
@@ -38,12 +34,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sqlite3
-import time
-from collections import Counter
 from pathlib import Path
 
 from trainkit.tasks.base import Example, Task, TaskDataError, check_lengths, clean_generation, load_hf, need_file
+from trainkit.tasks.spider_exec import DEFAULT_TIMEOUT_S, Executor, connect_read_only
 
 ENV_VAR = "SPIDER_LOCAL_DIR"
 HF_PATH = "xlangai/spider"
@@ -51,7 +45,6 @@ LAYOUT = "train_spider.json, dev.json, tables.json and database/<db_id>/<db_id>.
 PROMPT = ("Translate the question into a SQL query for the SQLite database below.\n\n"
           "Database: {db_id}\n{schema}\n\nQuestion: {question}\nSQL:")
 SPLIT_FILES = {"train": "train_spider.json", "validation": "dev.json"}
-DEFAULT_TIMEOUT_S = 5.0
 
 
 # ---------------------------------------------------------------------- schema text
@@ -84,7 +77,7 @@ def schema_from_tables_entry(entry: dict) -> str:
 
 def schema_from_sqlite(db_path: Path) -> str:
     """The same compact lines read from a database file (for a db_id that tables.json lacks)."""
-    with contextlib.closing(_connect(db_path)) as conn:
+    with contextlib.closing(connect_read_only(db_path)) as conn:
         tables = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
         lines = []
@@ -152,113 +145,6 @@ def normalize_sql(sql: str) -> str:
             out += " "
         out += piece
     return out
-
-
-def has_order_by(sql: str) -> bool:
-    """ORDER BY anywhere in the query, outside string literals."""
-    code = "".join(" " if tok[:1] in "'\"" else tok for tok in _LITERAL_OR_SPACE.findall(sql))
-    return re.search(r"\border\s+by\b", code, re.I) is not None
-
-
-# ---------------------------------------------------------------------- execution
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
-
-
-def _authorizer(action, *_):
-    return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
-
-
-def _connect(db_path: Path) -> sqlite3.Connection:
-    """Read-only connection (file:...?mode=ro); text with invalid UTF-8 decoded with replacement."""
-    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
-    conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
-    return conn
-
-
-class QueryFailed(Exception):
-    """A query errored, was denied, timed out, or returned more rows than allowed."""
-
-
-def execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int | None = None) -> list[tuple]:
-    """Rows of `sql`; QueryFailed on any sqlite error, after `timeout_s`, or past `max_rows` rows.
-    Only reads are allowed (authorizer)."""
-    deadline = time.monotonic() + timeout_s
-    conn.set_authorizer(_authorizer)
-    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
-    try:
-        cursor = conn.execute(sql)
-        rows: list[tuple] = []
-        while True:
-            chunk = cursor.fetchmany(256)
-            if not chunk:
-                return rows
-            rows.extend(chunk)
-            if max_rows is not None and len(rows) > max_rows:
-                raise QueryFailed(f"more than {max_rows} rows")
-    except Exception as e:  # noqa: BLE001 - sqlite3.Error, Warning (several statements), OverflowError, MemoryError...
-        raise QueryFailed(f"{type(e).__name__}: {e}") from None
-    finally:
-        conn.set_progress_handler(None, 0)
-        conn.set_authorizer(None)
-
-
-def results_match(pred_rows: list[tuple], gold_rows: list[tuple], order_matters: bool) -> bool:
-    if order_matters:
-        return list(pred_rows) == list(gold_rows)
-    return Counter(pred_rows) == Counter(gold_rows)
-
-
-class Executor:
-    """Runs queries on Spider databases with cached read-only connections and cached gold results."""
-
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.timeout_s = timeout_s
-        self._conns: dict[str, sqlite3.Connection] = {}
-        self._gold: dict[tuple[str, str], list[tuple] | None] = {}
-
-    def conn(self, db_path: str) -> sqlite3.Connection:
-        if db_path not in self._conns:
-            self._conns[db_path] = _connect(Path(db_path))
-        return self._conns[db_path]
-
-    def matches(self, db_path: str, predicted: str, gold: str) -> bool:
-        """Whether `predicted` returns gold's result on the database; False on any failure."""
-        try:
-            conn = self.conn(db_path)
-        except sqlite3.Error:
-            return False
-        key = (db_path, gold)
-        if key not in self._gold:
-            try:
-                self._gold[key] = execute(conn, gold, self.timeout_s)
-            except QueryFailed:
-                self._gold[key] = None
-        gold_rows = self._gold[key]
-        if gold_rows is None or not predicted.strip():
-            return False
-        try:
-            pred_rows = execute(conn, predicted, self.timeout_s, max_rows=len(gold_rows))
-        except QueryFailed:
-            return False
-        return results_match(pred_rows, gold_rows, has_order_by(gold))
-
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def execution_match(db_path, predicted: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """One query pair, as execution_accuracy counts it."""
-    with Executor(timeout_s) as ex:
-        return ex.matches(str(db_path), predicted, gold)
 
 
 # ---------------------------------------------------------------------- the task
