@@ -9,6 +9,14 @@ data/tasks/spider/database (tests/task_fixtures.py), and writes tests/spider_exe
 tests/test_spider_exec.py checks that trainkit.tasks.spider_exec gives the same verdict on every
 case, except the cases marked `ours` (deliberate differences, each with its reason).
 
+    python scripts/spider_exec_official_results.py --all-pairs     # agreement at scale, writes nothing
+
+--all-pairs compares ours with the official verdict in one process on every (prediction, gold)
+pair of the fixture questions' gold queries of one schema (school, shop, and school's queries on
+the school_suite test suite), the predictions also with DISTINCT added, with ORDER BY 1 DESC
+appended and lower-cased, each with keep_distinct off and on; it prints the counts and every
+disagreement. All are read-only SELECTs, so one copy of the databases serves.
+
 The official code opens the databases read-write (a DROP TABLE prediction would commit) and cannot
 interrupt a query, so each case runs in its own process on a fresh copy of the databases, under a
 wall-clock limit; a case still running then is recorded as "no verdict".
@@ -161,17 +169,58 @@ def official_verdict(code_dir: Path, work: Path, case: dict) -> int | str:
     return int(result.stdout.strip().splitlines()[-1])
 
 
+def _variants(sql: str) -> list[str]:
+    out = [sql, sql.replace("SELECT", "SELECT DISTINCT", 1), sql.lower()]
+    if "ORDER BY" not in sql and "LIMIT" not in sql:
+        out.append(sql + " ORDER BY 1 DESC")
+    return out
+
+
+def all_pairs(code_dir: Path, work: Path) -> int:
+    """Ours vs the official verdict on every pair (module docstring); returns the disagreement count."""
+    sys.path[:0] = [str(code_dir), str(REPO), str(REPO / "tests")]
+    from exec_eval import eval_exec_match
+
+    from task_fixtures import SPIDER_DBS
+    from trainkit.tasks.spider_exec import Executor
+
+    shutil.copytree(DATABASES, work / "database")
+    plan = [("school", "school"), ("shop", "shop"), ("school_suite", "school")]
+    total, right, differ = 0, 0, []
+    for keep_distinct in (False, True):
+        with Executor(timeout_s=5.0, keep_distinct=keep_distinct) as ex:
+            for db, queries_of in plan:
+                db_path = work / "database" / db / f"{db}.sqlite"
+                golds = [q for _, q in SPIDER_DBS[queries_of]["queries"]]
+                for gold in golds:
+                    for pred in [v for q in golds for v in _variants(q)]:
+                        official = eval_exec_match(db=str(db_path), p_str=pred, g_str=gold, plug_value=False,
+                                                   keep_distinct=keep_distinct, progress_bar_for_each_datapoint=False)
+                        ours = int(ex.matches(db_path, pred, gold))
+                        total += 1
+                        right += official
+                        if ours != official:
+                            differ.append((db, keep_distinct, pred, gold, official, ours))
+    for row in differ:
+        print("differs:", row)
+    print(f"{total - len(differ)}/{total} pairs agree with exec_eval ({len(differ)} differ; official: {right} right)")
+    return len(differ)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", default="/work/.mirror/taoyds+test-suite-sql-eval/repo",
                         help="test-suite-sql-eval: a bare git mirror or a checkout")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--all-pairs", action="store_true", help="print agreement on all fixture query pairs instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         code_dir, work = Path(tmp) / "official", Path(tmp) / "work"
         code_dir.mkdir()
         work.mkdir()
         commit = official_source(Path(args.official), code_dir)
+        if args.all_pairs:
+            return 1 if all_pairs(code_dir, work) else 0
         records = []
         for case in CASES:
             verdict = official_verdict(code_dir, work, case)
