@@ -1,0 +1,77 @@
+"""`python -m trainkit.evaluate`: scores predictions files with the task scorers train_lora.py uses,
+as a subprocess (the command users run), on the shipped task fixtures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from trainkit.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = REPO / "data" / "tasks" / "glue"
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainkit.evaluate", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_pred_against_a_split_equals_the_task_scorer(tmp_path):
+    examples = get_task("sst2").load(local_dir=GLUE)["validation"]
+    # every third answer wrong, one unparseable: the CLI must give what task.score gives
+    preds = []
+    for i, e in enumerate(examples):
+        word = e.references[0]
+        preds.append("maybe" if i == 0 else ("negative" if word == "positive" else "positive") if i % 3 == 0 else word)
+    pred_file = tmp_path / "preds.txt"
+    pred_file.write_text("\n".join(preds) + "\n")
+    out = run_cli("--task", "sst2", "--pred", str(pred_file), "--data-dir", str(GLUE), "--split", "validation",
+                  "--out", str(tmp_path / "scores.json"))
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    expected = get_task("sst2").score(preds, examples, split="validation")
+    assert printed["accuracy"] == expected["accuracy"] < 100
+    assert printed["num_examples"] == len(examples)
+    assert printed["task_score"] == expected["accuracy"]
+    assert json.loads((tmp_path / "scores.json").read_text()) == printed
+
+
+def test_jsonl_predictions_and_a_run_predictions_file(tmp_path):
+    examples = get_task("mrpc").load(local_dir=GLUE)["validation"]
+    preds = [e.references[0] for e in examples]
+    pred_file = tmp_path / "preds.jsonl"
+    pred_file.write_text("".join(json.dumps({"prediction": p}) + "\n" for p in preds))
+    out = run_cli("--task", "mrpc", "--pred", str(pred_file), "--data-dir", str(GLUE))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["accuracy"] == 100.0
+
+    # the file a run writes: prompt, prediction, references and the example's fields on every line
+    run_file = tmp_path / "step-10-validation.jsonl"
+    run_file.write_text("".join(json.dumps({"prompt": e.prompt, "prediction": "no", "references": e.references, **e.meta}) + "\n"
+                                for e in examples))
+    out = run_cli("--task", "mrpc", "--predictions", str(run_file))
+    assert out.returncode == 0, out.stderr
+    expected = get_task("mrpc").score(["no"] * len(examples), examples, split="validation")
+    assert json.loads(out.stdout)["accuracy"] == expected["accuracy"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("positive\n")
+    out = run_cli("--task", "sst2", "--pred", str(short), "--data-dir", str(GLUE))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "1 predictions for" in out.stderr and "Traceback" not in out.stderr
+
+    out = run_cli("--task", "nosuchtask", "--pred", str(short))
+    assert out.returncode == 2 and "unknown task" in out.stderr and "Traceback" not in out.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prediction": "yes"}\n{not json\n')
+    out = run_cli("--task", "sst2", "--pred", str(bad), "--data-dir", str(GLUE))
+    assert out.returncode == 2 and "line 2" in out.stderr and out.stderr.count("\n") == 1
+
+    out = run_cli("--task", "sst2", "--pred", str(short), "--data-dir", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
