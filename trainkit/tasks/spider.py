@@ -1,4 +1,4 @@
-"""Spider text-to-SQL: exact_match (normalised SQL string match) and execution_accuracy (sqlite).
+"""Spider text-to-SQL: exact_match (official exact-set match), execution_accuracy (sqlite), per hardness.
 
 Local copy ($SPIDER_LOCAL_DIR or task.local_dir), the Spider release layout: train_spider.json,
 dev.json, tables.json, database/<db_id>/<db_id>.sqlite. Splits: train = train_spider.json,
@@ -11,31 +11,31 @@ tables.json: original table/column names, Spider column types, primary and forei
 database missing from tables.json is described from its sqlite file instead), the question, "SQL:".
 The target is the gold query with whitespace outside string literals collapsed.
 
-exact_match — NOT Spider's official exact-set-match (which parses both queries into clauses,
-compares them as sets and ignores values). It is a string match after this normalisation
-(normalize_sql), done on sqlparse's lexer tokens:
-  * the prediction is cut at its first blank line and at its first ';' outside string literals;
-    trailing semicolons go; comments go;
-  * keywords upper case, multi-word keywords single-spaced ("order  by" -> "ORDER BY"), word
-    operators (like, in, ...) upper case;
-  * names (tables, columns, aliases, functions) lower case, with `...` / [...] quoting removed;
-  * string literals in single quotes: "Paris" and 'Paris' are the same literal (Spider's gold
-    writes values in double quotes); the value's case and content are kept;
-  * whitespace: one space between tokens, none after '(' or around '.', none before '(', ')' or ','.
-  So column order, condition order, aliases and values all still matter.
+exact_match — Spider's official exact-set match (trainkit/tasks/spider_match.py: both queries
+parsed into clauses and compared clause by clause as sets, values and DISTINCT ignored, aliases
+resolved, foreign-key-equivalent columns merged; a prediction that does not parse is a miss).
+The schema it resolves columns with is the database's tables.json entry (its sqlite file for a
+db_id that tables.json lacks).
 
 execution_accuracy — test-suite-sql-eval's execution match (trainkit/tasks/spider_exec.py: read-only
 sqlite, per-query time limit SpiderTask.timeout_s, default 5 s; column permutations, DISTINCT
 dropped, every database of the folder's test suite).
+
+Per official hardness level of the gold query (easy, medium, hard, extra): exact_match_<level>,
+execution_accuracy_<level> (NaN for a level without items) and num_examples_<level>;
+num_gold_unparsed counts gold queries the parser refuses (scored as misses, in no level).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
+from collections import Counter
 from pathlib import Path
 
+from trainkit.tasks import spider_match
 from trainkit.tasks.base import Example, Task, TaskDataError, check_lengths, clean_generation, load_hf, need_file
 from trainkit.tasks.spider_exec import DEFAULT_TIMEOUT_S, Executor, connect_read_only
 
@@ -117,33 +117,46 @@ def prediction_sql(text: str) -> str:
     return collapse_whitespace(first_statement(clean_generation(text)))
 
 
-def normalize_sql(sql: str) -> str:
-    """The normal form exact_match compares (module docstring lists the rules)."""
-    from sqlparse import tokens as T
-    from sqlparse.lexer import tokenize
+# ---------------------------------------------------------------------- scores
+def score_sql_lists(predicted: list[str], gold: list[str], db_ids: list[str], db_dir,
+                    tables: dict[str, dict], timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Spider metrics of predicted vs gold SQL (one per item, SQL text as given), each item on
+    <db_dir>/<db_id>/<db_id>.sqlite; `tables` is {db_id: tables.json entry} (spider_match.load_tables),
+    a db_id missing there is read from its sqlite file. Returns exact_match, execution_accuracy,
+    num_examples, and per hardness level (of the gold query) exact_match_<level>,
+    execution_accuracy_<level> (NaN when the level has no items), num_examples_<level>, plus
+    num_gold_unparsed."""
+    if not len(predicted) == len(gold) == len(db_ids):
+        raise ValueError(f"spider: {len(predicted)} predictions, {len(gold)} gold queries, {len(db_ids)} db_ids")
+    schemas: dict[str, spider_match.Schema] = {}
+    counts = {level: Counter() for level in (*spider_match.HARDNESS_LEVELS, "all")}
+    unparsed_gold = 0
+    with Executor(timeout_s) as executor:
+        for pred, gold_sql, db_id in zip(predicted, gold, db_ids):
+            db_path = Path(db_dir) / db_id / f"{db_id}.sqlite"
+            if db_id not in schemas:
+                schemas[db_id] = (spider_match.Schema.from_tables_entry(tables[db_id]) if db_id in tables
+                                  else spider_match.Schema.from_sqlite(db_path))
+            try:
+                level = spider_match.hardness(gold_sql, schemas[db_id])
+                em = spider_match.exact_set_match(pred, gold_sql, schemas[db_id])
+            except spider_match.SqlParseError:
+                level, em = None, False
+                unparsed_gold += 1
+            ex = executor.matches(str(db_path), pred, gold_sql)
+            for key in ("all", level) if level else ("all",):
+                counts[key].update(n=1, em=em, ex=ex)
 
-    pieces: list[str] = []
-    for ttype, value in tokenize(first_statement(sql)):
-        if ttype in T.Whitespace or ttype in T.Newline or ttype in T.Comment:
-            continue
-        if ttype in T.Punctuation and value == ";":
-            continue
-        if ttype in T.String.Single or ttype in T.String.Symbol:
-            q = value[0]
-            body = value[1:-1].replace(q + q, q) if len(value) >= 2 and value[-1] == q else value[1:]
-            value = "'" + body.replace("'", "''") + "'"
-        elif ttype in T.Keyword or (ttype in T.Operator and value[:1].isalpha()):
-            value = " ".join(value.split()).upper()
-        elif ttype in T.Name:
-            if value[:1] in "`[" and len(value) >= 2:
-                value = value[1:-1]
-            value = value.lower()
-        pieces.append(value)
-    out = ""
-    for piece in pieces:
-        if out and not (piece in (",", ")", ".", "(") or out.endswith(("(", "."))):
-            out += " "
-        out += piece
+    def percent(hits: int, n: int) -> float:
+        return 100.0 * hits / n if n else math.nan
+
+    out = {"exact_match": percent(counts["all"]["em"], len(gold)),
+           "execution_accuracy": percent(counts["all"]["ex"], len(gold)), "num_examples": len(gold)}
+    for level in spider_match.HARDNESS_LEVELS:
+        c = counts[level]
+        out.update({f"exact_match_{level}": percent(c["em"], c["n"]),
+                    f"execution_accuracy_{level}": percent(c["ex"], c["n"]), f"num_examples_{level}": c["n"]})
+    out["num_gold_unparsed"] = unparsed_gold
     return out
 
 
@@ -155,6 +168,7 @@ class SpiderTask(Task):
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.timeout_s = timeout_s
+        self.tables: dict[str, dict] = {}  # {db_id: tables.json entry}, set by load()
 
     def _load(self, root, seed, cache_dir, local_files_only):
         if root is None:
@@ -169,7 +183,8 @@ class SpiderTask(Task):
             _, hf = load_hf([(HF_PATH, None)], self.name, ENV_VAR, LAYOUT, cache_dir, local_files_only)
             data = {"train": hf["train"], "validation": hf["validation"]}
         tables_path = root / "tables.json"
-        tables = {t["db_id"]: t for t in json.loads(tables_path.read_text(encoding="utf-8"))} if tables_path.is_file() else {}
+        tables = spider_match.load_tables(tables_path) if tables_path.is_file() else {}
+        self.tables = tables  # score() resolves columns with them
         schemas: dict[str, str] = {}
 
         def example(row: dict, split: str) -> Example:
@@ -192,12 +207,6 @@ class SpiderTask(Task):
         check_lengths(predictions, examples)
         if not examples:
             return {"num_examples": 0}
-        em = ex = 0
-        with Executor(self.timeout_s) as executor:
-            for text, example in zip(predictions, examples):
-                sql = prediction_sql(text)
-                gold = example.references[0]
-                em += bool(sql) and normalize_sql(sql) == normalize_sql(gold)
-                ex += executor.matches(example.meta["db_path"], sql, gold)
-        n = len(examples)
-        return {"exact_match": 100.0 * em / n, "execution_accuracy": 100.0 * ex / n, "num_examples": n}
+        return score_sql_lists([prediction_sql(text) for text in predictions], [e.references[0] for e in examples],
+                               [e.meta["db_id"] for e in examples], Path(examples[0].meta["db_path"]).parents[1],
+                               self.tables, self.timeout_s)
