@@ -5,6 +5,7 @@ where the official definition and a string match disagree."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sqlite3
 from collections import Counter
@@ -13,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from trainkit.tasks.spider import score_sql_lists
-from trainkit.tasks.spider_match import (SqlParseError, exact_set_match, hardness, load_tables, parse_sql,
-                                         schema_from_sqlite, schema_from_tables_entry)
+from trainkit.tasks.spider_match import Schema, SqlParseError, exact_set_match, hardness, load_tables, parse_sql
 
 OFFICIAL = Path(__file__).parent / "data" / "spider_official"
 TABLES = load_tables(OFFICIAL / "tables.json")
-CONCERT = schema_from_tables_entry(TABLES["concert_singer"])
+CONCERT = Schema.from_tables_entry(TABLES["concert_singer"])
 
 
 def official_items():
@@ -32,8 +32,8 @@ def test_agrees_with_the_official_script_on_the_shipped_dev_predictions():
     pred, gold, db_ids, recorded = official_items()
     items = recorded["items"]
     assert len(pred) == len(gold) == len(items) == 1034
-    ours = [exact_set_match(p, g, schema_from_tables_entry(TABLES[db])) for p, g, db in zip(pred, gold, db_ids)]
-    levels = [hardness(g, schema_from_tables_entry(TABLES[db])) for g, db in zip(gold, db_ids)]
+    ours = [exact_set_match(p, g, Schema.from_tables_entry(TABLES[db])) for p, g, db in zip(pred, gold, db_ids)]
+    levels = [hardness(g, Schema.from_tables_entry(TABLES[db])) for g, db in zip(gold, db_ids)]
     agree = sum(o == bool(i["exact"]) for o, i in zip(ours, items)) / len(items)
     assert agree >= 0.995, agree
     official_total = 100 * sum(i["exact"] for i in items) / len(items)
@@ -44,25 +44,22 @@ def test_agrees_with_the_official_script_on_the_shipped_dev_predictions():
     # the predictions the official parser refused are the ones ours refuses
     for p, db, item in zip(pred, db_ids, items):
         try:
-            parse_sql(p, schema_from_tables_entry(TABLES[db]))
+            parse_sql(p, Schema.from_tables_entry(TABLES[db]))
             parsed = True
         except SqlParseError:
             parsed = False
         assert parsed == item["pred_parsed"], p
 
 
-def empty_databases(tmp_path: Path, tables: dict) -> Path:
-    """<tmp>/<db>/<db>.sqlite with the tables.json tables and no rows (execution is not under test here)."""
-    for db_id, entry in tables.items():
-        path = tmp_path / db_id / f"{db_id}.sqlite"
-        path.parent.mkdir(parents=True)
-        with sqlite3.connect(path) as conn:
-            for t, table in enumerate(entry["table_names_original"]):
-                if table != "sqlite_sequence":
-                    cols = ", ".join(f'"{c}"' for ti, c in entry["column_names_original"] if ti == t)
-                    conn.execute(f'CREATE TABLE "{table}" ({cols})')
-        conn.close()
-    return tmp_path
+def empty_databases(db_dir: Path, tables: dict) -> Path:
+    """<db_dir>/<db>/<db>.sqlite with the tables.json tables and no rows (execution is not under test
+    here), built as for the official run (scripts/spider_official_results.py)."""
+    spec = importlib.util.spec_from_file_location("spider_official_results",
+                                                  Path(__file__).parents[1] / "scripts" / "spider_official_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.build_empty_databases(list(tables.values()), db_dir)
+    return db_dir
 
 
 def test_score_sql_lists_reports_the_official_totals_per_hardness(tmp_path):
@@ -178,7 +175,7 @@ def test_schema_from_sqlite_matches_the_tables_entry(tmp_path):
                    for a, b in entry["foreign_keys"] if entry["column_names_original"][a][0] == t]
             conn.execute(f'CREATE TABLE "{table}" ({", ".join([chr(34) + c + chr(34) for c in cols] + fks)})')
     conn.close()
-    assert schema_from_sqlite(path) == CONCERT
+    assert Schema.from_sqlite(path) == CONCERT
     pred = "SELECT T2.singer_id FROM singer AS T1 JOIN singer_in_concert AS T2 ON T1.singer_id = T2.singer_id"
     gold = "SELECT T1.singer_id FROM singer AS T1 JOIN singer_in_concert AS T2 ON T1.singer_id  =  T2.singer_id"
     db_dir = tmp_path / "database"

@@ -75,16 +75,6 @@ class SqlParseError(ValueError):
 
 
 # ---------------------------------------------------------------------- schema
-@dataclass(frozen=True)
-class Schema:
-    """Lower-cased table -> column names, and each foreign-key column -> its group's representative."""
-    tables: dict[str, tuple[str, ...]]
-    fk_representative: dict[str, str] = field(default_factory=dict)
-
-    def has_column(self, table: str, column: str) -> bool:
-        return column in self.tables.get(table, ())
-
-
 def _fk_representatives(column_ids: list[str], foreign_keys: list[tuple[int, int]]) -> dict[str, str]:
     """Foreign-key pairs (column indices) -> groups -> every member maps to the member with the
     lowest index. A pair joins the first group holding either column (groups are not merged),
@@ -99,36 +89,46 @@ def _fk_representatives(column_ids: list[str], foreign_keys: list[tuple[int, int
     return {column_ids[i]: column_ids[min(g)] for g in groups for i in g}
 
 
-def schema_from_tables_entry(entry: dict) -> Schema:
-    """A tables.json entry -> Schema (original names, lower-cased; foreign keys from the entry)."""
-    table_names = [t.lower() for t in entry["table_names_original"]]
-    tables: dict[str, list[str]] = {t: [] for t in table_names}
-    column_ids = []
-    for t, name in entry["column_names_original"]:
-        if t < 0:
-            column_ids.append("*")
-            continue
-        tables[table_names[t]].append(name.lower())
-        column_ids.append(f"{table_names[t]}.{name.lower()}")
-    return Schema({t: tuple(cols) for t, cols in tables.items()},
-                  _fk_representatives(column_ids, [tuple(fk) for fk in entry.get("foreign_keys", [])]))
+@dataclass(frozen=True)
+class Schema:
+    """Lower-cased table -> column names, and each foreign-key column -> its group's representative."""
+    tables: dict[str, tuple[str, ...]]
+    fk_representative: dict[str, str] = field(default_factory=dict)
 
+    def has_column(self, table: str, column: str) -> bool:
+        return column in self.tables.get(table, ())
 
-def schema_from_sqlite(db_path) -> Schema:
-    """Schema read from a database file (for a db_id that tables.json lacks); foreign keys from
-    PRAGMA foreign_key_list."""
-    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        tables = {n.lower(): tuple(r[1].lower() for r in conn.execute(f'PRAGMA table_info("{n}")')) for n in names}
-        column_ids = ["*"] + [f"{t}.{c}" for t, cols in tables.items() for c in cols]
-        pairs = []
-        for n in names:
-            for fk in conn.execute(f'PRAGMA foreign_key_list("{n}")'):
-                a, b = f"{n.lower()}.{fk[3].lower()}", f"{fk[2].lower()}.{(fk[4] or '').lower()}"
-                if a in column_ids and b in column_ids:
-                    pairs.append((column_ids.index(a), column_ids.index(b)))
-    return Schema(tables, _fk_representatives(column_ids, pairs))
+    @classmethod
+    def from_tables_entry(cls, entry: dict) -> Schema:
+        """A tables.json entry -> Schema (original names, lower-cased; foreign keys from the entry)."""
+        table_names = [t.lower() for t in entry["table_names_original"]]
+        tables: dict[str, list[str]] = {t: [] for t in table_names}
+        column_ids = []
+        for t, name in entry["column_names_original"]:
+            if t < 0:
+                column_ids.append("*")
+                continue
+            tables[table_names[t]].append(name.lower())
+            column_ids.append(f"{table_names[t]}.{name.lower()}")
+        return cls({t: tuple(cols) for t, cols in tables.items()},
+                   _fk_representatives(column_ids, [tuple(fk) for fk in entry.get("foreign_keys", [])]))
+
+    @classmethod
+    def from_sqlite(cls, db_path) -> Schema:
+        """Schema read from a database file (for a db_id that tables.json lacks); foreign keys from
+        PRAGMA foreign_key_list."""
+        uri = Path(db_path).resolve().as_uri() + "?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            tables = {n.lower(): tuple(r[1].lower() for r in conn.execute(f'PRAGMA table_info("{n}")')) for n in names}
+            column_ids = ["*"] + [f"{t}.{c}" for t, cols in tables.items() for c in cols]
+            pairs = []
+            for n in names:
+                for fk in conn.execute(f'PRAGMA foreign_key_list("{n}")'):
+                    a, b = f"{n.lower()}.{fk[3].lower()}", f"{fk[2].lower()}.{(fk[4] or '').lower()}"
+                    if a in column_ids and b in column_ids:
+                        pairs.append((column_ids.index(a), column_ids.index(b)))
+        return cls(tables, _fk_representatives(column_ids, pairs))
 
 
 def load_tables(path) -> dict[str, dict]:
