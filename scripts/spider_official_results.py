@@ -22,8 +22,9 @@ nltk data: process_sql.tokenize calls nltk.word_tokenize, which first splits sen
 punkt model (nltk data, not installed here, no network). word_tokenize(s, preserve_line=True)
 skips that sentence split and runs the same word tokenizer; a SQL query has no sentence break
 (string literals are replaced by placeholders before tokenising), so the tokens are the same.
-The script installs that wrapper in place of process_sql.word_tokenize (in this process, and in
-the subprocess through a small sitecustomize-free wrapper module).
+The script puts that call in place of process_sql.word_tokenize, in this process and, for the
+command line, through a small wrapper script (run_official.py in the temp dir) that runs
+evaluation.py as __main__.
 """
 
 from __future__ import annotations
