@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -72,6 +74,20 @@ def test_score_sql_lists_reports_the_official_totals_per_hardness(tmp_path):
         assert got[f"num_examples_{level}"] == official["count"]
         assert abs(got[f"exact_match_{level}"] - 100 * official["exact"]) < 0.06, level  # the CLI prints 3 decimals
         assert 0 <= got[f"execution_accuracy_{level}"] <= 100
+
+
+def test_evaluate_command_on_the_official_files(tmp_path):
+    """`python -m trainkit.evaluate --task spider` on the official files prints the official total."""
+    db_dir = empty_databases(tmp_path / "database", TABLES)
+    out = subprocess.run([sys.executable, "-m", "trainkit.evaluate", "--task", "spider",
+                          "--pred", str(OFFICIAL / "predict.txt"), "--gold", str(OFFICIAL / "gold.txt"),
+                          "--db-dir", str(db_dir), "--tables", str(OFFICIAL / "tables.json")],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    recorded = json.loads((OFFICIAL / "official_results.json").read_text())
+    assert abs(got["exact_match"] - 100 * sum(i["exact"] for i in recorded["items"]) / 1034) <= 0.2
+    assert got["num_examples_extra"] == recorded["official_cli"]["extra"]["count"]
 
 
 # ---------------------------------------------------------------------- distinguishing cases

@@ -132,7 +132,7 @@ def evaluate(args) -> dict:
 
 def score_spider_files(task, predictions: list[str], args) -> dict:
     """The official Spider files: predicted SQL per line; gold 'SQL<TAB>db_id' per line."""
-    from trainkit.tasks.spider import load_tables
+    from trainkit.tasks.spider_match import load_tables
 
     if not args.db_dir:
         raise EvaluateError("spider: --db-dir (the folder of <db_id>/<db_id>.sqlite) is required with --gold")
