@@ -16,7 +16,8 @@ refuses too (SqlParseError), e.g. comma joins `FROM a, b`, `LEFT JOIN`, select a
 
 Tokens: string literals ('...' or "...") become placeholders, the rest goes through nltk's
 Treebank-style word tokenizer (the one word_tokenize uses; no nltk data needed), tokens are
-lower-cased, and `! = `, `> =`, `< =` are joined. The official script tokenises the same way.
+lower-cased, and `! =`, `> =`, `< =` are joined. The official script tokenises the same way;
+like it, the parser ignores tokens after the last clause it knows.
 
 Exact-set match (official defaults: DISABLE_VALUE, DISABLE_DISTINCT), after this rewrite of both
 queries: condition values are dropped (a nested query stays, its own values dropped); DISTINCT is
