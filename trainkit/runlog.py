@@ -127,7 +127,7 @@ LORA_EVAL_FIELDS = {
     "task_score": "train_lora.py: mean of the task's official metrics (trainkit/tasks/official.py)",
     "<official metric>": "train_lora.py: accuracy, f1, mcc, pearson, spearman, accuracy_matched, accuracy_mismatched, rouge1, rouge2, rougeL, exact_match, execution_accuracy, bleu (0-100)",
     "<split>_examples": "train_lora.py: examples scored in that split",
-    "<metric>_<hardness>": "train_lora.py, spider: exact_match_<level>, execution_accuracy_<level> (NaN for a level without items) and num_examples_<level>, level easy/medium/hard/extra (official hardness of the gold query); num_gold_unparsed",
+    "<metric>_<hardness>": "train_lora.py, spider: exact_match_<level>, execution_accuracy_<level> (undefined, null, for a level without items) and num_examples_<level>, level easy/medium/hard/extra (official hardness of the gold query); num_gold_unparsed",
     "generation_seconds": "train_lora.py: seconds spent generating",
     "predictions": "train_lora.py: run-directory-relative JSONL files of this evaluation's predictions",
 }
