@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trainkit.tasks import Example, TaskDataError, carve, get_task, known_tasks, selection_score
@@ -83,8 +84,33 @@ def test_cola_mcc():
     got = task.score([" acceptable", "unacceptable", "Unacceptable.", "unacceptable\nacceptable"], examples(task, [1, 1, 0, 0]))
     assert got["mcc"] == pytest.approx(100 * 2 / math.sqrt(12)) and got["num_examples"] == 4
     assert task.score(["acceptable", "unacceptable"], examples(task, [1, 0]))["mcc"] == pytest.approx(100.0)
-    # an unparseable answer counts as the other label: all wrong -> MCC -100
-    assert task.score(["maybe", "??"], examples(task, [1, 0]))["mcc"] == pytest.approx(-100.0)
+    # T5's convention: an unparseable answer is its own class (-1), not the opposite of gold (that gave -100)
+    assert task.score(["maybe", "??"], examples(task, [1, 0]))["mcc"] == 0.0
+    assert task.score(["maybe"] * 4, examples(task, [1, 1, 0, 0]))["mcc"] == 0.0
+
+
+def test_cola_invalid_answers_mixed_with_valid_ones_match_sklearn_with_a_minus_one_class():
+    from sklearn.metrics import matthews_corrcoef
+
+    task = get_task("cola")
+    gold = [1, 1, 1, 0, 0, 0]
+    texts = ["acceptable", "garbage", "acceptable", "unacceptable", "acceptable", "??"]
+    want = 100 * matthews_corrcoef(gold, [1, -1, 1, 0, 1, -1])
+    assert task.score(texts, examples(task, gold))["mcc"] == pytest.approx(want)
+    # the old rule (unparseable = opposite of gold) gives a different number on the same answers
+    assert want != pytest.approx(100 * matthews_corrcoef(gold, [1, 0, 1, 0, 1, 1]))
+
+
+def test_undefined_metrics_are_nan_not_zero():
+    cola, stsb = get_task("cola"), get_task("stsb")
+    assert math.isnan(cola.score(["acceptable", "unacceptable"], examples(cola, [1, 1]))["mcc"])  # gold: one class
+    got = stsb.score(["2", "2", "2"], examples(stsb, [0.0, 1.0, 2.0]))  # constant prediction
+    assert math.isnan(got["pearson"]) and math.isnan(got["spearman"]) and got["num_examples"] == 3
+    got = stsb.score(["1", "2"], examples(stsb, [3.0, 3.0]))  # constant gold
+    assert math.isnan(got["pearson"]) and math.isnan(got["spearman"])
+    assert math.isnan(stsb.score(["1"], examples(stsb, [3.0]))["pearson"])  # one point
+    # an undefined component makes task_score NaN (never a best checkpoint: trainkit.loop.is_better)
+    assert math.isnan(selection_score("stsb", {"pearson": math.nan, "spearman": 50.0}))
 
 
 def test_mrpc_f1_and_accuracy():
@@ -95,6 +121,9 @@ def test_mrpc_f1_and_accuracy():
     # gibberish for a gold 0 must not count as a true negative
     got = task.score(["yes", "banana"], examples(task, [1, 0]))
     assert got["accuracy"] == 50.0 and got["f1"] == pytest.approx(100 * 2 / 3)  # TP 1, FP 1
+    # ... nor for a gold 1 as a true positive (T5's f1_score_with_invalid: a false negative)
+    got = task.score(["banana", "yes", "no"], examples(task, [1, 1, 0]))
+    assert got["accuracy"] == pytest.approx(200 / 3) and got["f1"] == pytest.approx(100 * 2 / 3)  # TP 1, FN 1
 
 
 def test_stsb_pearson_spearman():
@@ -104,8 +133,10 @@ def test_stsb_pearson_spearman():
     got = task.score(preds, examples(task, [0.0, 1.0, 2.0, 3.0, 4.0]))
     assert got["spearman"] == pytest.approx(100.0)
     assert got["pearson"] == pytest.approx(100 * 12 / math.sqrt(148))
-    # constant predictions: undefined correlation reported as 0, not NaN
-    assert task.score(["2", "2", "2"], examples(task, [0.0, 1.0, 2.0])) == {"pearson": 0.0, "spearman": 0.0, "num_examples": 3}
+    # an unparseable score is -1.0 (T5's string_to_float default), outside [0, 5], not the far end of the range
+    got = task.score(["0", "1", "no idea", "3", "4"], examples(task, [0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert got["pearson"] == pytest.approx(100 * float(np.corrcoef([0, 1, 2, 3, 4], [0, 1, -1, 3, 4])[0, 1]))
+    assert got["spearman"] == pytest.approx(100 * 0.7)  # ranks 2 3 1 4 5: 1 - 6 * 6 / 120
 
 
 def test_accuracy_tasks_and_mnli_splits():
@@ -114,12 +145,16 @@ def test_accuracy_tasks_and_mnli_splits():
         words = task.label_words
         got = task.score([words[0], words[1], "???", words[0]], examples(task, [0, 1, 1, 1]))
         assert got == {"accuracy": 50.0, "num_examples": 4}, name
+        # label -1 never equals a gold label, whatever the gold
+        assert task.score(["???", "???"], examples(task, [0, 1])) == {"accuracy": 0.0, "num_examples": 2}, name
     task = get_task("mnli")
     preds = ["entailment", "Neutral", "contradiction.", "neutral"]
     assert task.score(preds, examples(task, [0, 1, 2, 0]), split="validation_matched") == \
         {"accuracy_matched": 75.0, "num_examples": 4}
     assert task.score(preds, examples(task, [0, 1, 2, 0]), split="test_mismatched") == \
         {"accuracy_mismatched": 75.0, "num_examples": 4}
+    assert task.score(["maybe", "neutral", "contradiction"], examples(task, [0, 1, 2]), split="validation_matched") == \
+        pytest.approx({"accuracy_matched": 200 / 3, "num_examples": 3})
     assert get_task("sst2").score([], []) == {"num_examples": 0}
     with pytest.raises(ValueError):
         get_task("sst2").score(["positive"], [])
