@@ -170,7 +170,8 @@ def main() -> int:
         run.resume(state, scheduler)
         run.begin(state, total_steps, model=model_info, data=data.info, task=task.name, env_overrides=env_applied)
         evaluator = TaskEvaluator(accelerator, model, tokenizer, task, splits, generation,
-                                  label_likelihood=task_cfg.label_likelihood, batch_size=gen_cfg.batch_size,
+                                  label_likelihood=task_cfg.label_likelihood,
+                                  label_normalization=task_cfg.label_likelihood_normalization, batch_size=gen_cfg.batch_size,
                                   run_dir=run.run_dir, progress=log_cfg.progress_bar, say=run.say, verbose=log_cfg.verbose)
         scores_by_generation = gen_cfg.enabled or task_cfg.label_likelihood
 

@@ -371,6 +371,13 @@ def build_datasets(cfg: dict, tokenizer):
     return train, val, info
 
 
+def target_token_ids(tokenizer, targets: list[str]) -> list[list[int]]:
+    """The ids a target trains on: its tokens (no special tokens, tokenized apart from the prompt) +
+    eos when the tokenizer has one. Label-likelihood scoring (trainkit.generation) scores these."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [list(ids) + eos for ids in token_ids(tokenizer, list(targets))["input_ids"]]
+
+
 def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, max_source_length: int,
                            max_target_length: int) -> list[dict]:
     """Task examples -> training rows: prompt ids (loss masked) + target ids + eos (the loss).
@@ -379,14 +386,12 @@ def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, ma
     Prompt and target are tokenized apart, as at generation time (the model sees the prompt's ids
     and continues). A long prompt loses its beginning, not the end where the answer starts.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = token_ids(tokenizer, list(prompts), specials=True)["input_ids"]
-    target_ids = token_ids(tokenizer, list(targets))["input_ids"]
     rows = []
-    for p, t in zip(prompt_ids, target_ids):
-        cut_prompt, cut_target = len(p) > max_source_length, len(t) + len(eos) > max_target_length
+    for p, t in zip(prompt_ids, target_token_ids(tokenizer, targets)):
+        cut_prompt, cut_target = len(p) > max_source_length, len(t) > max_target_length
         p = list(p)[-max_source_length:]
-        t = (list(t) + eos)[:max_target_length]
+        t = t[:max_target_length]
         rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t)),
                      "_truncated_prompt": cut_prompt, "_truncated_target": cut_target})
     return rows

@@ -48,9 +48,11 @@ class TaskEvaluator:
     process takes every world_size-th example; the main process scores, every process gets the result."""
 
     def __init__(self, accelerator, model, tokenizer, task, splits: dict, generation, *, label_likelihood: bool,
-                 batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False):
+                 batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False,
+                 label_normalization: str = "none"):
         self.accelerator, self.model, self.tokenizer, self.task, self.splits = accelerator, model, tokenizer, task, splits
         self.generation, self.label_likelihood, self.batch_size = generation, label_likelihood, batch_size
+        self.label_normalization = label_normalization
         self.run_dir, self.progress, self.say, self.verbose = Path(run_dir), progress, say, verbose
 
     def predict(self, split: str) -> tuple[list[str], float]:
@@ -65,8 +67,11 @@ class TaskEvaluator:
         model = acc.unwrap_model(self.model)
         started = time.time()
         if self.label_likelihood:
-            picks = score_label_likelihood(model, self.tokenizer, prompts, self.task.label_words,
-                                           batch_size=self.batch_size, device=acc.device)
+            # the label targets as trained (" positive" + eos), prompts cut as at training time
+            picks = score_label_likelihood(model, self.tokenizer, prompts, self.task.label_targets,
+                                           batch_size=self.batch_size, device=acc.device,
+                                           max_source_length=self.generation.max_source_length,
+                                           normalization=self.label_normalization)
             texts = [self.task.label_words[i] for i in picks]
         else:
             texts = generate_texts(model, self.tokenizer, prompts, self.generation, device=acc.device,

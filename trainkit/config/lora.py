@@ -59,7 +59,8 @@ class TaskSection(ConfigModel):
     max_eval_samples: OptionalPositiveInt = Field(None, description="cap on examples per evaluation split (generation is the slow part)")
     max_source_length: PositiveInt = Field(512, description="prompt tokens kept (the beginning is cut, not the end)")
     max_target_length: PositiveInt = Field(128, description="target tokens kept for training")
-    label_likelihood: Bool = Field(False, description="classification: score by the likelihood of each label instead of generating")
+    label_likelihood: Bool = Field(False, description="classification: score by the likelihood of each label's training target (\" positive\" + eos) instead of generating")
+    label_likelihood_normalization: one_of("none", "mean") = Field("none", description="with label_likelihood: none ranks labels by the summed log-probability of their target tokens (the probability of the whole answer); mean by the per-token average (length-normalized)")
     evaluate_test: Bool = Field(True, description="at the end, evaluate the best adapter on the test split (when it differs from validation)")
 
 

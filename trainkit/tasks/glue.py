@@ -66,6 +66,11 @@ MNLI_SETS = ("matched", "mismatched")
 INVALID = -1  # an unparseable answer: label -1, STS-B score -1.0 (T5's postprocessor default)
 
 
+def answer_target(answer: str) -> str:
+    """The training target for an answer: a space, then the answer (the prompt ends at "Answer:")."""
+    return " " + answer
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a local task file; a bad line is a ConfigError naming the file and its line."""
     from trainkit.data_sources import iter_jsonl_rows
@@ -89,6 +94,12 @@ class GlueTask(Task):
             self.eval_splits = ["validation"]
 
     # ------------------------------------------------------------------ examples
+    @property
+    def label_targets(self) -> list[str]:
+        """The training target of each label id (" negative", " positive"): what label-likelihood
+        scoring scores (trainkit.generation.label_log_likelihoods)."""
+        return [answer_target(w) for w in self.label_words]
+
     def prompt(self, row: dict) -> str:
         return self.template.format(**{f: str(row[f]).strip() for f in self.fields})
 
@@ -108,7 +119,7 @@ class GlueTask(Task):
         meta = {"idx": row.get("idx"), "label": label, "split": split}
         if self.base == "mnli":
             meta["mnli_set"] = "mismatched" if "mismatched" in split else "matched"
-        return Example(prompt=self.prompt(row), target=" " + answer, references=references, meta=meta)
+        return Example(prompt=self.prompt(row), target=answer_target(answer), references=references, meta=meta)
 
     def _examples(self, rows: list[dict], split: str) -> list[Example]:
         # label -1: an unlabeled (test) row; only labeled rows can be trained on or scored
