@@ -242,7 +242,22 @@ def test_glue_loads_from_fixture(name):
         got = task.score([e.target for e in splits[split]], splits[split], split=split)
         assert all(got[m] == pytest.approx(100.0) for m in got if m != "num_examples"), got
     capped = task.load(local_dir=GLUE, max_train=5, max_eval=3)
-    assert len(capped["train"]) == 5 and all(len(v) == 3 for k, v in capped.items() if k != "train")
+    assert len(capped["train"]) == 5 and all(len(v) == 3 for k, v in capped.items() if not k.startswith(("train", "test")))
+    # max_eval caps validation only: the test splits stay whole unless max_test says otherwise
+    assert all(len(v) == len(splits[k]) for k, v in capped.items() if k.startswith("test"))
+    assert all(len(v) == 2 for k, v in task.load(local_dir=GLUE, max_test=2).items() if k.startswith("test"))
+
+
+def test_test_splits_worth_scoring_compare_the_whole_validation_split():
+    from trainkit.tasks.base import cap_splits, distinct_test_splits
+
+    for name, want in [("sst2", []), ("mnli", []), ("sst2-tvt", ["test"]), ("mnli-tvt", ["test_matched", "test_mismatched"])]:
+        splits = get_task(name).load(local_dir=GLUE)
+        assert distinct_test_splits(splits) == want, name
+    # plain GLUE's test is its validation again: once validation is capped the two differ, so the
+    # comparison must run on the uncapped splits (train_lora.py compares, then caps)
+    splits = get_task("sst2").load(local_dir=GLUE)
+    assert distinct_test_splits(cap_splits(splits, max_eval=3)) == ["test"]
 
 
 def test_glue_prompt_text_is_pinned():

@@ -56,7 +56,8 @@ class TaskSection(ConfigModel):
                                           "train/validation/test carved from the public splits), samsum, spider, dart (HP_DATA)")
     local_dir: OptionalStr = Field(None, description="local copy of the data (else GLUE_LOCAL_DIR / SAMSUM_LOCAL_DIR / SPIDER_LOCAL_DIR / DART_LOCAL_DIR, else HF datasets)")
     max_train_samples: OptionalPositiveInt = Field(None, description="cap on training examples")
-    max_eval_samples: OptionalPositiveInt = Field(None, description="cap on examples per evaluation split (generation is the slow part)")
+    max_eval_samples: OptionalPositiveInt = Field(None, description="cap on examples per validation split, evaluated during training (generation is the slow part); never caps the test splits")
+    max_test_samples: OptionalPositiveInt = Field(None, description="cap on examples per test split at the final test evaluation; null: the whole split")
     max_source_length: PositiveInt = Field(512, description="prompt tokens kept (the beginning is cut, not the end)")
     max_target_length: PositiveInt = Field(128, description="target tokens kept for training")
     label_likelihood: Bool = Field(False, description="classification: score by the likelihood of each label's training target (\" positive\" + eos) instead of generating")
@@ -101,7 +102,7 @@ class LoRAConfig(TrainConfig):
     # Generation settings that decide the task score stay: the best so far was ranked by them.
     RESUME_MUTABLE: ClassVar[frozenset[str]] = TrainConfig.RESUME_MUTABLE | {
         "lora.dropout", "model.dtype", "model.attn_mode", "model.fused_swiglu", "task.max_eval_samples",
-        "task.evaluate_test", "generation.batch_size", "generation.force_left_pad", "logging.verbose"}
+        "task.max_test_samples", "task.evaluate_test", "generation.batch_size", "generation.force_left_pad", "logging.verbose"}
 
     @model_validator(mode="after")
     def consistent(self) -> LoRAConfig:

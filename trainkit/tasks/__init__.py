@@ -7,7 +7,7 @@
     task.eval_splits                   # ["validation"]; MNLI ["validation_matched", "validation_mismatched"]
     task.metrics                       # official metric names (trainkit.tasks.official)
     splits = task.load(local_dir=None, seed=42, cache_dir=None, local_files_only=False,
-                       max_train=None, max_eval=None)   # split -> list[Example]
+                       max_train=None, max_eval=None, max_test=None)   # split -> list[Example]
     metrics = task.score(predictions, splits["validation"], split="validation")
     # {"mcc": ..., "num_examples": n}: official metrics x100 (0-100 scale) + num_examples
 
