@@ -16,7 +16,9 @@ reader can interpret a run without importing a trainer.
       final-checkpoint-<step>/
 
 Every JSONL line is one JSON object with at least ``step`` and ``time`` (unix
-seconds). Only the main process writes. A line is written with a single ``write`` of
+seconds). JSON has no NaN: a field whose value is NaN (a metric undefined on its input, e.g.
+MCC when gold has one class, or a diverged loss) is written as null and its name listed in the
+line's ``nan_fields`` (``read_number`` gives it back as NaN); null without that means missing. Only the main process writes. A line is written with a single ``write`` of
 the whole line and flushed, so a reader sees it whole or not at all; readers skip a
 partial last line. After a resume from step S the lines with step > S from the earlier
 attempt are dropped (``RunLog.truncate_after``), except error lines and the ``stop`` and
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import time
@@ -82,6 +85,21 @@ RUN_FIELDS = {
     "env_overrides": "environment variables applied (HP_LR, ...), {VAR: {key, value}}",
 }
 
+NAN_FIELDS = "nan_fields"
+
+
+def read_number(record: dict, name: str) -> float | None:
+    """A numeric field of a log line: NaN when the line lists it in nan_fields (written as null),
+    None when it is missing, null or not a finite number."""
+    nan = record.get(NAN_FIELDS)
+    if isinstance(nan, list) and name in nan:
+        return math.nan
+    value = record.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 # logs/training_log.jsonl
 TRAINING_FIELDS = {
     "step": "optimizer step (1-based) this line reports",
@@ -118,6 +136,7 @@ EVAL_FIELDS = {
     "metric": "name of the metric used to pick the best checkpoint",
     "metric_value": "its value at this evaluation",
     "is_best": "true when this evaluation is the best so far",
+    "nan_fields": "names of the fields whose value was NaN (undefined: MCC when gold has one class, a correlation of constant input; a diverged eval_loss), written as null (JSON has no NaN); absent when none",
 }
 # logs/eval_log.jsonl, train_lora.py only (besides EVAL_FIELDS)
 LORA_EVAL_FIELDS = {
@@ -313,6 +332,9 @@ class RunLog:
         if not self.is_main:
             return
         record = {"step": record.get("step", 0), "time": record.get("time", time.time()), **record}
+        nan = [k for k, v in record.items() if isinstance(v, float) and math.isnan(v)]
+        if nan:  # json_safe writes them as null; the names say "NaN", not "missing"
+            record[NAN_FIELDS] = nan
         line = json.dumps(json_safe(record), default=str, separators=(",", ":")) + "\n"
         # One write() of the whole line on an O_APPEND file: readers never see half a line
         # except while it is being written, and then without its newline.
