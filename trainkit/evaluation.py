@@ -48,8 +48,8 @@ class TaskEvaluator:
     process takes every world_size-th example; the main process scores, every process gets the result."""
 
     def __init__(self, accelerator, model, tokenizer, task, splits: dict, generation, *, label_likelihood: bool,
-                 batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False,
-                 label_normalization: str = "none", test_splits: list[str] = ()):
+                 test_splits: list[str], batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False,
+                 label_normalization: str = "none"):
         self.accelerator, self.model, self.tokenizer, self.task, self.splits = accelerator, model, tokenizer, task, splits
         self.generation, self.label_likelihood, self.batch_size = generation, label_likelihood, batch_size
         self.label_normalization = label_normalization

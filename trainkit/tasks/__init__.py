@@ -8,6 +8,7 @@
     task.metrics                       # official metric names (trainkit.tasks.official)
     splits = task.load(local_dir=None, seed=42, cache_dir=None, local_files_only=False,
                        max_train=None, max_eval=None, max_test=None)   # split -> list[Example]
+    # caps (first N): max_train the train split, max_eval the validation splits, max_test the test splits
     metrics = task.score(predictions, splits["validation"], split="validation")
     # {"mcc": ..., "num_examples": n}: official metrics x100 (0-100 scale) + num_examples
 
@@ -33,8 +34,10 @@ SAMSum and DART: their own three splits. Spider: test = dev.
 
 Examples: prompt ends where the answer starts ("...\\nAnswer:", "Summary:", "SQL:", "Text:");
 target starts with a space. Scoring reads generations robustly: classification takes the first
-line's label word (case-insensitive; unparseable = wrong), STS-B the first number clipped to
-[0, 5], generation tasks the text up to the first blank line.
+line's label word (case-insensitive; unparseable = label -1, its own wrong class, as T5 does),
+STS-B the first number clipped to [0, 5] (unparseable = -1.0), generation tasks the text up to
+the first blank line. Undefined metrics (MCC with one gold class, a correlation of constant
+input) are NaN.
 """
 
 from __future__ import annotations
