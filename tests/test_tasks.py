@@ -134,9 +134,10 @@ def test_stsb_pearson_spearman():
     assert got["spearman"] == pytest.approx(100.0)
     assert got["pearson"] == pytest.approx(100 * 12 / math.sqrt(148))
     # an unparseable score is -1.0 (T5's string_to_float default), outside [0, 5], not the far end of the range
-    got = task.score(["0", "1", "no idea", "3", "4"], examples(task, [0.0, 1.0, 2.0, 3.0, 4.0]))
-    assert got["pearson"] == pytest.approx(100 * float(np.corrcoef([0, 1, 2, 3, 4], [0, 1, -1, 3, 4])[0, 1]))
-    assert got["spearman"] == pytest.approx(100 * 0.7)  # ranks 2 3 1 4 5: 1 - 6 * 6 / 120
+    got = task.score(["0", "no idea", "2", "3", "4"], examples(task, [0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert got["pearson"] == pytest.approx(100 * float(np.corrcoef([0, 1, 2, 3, 4], [0, -1, 2, 3, 4])[0, 1]))
+    assert got["spearman"] == pytest.approx(100 * 0.9)  # ranks 2 1 3 4 5: 1 - 6 * 2 / 120
+    # (the old rule put 5.0 there: ranks 1 5 2 3 4, Spearman 40)
 
 
 def test_accuracy_tasks_and_mnli_splits():
