@@ -75,3 +75,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
     out = run_cli("--task", "sst2", "--pred", str(short), "--data-dir", str(tmp_path / "missing"))
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_spider_run_predictions_with_databases_moved(tmp_path):
+    """A run's Spider predictions scored elsewhere: --db-dir points at the databases' new place."""
+    import shutil
+
+    spider = REPO / "data" / "tasks" / "spider"
+    examples = get_task("spider").load(local_dir=spider)["validation"]
+    moved = tmp_path / "database"
+    shutil.copytree(spider / "database", moved)
+    lines = []
+    for i, e in enumerate(examples):
+        prediction = e.references[0] if i % 2 == 0 else "SELECT 1"
+        meta = {**e.meta, "db_path": "/elsewhere/" + e.meta["db_id"] + ".sqlite"}
+        lines.append(json.dumps({"prompt": e.prompt, "prediction": prediction, "references": e.references, **meta}))
+    run_file = tmp_path / "step-5-validation.jsonl"
+    run_file.write_text("\n".join(lines) + "\n")
+    out = run_cli("--task", "spider", "--predictions", str(run_file), "--db-dir", str(moved),
+                  "--tables", str(spider / "tables.json"))
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    right = len(range(0, len(examples), 2))
+    assert printed["exact_match"] == printed["execution_accuracy"] == 100.0 * right / len(examples)
+    assert printed["num_examples"] == len(examples)

@@ -17,7 +17,8 @@ the same predictions.
     python -m trainkit.evaluate --task dart --pred hyp.txt --refs ref0.lex ref1.lex ref2.lex
 
 Prints one JSON object: every metric of the task, `task_score` (what runs rank checkpoints by) and
-`num_examples`; `--out FILE` also writes it. Bad input is one line on stderr and exit status 2.
+`num_examples`; `--out FILE` also writes it. An undefined metric is null and named in
+`nan_fields`, as in eval_log.jsonl. Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from trainkit.config import ConfigError
 from trainkit.fileio import JsonlError, iter_jsonl_rows
+from trainkit.runlog import NAN_FIELDS
 from trainkit.tasks import Example, get_task
 from trainkit.tasks.official import TASK_SCORE, selection_score
 
@@ -109,6 +111,11 @@ def evaluate(args) -> dict:
 
     if args.predictions:
         predictions, examples, split = examples_from_run_predictions(Path(args.predictions))
+        if task.base == "spider":  # the run's database paths may be another machine's: --db-dir, --tables
+            for e in examples:
+                if args.db_dir:
+                    e.meta["db_path"] = str(Path(args.db_dir) / e.meta["db_id"] / f"{e.meta['db_id']}.sqlite")
+            task.tables = spider_tables(args)
         return with_task_score(task.name, task.score(predictions, examples, split=split))
 
     if not args.pred:
@@ -117,7 +124,7 @@ def evaluate(args) -> dict:
     predictions = read_predictions(Path(args.pred))
 
     if task.base == "spider" and args.gold:
-        return with_task_score(task.name, score_spider_files(task, predictions, args))
+        return with_task_score(task.name, score_spider_files(predictions, args))
     if task.base == "dart" and args.refs:
         return with_task_score(task.name, score_dart_files(task, predictions, args))
 
@@ -130,10 +137,9 @@ def evaluate(args) -> dict:
     return with_task_score(task.name, task.score(predictions, examples, split=split))
 
 
-def score_spider_files(task, predictions: list[str], args) -> dict:
+def score_spider_files(predictions: list[str], args) -> dict:
     """The official Spider files: predicted SQL per line; gold 'SQL<TAB>db_id' per line."""
-    from trainkit.tasks.spider_match import load_tables
-
+    from trainkit.tasks.spider import score_sql_lists
     if not args.db_dir:
         raise EvaluateError("spider: --db-dir (the folder of <db_id>/<db_id>.sqlite) is required with --gold")
     gold_rows = []
@@ -145,13 +151,19 @@ def score_spider_files(task, predictions: list[str], args) -> dict:
             raise EvaluateError(f"{args.gold} line {n}: expected 'SQL<TAB>db_id'")
         gold_rows.append((sql.strip(), db_id.strip()))
     check_count(predictions, gold_rows, "gold queries")
-    db_dir = Path(args.db_dir)
-    tables = load_tables(Path(args.tables)) if args.tables else {}
-    examples = [Example(prompt="", target="", references=[sql],
-                        meta={"db_id": db_id, "db_path": str(db_dir / db_id / f"{db_id}.sqlite")})
-                for sql, db_id in gold_rows]
-    task.tables = tables
-    return task.score(predictions, examples, split="test")
+    return score_sql_lists(predictions, [sql for sql, _ in gold_rows], [db for _, db in gold_rows],
+                           Path(args.db_dir), spider_tables(args))
+
+
+def spider_tables(args) -> dict:
+    """{db_id: tables.json entry} of --tables; {} without it (schemas then come from the databases)."""
+    from trainkit.tasks.spider_match import load_tables
+
+    if not args.tables:
+        return {}
+    if not Path(args.tables).is_file():
+        raise EvaluateError(f"spider: --tables {args.tables}: no such file")
+    return load_tables(Path(args.tables))
 
 
 def score_dart_files(task, predictions: list[str], args) -> dict:
@@ -192,9 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def finite_or_none(value):
-    """JSON has no NaN: an undefined metric is printed as null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def json_record(task: str, metrics: dict) -> dict:
+    """The metrics as eval_log.jsonl writes them: JSON has no NaN, so an undefined metric (MCC of one
+    gold class, a correlation of constant input) is null and named in `nan_fields`."""
+    nan = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
+    record = {"task": task, **{k: None if k in nan else v for k, v in metrics.items()}}
+    if nan:
+        record[NAN_FIELDS] = nan
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluateError, ConfigError, FileNotFoundError) as e:  # TaskDataError is a FileNotFoundError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    text = json.dumps({"task": args.task, **{k: finite_or_none(v) for k, v in metrics.items()}}, indent=2)
+    text = json.dumps(json_record(args.task, metrics), indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
