@@ -99,7 +99,7 @@ def test_malformed_env_and_config_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize("task,metrics", [
-    ("samsum", ("rouge1", "rouge2", "rougeL")),
+    ("samsum", ("rougeLsum", "rouge1", "rouge2", "rougeL")),
     ("spider", ("exact_match", "execution_accuracy")),
 ])
 def test_generation_tasks_on_a_llama(tmp_path, task, metrics):

@@ -12,9 +12,10 @@ holds run.json is a run; archived copies (`<run>.old-<time>`, left by a restart 
 from that step on are dropped.
 
 Task. The eval line's `task` field, else run.json's config `task.name`, else run.json `task`.
-Its official metrics come from trainkit.tasks.official (MNLI accuracy matched/mismatched,
-MRPC/QQP F1 + accuracy, STS-B Pearson + Spearman, CoLA MCC, SAMSum ROUGE-1/2/L, Spider exact
-match + execution accuracy, ...).
+Its metrics come from trainkit.tasks.official (official, ranked: MNLI accuracy matched/mismatched,
+MRPC/QQP F1 + accuracy, STS-B Pearson + Spearman, CoLA MCC, SAMSum ROUGE-Lsum, Spider exact
+match + execution accuracy, DART BLEU, ...; extra, reported only: SAMSum ROUGE-1/2/L, DART
+sacreBLEU and TER).
 
 Best evaluation. The validation evaluation (split "validation", or no split) with the highest
 `task_score` (the mean of the task's official metrics; computed with selection_score when the
@@ -36,12 +37,12 @@ Outputs (in --out; every ordering is sorted, so reruns give identical files):
 
     results.csv   one row per run (skipped ones too, with skip_reason): run_dir, run_name, config,
                   dataset, task, seed, status, n_evals, best_step, reported_split, task_score and
-                  the official metrics as reported, val_task_score / val_<metric> of the selected
+                  the reported metrics (official and extra), val_task_score / val_<metric> of the selected
                   validation evaluation, test_task_score / test_<metric> (empty without a test
                   line for that step), eval_loss at the selected step, note, skip_reason
     summary.csv   one row per group (default: dataset, config): n, seeds, reported_split
                   ("test", "validation" or "mixed"), <metric>_mean and <metric>_std for
-                  task_score, every official metric and val_task_score, runs
+                  task_score, every reported metric and val_task_score, runs
     summary.json  {"group_by", "selection", "metrics", "groups": [{<keys>, n, seeds,
                   reported_split, runs, metrics: {name: {mean, std, n, values}}}],
                   "runs": [results rows], "skipped": [{run_dir, run_name, reason}]}
@@ -74,14 +75,15 @@ from typing import Any
 
 from trainkit.fileio import iter_jsonl, json_safe, read_json, write_text_atomic
 from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS, read_number
-from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, official_metrics, selection_score
+from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, official_metrics, reported_metrics, selection_score
 
 SUFFIX_RE = re.compile(r"^(?P<config>.+?)__(?P<dataset>.+)__seed(?P<seed>-?\d+)$")
 ARCHIVE_RE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")
 PRUNE_PREFIXES = (".", "checkpoint-", "final-checkpoint-")
 PRUNE_NAMES = {LOGS_DIR, "best-adapter", "predictions", "__pycache__"}
 GROUP_KEYS = ("dataset", "config", "task", "script", "seed")
-ALL_METRICS = tuple(dict.fromkeys(m for names in OFFICIAL_METRICS.values() for m in names))
+REPORTED_METRICS = {task: reported_metrics(task) for task in OFFICIAL_METRICS}  # official first, then extras
+ALL_METRICS = tuple(dict.fromkeys(m for names in REPORTED_METRICS.values() for m in names))
 SELECTION = ("best validation evaluation by task_score (mean of the task's official metrics, earliest step on "
              "ties); test metrics of that step are reported when the run has a test line for it")
 
@@ -181,6 +183,7 @@ def load_run(run_dir: Path) -> dict:
         return row
     try:
         names = official_metrics(task)
+        columns = reported_metrics(task)
     except KeyError:
         row["skip_reason"] = f"task {task!r} has no official metrics in trainkit.tasks.official"
         return row
@@ -195,26 +198,26 @@ def load_run(run_dir: Path) -> dict:
     row["best_step"] = best["step"]
     row["eval_loss"] = read_number(best, "eval_loss")
     row["val_task_score"] = best_score
-    for name in names:
+    for name in columns:
         row[f"val_{name}"] = read_number(best, name)
     tests = [r for r in evals if r.get("split") == "test"]
     test = next((r for r in reversed(tests) if r.get("evaluated_step") == best["step"]), None)
     if test is not None:
         row["test_task_score"] = _score(task, test)
-        for name in names:
+        for name in columns:
             row[f"test_{name}"] = read_number(test, name)
         row["reported_split"] = "test"
         source, row[TASK_SCORE] = "test", row["test_task_score"]
     else:
         row["test_task_score"] = None
-        for name in names:
+        for name in columns:
             row[f"test_{name}"] = None
         if tests:
             row["note"] = (f"test line is for step {tests[-1].get('evaluated_step')}, not the selected step "
                            f"{best['step']}: validation metrics reported")
         row["reported_split"] = "validation"
         source, row[TASK_SCORE] = "val", best_score
-    for name in names:
+    for name in columns:
         row[name] = row[f"{source}_{name}"]
     return row
 
@@ -234,8 +237,8 @@ def _sort_key(value: Any) -> tuple:
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
-    """The official metrics of the tasks present, in OFFICIAL_METRICS order."""
-    present = {m for r in rows if r.get("task") for m in OFFICIAL_METRICS.get(r["task"], ())}
+    """The reported metrics (official, then extra) of the tasks present, in OFFICIAL_METRICS task order."""
+    present = {m for r in rows if r.get("task") for m in REPORTED_METRICS.get(r["task"], ())}
     return [m for m in ALL_METRICS if m in present]
 
 

@@ -76,7 +76,7 @@ class GenerationSection(ConfigModel):
 
 
 class LoRALoggingSection(LoggingSection):
-    metric_for_best: Str = Field("task_score", description="eval_log field that ranks checkpoints: task_score (mean of the task's official metrics) or eval_loss")
+    metric_for_best: Str = Field("task_score", description="eval_log field that ranks checkpoints: task_score (mean of the task's official metrics), eval_loss or one of the task's reported metrics")
     greater_is_better: Bool = Field(True, description="true when a larger metric_for_best is better (false for eval_loss)")
     verbose: Bool = Field(False, description="print backends, shapes and sample predictions (GLA_VERBOSE)")
 
@@ -118,13 +118,15 @@ class LoRAConfig(TrainConfig):
             raise ValueError("lora.init: PiSSA init cannot be combined with lora.variant dora")
         metric = self.logging.metric_for_best
         if metric not in ("task_score", "eval_loss"):
-            from trainkit.tasks.official import official_metrics
+            from trainkit.tasks.official import LOWER_IS_BETTER, reported_metrics
             try:
-                allowed = official_metrics(self.task.name)
+                allowed = reported_metrics(self.task.name)
             except KeyError:
                 allowed = ()
             if metric not in allowed:
                 raise ValueError(f"logging.metric_for_best: {metric!r} is not task_score, eval_loss or one of {', '.join(allowed)}")
+            if metric in LOWER_IS_BETTER and self.logging.greater_is_better:
+                raise ValueError(f"logging.greater_is_better: must be false when metric_for_best is {metric} (lower is better)")
         if metric == "task_score" and not self.generation.enabled and not self.task.label_likelihood:
             raise ValueError("logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood (or use eval_loss)")
         if metric == "eval_loss" and self.logging.greater_is_better:
