@@ -233,3 +233,30 @@ def test_undefined_metrics_travel_as_nan_through_the_log_into_the_tables(tmp_pat
     assert group["metrics"]["mcc"]["n"] == 1 and group["metrics"]["mcc"]["undefined"] == 1
     md = (tmp_path / "res" / "summary.md").read_text()
     assert "(1 undefined)" in md
+
+
+def test_extra_metrics_are_reported_but_do_not_rank(tmp_path, capsys):
+    """SAMSum ranks by rougeLsum alone; rouge1/2/L are columns too. DART's ter (lower is better, test line only)
+    is reported from the test line and never enters task_score."""
+    runs = tmp_path / "outputs"
+    samsum = [{"step": 1, "task": "samsum", "split": "validation", "rougeLsum": 40.0, "rouge1": 60.0, "rouge2": 30.0,
+               "rougeL": 35.0},
+              {"step": 2, "task": "samsum", "split": "validation", "rougeLsum": 45.0, "rouge1": 50.0, "rouge2": 20.0,
+               "rougeL": 30.0}]
+    make_run(runs, "lora__samsum__seed1", samsum, task="samsum")
+    dart = [{"step": 1, "task": "dart", "split": "validation", "bleu": 40.0, "sacrebleu": 35.0,
+             "signatures": {"sacrebleu": "nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"}},
+            {"step": 2, "task": "dart", "split": "test", "evaluated_step": 1, "bleu": 42.0, "sacrebleu": 37.0,
+             "ter": 50.0}]
+    make_run(runs, "lora__dart__seed1", dart, task="dart")
+    code, _, _ = run_main(["--runs", str(runs), "--out", str(tmp_path / "res")], capsys)
+    assert code == 0
+    rows = {r["dataset"]: r for r in read_csv(tmp_path / "res" / "results.csv")}
+    s = rows["samsum"]
+    assert s["best_step"] == "2" and float(s["task_score"]) == 45.0  # rougeLsum's best, not rouge1's
+    assert (float(s["rouge1"]), float(s["rouge2"]), float(s["rougeL"])) == (50.0, 20.0, 30.0)
+    d = rows["dart"]
+    assert d["reported_split"] == "test" and float(d["task_score"]) == 42.0 and float(d["ter"]) == 50.0
+    assert d["val_ter"] == "" and float(d["val_sacrebleu"]) == 35.0
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert {"rougeLsum", "rouge1", "bleu", "sacrebleu", "ter"} <= set(summary["metrics"])

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from trainkit.tasks import Example, get_task, official_metrics, selection_score
+from trainkit.tasks import Example, get_task, official_metrics, reported_metrics, selection_score
 from trainkit.tasks import metrics as M
 from trainkit.tasks.dart import official_bleu, official_tokenize
-from trainkit.tasks.official import reported_metrics
 
 DART = Path(__file__).resolve().parent / "official" / "dart"
 OFFICIAL_BART_BLEU = 48.56  # perl multi-bleu.perl reference0 reference1 reference2 < bart-large_dart.txt (README there)
@@ -146,6 +145,11 @@ def test_dart_task_reports_official_bleu_sacrebleu_ter_and_signatures():
     assert got["signatures"]["sacrebleu"].startswith("nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert got["signatures"]["ter"].startswith("nrefs:var|case:lc|tok:tercom|norm:no|punct:yes|asian:no|version:")
     assert all(isinstance(got[k], float) for k in ("bleu", "sacrebleu", "ter"))
+    assert got == task.score(predictions, exs, split="test")
+    # TER (slow) is left out of the evaluations during training
+    validation = task.score(predictions, exs, split="validation")
+    assert "ter" not in validation and set(validation["signatures"]) == {"sacrebleu"}
+    assert validation["bleu"] == got["bleu"] and validation["sacrebleu"] == got["sacrebleu"]
 
 
 def test_ranked_and_reported_metrics():
@@ -181,6 +185,12 @@ def test_rouge_lsum_is_summary_level_and_matches_rouge_score_on_newline_joined_s
         assert got["rougeLsum"] > got["rougeL"] + 5
         # without the sentence split rouge_score's rougeLsum is just rougeL: the split is what makes it summary-level
         assert scorer.score(reference, prediction)["rougeLsum"].fmeasure == pytest.approx(own["rougeL"].fmeasure)
+
+
+def test_rouge_readme_example():
+    reference, prediction = SUMMARIES[0]
+    got = M.rouge([prediction], [[reference]])
+    assert (round(got["rougeL"], 1), round(got["rougeLsum"], 1)) == (55.6, 88.9)  # the figures README quotes
 
 
 @pytest.mark.parametrize("text, sentences", [

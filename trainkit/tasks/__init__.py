@@ -5,7 +5,8 @@
     task.name, task.kind               # "mrpc", "classification" | "regression" | "generation"
     task.label_words                   # ["no", "yes"] (index = label id); None unless classification
     task.eval_splits                   # ["validation"]; MNLI ["validation_matched", "validation_mismatched"]
-    task.metrics                       # official metric names (trainkit.tasks.official)
+    task.metrics                       # official metric names, the ones task_score averages (trainkit.tasks.official;
+                                       # reported_metrics(name) adds the extras: ROUGE-1/2/L, sacreBLEU, TER)
     splits = task.load(local_dir=None, seed=42, cache_dir=None, local_files_only=False,
                        max_train=None, max_eval=None, max_test=None)   # split -> list[Example]
     # caps (first N): max_train the train split, max_eval the validation splits, max_test the test splits
@@ -45,14 +46,15 @@ from __future__ import annotations
 from trainkit.tasks.base import Example, Task, TaskDataError, carve
 from trainkit.tasks.dart import DartTask
 from trainkit.tasks.glue import GLUE_TASKS, GlueTask
-from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, is_tvt, official_metrics, selection_score
+from trainkit.tasks.official import (OFFICIAL_METRICS, TASK_SCORE, base_task, is_tvt, official_metrics, reported_metrics,
+                                     selection_score)
 from trainkit.tasks.samsum import SamsumTask
 from trainkit.tasks.spider import SpiderTask
 
 OTHER_TASKS = {"samsum": SamsumTask, "spider": SpiderTask, "dart": DartTask}
 
 __all__ = ["Example", "Task", "TaskDataError", "get_task", "known_tasks", "carve", "OFFICIAL_METRICS", "TASK_SCORE",
-           "base_task", "is_tvt", "official_metrics", "selection_score", "GLUE_TASKS"]
+           "base_task", "is_tvt", "official_metrics", "reported_metrics", "selection_score", "GLUE_TASKS"]
 
 
 def known_tasks() -> list[str]:
