@@ -102,6 +102,8 @@ PERL_CASES = {
     "zero 4-gram precision is 0": (["the cat sat on a mat"], [["the cat sat in the mat"]]),
     # case-sensitive, whitespace-split (13a would split the comma and the period off)
     "case and tokens as given": (["The cat, sat on the mat."], [["the cat , sat on the mat ."]]),
+    # only ASCII whitespace separates words (perl's split on bytes): a no-break space does not
+    "no-break space is not a separator": (["a b c d e f"], [["a\u00a0b c d e f"]]),
     # tie in closeness (4 vs 6 words for a 5-word hypothesis): the shorter reference, not the first one
     "closest length tie takes the shorter": (["a b c d e", "x y z w v u"], [["a b c d e f", "a b c d"], ["x y z w v u"]]),
     # clipping by the largest count in one reference; brevity penalty
