@@ -99,3 +99,36 @@ def test_spider_run_predictions_with_databases_moved(tmp_path):
     right = len(range(0, len(examples), 2))
     assert printed["exact_match"] == printed["execution_accuracy"] == 100.0 * right / len(examples)
     assert printed["num_examples"] == len(examples)
+
+
+def test_dart_official_files_give_the_official_scripts_bleu(tmp_path):
+    """`--task dart --pred HYP --refs REF0 REF1 REF2` on a slice of the official BART-large output and
+    references: the printed bleu is what the official multi-bleu.perl prints for the same files."""
+    import gzip
+    import re
+    import shutil
+
+    import pytest
+
+    if shutil.which("perl") is None:
+        pytest.skip("perl (the official script's interpreter) is not installed")
+    official = REPO / "tests" / "official" / "dart"
+    n = 300
+    paths = []
+    for name in ("bart-large_dart.txt", *(f"all-delex-reference{k}.lex" for k in range(3))):
+        with gzip.open(official / f"{name}.gz", "rt", encoding="utf-8") as f:
+            text = "".join(f.readlines()[:n])
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        paths.append(str(tmp_path / name))
+    hyp, *refs = paths
+    perl = subprocess.run(["perl", str(official / "multi-bleu.perl"), *refs], stdin=open(hyp, encoding="utf-8"),
+                          capture_output=True, text=True, timeout=120)
+    official_bleu = float(re.match(r"BLEU = ([\d.]+),", perl.stdout).group(1))
+
+    out = run_cli("--task", "dart", "--pred", hyp, "--refs", *refs)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert printed["num_examples"] == n
+    assert abs(printed["bleu"] - official_bleu) <= 0.005 + 1e-9  # perl prints 2 decimals
+    assert printed["task_score"] == printed["bleu"]
+    assert {"sacrebleu", "ter", "signatures"} <= set(printed) and "tok:13a" in printed["signatures"]["sacrebleu"]
