@@ -132,3 +132,23 @@ def test_dart_official_files_give_the_official_scripts_bleu(tmp_path):
     assert abs(printed["bleu"] - official_bleu) <= 0.005 + 1e-9  # perl prints 2 decimals
     assert printed["task_score"] == printed["bleu"]
     assert {"sacrebleu", "ter", "signatures"} <= set(printed) and "tok:13a" in printed["signatures"]["sacrebleu"]
+
+
+def test_spider_files_without_databases(tmp_path):
+    """No --db-dir: exact match only (schemas from --tables), never a silent execution_accuracy of 0;
+    a --db-dir that lacks a database is one line naming the db_id."""
+    official = REPO / "tests" / "data" / "spider_official"
+    files = ["--pred", str(official / "predict.txt"), "--gold", str(official / "gold.txt")]
+    out = run_cli("--task", "spider", *files, "--tables", str(official / "tables.json"))
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert round(printed["exact_match"], 2) == 69.73 and printed["num_examples"] == 1034
+    assert not any(k.startswith("execution_accuracy") for k in printed)
+
+    out = run_cli("--task", "spider", *files, "--tables", str(official / "tables.json"),
+                  "--db-dir", str(REPO / "data" / "tasks" / "spider" / "database"))
+    assert out.returncode == 2 and "no database in" in out.stderr and "concert_singer" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+    out = run_cli("--task", "spider", *files)
+    assert out.returncode == 2 and "without --db-dir every schema must be in --tables" in out.stderr

@@ -112,8 +112,9 @@ def evaluate(args) -> dict:
     if args.predictions:
         predictions, examples, split = examples_from_run_predictions(Path(args.predictions))
         if task.base == "spider":  # the run's database paths may be another machine's: --db-dir, --tables
-            for e in examples:
-                if args.db_dir:
+            if args.db_dir:
+                check_databases(Path(args.db_dir), [e.meta["db_id"] for e in examples])
+                for e in examples:
                     e.meta["db_path"] = str(Path(args.db_dir) / e.meta["db_id"] / f"{e.meta['db_id']}.sqlite")
             task.tables = spider_tables(args)
         return with_task_score(task.name, task.score(predictions, examples, split=split))
@@ -140,8 +141,6 @@ def evaluate(args) -> dict:
 def score_spider_files(predictions: list[str], args) -> dict:
     """The official Spider files: predicted SQL per line; gold 'SQL<TAB>db_id' per line."""
     from trainkit.tasks.spider import score_sql_lists
-    if not args.db_dir:
-        raise EvaluateError("spider: --db-dir (the folder of <db_id>/<db_id>.sqlite) is required with --gold")
     gold_rows = []
     for n, line in enumerate(read_lines(Path(args.gold)), start=1):
         if not line.strip():
@@ -151,8 +150,24 @@ def score_spider_files(predictions: list[str], args) -> dict:
             raise EvaluateError(f"{args.gold} line {n}: expected 'SQL<TAB>db_id'")
         gold_rows.append((sql.strip(), db_id.strip()))
     check_count(predictions, gold_rows, "gold queries")
-    return score_sql_lists(predictions, [sql for sql, _ in gold_rows], [db for _, db in gold_rows],
-                           Path(args.db_dir), spider_tables(args))
+    db_ids = [db for _, db in gold_rows]
+    tables = spider_tables(args)
+    if args.db_dir:
+        check_databases(Path(args.db_dir), db_ids)
+    elif missing := sorted(set(db_ids) - set(tables)):
+        raise EvaluateError(f"spider: without --db-dir every schema must be in --tables; missing: {', '.join(missing[:5])}")
+    return score_sql_lists(predictions, [sql for sql, _ in gold_rows], db_ids,
+                           Path(args.db_dir) if args.db_dir else None, tables)
+
+
+def check_databases(db_dir: Path, db_ids: list[str]) -> None:
+    """Every db_id has a database under db_dir: a missing one would silently score as wrong."""
+    if not db_dir.is_dir():
+        raise EvaluateError(f"spider: --db-dir {db_dir}: no such folder")
+    missing = sorted({db for db in db_ids if not any((db_dir / db).glob("*.sqlite*"))})
+    if missing:
+        raise EvaluateError(f"spider: no database in {db_dir} for {len(missing)} db_id(s): {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''} (expected {db_dir}/<db_id>/<db_id>.sqlite)")
 
 
 def spider_tables(args) -> dict:
@@ -196,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-files-only", action="store_true", help="never contact the HF hub")
     parser.add_argument("--gold", help="spider: gold file, 'SQL<TAB>db_id' per line")
     parser.add_argument("--db-dir", help="spider: folder with <db_id>/<db_id>.sqlite (several .sqlite files in a "
-                                         "<db_id> folder: a test suite, every one must match)")
+                                         "<db_id> folder: a test suite, every one must match); without it, exact "
+                                         "match only (schemas from --tables)")
     parser.add_argument("--tables", help="spider: tables.json (schemas for exact match; without it schemas are "
                                          "read from the databases)")
     parser.add_argument("--refs", nargs="+", metavar="REF", help="dart: reference files, line-aligned with --pred")

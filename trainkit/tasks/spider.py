@@ -125,7 +125,8 @@ def score_sql_lists(predicted: list[str], gold: list[str], db_ids: list[str], db
     a db_id missing there is read from its sqlite file. Returns exact_match, execution_accuracy,
     num_examples, and per hardness level (of the gold query) exact_match_<level>,
     execution_accuracy_<level> (NaN when the level has no items), num_examples_<level>, plus
-    num_gold_unparsed."""
+    num_gold_unparsed. With db_dir None (no databases) only the exact-match fields: every schema must
+    then be in `tables`."""
     if not len(predicted) == len(gold) == len(db_ids):
         raise ValueError(f"spider: {len(predicted)} predictions, {len(gold)} gold queries, {len(db_ids)} db_ids")
     schemas: dict[str, spider_match.Schema] = {}
@@ -133,7 +134,7 @@ def score_sql_lists(predicted: list[str], gold: list[str], db_ids: list[str], db
     unparsed_gold = 0
     with Executor(timeout_s) as executor:
         for pred, gold_sql, db_id in zip(predicted, gold, db_ids):
-            db_path = Path(db_dir) / db_id / f"{db_id}.sqlite"
+            db_path = Path(db_dir or ".") / db_id / f"{db_id}.sqlite"
             if db_id not in schemas:
                 schemas[db_id] = (spider_match.Schema.from_tables_entry(tables[db_id]) if db_id in tables
                                   else spider_match.Schema.from_sqlite(db_path))
@@ -143,7 +144,7 @@ def score_sql_lists(predicted: list[str], gold: list[str], db_ids: list[str], db
             except spider_match.SqlParseError:
                 level, em = None, False
                 unparsed_gold += 1
-            ex = executor.matches(str(db_path), pred, gold_sql)
+            ex = db_dir is not None and executor.matches(str(db_path), pred, gold_sql)
             for key in ("all", level) if level else ("all",):
                 counts[key].update(n=1, em=em, ex=ex)
 
@@ -156,6 +157,8 @@ def score_sql_lists(predicted: list[str], gold: list[str], db_ids: list[str], db
         c = counts[level]
         out.update({f"exact_match_{level}": percent(c["em"], c["n"]),
                     f"execution_accuracy_{level}": percent(c["ex"], c["n"]), f"num_examples_{level}": c["n"]})
+    if db_dir is None:
+        out = {k: v for k, v in out.items() if not k.startswith("execution_accuracy")}
     out["num_gold_unparsed"] = unparsed_gold
     return out
 
