@@ -33,6 +33,7 @@ class TaskData(NamedTuple):
     tokenizer: object
     splits: dict          # split name -> [trainkit.tasks.Example]
     eval_splits: list     # the validation splits evaluated during training
+    test_splits: list     # the test splits scored at the end (none when they are the validation again)
     train_rows: list      # tokenized prompt + target rows (trainkit.data.tokenize_prompt_target)
     val_rows: list
     max_new_tokens: int   # generation.max_length, or derived from the training targets when unset
@@ -42,19 +43,23 @@ class TaskData(NamedTuple):
 def load_task_data(cfg, task, say, position_limit: int | None) -> TaskData:
     """The task's splits (trainkit.tasks: local folder or HF datasets), the tokenizer, the training
     and validation rows tokenized as prompt + target, and the number of new tokens to generate
-    (generation.max_length, else from the training targets, capped by the model's `position_limit`)."""
+    (generation.max_length, else from the training targets, capped by the model's `position_limit`).
+    task.max_eval_samples caps the validation splits only; the test splits keep every example unless
+    task.max_test_samples says otherwise."""
     from trainkit.data import IGNORE_INDEX, token_ids, tokenize_prompt_target
     from trainkit.generation import max_new_tokens_from_data
     from trainkit.tasks import TaskDataError
+    from trainkit.tasks.base import cap_splits, distinct_test_splits
     from trainkit.tokenizer import load_tokenizer
 
     task_cfg = cfg.task
     try:
         splits = task.load(local_dir=task_cfg.local_dir, seed=cfg.training.seed, cache_dir=cfg.paths.cache_dir,
-                           local_files_only=cfg.model.local_files_only, max_train=task_cfg.max_train_samples,
-                           max_eval=task_cfg.max_eval_samples)
+                           local_files_only=cfg.model.local_files_only, max_train=task_cfg.max_train_samples)
     except TaskDataError as e:
         raise ConfigError(f"task.local_dir: {e}") from None
+    test_splits = distinct_test_splits(splits)  # before the caps: compared with the whole validation split
+    splits = cap_splits(splits, max_eval=task_cfg.max_eval_samples, max_test=task_cfg.max_test_samples)
     tokenizer = load_tokenizer(cfg)
     if tokenizer.pad_token_id is None:  # generation pads with eos when the tokenizer has no pad token
         tokenizer.pad_token = tokenizer.eos_token
@@ -94,11 +99,11 @@ def load_task_data(cfg, task, say, position_limit: int | None) -> TaskData:
         say(f"generation: up to {max_new_tokens} new tokens ({how})")
     eval_splits = [s for s in task.eval_splits if splits.get(s)]
     info = {"task": task.name, "kind": task.kind, **{f"{k}_examples": len(v) for k, v in splits.items()},
-            "eval_splits": eval_splits, "truncated_train_prompts": cut_prompts, "truncated_train_targets": cut_targets,
-            "max_new_tokens": max_new_tokens, "max_new_tokens_from": how}
+            "eval_splits": eval_splits, "test_splits": test_splits, "truncated_train_prompts": cut_prompts,
+            "truncated_train_targets": cut_targets, "max_new_tokens": max_new_tokens, "max_new_tokens_from": how}
     say(f"data: {info}")
-    return TaskData(tokenizer, splits, eval_splits, train_rows, [r for s in eval_splits for r in rows(splits[s])],
-                    max_new_tokens, info)
+    return TaskData(tokenizer, splits, eval_splits, test_splits, train_rows,
+                    [r for s in eval_splits for r in rows(splits[s])], max_new_tokens, info)
 
 
 def dataloader_options(memory, collate) -> dict:
@@ -196,7 +201,9 @@ def main() -> int:
         run.resume(state, scheduler)
         run.begin(state, total_steps, model=model_info, data=data.info, task=task.name, env_overrides=env_applied)
         evaluator = TaskEvaluator(accelerator, model, tokenizer, task, splits, generation,
-                                  label_likelihood=task_cfg.label_likelihood, batch_size=gen_cfg.batch_size,
+                                  label_likelihood=task_cfg.label_likelihood,
+                                  label_normalization=task_cfg.label_likelihood_normalization, test_splits=data.test_splits,
+                                  batch_size=gen_cfg.batch_size,
                                   run_dir=run.run_dir, progress=log_cfg.progress_bar, say=run.say, verbose=log_cfg.verbose)
         scores_by_generation = gen_cfg.enabled or task_cfg.label_likelihood
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from trainkit.fileio import read_json
 from trainkit.runlog import (BEST_ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_CHECKPOINT_PREFIX, LOGS_DIR,
-                             RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS)
+                             NAN_FIELDS, RUN_INFO_FILE, STREAMS, TRAINER_STATE_FILE, TRAINING_FIELDS)
 
 from .diagnosis import describe_failure
 from .logreader import JsonlTail, is_number
@@ -44,6 +44,7 @@ CHECKPOINT_RE = re.compile(rf"^(?:{FINAL_CHECKPOINT_PREFIX}|{CHECKPOINT_PREFIX})
 # such a step (e.g. "step": 1e308) is corrupt: taking it would make every later line look like
 # a resume that drops it.
 MAX_STEP = 2.0 ** 53
+MAX_NAN_FIELDS = 64        # names kept per eval line (a line has a few metrics)
 
 # numeric fields that must be a number or null, else the line is skipped as "wrong_type"
 NUMERIC_FIELDS = {
@@ -99,6 +100,7 @@ class RunState:
         self.training = SeriesTable()
         self.eval = SeriesTable()
         self.experts = SeriesTable()          # scalar summary per snapshot
+        self.eval_nan_fields: dict[float, list[str]] = {}  # step -> fields the eval line logged as NaN (undefined)
         self.expert_layers: list[dict] = []   # per-layer detail of the latest snapshot
         self.expert_layer_imbalance: dict[float, list] = {}  # step -> per-layer imbalance
         self.events: deque = deque(maxlen=MAX_EVENTS)
@@ -186,6 +188,7 @@ class RunState:
             self.training.clear()
         elif stream == "eval":
             self.eval.clear()
+            self.eval_nan_fields = {}
         elif stream == "experts":
             self.experts.clear()
             self.expert_layers = []
@@ -210,6 +213,7 @@ class RunState:
             self.training.append(records)
         elif stream == "eval":
             self.eval.append(records)
+            self._apply_nan_fields(records)
         elif stream == "experts":
             self._apply_experts(records)
         elif stream == "events":
@@ -234,6 +238,20 @@ class RunState:
                     self.last_fatal = record
                 self.errors.append(record)
             self.error_count += len(records)
+
+    def _apply_nan_fields(self, records: list[dict]) -> None:
+        """Which fields of each eval line were NaN (trainkit.runlog: null + nan_fields): a chart
+        shows a gap either way, the page says "undefined" for these instead of "missing"."""
+        for record in records:
+            step = float(record["step"])
+            names = record.get(NAN_FIELDS)
+            if isinstance(names, list) and names:
+                self.eval_nan_fields[step] = [str(n)[:100] for n in names[:MAX_NAN_FIELDS]]
+            else:
+                self.eval_nan_fields.pop(step, None)  # a later line at the same step replaces the row
+        if self.eval_nan_fields and self.eval.resumes:  # drop the steps a resume dropped
+            keep = set(self.eval.steps.tolist())
+            self.eval_nan_fields = {s: v for s, v in self.eval_nan_fields.items() if s in keep}
 
     def _apply_experts(self, records: list[dict]) -> None:
         summaries = []
@@ -425,6 +443,9 @@ class RunState:
             row["is_best"] = bool(row["is_best"])
         if "metric" in self.eval.strings:
             row["metric"] = self.eval.strings["metric"]
+        nan = self.eval_nan_fields.get(float(self.eval.steps[index]))
+        if nan:
+            row[NAN_FIELDS] = nan
         return row
 
     def best_eval(self) -> dict | None:

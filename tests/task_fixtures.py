@@ -13,7 +13,8 @@ Writes, under root:
     samsum/{train,validation,test}.csv           id, dialogue, summary (dialogue lines joined by \\r\\n)
     spider/{train_spider.json,dev.json,tables.json}, spider/database/<db_id>/<db_id>.sqlite
         two tiny databases (school, shop) built with sqlite3; rows carry db_id, query, query_toks,
-        query_toks_no_value, question, question_toks (not the parsed "sql" field).
+        query_toks_no_value, question, question_toks (not the parsed "sql" field); plus
+        database/school_suite/ with two databases of the school schema (a test suite, no questions).
     dart/dart-v1.1.1-full-{train,dev,test}.json
     README.md
 Deterministic: the same files every run (the .sqlite files: the same content; their header
@@ -47,7 +48,7 @@ regenerate them and compare, so edit the generator, not these files.
 |---|---|---|
 | glue | `GLUE_LOCAL_DIR=data/tasks/glue` or `task.local_dir` | `<task>/{train,validation,test}.jsonl` (MNLI: `validation_matched`, `validation_mismatched`, `test_matched`, `test_mismatched`), HF GLUE rows |
 | samsum | `SAMSUM_LOCAL_DIR=data/tasks/samsum` | `train.csv`, `validation.csv`, `test.csv` (id, dialogue, summary) |
-| spider | `SPIDER_LOCAL_DIR=data/tasks/spider` | `train_spider.json`, `dev.json`, `tables.json`, `database/<db_id>/<db_id>.sqlite` |
+| spider | `SPIDER_LOCAL_DIR=data/tasks/spider` | `train_spider.json`, `dev.json`, `tables.json`, `database/<db_id>/<db_id>.sqlite`; `database/school_suite/` is a test suite (two databases of the school schema, as in test-suite-sql-eval) |
 | dart | `DART_LOCAL_DIR=data/tasks/dart` | `dart-v1.1.1-full-{train,dev,test}.json` |
 | glue_demo | `task.local_dir: data/tasks/glue_demo` (configs/gla_lora_sst2.yaml) | `sst2/{train,validation,test}.jsonl`, HF GLUE rows |
 
@@ -281,6 +282,21 @@ SPIDER_DBS = {
 }
 SPIDER_DEV_PER_DB = 4  # the last 4 queries of each database are dev, the rest train
 
+# A test suite in test-suite-sql-eval's layout (several databases of one schema in one folder; a query
+# pair must agree on each): the school schema twice, with school's rows and with rows that tell apart
+# queries agreeing on school (e.g. city = 'Berlin' vs age IN (22, 23)). No questions use it.
+SPIDER_TEST_SUITE = {
+    "school_suite": {
+        "school_suite": SPIDER_DBS["school"],
+        "school_suite_variant": {**SPIDER_DBS["school"], "rows": {
+            "student": [(1, "Anna", 22, "Paris"), (2, "Ben", 22, "Berlin"), (3, "Carla", 19, "Berlin"),
+                        (4, "David", 25, "Rome")],
+            "course": [(1, "Databases", 6), (2, "Algebra", 4)],
+            "enrollment": [(1, 1, "A"), (2, 1, "B"), (3, 2, "A")],
+        }},
+    },
+}
+
 
 def _tables_entry(db_id: str, spec: dict) -> dict:
     columns, columns_orig, types = [[-1, "*"]], [[-1, "*"]], ["text"]
@@ -396,7 +412,10 @@ def text_files() -> dict[str, str]:
 
 def sqlite_files() -> dict[str, str]:
     """relative path -> SQL script of every database fixture."""
-    return {f"spider/database/{db_id}/{db_id}.sqlite": spider_sql(spec) for db_id, spec in SPIDER_DBS.items()}
+    files = {f"spider/database/{db_id}/{db_id}.sqlite": spider_sql(spec) for db_id, spec in SPIDER_DBS.items()}
+    for folder, databases in SPIDER_TEST_SUITE.items():
+        files.update({f"spider/database/{folder}/{name}.sqlite": spider_sql(spec) for name, spec in databases.items()})
+    return files
 
 
 def write_fixtures(root) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,3 +188,75 @@ def test_fake_trainer_runs_end_to_end_with_plot(tmp_path, capsys):
         assert float(r["eval_loss"]) == pytest.approx(1.6)
     png = (out_dir / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_undefined_metrics_travel_as_nan_through_the_log_into_the_tables(tmp_path, capsys):
+    """CoLA scored on a validation sample whose gold has one class: MCC is undefined (NaN). RunLog
+    writes it as null named in nan_fields (standard JSON), read_number gives NaN back; the NaN
+    evaluation is never selected, and the tables say NaN / undefined rather than 0 or a blank."""
+    from trainkit.runlog import RunLog, read_number
+    from trainkit.tasks import Example, get_task
+
+    cola = get_task("cola")
+
+    def scored(labels, texts):
+        examples = [Example("p", " x", meta={"label": lab}) for lab in labels]
+        metrics = cola.score(texts, examples)
+        return {"task": "cola", "split": "validation", "mcc": metrics["mcc"],
+                "task_score": selection_score("cola", metrics)}
+
+    runs = tmp_path / "outputs"
+    defined = make_run(runs, "lora__cola__seed1", [], task="cola", seed=1)
+    log = RunLog(defined)
+    log.write("eval", {"step": 10, **scored([1, 0, 1, 0], ["acceptable", "unacceptable", "acceptable", "acceptable"])})
+    log.write("eval", {"step": 20, **scored([1, 1], ["acceptable", "acceptable"])})  # one gold class: undefined
+    undefined = make_run(runs, "lora__cola__seed2", [], task="cola", seed=2)
+    RunLog(undefined).write("eval", {"step": 10, **scored([1, 0], ["acceptable", "unacceptable"])})
+    RunLog(undefined).write("eval", {"step": 20, "task": "cola", "split": "test", "evaluated_step": 10,
+                                     **{k: v for k, v in scored([0, 0], ["x", "y"]).items() if k != "split"}})
+
+    line = (defined / "logs" / "eval_log.jsonl").read_text().splitlines()[1]
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert record["mcc"] is None and record["task_score"] is None and record["nan_fields"] == ["mcc", "task_score"]
+    assert math.isnan(read_number(record, "mcc")) and read_number(record, "step") == 20
+    assert read_number({"mcc": None}, "mcc") is None  # null without nan_fields: missing
+
+    code, _, _ = run_main(["--runs", str(runs), "--out", str(tmp_path / "res")], capsys)
+    assert code == 0
+    rows = {r["seed"]: r for r in read_csv(tmp_path / "res" / "results.csv")}
+    assert rows["1"]["best_step"] == "10" and float(rows["1"]["mcc"]) == pytest.approx(100 * 0.57735, abs=1e-3)
+    assert rows["2"]["reported_split"] == "test" and rows["2"]["mcc"] == "NaN" and rows["2"]["task_score"] == "NaN"
+    assert rows["2"]["val_mcc"] == "100.0"
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text(),
+                         parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    [group] = summary["groups"]
+    assert group["metrics"]["mcc"]["n"] == 1 and group["metrics"]["mcc"]["undefined"] == 1
+    md = (tmp_path / "res" / "summary.md").read_text()
+    assert "(1 undefined)" in md
+
+
+def test_extra_metrics_are_reported_but_do_not_rank(tmp_path, capsys):
+    """SAMSum ranks by rougeLsum alone; rouge1/2/L are columns too. DART's ter (lower is better, test line only)
+    is reported from the test line and never enters task_score."""
+    runs = tmp_path / "outputs"
+    samsum = [{"step": 1, "task": "samsum", "split": "validation", "rougeLsum": 40.0, "rouge1": 60.0, "rouge2": 30.0,
+               "rougeL": 35.0},
+              {"step": 2, "task": "samsum", "split": "validation", "rougeLsum": 45.0, "rouge1": 50.0, "rouge2": 20.0,
+               "rougeL": 30.0}]
+    make_run(runs, "lora__samsum__seed1", samsum, task="samsum")
+    dart = [{"step": 1, "task": "dart", "split": "validation", "bleu": 40.0, "sacrebleu": 35.0,
+             "signatures": {"sacrebleu": "nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"}},
+            {"step": 2, "task": "dart", "split": "test", "evaluated_step": 1, "bleu": 42.0, "sacrebleu": 37.0,
+             "ter": 50.0}]
+    make_run(runs, "lora__dart__seed1", dart, task="dart")
+    code, _, _ = run_main(["--runs", str(runs), "--out", str(tmp_path / "res")], capsys)
+    assert code == 0
+    rows = {r["dataset"]: r for r in read_csv(tmp_path / "res" / "results.csv")}
+    s = rows["samsum"]
+    assert s["best_step"] == "2" and float(s["task_score"]) == 45.0  # rougeLsum's best, not rouge1's
+    assert (float(s["rouge1"]), float(s["rouge2"]), float(s["rougeL"])) == (50.0, 20.0, 30.0)
+    d = rows["dart"]
+    assert d["reported_split"] == "test" and float(d["task_score"]) == 42.0 and float(d["ter"]) == 50.0
+    assert d["val_ter"] == "" and float(d["val_sacrebleu"]) == 35.0
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert {"rougeLsum", "rouge1", "bleu", "sacrebleu", "ter"} <= set(summary["metrics"])

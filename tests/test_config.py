@@ -125,6 +125,7 @@ def test_dump_is_plain_json_with_run_dir_and_secrets_redacted(tmp_path):
     (LoRAConfig, {"generation": {"enabled": False}}, "logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood"),
     (LoRAConfig, {"logging": {"metric_for_best": "eval_loss"}}, "logging.greater_is_better: must be false when metric_for_best is eval_loss"),
     (LoRAConfig, {"logging": {"metric_for_best": "bleu"}}, "logging.metric_for_best: 'bleu' is not task_score, eval_loss or one of"),
+    (LoRAConfig, {"task": {"name": "dart"}, "logging": {"metric_for_best": "ter"}}, "logging.greater_is_better: must be false when metric_for_best is ter (lower is better)"),
     (LoRAConfig, {"task": {"name": "sst3"}}, "task.name: unknown task 'sst3'; known: cola, sst2"),
     (LoRAConfig, {"task": {"name": "samsum", "label_likelihood": True}}, "task.label_likelihood: samsum is not a classification task"),
     (DistillConfig, {"stage2": {"enabled": True}}, "stage2.data_path: required when stage2.enabled is true"),

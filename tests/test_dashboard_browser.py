@@ -417,3 +417,39 @@ def test_a_run_that_has_not_logged_yet_gains_its_first_points(browser, server, r
                message="first points drawn")
     assert "hidden" in browser.find_element(By.CSS_SELECTOR, "#chart-loss .empty-note").get_attribute("class")
     no_console_errors(browser)
+
+
+def test_an_undefined_metric_shows_as_undefined(browser, server, tmp_path):
+    """A CoLA evaluation whose gold has one class: MCC (and task_score) are NaN, written by the real
+    RunLog as null + nan_fields; the page says "undefined" for them, not a number or a blank."""
+    from trainkit.loop import is_better
+    from trainkit.runlog import RunLog
+    from trainkit.tasks import Example, get_task
+
+    cola, now = get_task("cola"), time.time()
+    log = RunLog(tmp_path / "runs" / "zz-cola")
+    log.update_run_info(run_name="zz-cola", script="train_lora.py", status="running", start_time=now - 60,
+                        last_start_time=now - 60, total_steps=40, world_size=1)
+    for step in range(1, 21):
+        log.write("training", {"step": step, "time": now - 60 + step, "loss": 2.0 - step / 20, "lr": 1e-4})
+    best = None
+    for step, labels in ((10, [1, 0, 1, 0]), (20, [1, 1, 1, 1])):  # step 20's sample has one gold class
+        metrics = cola.score(["acceptable"] * 3 + ["unacceptable"], [Example("p", " x", meta={"label": g}) for g in labels])
+        score = metrics["mcc"]
+        log.write("eval", {"step": step, "time": now - 40 + step, "task": "cola", "split": "validation",
+                           "eval_loss": 1.0, "mcc": metrics["mcc"], "task_score": score, "metric": "task_score",
+                           "metric_value": score, "is_best": is_better(score, best, True)})
+        best = score if is_better(score, best, True) else best
+    wait_until(lambda: "zz-cola" in [r["name"] for r in get_json(server.url + "/api/runs")[1]["runs"]],
+               message="the CoLA run listed")
+    wait_until(lambda: (get_json(server.url + "/api/runs/zz-cola/stats")[1].get("last_eval") or {}).get("step") == 20,
+               message="both evaluations read")
+    stats = get_json(server.url + "/api/runs/zz-cola/stats")[1]
+    assert stats["last_eval"]["nan_fields"] == ["mcc", "task_score", "metric_value"]
+    assert stats["best_eval"]["step"] == 10 and "nan_fields" not in stats["best_eval"]
+    open_page(browser, server.url + "/?run=zz-cola")
+    wait_until(lambda: text(browser, "#card-last_eval .value") == "undefined", message="latest eval card")
+    assert "task_score @ step 20" in text(browser, "#card-last_eval .sub")
+    assert "mcc undefined" in text(browser, "#card-last_eval .sub")
+    assert text(browser, "#card-best_eval .value") == "57.74"  # step 10: 2 / sqrt(12) x100
+    no_console_errors(browser)

@@ -294,9 +294,10 @@ def test_empty_and_progress(model, tok):
 
 # ---------------------------------------------------------------------------------- label scoring
 
-def unbatched_score(model, tok, prompt, label):
+def unbatched_score(model, tok, prompt, target):
+    """log p(target tokens + eos | prompt), one unpadded sequence."""
     p = tok(prompt)["input_ids"]
-    lab = tok(label, add_special_tokens=False)["input_ids"]
+    lab = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = torch.tensor([p + lab])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
@@ -304,12 +305,12 @@ def unbatched_score(model, tok, prompt, label):
 
 
 def test_label_likelihood_picks_biased_label_and_matches_unbatched(model, tok):
-    labels = ["no", "yes", "maybe"]
-    prompts = ["Is it good? ", "A much longer question about something? ", "Q: "]
+    labels = [" no", " yes", " maybe"]
+    prompts = ["Is it good?", "A much longer question about something?", "Q:"]
     with logit_bias(model, list(b"yes"), 8.0):
-        assert score_label_likelihood(model, tok, prompts, labels, batch_size=4) == [1, 1, 1]
+        assert score_label_likelihood(model, tok, prompts, labels, batch_size=4).picks == [1, 1, 1]
     with logit_bias(model, list(b"no"), 8.0):
-        assert score_label_likelihood(model, tok, prompts, labels, batch_size=2) == [0, 0, 0]
+        assert score_label_likelihood(model, tok, prompts, labels, batch_size=2).picks == [0, 0, 0]
 
     scores = label_log_likelihoods(model, tok, prompts, labels, batch_size=4)
     for i, p in enumerate(prompts):
@@ -318,12 +319,43 @@ def test_label_likelihood_picks_biased_label_and_matches_unbatched(model, tok):
     one_by_one = label_log_likelihoods(model, tok, prompts, labels, batch_size=1)
     assert torch.allclose(torch.tensor(scores), torch.tensor(one_by_one), atol=1e-4)
     best = [max(range(3), key=lambda j: row[j]) for row in scores]
-    assert score_label_likelihood(model, tok, prompts, labels, batch_size=3) == best
+    assert score_label_likelihood(model, tok, prompts, labels, batch_size=3) == (best, 0)
 
-    mean = label_log_likelihoods(model, tok, prompts, labels, reduction="mean")
+    mean = label_log_likelihoods(model, tok, prompts, labels, normalization="mean")
     for i in range(len(prompts)):
-        for j, lab in enumerate(labels):
-            assert mean[i][j] == pytest.approx(scores[i][j] / len(lab), abs=1e-5)
+        for j, lab in enumerate(labels):  # byte-level: one token per character, + eos
+            assert mean[i][j] == pytest.approx(scores[i][j] / (len(lab) + 1), abs=1e-5)
+    with pytest.raises(ValueError, match="normalization"):
+        label_log_likelihoods(model, tok, prompts, labels, normalization="sum")
+
+
+def test_label_likelihood_scores_exactly_the_training_target_tokens(model, tok):
+    """The score is the log-probability of the tokens the training loss sees for the GLUE target
+    (" positive" with its space, + eos): minus the summed training loss of that row."""
+    from trainkit.data import tokenize_prompt_target
+    from trainkit.tasks import get_task
+
+    task = get_task("sst2")
+    assert task.label_targets == [" negative", " positive"]
+    assert tok(" positive", add_special_tokens=False)["input_ids"] != tok("positive", add_special_tokens=False)["input_ids"]
+    prompt = task.prompt({"sentence": "a fine film"})
+    row = tokenize_prompt_target([prompt], [" positive"], tok, max_source_length=512, max_target_length=16)[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
+    labels = torch.tensor(row["labels"][1:])
+    trained = -torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+    [[negative, positive]] = label_log_likelihoods(model, tok, [prompt], task.label_targets)
+    assert positive == pytest.approx(trained, abs=1e-4)
+    assert (labels != -100).sum().item() == len(" positive") + 1  # the space and eos are in what training scores
+    assert positive != pytest.approx(unbatched_score(model, tok, prompt, "positive"), abs=1e-3)  # the old, space-less score
+    # a prompt longer than max_source_length is cut as the training row's is
+    cut = tokenize_prompt_target([prompt], [" positive"], tok, max_source_length=20, max_target_length=16)[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([cut["input_ids"]])).logits[0, :-1].float()
+    trained = -torch.nn.functional.cross_entropy(logits, torch.tensor(cut["labels"][1:]), ignore_index=-100,
+                                                 reduction="sum").item()
+    [[_, positive]] = label_log_likelihoods(model, tok, [prompt], task.label_targets, max_source_length=20)
+    assert positive == pytest.approx(trained, abs=1e-4)
 
 
 def test_label_likelihood_restores_mode(model, tok):

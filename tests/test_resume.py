@@ -327,8 +327,22 @@ def test_typed_config_is_stored_as_checkpoints_stored_it_before(script, config, 
     stored for these configs at commit ab68e75), so that older checkpoints resume."""
     from trainkit.config import load_config
     from trainkit.config.scripts import SCRIPT_CONFIGS
-    from trainkit.resume_check import config_changes, stored_config
+    from trainkit.resume_check import config_changes, immutable_changes, stored_config
 
     before = json.loads((REPO / "data" / "stored_configs_before_typed_models.json").read_text())[script]
     cfg = load_config(REPO / config, overrides, SCRIPT_CONFIGS[script])
-    assert config_changes(before, stored_config(cfg)) == {}
+    # keys added since hold their defaults (which is how that version behaved): no change on resume
+    assert immutable_changes(before, cfg, mutable=()) == {}
+    assert all(old == "<unset>" for old, _ in config_changes(before, stored_config(cfg)).values())
+
+
+def test_a_key_added_since_the_checkpoint_counts_as_a_change_only_off_its_default():
+    from trainkit.config import load_config
+    from trainkit.config.scripts import SCRIPT_CONFIGS
+    from trainkit.resume_check import immutable_changes
+
+    before = json.loads((REPO / "data" / "stored_configs_before_typed_models.json").read_text())["train_lora.py"]
+    cfg = load_config(REPO / "configs/gla_lora_sst2.yaml", ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]",
+                                                            "task.label_likelihood_normalization=mean"],
+                      SCRIPT_CONFIGS["train_lora.py"])
+    assert immutable_changes(before, cfg, mutable=()) == {"task.label_likelihood_normalization": ["<unset>", "mean"]}

@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trainkit.tasks import Example, TaskDataError, carve, get_task, known_tasks, selection_score
 from trainkit.tasks.base import parse_float, parse_label
 from task_fixtures import sqlite_files, text_files, write_fixtures
 from trainkit.tasks.glue import GLUE_TASKS
-from trainkit.tasks.spider import QueryFailed, execute, execution_match, normalize_sql, prediction_sql
+from trainkit.tasks.spider import prediction_sql
+from trainkit.tasks.spider_exec import QueryFailed, execute, execution_match
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tasks"
@@ -82,8 +84,33 @@ def test_cola_mcc():
     got = task.score([" acceptable", "unacceptable", "Unacceptable.", "unacceptable\nacceptable"], examples(task, [1, 1, 0, 0]))
     assert got["mcc"] == pytest.approx(100 * 2 / math.sqrt(12)) and got["num_examples"] == 4
     assert task.score(["acceptable", "unacceptable"], examples(task, [1, 0]))["mcc"] == pytest.approx(100.0)
-    # an unparseable answer counts as the other label: all wrong -> MCC -100
-    assert task.score(["maybe", "??"], examples(task, [1, 0]))["mcc"] == pytest.approx(-100.0)
+    # T5's convention: an unparseable answer is its own class (-1), not the opposite of gold (that gave -100)
+    assert task.score(["maybe", "??"], examples(task, [1, 0]))["mcc"] == 0.0
+    assert task.score(["maybe"] * 4, examples(task, [1, 1, 0, 0]))["mcc"] == 0.0
+
+
+def test_cola_invalid_answers_mixed_with_valid_ones_match_sklearn_with_a_minus_one_class():
+    from sklearn.metrics import matthews_corrcoef
+
+    task = get_task("cola")
+    gold = [1, 1, 1, 0, 0, 0]
+    texts = ["acceptable", "garbage", "acceptable", "unacceptable", "acceptable", "??"]
+    want = 100 * matthews_corrcoef(gold, [1, -1, 1, 0, 1, -1])
+    assert task.score(texts, examples(task, gold))["mcc"] == pytest.approx(want)
+    # the old rule (unparseable = opposite of gold) gives a different number on the same answers
+    assert want != pytest.approx(100 * matthews_corrcoef(gold, [1, 0, 1, 0, 1, 1]))
+
+
+def test_undefined_metrics_are_nan_not_zero():
+    cola, stsb = get_task("cola"), get_task("stsb")
+    assert math.isnan(cola.score(["acceptable", "unacceptable"], examples(cola, [1, 1]))["mcc"])  # gold: one class
+    got = stsb.score(["2", "2", "2"], examples(stsb, [0.0, 1.0, 2.0]))  # constant prediction
+    assert math.isnan(got["pearson"]) and math.isnan(got["spearman"]) and got["num_examples"] == 3
+    got = stsb.score(["1", "2"], examples(stsb, [3.0, 3.0]))  # constant gold
+    assert math.isnan(got["pearson"]) and math.isnan(got["spearman"])
+    assert math.isnan(stsb.score(["1"], examples(stsb, [3.0]))["pearson"])  # one point
+    # an undefined component makes task_score NaN (never a best checkpoint: trainkit.loop.is_better)
+    assert math.isnan(selection_score("stsb", {"pearson": math.nan, "spearman": 50.0}))
 
 
 def test_mrpc_f1_and_accuracy():
@@ -94,6 +121,9 @@ def test_mrpc_f1_and_accuracy():
     # gibberish for a gold 0 must not count as a true negative
     got = task.score(["yes", "banana"], examples(task, [1, 0]))
     assert got["accuracy"] == 50.0 and got["f1"] == pytest.approx(100 * 2 / 3)  # TP 1, FP 1
+    # ... nor for a gold 1 as a true positive (T5's f1_score_with_invalid: a false negative)
+    got = task.score(["banana", "yes", "no"], examples(task, [1, 1, 0]))
+    assert got["accuracy"] == pytest.approx(200 / 3) and got["f1"] == pytest.approx(100 * 2 / 3)  # TP 1, FN 1
 
 
 def test_stsb_pearson_spearman():
@@ -103,8 +133,11 @@ def test_stsb_pearson_spearman():
     got = task.score(preds, examples(task, [0.0, 1.0, 2.0, 3.0, 4.0]))
     assert got["spearman"] == pytest.approx(100.0)
     assert got["pearson"] == pytest.approx(100 * 12 / math.sqrt(148))
-    # constant predictions: undefined correlation reported as 0, not NaN
-    assert task.score(["2", "2", "2"], examples(task, [0.0, 1.0, 2.0])) == {"pearson": 0.0, "spearman": 0.0, "num_examples": 3}
+    # an unparseable score is -1.0 (T5's string_to_float default), outside [0, 5], not the far end of the range
+    got = task.score(["0", "no idea", "2", "3", "4"], examples(task, [0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert got["pearson"] == pytest.approx(100 * float(np.corrcoef([0, 1, 2, 3, 4], [0, -1, 2, 3, 4])[0, 1]))
+    assert got["spearman"] == pytest.approx(100 * 0.9)  # ranks 2 1 3 4 5: 1 - 6 * 2 / 120
+    # (the old rule put 5.0 there: ranks 1 5 2 3 4, Spearman 40)
 
 
 def test_accuracy_tasks_and_mnli_splits():
@@ -113,12 +146,16 @@ def test_accuracy_tasks_and_mnli_splits():
         words = task.label_words
         got = task.score([words[0], words[1], "???", words[0]], examples(task, [0, 1, 1, 1]))
         assert got == {"accuracy": 50.0, "num_examples": 4}, name
+        # label -1 never equals a gold label, whatever the gold
+        assert task.score(["???", "???"], examples(task, [0, 1])) == {"accuracy": 0.0, "num_examples": 2}, name
     task = get_task("mnli")
     preds = ["entailment", "Neutral", "contradiction.", "neutral"]
     assert task.score(preds, examples(task, [0, 1, 2, 0]), split="validation_matched") == \
         {"accuracy_matched": 75.0, "num_examples": 4}
     assert task.score(preds, examples(task, [0, 1, 2, 0]), split="test_mismatched") == \
         {"accuracy_mismatched": 75.0, "num_examples": 4}
+    assert task.score(["maybe", "neutral", "contradiction"], examples(task, [0, 1, 2]), split="validation_matched") == \
+        pytest.approx({"accuracy_matched": 200 / 3, "num_examples": 3})
     assert get_task("sst2").score([], []) == {"num_examples": 0}
     with pytest.raises(ValueError):
         get_task("sst2").score(["positive"], [])
@@ -136,10 +173,11 @@ def test_samsum_rouge():
     task = get_task("samsum")
     refs = ["Anna will bring the cake tomorrow.", "the cat sat"]
     exs = [Example("p", " " + r, [r], {}) for r in refs]
-    assert task.score(refs, exs) == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "num_examples": 2})
-    # "the cat" vs "the cat sat": ROUGE-1 P 1 R 2/3 -> F 0.8; ROUGE-2 P 1 R 1/2 -> F 2/3; ROUGE-L like ROUGE-1
+    assert task.score(refs, exs) == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rougeLsum": 100.0,
+                                                   "num_examples": 2})
+    # "the cat" vs "the cat sat": ROUGE-1 P 1 R 2/3 -> F 0.8; ROUGE-2 P 1 R 1/2 -> F 2/3; ROUGE-L(sum) like ROUGE-1
     got = task.score(["the cat"], exs[1:])
-    assert got == pytest.approx({"rouge1": 80.0, "rouge2": 200 / 3, "rougeL": 80.0, "num_examples": 1})
+    assert got == pytest.approx({"rouge1": 80.0, "rouge2": 200 / 3, "rougeL": 80.0, "rougeLsum": 80.0, "num_examples": 1})
     # Porter stemming: "cats running" == "cat run"; the text after a blank line is not part of the summary
     stem = Example("p", " cat run", ["cat run"], {})
     assert task.score(["cats running\n\nDialogue: more"], [stem])["rouge1"] == pytest.approx(100.0)
@@ -152,7 +190,7 @@ def test_dart_bleu_with_several_references():
     assert task.score(["the cat sat on the mat", "one two three four"], exs)["bleu"] == pytest.approx(100.0)
     # every n-gram matches, hypothesis 4 tokens vs closest reference 5: BP = exp(1 - 5/4)
     got = task.score(["a b c d"], [Example("p", " a", ["a b c d e"], {})])
-    assert got == pytest.approx({"bleu": 100 * math.exp(-0.25), "num_examples": 1})
+    assert got["bleu"] == pytest.approx(100 * math.exp(-0.25)) and got["num_examples"] == 1
 
 
 # ---------------------------------------------------------------------- carving
@@ -206,7 +244,22 @@ def test_glue_loads_from_fixture(name):
         got = task.score([e.target for e in splits[split]], splits[split], split=split)
         assert all(got[m] == pytest.approx(100.0) for m in got if m != "num_examples"), got
     capped = task.load(local_dir=GLUE, max_train=5, max_eval=3)
-    assert len(capped["train"]) == 5 and all(len(v) == 3 for k, v in capped.items() if k != "train")
+    assert len(capped["train"]) == 5 and all(len(v) == 3 for k, v in capped.items() if not k.startswith(("train", "test")))
+    # max_eval caps validation only: the test splits stay whole unless max_test says otherwise
+    assert all(len(v) == len(splits[k]) for k, v in capped.items() if k.startswith("test"))
+    assert all(len(v) == 2 for k, v in task.load(local_dir=GLUE, max_test=2).items() if k.startswith("test"))
+
+
+def test_test_splits_worth_scoring_compare_the_whole_validation_split():
+    from trainkit.tasks.base import cap_splits, distinct_test_splits
+
+    for name, want in [("sst2", []), ("mnli", []), ("sst2-tvt", ["test"]), ("mnli-tvt", ["test_matched", "test_mismatched"])]:
+        splits = get_task(name).load(local_dir=GLUE)
+        assert distinct_test_splits(splits) == want, name
+    # plain GLUE's test is its validation again: once validation is capped the two differ, so the
+    # comparison must run on the uncapped splits (train_lora.py compares, then caps)
+    splits = get_task("sst2").load(local_dir=GLUE)
+    assert distinct_test_splits(cap_splits(splits, max_eval=3)) == ["test"]
 
 
 def test_glue_prompt_text_is_pinned():
@@ -245,7 +298,9 @@ def test_samsum_spider_dart_load_from_fixtures():
     assert e.prompt.endswith("\nSQL:") and "\nQuestion: " in e.prompt
     assert e.target.startswith(" SELECT") and "  " not in e.target and Path(e.meta["db_path"]).is_file()
     got = task.score([x.target for x in splits["validation"]], splits["validation"])
-    assert got == {"exact_match": 100.0, "execution_accuracy": 100.0, "num_examples": 8}
+    assert {k: got[k] for k in ("exact_match", "execution_accuracy", "num_examples", "num_gold_unparsed")} == \
+        {"exact_match": 100.0, "execution_accuracy": 100.0, "num_examples": 8, "num_gold_unparsed": 0}
+    assert sum(got[f"num_examples_{level}"] for level in ("easy", "medium", "hard", "extra")) == 8
 
 
 def test_local_dir_argument_wins_over_env_and_env_is_used(monkeypatch, tmp_path):
@@ -283,19 +338,7 @@ def test_no_local_dir_and_no_hub_names_the_env_var(tmp_path):
 
 
 # ---------------------------------------------------------------------- Spider SQL
-def test_exact_match_normalisation():
-    same = [("SELECT count(*) FROM student", "select  count( * )  from STUDENT ;"),
-            ('SELECT name FROM student WHERE city  =  "Paris"', "SELECT name FROM student WHERE city = 'Paris';;"),
-            ("SELECT T1.name FROM student AS T1 ORDER BY T1.age DESC", "select t1 . name from student as t1 order  by t1.age desc"),
-            ("SELECT `Name` FROM student -- comment", "SELECT name FROM student")]
-    for a, b in same:
-        assert normalize_sql(a) == normalize_sql(b), (a, b)
-    assert normalize_sql('SELECT name FROM student WHERE city = "Paris"') == "SELECT name FROM student WHERE city = 'Paris'"
-    different = [("SELECT name FROM student WHERE city = 'Paris'", "SELECT name FROM student WHERE city = 'paris'"),
-                 ("SELECT name, age FROM student", "SELECT age, name FROM student"),
-                 ("SELECT name FROM student WHERE age > 21", "SELECT name FROM student WHERE 21 < age")]
-    for a, b in different:
-        assert normalize_sql(a) != normalize_sql(b), (a, b)
+def test_prediction_sql_cuts_the_generation():
     assert prediction_sql("  SELECT 1 ;  DROP TABLE student\n") == "SELECT 1"
     assert prediction_sql("SELECT name\nFROM student\n\nQuestion: next") == "SELECT name FROM student"
     assert prediction_sql("SELECT ';' FROM t") == "SELECT ';' FROM t"
@@ -311,8 +354,10 @@ def test_execution_accuracy_semantics():
     ordered = "SELECT name FROM student ORDER BY age DESC"
     assert execution_match(SCHOOL_DB, "SELECT name FROM student ORDER BY age DESC, name", ordered)
     assert not execution_match(SCHOOL_DB, "SELECT name FROM student ORDER BY age ASC", ordered)  # order matters
-    # multiset, not set: duplicates count
-    assert not execution_match(SCHOOL_DB, "SELECT city FROM student", "SELECT DISTINCT city FROM student")
+    # DISTINCT is dropped from both queries (test-suite-sql-eval's default); kept, duplicates count
+    assert execution_match(SCHOOL_DB, "SELECT city FROM student", "SELECT DISTINCT city FROM student")
+    assert not execution_match(SCHOOL_DB, "SELECT city FROM student", "SELECT DISTINCT city FROM student",
+                               keep_distinct=True)
 
 
 def test_execution_failures_are_wrong_and_bounded():
@@ -336,7 +381,7 @@ def test_execution_failures_are_wrong_and_bounded():
     val = task.load(local_dir=DATA / "spider")["validation"][:4]
     preds = [val[0].target, "SELECT nothing FROM nowhere", endless, " " + val[3].target.lower()]
     got = task.score(preds, val)
-    assert got == {"exact_match": 50.0, "execution_accuracy": 50.0, "num_examples": 4}
+    assert (got["exact_match"], got["execution_accuracy"], got["num_examples"]) == (50.0, 50.0, 4)
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -12,9 +12,10 @@ holds run.json is a run; archived copies (`<run>.old-<time>`, left by a restart 
 from that step on are dropped.
 
 Task. The eval line's `task` field, else run.json's config `task.name`, else run.json `task`.
-Its official metrics come from trainkit.tasks.official (MNLI accuracy matched/mismatched,
-MRPC/QQP F1 + accuracy, STS-B Pearson + Spearman, CoLA MCC, SAMSum ROUGE-1/2/L, Spider exact
-match + execution accuracy, ...).
+Its metrics come from trainkit.tasks.official (official, ranked: MNLI accuracy matched/mismatched,
+MRPC/QQP F1 + accuracy, STS-B Pearson + Spearman, CoLA MCC, SAMSum ROUGE-Lsum, Spider exact
+match + execution accuracy, DART BLEU, ...; extra, reported only: SAMSum ROUGE-1/2/L, DART
+sacreBLEU and TER).
 
 Best evaluation. The validation evaluation (split "validation", or no split) with the highest
 `task_score` (the mean of the task's official metrics; computed with selection_score when the
@@ -36,12 +37,12 @@ Outputs (in --out; every ordering is sorted, so reruns give identical files):
 
     results.csv   one row per run (skipped ones too, with skip_reason): run_dir, run_name, config,
                   dataset, task, seed, status, n_evals, best_step, reported_split, task_score and
-                  the official metrics as reported, val_task_score / val_<metric> of the selected
+                  the reported metrics (official and extra), val_task_score / val_<metric> of the selected
                   validation evaluation, test_task_score / test_<metric> (empty without a test
                   line for that step), eval_loss at the selected step, note, skip_reason
     summary.csv   one row per group (default: dataset, config): n, seeds, reported_split
                   ("test", "validation" or "mixed"), <metric>_mean and <metric>_std for
-                  task_score, every official metric and val_task_score, runs
+                  task_score, every reported metric and val_task_score, runs
     summary.json  {"group_by", "selection", "metrics", "groups": [{<keys>, n, seeds,
                   reported_split, runs, metrics: {name: {mean, std, n, values}}}],
                   "runs": [results rows], "skipped": [{run_dir, run_name, reason}]}
@@ -50,6 +51,10 @@ Outputs (in --out; every ordering is sorted, so reruns give identical files):
                   bars = std (matplotlib, Agg backend)
 
 std is the sample standard deviation (n - 1); it is empty (null) for a group of one run.
+Undefined metrics (NaN: the eval line lists them in `nan_fields`, e.g. MCC when gold has one class)
+stay NaN: results.csv writes NaN, a NaN task_score never selects an evaluation, and a group's
+mean ± std is over the runs where the metric is defined (`undefined` counts the others; the
+cell reads "undefined" when no run defines it). summary.json writes NaN as null (JSON has no NaN).
 Metrics are on the scale the trainer logged (0-100; correlations and MCC x100).
 Exit codes: 0 written, 2 bad arguments or no run directories found.
 """
@@ -68,16 +73,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainkit.fileio import iter_jsonl, read_json, write_text_atomic
-from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS
-from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, official_metrics, selection_score
+from trainkit.fileio import iter_jsonl, json_safe, read_json, write_text_atomic
+from trainkit.runlog import LOGS_DIR, RUN_INFO_FILE, STREAMS, read_number
+from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, official_metrics, reported_metrics, selection_score
 
 SUFFIX_RE = re.compile(r"^(?P<config>.+?)__(?P<dataset>.+)__seed(?P<seed>-?\d+)$")
 ARCHIVE_RE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")
 PRUNE_PREFIXES = (".", "checkpoint-", "final-checkpoint-")
 PRUNE_NAMES = {LOGS_DIR, "best-adapter", "predictions", "__pycache__"}
 GROUP_KEYS = ("dataset", "config", "task", "script", "seed")
-ALL_METRICS = tuple(dict.fromkeys(m for names in OFFICIAL_METRICS.values() for m in names))
+REPORTED_METRICS = {task: reported_metrics(task) for task in OFFICIAL_METRICS}  # official first, then extras
+ALL_METRICS = tuple(dict.fromkeys(m for names in REPORTED_METRICS.values() for m in names))
 SELECTION = ("best validation evaluation by task_score (mean of the task's official metrics, earliest step on "
              "ties); test metrics of that step are reported when the run has a test line for it")
 
@@ -136,14 +142,12 @@ def clean_evals(records: list[dict]) -> list[dict]:
 
 
 def _score(task: str, rec: dict) -> float | None:
-    value = rec.get(TASK_SCORE)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return selection_score(task, rec)
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    """The line's task_score (NaN when undefined), else the mean of its official metrics (None
+    when one is missing)."""
+    value = read_number(rec, TASK_SCORE)
+    if value is not None:
+        return value
+    return selection_score(task, {name: read_number(rec, name) for name in official_metrics(task)})
 
 
 def load_run(run_dir: Path) -> dict:
@@ -179,40 +183,41 @@ def load_run(run_dir: Path) -> dict:
         return row
     try:
         names = official_metrics(task)
+        columns = reported_metrics(task)
     except KeyError:
         row["skip_reason"] = f"task {task!r} has no official metrics in trainkit.tasks.official"
         return row
     row["task"] = base_task(task)
     validation = [r for r in evals if (r.get("split") or "validation") == "validation"]
-    scored = [(s, r) for r in validation if (s := _score(task, r)) is not None]
+    scored = [(s, r) for r in validation if (s := _score(task, r)) is not None and math.isfinite(s)]
     if not scored:
         row["skip_reason"] = (f"no validation evaluation has task_score or all of {', '.join(names)} "
                               f"({len(evals)} eval lines)")
         return row
     best_score, best = max(scored, key=lambda sr: (sr[0], -sr[1]["step"]))
     row["best_step"] = best["step"]
-    row["eval_loss"] = _num(best.get("eval_loss"))
+    row["eval_loss"] = read_number(best, "eval_loss")
     row["val_task_score"] = best_score
-    for name in names:
-        row[f"val_{name}"] = _num(best.get(name))
+    for name in columns:
+        row[f"val_{name}"] = read_number(best, name)
     tests = [r for r in evals if r.get("split") == "test"]
     test = next((r for r in reversed(tests) if r.get("evaluated_step") == best["step"]), None)
     if test is not None:
         row["test_task_score"] = _score(task, test)
-        for name in names:
-            row[f"test_{name}"] = _num(test.get(name))
+        for name in columns:
+            row[f"test_{name}"] = read_number(test, name)
         row["reported_split"] = "test"
         source, row[TASK_SCORE] = "test", row["test_task_score"]
     else:
         row["test_task_score"] = None
-        for name in names:
+        for name in columns:
             row[f"test_{name}"] = None
         if tests:
             row["note"] = (f"test line is for step {tests[-1].get('evaluated_step')}, not the selected step "
                            f"{best['step']}: validation metrics reported")
         row["reported_split"] = "validation"
         source, row[TASK_SCORE] = "val", best_score
-    for name in names:
+    for name in columns:
         row[name] = row[f"{source}_{name}"]
     return row
 
@@ -232,8 +237,8 @@ def _sort_key(value: Any) -> tuple:
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
-    """The official metrics of the tasks present, in OFFICIAL_METRICS order."""
-    present = {m for r in rows if r.get("task") for m in OFFICIAL_METRICS.get(r["task"], ())}
+    """The reported metrics (official, then extra) of the tasks present, in OFFICIAL_METRICS task order."""
+    present = {m for r in rows if r.get("task") for m in REPORTED_METRICS.get(r["task"], ())}
     return [m for m in ALL_METRICS if m in present]
 
 
@@ -247,9 +252,11 @@ def summarize(rows: list[dict], group_by: list[str]) -> list[dict]:
         names = [TASK_SCORE, *metric_columns(members), "val_task_score"]
         metrics = {}
         for name in names:
-            values = [r[name] for r in members if r.get(name) is not None]
+            present = [r[name] for r in members if r.get(name) is not None]
+            values = [v for v in present if not math.isnan(v)]
             mean, std = mean_std(values)
-            metrics[name] = {"mean": mean, "std": std, "n": len(values), "values": values}
+            metrics[name] = {"mean": mean, "std": std, "n": len(values), "values": values,
+                             "undefined": len(present) - len(values)}
         splits = sorted({r["reported_split"] for r in members})
         out.append({**dict(zip(group_by, key)), "n": len(members),
                     "seeds": [r.get("seed") for r in members],
@@ -262,6 +269,8 @@ def summarize(rows: list[dict], group_by: list[str]) -> list[dict]:
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
     if isinstance(value, float):
         return f"{value:.6g}" if abs(value) < 1e-3 and value != 0 else f"{round(value, 6)}"
     if isinstance(value, list):
@@ -301,10 +310,11 @@ def summary_rows(groups: list[dict], group_by: list[str], metrics: list[str]) ->
 
 def _pm(stats: dict | None) -> str:
     if not stats or stats.get("mean") is None:
-        return "—"
+        return "undefined" if stats and stats.get("undefined") else "—"
+    undefined = f" ({stats['undefined']} undefined)" if stats.get("undefined") else ""
     if stats.get("std") is None:
-        return f"{stats['mean']:.2f}"
-    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+        return f"{stats['mean']:.2f}{undefined}"
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}{undefined}"
 
 
 def markdown(groups: list[dict], group_by: list[str], metrics: list[str], skipped: list[dict],
@@ -386,7 +396,7 @@ def aggregate(patterns: list[str], out: Path, group_by: list[str], make_plot: bo
     write_csv(out / "summary.csv", columns, srows)
     summary = {"group_by": group_by, "selection": SELECTION, "metrics": [TASK_SCORE, *metrics],
                "groups": groups, "runs": rows, "skipped": skipped}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=2, sort_keys=False) + "\n")
     md = markdown(groups, group_by, metrics, skipped, len(all_rows))
     write_text_atomic(out / "summary.md", md)
     files = ["results.csv", "summary.csv", "summary.json", "summary.md"]

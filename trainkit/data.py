@@ -371,6 +371,13 @@ def build_datasets(cfg: dict, tokenizer):
     return train, val, info
 
 
+def target_token_ids(tokenizer, targets: list[str]) -> list[list[int]]:
+    """The ids a target trains on: its tokens (no special tokens, tokenized apart from the prompt) +
+    eos when the tokenizer has one. Label-likelihood scoring (trainkit.generation) scores these."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [list(ids) + eos for ids in token_ids(tokenizer, list(targets))["input_ids"]]
+
+
 FIT_ATTEMPTS = 8  # re-tokenizations of a shortened prompt (a cut can change how its edges tokenize)
 
 
@@ -418,15 +425,13 @@ def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, ma
     PromptCut (`cuts`, one per prompt, or None) names, else from the beginning; never at the end,
     where the answer starts.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = token_ids(tokenizer, list(prompts), specials=True)["input_ids"]
-    target_ids = token_ids(tokenizer, list(targets))["input_ids"]
     cuts = list(cuts) if cuts is not None else [None] * len(prompt_ids)
     rows = []
-    for prompt, cut, p, t in zip(prompts, cuts, prompt_ids, target_ids):
-        cut_prompt, cut_target = len(p) > max_source_length, len(t) + len(eos) > max_target_length
+    for prompt, cut, p, t in zip(prompts, cuts, prompt_ids, target_token_ids(tokenizer, targets)):
+        cut_prompt, cut_target = len(p) > max_source_length, len(t) > max_target_length
         p = fit_prompt(tokenizer, prompt, cut, max_source_length)[0] if cut_prompt else list(p)
-        t = (list(t) + eos)[:max_target_length]
+        t = t[:max_target_length]
         rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t)),
                      "_truncated_prompt": cut_prompt, "_truncated_target": cut_target})
     return rows

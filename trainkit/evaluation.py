@@ -48,9 +48,12 @@ class TaskEvaluator:
     process takes every world_size-th example; the main process scores, every process gets the result."""
 
     def __init__(self, accelerator, model, tokenizer, task, splits: dict, generation, *, label_likelihood: bool,
-                 batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False):
+                 test_splits: list[str], batch_size: int, run_dir: Path, progress: bool, say, verbose: bool = False,
+                 label_normalization: str = "none"):
         self.accelerator, self.model, self.tokenizer, self.task, self.splits = accelerator, model, tokenizer, task, splits
         self.generation, self.label_likelihood, self.batch_size = generation, label_likelihood, batch_size
+        self.label_normalization = label_normalization
+        self.test_splits = list(test_splits)  # trainkit.tasks.base.distinct_test_splits of the uncapped splits
         self.run_dir, self.progress, self.say, self.verbose = Path(run_dir), progress, say, verbose
 
     def predict(self, split: str) -> tuple[list[str], float, int]:
@@ -66,10 +69,13 @@ class TaskEvaluator:
         model = acc.unwrap_model(self.model)
         started = time.time()
         if self.label_likelihood:
-            picks = score_label_likelihood(model, self.tokenizer, prompts, self.task.label_words,
-                                           batch_size=self.batch_size, device=acc.device)
+            # the label targets as trained (" positive" + eos), prompts cut as at training time
+            picks, truncated = score_label_likelihood(model, self.tokenizer, prompts, self.task.label_targets,
+                                                      batch_size=self.batch_size, device=acc.device,
+                                                      max_source_length=self.generation.max_source_length,
+                                                      normalization=self.label_normalization,
+                                                      cuts=[examples[i].cut for i in mine])
             texts = [self.task.label_words[i] for i in picks]
-            truncated = 0  # label likelihood scores the whole prompt
         else:
             generated = generate_texts(model, self.tokenizer, prompts, self.generation, device=acc.device,
                                        progress=acc.is_main_process and self.progress, cuts=[examples[i].cut for i in mine])
@@ -115,25 +121,15 @@ class TaskEvaluator:
                                  for e, text in zip(examples, texts)))
         return str(out.relative_to(self.run_dir))
 
-    def test_splits(self) -> list[str]:
-        """The test splits worth scoring at the end: none when they are the validation split again
-        (plain GLUE, whose test labels are hidden)."""
-        names = [s for s in self.splits if s.startswith("test") and self.splits[s]]
-
-        def prompts(name):
-            return [e.prompt for e in self.splits.get(name) or []]
-
-        if all(prompts(s) == prompts(s.replace("test", "validation")) for s in names):
-            return []
-        return names
-
     def evaluate_test(self, run, state, load_adapter, best_dir: Path) -> None:
         """The best adapter on the test splits: one eval_log line with split 'test' at the last step.
         Runs after the final checkpoint is saved (the model's last use: the best adapter may replace
-        the final one). Nothing to do when the test split is the validation split again (plain GLUE)."""
+        the final one). Nothing to do when the test split is the validation split again (plain GLUE).
+        Every example of each test split is scored unless task.max_test_samples capped it (never
+        task.max_eval_samples); the counts are logged (<split>_examples) and printed."""
         from trainkit.tasks.official import TASK_SCORE
 
-        test_splits = self.test_splits()
+        test_splits = self.test_splits
         if not test_splits:
             return
         if state.best_step is not None and (best_dir / "adapter_model.safetensors").exists():
@@ -142,5 +138,5 @@ class TaskEvaluator:
                   **self.score(test_splits, f"test-best-step-{state.best_step}")}
         run.runlog.write("eval", {"step": state.step, **result, "metric": run.log_cfg.metric_for_best,
                                   "metric_value": None, "is_best": False})
-        run.say(f"test ({', '.join(test_splits)}) with the adapter of step {state.best_step}: "
-                f"{TASK_SCORE} {result.get(TASK_SCORE)}")
+        counts = ", ".join(f"{s} {result.get(f'{s}_examples')} examples" for s in test_splits)
+        run.say(f"test ({counts}) with the adapter of step {state.best_step}: {TASK_SCORE} {result.get(TASK_SCORE)}")

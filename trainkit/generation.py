@@ -34,8 +34,10 @@ transformers knows every argument these settings pass to `generate()`, and raise
 ValueError naming the version and the argument otherwise (instead of a confusing error from the
 model's forward, deep in the first evaluation).
 
-`score_label_likelihood(...)` ranks fixed label continuations (classification tasks) by total
-log-likelihood; `label_log_likelihoods(...)` returns the scores themselves.
+`score_label_likelihood(...)` ranks fixed label continuations (classification tasks) by their
+log-likelihood: the tokens training produces for each label's target (`data.target_token_ids`:
+" positive" with its leading space, + eos), summed or averaged per token;
+`label_log_likelihoods(...)` returns the scores themselves.
 
 The model runs in eval mode under `torch.no_grad()` (not `inference_mode`: a module that caches
 a tensor during forward, e.g. a rotary table, would otherwise keep an inference tensor that the
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -443,39 +446,55 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: GenerationSet
 
 # ---------------------------------------------------------------------------------- label scoring
 
-def label_log_likelihoods(model, tokenizer, prompts: list[str], label_texts: list[str], batch_size: int = 8,
+LABEL_NORMALIZATIONS = ("none", "mean")
+
+
+def label_log_likelihoods(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 8,
                           device=None, max_source_length: int | None = None,
-                          reduction: str = "sum") -> list[list[float]]:
-    """log p(label | prompt) for every prompt x label: scores[i][j].
+                          normalization: str = "none", cuts: list | None = None) -> list[list[float]]:
+    """log p(target | prompt) for every prompt x label target: scores[i][j].
 
-    reduction="sum" (default): total log-likelihood over the label's tokens. It favours shorter
-    labels when labels differ in length (each extra token can only lower the sum); that is the
-    usual choice for fixed verbalizers ("positive"/"negative"), where it is the probability of the
-    exact label string. reduction="mean": average per token (length-normalized).
+    A target is scored as the exact token sequence training produces for it
+    (`data.target_token_ids`: the target text, e.g. " positive" with its leading space, tokenized
+    apart without special tokens, + eos when the tokenizer has one), so the score is the
+    log-probability the training loss raised.
 
-    The prompt is tokenized as for generation (special tokens on, left-truncated to
-    max_source_length), the label apart without special tokens, and scored as the continuation
-    of the prompt's ids. Pairs are batched `batch_size` at a time, sorted by length and RIGHT
-    padded (every real token keeps its unpadded position and attends only to real tokens, so a
-    batched score equals the unbatched one up to float rounding).
+    normalization "none" (default): the sum over the target's tokens, the log-probability of the
+    whole answer (eos included: the model must also stop). It favours shorter targets when they
+    differ in token count. "mean": the sum divided by the target's token count (length-normalized).
+
+    The prompt is tokenized as for generation (special tokens on; a prompt longer than
+    max_source_length cut as trainkit.data.fit_prompt cuts it: its PromptCut from `cuts`, else from
+    the left) and the target's ids are scored as its continuation. Pairs are batched
+    `batch_size` at a time, sorted by length and RIGHT padded (every real token keeps its unpadded
+    position and attends only to real tokens, so a batched score equals the unbatched one up to
+    float rounding).
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if not label_texts:
-        raise ValueError("label_texts is empty")
+    return _label_scores(model, tokenizer, prompts, targets, batch_size, device, max_source_length, normalization,
+                         cuts)[0]
+
+
+def _label_scores(model, tokenizer, prompts, targets, batch_size, device, max_source_length, normalization,
+                  cuts) -> tuple[list[list[float]], int]:
+    """label_log_likelihoods' scores, and how many prompts were cut to max_source_length."""
+    from trainkit.data import target_token_ids
+
+    if normalization not in LABEL_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(LABEL_NORMALIZATIONS)}, got {normalization!r}")
+    if not targets:
+        raise ValueError("targets is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = list(prompts)
     if not prompts:
-        return []
+        return [], 0
     device = _model_device(model, device)
     pad_id = _pad_id(tokenizer)
-    prompt_ids, _ = _tokenize_prompts(tokenizer, prompts, max_source_length)
-    label_ids = [list(x) for x in tokenizer(list(label_texts), add_special_tokens=False,
-                                            return_attention_mask=False, verbose=False)["input_ids"]]
-    for text, lab in zip(label_texts, label_ids):
+    prompt_ids, truncated = _tokenize_prompts(tokenizer, prompts, max_source_length, cuts)
+    label_ids = target_token_ids(tokenizer, targets)
+    for text, lab in zip(targets, label_ids):
         if not lab:
-            raise ValueError(f"label {text!r} tokenizes to no tokens")
+            raise ValueError(f"target {text!r} tokenizes to no tokens")
 
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(label_ids))]
     order = sorted(pairs, key=lambda p: -(len(prompt_ids[p[0]]) + len(label_ids[p[1]])))
@@ -491,16 +510,23 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], label_texts: lis
                 p, n = len(prompt_ids[i]), len(label_ids[j])
                 # logits at position t predict token t + 1
                 step_logits = logits[row, p - 1:p - 1 + n].float()
-                targets = torch.tensor(label_ids[j], dtype=torch.long, device=step_logits.device)
-                lp = torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).sum().item()
-                scores[i][j] = lp / n if reduction == "mean" else lp
-    return scores
+                ids = torch.tensor(label_ids[j], dtype=torch.long, device=step_logits.device)
+                lp = torch.log_softmax(step_logits, dim=-1).gather(1, ids.unsqueeze(1)).sum().item()
+                scores[i][j] = lp / n if normalization == "mean" else lp
+    return scores, truncated
 
 
-def score_label_likelihood(model, tokenizer, prompts: list[str], label_texts: list[str], batch_size: int = 8,
-                           device=None, max_source_length: int | None = None, reduction: str = "sum") -> list[int]:
-    """For each prompt, the index of the label with the highest log-likelihood (first on ties);
-    see `label_log_likelihoods` for sum vs mean."""
-    scores = label_log_likelihoods(model, tokenizer, prompts, label_texts, batch_size=batch_size, device=device,
-                                   max_source_length=max_source_length, reduction=reduction)
-    return [max(range(len(row)), key=lambda j: (row[j], -j)) for row in scores]
+class LabelPicks(NamedTuple):
+    picks: list[int]            # per prompt, the index of the best-scoring target
+    truncated_prompts: int      # prompts cut to max_source_length (data.fit_prompt)
+
+
+def score_label_likelihood(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 8,
+                           device=None, max_source_length: int | None = None, normalization: str = "none",
+                           cuts: list | None = None) -> LabelPicks:
+    """For each prompt, the index of the target with the highest log-likelihood (first on ties), and
+    the count of prompts cut; see `label_log_likelihoods` for the scored tokens, the cut and the
+    normalization."""
+    scores, truncated = _label_scores(model, tokenizer, prompts, targets, batch_size, device, max_source_length,
+                                      normalization, cuts)
+    return LabelPicks([max(range(len(row)), key=lambda j: (row[j], -j)) for row in scores], truncated)

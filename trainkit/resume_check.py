@@ -9,6 +9,8 @@ batch and accumulation, ...) must match, or the run stops before the model loads
 listing each changed key, unless `--allow-config-change` is given. Which keys may change is
 stated beside the config models (`RESUME_MUTABLE` of trainkit.config.base.TrainConfig and of
 each script's model); keys not listed count as immutable, so a key added later is safe by default.
+A key that the checkpoint's config lacks (written by a version without it) and that holds its
+default now is no change: that version behaved as the default does, so older checkpoints resume.
 """
 
 from __future__ import annotations
@@ -64,8 +66,22 @@ def describe_changes(changes: dict[str, list]) -> str:
     return ", ".join(f"{key} {short(old)} -> {short(new)}" for key, (old, new) in changes.items())
 
 
+def added_at_default(cfg: TrainConfig, key: str, old: Any, new: Any) -> bool:
+    """True when the checkpoint lacks `key` (section.key) and its value now is the field's default."""
+    if old != UNSET:
+        return False
+    *path, name = key.split(".")
+    section: Any = cfg
+    for part in path:
+        section = getattr(section, part, None)
+    field = getattr(type(section), "model_fields", {}).get(name)
+    return field is not None and not field.is_required() and json_safe(field.get_default(call_default_factory=True)) == new
+
+
 def immutable_changes(saved: dict | None, cfg: TrainConfig, mutable: Iterable[str]) -> dict[str, list]:
-    """The changed keys that may not change on resume ({} for a checkpoint without a stored config)."""
+    """The changed keys that may not change on resume ({} for a checkpoint without a stored config);
+    a key added since the checkpoint, at its default, is not one."""
     if not saved:
         return {}
-    return {k: v for k, v in config_changes(saved, stored_config(cfg)).items() if not is_mutable(k, mutable)}
+    return {k: v for k, v in config_changes(saved, stored_config(cfg)).items()
+            if not is_mutable(k, mutable) and not added_at_default(cfg, k, *v)}

@@ -16,7 +16,9 @@ reader can interpret a run without importing a trainer.
       final-checkpoint-<step>/
 
 Every JSONL line is one JSON object with at least ``step`` and ``time`` (unix
-seconds). Only the main process writes. A line is written with a single ``write`` of
+seconds). JSON has no NaN: a field whose value is NaN (a metric undefined on its input, e.g.
+MCC when gold has one class, or a diverged loss) is written as null and its name listed in the
+line's ``nan_fields`` (``read_number`` gives it back as NaN); null without that means missing. Only the main process writes. A line is written with a single ``write`` of
 the whole line and flushed, so a reader sees it whole or not at all; readers skip a
 partial last line. After a resume from step S the lines with step > S from the earlier
 attempt are dropped (``RunLog.truncate_after``), except error lines and the ``stop`` and
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import time
@@ -82,6 +85,21 @@ RUN_FIELDS = {
     "env_overrides": "environment variables applied (HP_LR, ...), {VAR: {key, value}}",
 }
 
+NAN_FIELDS = "nan_fields"
+
+
+def read_number(record: dict, name: str) -> float | None:
+    """A numeric field of a log line: NaN when the line lists it in nan_fields (written as null),
+    None when it is missing, null or not a finite number."""
+    nan = record.get(NAN_FIELDS)
+    if isinstance(nan, list) and name in nan:
+        return math.nan
+    value = record.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 # logs/training_log.jsonl
 TRAINING_FIELDS = {
     "step": "optimizer step (1-based) this line reports",
@@ -118,6 +136,7 @@ EVAL_FIELDS = {
     "metric": "name of the metric used to pick the best checkpoint",
     "metric_value": "its value at this evaluation",
     "is_best": "true when this evaluation is the best so far",
+    "nan_fields": "names of the fields whose value was NaN (undefined: MCC when gold has one class, a correlation of constant input; a diverged eval_loss), written as null (JSON has no NaN); absent when none",
 }
 # logs/eval_log.jsonl, train_lora.py only (besides EVAL_FIELDS)
 LORA_EVAL_FIELDS = {
@@ -125,10 +144,13 @@ LORA_EVAL_FIELDS = {
     "split": "train_lora.py: validation, or test for the best adapter's final test evaluation",
     "evaluated_step": "train_lora.py, split test: the step whose adapter was evaluated",
     "task_score": "train_lora.py: mean of the task's official metrics (trainkit/tasks/official.py)",
-    "<official metric>": "train_lora.py: accuracy, f1, mcc, pearson, spearman, accuracy_matched, accuracy_mismatched, rouge1, rouge2, rougeL, exact_match, execution_accuracy, bleu (0-100)",
+    "<official metric>": "train_lora.py: accuracy, f1, mcc, pearson, spearman, accuracy_matched, accuracy_mismatched, rougeLsum, exact_match, execution_accuracy, bleu (0-100)",
+    "<extra metric>": "train_lora.py, reported but not in task_score: rouge1, rouge2, rougeL (SAMSum), sacrebleu, ter (DART; ter lower is better, not on validation lines) (0-100)",
+    "signatures": "train_lora.py, DART: sacrebleu's signature strings, {\"sacrebleu\": ..., \"ter\": ...}",
     "<split>_examples": "train_lora.py: examples scored in that split",
+    "<metric>_<hardness>": "train_lora.py, spider: exact_match_<level>, execution_accuracy_<level> (undefined, null, for a level without items) and num_examples_<level>, level easy/medium/hard/extra (official hardness of the gold query); num_gold_unparsed",
     "generation_seconds": "train_lora.py: seconds spent generating",
-    "truncated_prompts": "train_lora.py: prompts of this evaluation longer than task.max_source_length tokens, cut from the part the task lets go (Spider: the schema's last CREATE TABLE lines; beginning if none); 0 with label_likelihood (whole prompts scored)",
+    "truncated_prompts": "train_lora.py: prompts of this evaluation longer than task.max_source_length tokens, cut from the part the task lets go (Spider: the schema's last CREATE TABLE lines; beginning if none), label_likelihood included",
     "predictions": "train_lora.py: run-directory-relative JSONL files of this evaluation's predictions",
 }
 # logs/eval_log.jsonl, distill.py only (besides EVAL_FIELDS; eval_loss is the student's cross-entropy)
@@ -313,6 +335,9 @@ class RunLog:
         if not self.is_main:
             return
         record = {"step": record.get("step", 0), "time": record.get("time", time.time()), **record}
+        nan = [k for k, v in record.items() if isinstance(v, float) and math.isnan(v)]
+        if nan:  # json_safe writes them as null; the names say "NaN", not "missing"
+            record[NAN_FIELDS] = nan
         line = json.dumps(json_safe(record), default=str, separators=(",", ":")) + "\n"
         # One write() of the whole line on an O_APPEND file: readers never see half a line
         # except while it is being written, and then without its newline.

@@ -93,6 +93,21 @@
   }
   setInterval(refreshTimes, 30000);
 
+  // A metric the trainer logged as NaN (undefined, e.g. MCC when gold has one class) is null in the
+  // line and named in its nan_fields: shown as "undefined", not as a missing value.
+  function evalValue(row, key) {
+    if ((row.nan_fields || []).includes(key)) return "undefined";
+    return row[key] === undefined ? "–" : fmt(row[key]);
+  }
+  function renderLastEval(row) {
+    if (!row) { setCard("last_eval", "–", ""); return; }
+    const metric = row.metric || "eval_loss";
+    const key = row.metric ? "metric_value" : "eval_loss";
+    const shown = METRIC_KEYS.filter((k) => k !== metric && (row[k] !== undefined || (row.nan_fields || []).includes(k)));
+    const others = shown.map((k) => `${k} ${evalValue(row, k)}`);
+    setCard("last_eval", evalValue(row, key), [`${metric} @ step ${fmtInt(row.step)}`, ...others].join(" · "));
+  }
+
   function setCard(id, value, sub) {
     const card = $(`card-${id}`);
     const el = card.querySelector(".value");
@@ -560,6 +575,7 @@
     const best = s.best_eval;
     setCard("best_eval", best ? fmt(best.metric_value ?? best.eval_loss) : "–",
             best ? `${best.metric || "eval_loss"} @ step ${fmtInt(best.step)}` : `${s.evals} evaluations`);
+    renderLastEval(s.last_eval);
 
     const skipped = Object.values(s.skipped_lines || {}).reduce((n, reasons) =>
       n + Object.values(reasons).reduce((a, b) => a + b, 0), 0);

@@ -56,10 +56,12 @@ class TaskSection(ConfigModel):
                                           "train/validation/test carved from the public splits), samsum, spider, dart (HP_DATA)")
     local_dir: OptionalStr = Field(None, description="local copy of the data (else GLUE_LOCAL_DIR / SAMSUM_LOCAL_DIR / SPIDER_LOCAL_DIR / DART_LOCAL_DIR, else HF datasets)")
     max_train_samples: OptionalPositiveInt = Field(None, description="cap on training examples")
-    max_eval_samples: OptionalPositiveInt = Field(None, description="cap on examples per evaluation split (generation is the slow part)")
+    max_eval_samples: OptionalPositiveInt = Field(None, description="cap on examples per validation split, evaluated during training (generation is the slow part); never caps the test splits")
+    max_test_samples: OptionalPositiveInt = Field(None, description="cap on examples per test split at the final test evaluation; null: the whole split")
     max_source_length: PositiveInt = Field(512, description="prompt tokens kept; a longer prompt loses the part its task lets go (Spider: the schema's last CREATE TABLE lines; SAMSum: the dialogue's last turns; DART: the last triples; GLUE: the (longer) sentence's tail), never the question or the answer cue")
     max_target_length: PositiveInt = Field(128, description="target tokens kept for training")
-    label_likelihood: Bool = Field(False, description="classification: score by the likelihood of each label instead of generating")
+    label_likelihood: Bool = Field(False, description="classification: score by the likelihood of each label's training target (\" positive\" + eos) instead of generating")
+    label_likelihood_normalization: one_of("none", "mean") = Field("none", description="with label_likelihood: none ranks labels by the summed log-probability of their target tokens (the probability of the whole answer); mean by the per-token average (length-normalized)")
     evaluate_test: Bool = Field(True, description="at the end, evaluate the best adapter on the test split (when it differs from validation)")
 
 
@@ -74,7 +76,7 @@ class GenerationSection(ConfigModel):
 
 
 class LoRALoggingSection(LoggingSection):
-    metric_for_best: Str = Field("task_score", description="eval_log field that ranks checkpoints: task_score (mean of the task's official metrics) or eval_loss")
+    metric_for_best: Str = Field("task_score", description="eval_log field that ranks checkpoints: task_score (mean of the task's official metrics), eval_loss or one of the task's reported metrics")
     greater_is_better: Bool = Field(True, description="true when a larger metric_for_best is better (false for eval_loss)")
     verbose: Bool = Field(False, description="print backends, shapes and sample predictions (GLA_VERBOSE)")
 
@@ -100,7 +102,7 @@ class LoRAConfig(TrainConfig):
     # Generation settings that decide the task score stay: the best so far was ranked by them.
     RESUME_MUTABLE: ClassVar[frozenset[str]] = TrainConfig.RESUME_MUTABLE | {
         "lora.dropout", "model.dtype", "model.attn_mode", "model.fused_swiglu", "task.max_eval_samples",
-        "task.evaluate_test", "generation.batch_size", "generation.force_left_pad", "logging.verbose"}
+        "task.max_test_samples", "task.evaluate_test", "generation.batch_size", "generation.force_left_pad", "logging.verbose"}
 
     @model_validator(mode="after")
     def consistent(self) -> LoRAConfig:
@@ -116,13 +118,15 @@ class LoRAConfig(TrainConfig):
             raise ValueError("lora.init: PiSSA init cannot be combined with lora.variant dora")
         metric = self.logging.metric_for_best
         if metric not in ("task_score", "eval_loss"):
-            from trainkit.tasks.official import official_metrics
+            from trainkit.tasks.official import LOWER_IS_BETTER, reported_metrics
             try:
-                allowed = official_metrics(self.task.name)
+                allowed = reported_metrics(self.task.name)
             except KeyError:
                 allowed = ()
             if metric not in allowed:
                 raise ValueError(f"logging.metric_for_best: {metric!r} is not task_score, eval_loss or one of {', '.join(allowed)}")
+            if metric in LOWER_IS_BETTER and self.logging.greater_is_better:
+                raise ValueError(f"logging.greater_is_better: must be false when metric_for_best is {metric} (lower is better)")
         if metric == "task_score" and not self.generation.enabled and not self.task.label_likelihood:
             raise ValueError("logging.metric_for_best: task_score needs generation.enabled or task.label_likelihood (or use eval_loss)")
         if metric == "eval_loss" and self.logging.greater_is_better:

@@ -5,9 +5,11 @@
     task.name, task.kind               # "mrpc", "classification" | "regression" | "generation"
     task.label_words                   # ["no", "yes"] (index = label id); None unless classification
     task.eval_splits                   # ["validation"]; MNLI ["validation_matched", "validation_mismatched"]
-    task.metrics                       # official metric names (trainkit.tasks.official)
+    task.metrics                       # official metric names, the ones task_score averages (trainkit.tasks.official;
+                                       # reported_metrics(name) adds the extras: ROUGE-1/2/L, sacreBLEU, TER)
     splits = task.load(local_dir=None, seed=42, cache_dir=None, local_files_only=False,
-                       max_train=None, max_eval=None)   # split -> list[Example]
+                       max_train=None, max_eval=None, max_test=None)   # split -> list[Example]
+    # caps (first N): max_train the train split, max_eval the validation splits, max_test the test splits
     metrics = task.score(predictions, splits["validation"], split="validation")
     # {"mcc": ..., "num_examples": n}: official metrics x100 (0-100 scale) + num_examples
 
@@ -35,9 +37,11 @@ Examples: prompt ends where the answer starts ("...\\nAnswer:", "Summary:", "SQL
 target starts with a space. Example.cut (a PromptCut) names the part of the prompt a prompt longer
 than task.max_source_length loses (trainkit.data.fit_prompt): Spider the schema's last CREATE TABLE
 lines, SAMSum the dialogue's last turns, DART the last triples, GLUE the tail of the (longer)
-sentence; never the instruction, the question or the answer cue. Scoring reads generations robustly: classification takes the first
-line's label word (case-insensitive; unparseable = wrong), STS-B the first number clipped to
-[0, 5], generation tasks the text up to the first blank line.
+sentence; never the instruction, the question or the answer cue. Scoring reads generations robustly:
+classification takes the first line's label word (case-insensitive; unparseable = label -1, its own
+wrong class, as T5 does), STS-B the first number clipped to [0, 5] (unparseable = -1.0), generation
+tasks the text up to the first blank line. Undefined metrics (MCC with one gold class, a correlation
+of constant input) are NaN.
 """
 
 from __future__ import annotations
@@ -45,14 +49,15 @@ from __future__ import annotations
 from trainkit.tasks.base import Example, PromptCut, Task, TaskDataError, carve
 from trainkit.tasks.dart import DartTask
 from trainkit.tasks.glue import GLUE_TASKS, GlueTask
-from trainkit.tasks.official import OFFICIAL_METRICS, TASK_SCORE, base_task, is_tvt, official_metrics, selection_score
+from trainkit.tasks.official import (OFFICIAL_METRICS, TASK_SCORE, base_task, is_tvt, official_metrics, reported_metrics,
+                                     selection_score)
 from trainkit.tasks.samsum import SamsumTask
 from trainkit.tasks.spider import SpiderTask
 
 OTHER_TASKS = {"samsum": SamsumTask, "spider": SpiderTask, "dart": DartTask}
 
-__all__ = ["Example", "PromptCut", "Task", "TaskDataError", "get_task", "known_tasks", "carve", "OFFICIAL_METRICS", "TASK_SCORE",
-           "base_task", "is_tvt", "official_metrics", "selection_score", "GLUE_TASKS"]
+__all__ = ["Example", "PromptCut", "Task", "TaskDataError", "get_task", "known_tasks", "carve", "OFFICIAL_METRICS",
+           "TASK_SCORE", "base_task", "is_tvt", "official_metrics", "reported_metrics", "selection_score", "GLUE_TASKS"]
 
 
 def known_tasks() -> list[str]:

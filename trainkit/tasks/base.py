@@ -102,18 +102,15 @@ class Task:
 
     # ------------------------------------------------------------------ loading
     def load(self, local_dir: str | os.PathLike | None = None, seed: int = 42, cache_dir: str | None = None,
-             local_files_only: bool = False, max_train: int | None = None,
-             max_eval: int | None = None) -> dict[str, list[Example]]:
+             local_files_only: bool = False, max_train: int | None = None, max_eval: int | None = None,
+             max_test: int | None = None) -> dict[str, list[Example]]:
         """split name -> examples. `local_dir` (argument / config) wins over the task's environment
-        variable; with neither, HF datasets (cache_dir, local_files_only). max_train caps the
-        training split, max_eval every other split (first N, after any carving)."""
+        variable; with neither, HF datasets (cache_dir, local_files_only). Caps (first N, after any
+        carving; None keeps all): max_train the training split, max_eval the validation splits,
+        max_test the test splits (see cap_splits)."""
         root = resolve_local_dir(local_dir, self.env_var, self.name, self.layout)
         splits = self._load(root, seed=seed, cache_dir=cache_dir, local_files_only=local_files_only)
-        out = {}
-        for split, examples in splits.items():
-            cap = max_train if split == "train" else max_eval
-            out[split] = list(examples[:cap]) if cap is not None else list(examples)
-        return out
+        return cap_splits(splits, max_train=max_train, max_eval=max_eval, max_test=max_test)
 
     def _load(self, root: Path | None, seed: int, cache_dir: str | None,
               local_files_only: bool) -> dict[str, list[Example]]:  # pragma: no cover - abstract
@@ -121,6 +118,35 @@ class Task:
 
     def score(self, predictions: list[str], examples: list[Example], split: str | None = None) -> dict[str, float]:
         raise NotImplementedError  # pragma: no cover - abstract
+
+
+def is_test_split(name: str) -> bool:
+    return name.startswith("test")
+
+
+def cap_splits(splits: dict[str, list[Example]], max_train: int | None = None, max_eval: int | None = None,
+               max_test: int | None = None) -> dict[str, list[Example]]:
+    """The first N examples of each split: "train" by max_train, the test splits ("test",
+    "test_matched", ...) by max_test, every other (validation) split by max_eval; None keeps all."""
+    out = {}
+    for split, examples in splits.items():
+        cap = max_train if split == "train" else max_test if is_test_split(split) else max_eval
+        out[split] = list(examples[:cap]) if cap is not None else list(examples)
+    return out
+
+
+def distinct_test_splits(splits: dict[str, list[Example]]) -> list[str]:
+    """The non-empty test splits worth scoring at the end: none when every one of them is its
+    validation split again (plain GLUE: test = public validation, whose test labels are hidden).
+    Compare uncapped splits: a validation split capped by max_eval_samples is no longer equal to it."""
+    names = [s for s in splits if is_test_split(s) and splits[s]]
+
+    def prompts(name):
+        return [e.prompt for e in splits.get(name) or []]
+
+    if all(prompts(s) == prompts(s.replace("test", "validation", 1)) for s in names):
+        return []
+    return names
 
 
 def check_lengths(predictions, examples) -> None:

@@ -9,10 +9,13 @@ Splits
         validation. MNLI: validation_matched (held out from train, whose genres are the matched ones),
         test_matched and test_mismatched (the two public validation sets, whole).
 
-Scoring parses the first line of a generation: classification takes the label word (case-insensitive),
-STS-B the first number clipped to [0, 5]. An unparseable answer is wrong: for the binary tasks it
-counts as the other label (so it is wrong for accuracy, F1 and MCC alike); for STS-B it counts as
-the end of [0, 5] farthest from the gold score.
+Scoring parses the first line of a generation (trainkit.tasks.base.parse_label / parse_float):
+classification takes the label word (case-insensitive), STS-B the first number clipped to [0, 5].
+An unparseable answer follows T5's convention (t5/data/postprocessors.py string_label_to_class_id
+and string_to_float, default -1): it is INVALID (-1), a class of its own that is never right.
+Accuracy counts it wrong; MCC sees a third class (all-invalid CoLA answers: MCC 0, as a constant
+prediction); F1 counts it as the label opposite to gold (T5's f1_score_with_invalid); STS-B
+correlates -1.0, a score outside [0, 5].
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None, str]] = {
 }
 GLUE_TASKS = tuple(SPECS)
 MNLI_SETS = ("matched", "mismatched")
+INVALID = -1  # an unparseable answer: label -1, STS-B score -1.0 (T5's postprocessor default)
+
+
+def answer_target(answer: str) -> str:
+    """The training target for an answer: a space, then the answer (the prompt ends at "Answer:")."""
+    return " " + answer
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -86,6 +95,12 @@ class GlueTask(Task):
             self.eval_splits = ["validation"]
 
     # ------------------------------------------------------------------ examples
+    @property
+    def label_targets(self) -> list[str]:
+        """The training target of each label id (" negative", " positive"): what label-likelihood
+        scoring scores (trainkit.generation.label_log_likelihoods)."""
+        return [answer_target(w) for w in self.label_words]
+
     def prompt(self, row: dict) -> tuple[str, PromptCut]:
         """The prompt, and its PromptCut: a prompt too long for task.max_source_length loses the tail of
         its sentence (of pairs: the longer one), never the instruction or "Answer:"."""
@@ -110,7 +125,7 @@ class GlueTask(Task):
         if self.base == "mnli":
             meta["mnli_set"] = "mismatched" if "mismatched" in split else "matched"
         prompt, cut = self.prompt(row)
-        return Example(prompt=prompt, target=" " + answer, references=references, meta=meta, cut=cut)
+        return Example(prompt=prompt, target=answer_target(answer), references=references, meta=meta, cut=cut)
 
     def _examples(self, rows: list[dict], split: str) -> list[Example]:
         # label -1: an unlabeled (test) row; only labeled rows can be trained on or scored
@@ -160,11 +175,10 @@ class GlueTask(Task):
         if not examples:
             return {"num_examples": 0}
         gold = [e.meta["label"] for e in examples]
-        parsed = [self.parse(p) for p in predictions]
+        pred = [INVALID if p is None else p for p in map(self.parse, predictions)]
         out: dict[str, float] = {}
         if self.base == "stsb":
-            pred = [p if p is not None else (0.0 if g >= 2.5 else 5.0) for p, g in zip(parsed, gold)]
-            out.update(M.correlations(gold, pred))
+            out.update(M.correlations(gold, [float(p) for p in pred]))
         elif self.base == "mnli":
             if split is not None and "matched" in split:
                 sets = ["mismatched" if "mismatched" in split else "matched"] * len(examples)
@@ -173,9 +187,8 @@ class GlueTask(Task):
             for s in MNLI_SETS:
                 idx = [i for i, x in enumerate(sets) if x == s]
                 if idx:
-                    out[f"accuracy_{s}"] = M.accuracy([gold[i] for i in idx], [parsed[i] for i in idx])
+                    out[f"accuracy_{s}"] = M.accuracy([gold[i] for i in idx], [pred[i] for i in idx])
         else:
-            pred = [p if p is not None else 1 - g for p, g in zip(parsed, gold)]  # binary: unparseable = wrong
             for metric in self.metrics:
                 out[metric] = {"accuracy": M.accuracy, "f1": M.f1, "mcc": M.mcc}[metric](gold, pred)
         out["num_examples"] = len(examples)

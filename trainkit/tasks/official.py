@@ -1,9 +1,13 @@
-"""Official metrics per task: what the papers report and what picks a run's best checkpoint.
+"""Metrics per task: the official ones, which rank a run, and the extra ones it also reports.
 
-A task's evaluation writes these fields (flat names) to eval_log.jsonl, plus `task_score`, the
-mean of the official metrics (all of them are "higher is better", on a 0-100 scale except
-correlations and MCC, which are x100 as in the GLUE leaderboard). `task_score` is what
-`logging.metric_for_best: task_score` ranks checkpoints by, and what the aggregate command uses.
+OFFICIAL_METRICS (official_metrics()): what the task's official evaluation / leaderboard ranks by.
+`task_score` is their mean (all of them are "higher is better", on a 0-100 scale; correlations
+and MCC x100 as in the GLUE leaderboard); it is what `logging.metric_for_best: task_score` ranks
+checkpoints by, and what the aggregate command selects with.
+EXTRA_METRICS: reported beside them (eval_log fields, aggregate columns) but never averaged into
+`task_score`: peers' figures (sacreBLEU, ROUGE-1/2/L) and TER, which is "lower is better".
+reported_metrics() is both, official first. A task's evaluation writes all of them (flat names) to
+eval_log.jsonl, plus `task_score`.
 
 One exception: MNLI with carved splits (`glue-tvt_mnli`, `mnli-tvt`). Its held-out validation is
 cut from the training set, whose genres are the matched ones, so validation reports
@@ -23,10 +27,15 @@ OFFICIAL_METRICS: dict[str, tuple[str, ...]] = {
     "qnli": ("accuracy",),
     "rte": ("accuracy",),
     "wnli": ("accuracy",),
-    "samsum": ("rouge1", "rouge2", "rougeL"),
+    "samsum": ("rougeLsum",),
     "spider": ("exact_match", "execution_accuracy"),
     "dart": ("bleu",),
 }
+EXTRA_METRICS: dict[str, tuple[str, ...]] = {
+    "samsum": ("rouge1", "rouge2", "rougeL"),
+    "dart": ("sacrebleu", "ter"),
+}
+LOWER_IS_BETTER = frozenset({"ter"})
 TASK_SCORE = "task_score"
 
 
@@ -52,6 +61,11 @@ def official_metrics(task: str) -> tuple[str, ...]:
     if task not in OFFICIAL_METRICS:
         raise KeyError(f"unknown task {task!r} (known: {', '.join(OFFICIAL_METRICS)})")
     return OFFICIAL_METRICS[task]
+
+
+def reported_metrics(task: str) -> tuple[str, ...]:
+    """Every metric the task writes to eval_log: the official ones (ranked), then the extras."""
+    return official_metrics(task) + EXTRA_METRICS.get(base_task(task), ())
 
 
 def selection_score(task: str, metrics: dict) -> float | None:

@@ -1,4 +1,5 @@
-"""SAMSum dialogue summarisation: ROUGE-1/2/L (rouge_score, stemming, F-measure x100).
+"""SAMSum dialogue summarisation: ROUGE-Lsum (ranks), ROUGE-1/2/L (rouge_score, stemming, F-measure x100;
+Lsum over sentences split by metrics.split_sentences, one per line).
 
 Local copy ($SAMSUM_LOCAL_DIR or task.local_dir): train.csv, validation.csv, test.csv with columns
 id, dialogue, summary (the public CSV release). HF: knkarthick/samsum, else Samsung/samsum.

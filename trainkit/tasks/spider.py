@@ -1,4 +1,4 @@
-"""Spider text-to-SQL: exact_match (normalised SQL string match) and execution_accuracy (sqlite).
+"""Spider text-to-SQL: exact_match (official exact-set match), execution_accuracy (sqlite), per hardness.
 
 Local copy ($SPIDER_LOCAL_DIR or task.local_dir), the Spider release layout: train_spider.json,
 dev.json, tables.json, database/<db_id>/<db_id>.sqlite. Splits: train = train_spider.json,
@@ -11,40 +11,34 @@ tables.json: original table/column names, Spider column types, primary and forei
 database missing from tables.json is described from its sqlite file instead), the question, "SQL:".
 The target is the gold query with whitespace outside string literals collapsed.
 
-exact_match — NOT Spider's official exact-set-match (which parses both queries into clauses,
-compares them as sets and ignores values). It is a string match after this normalisation
-(normalize_sql), done on sqlparse's lexer tokens:
-  * the prediction is cut at its first blank line and at its first ';' outside string literals;
-    trailing semicolons go; comments go;
-  * keywords upper case, multi-word keywords single-spaced ("order  by" -> "ORDER BY"), word
-    operators (like, in, ...) upper case;
-  * names (tables, columns, aliases, functions) lower case, with `...` / [...] quoting removed;
-  * string literals in single quotes: "Paris" and 'Paris' are the same literal (Spider's gold
-    writes values in double quotes); the value's case and content are kept;
-  * whitespace: one space between tokens, none after '(' or around '.', none before '(', ')' or ','.
-  So column order, condition order, aliases and values all still matter.
+exact_match — Spider's official exact-set match (trainkit/tasks/spider_match.py: both queries
+parsed into clauses and compared clause by clause as sets, values and DISTINCT ignored, aliases
+resolved, foreign-key-equivalent columns merged; a prediction that does not parse is a miss).
+The schema it resolves columns with is the database's tables.json entry (its sqlite file for a
+db_id that tables.json lacks).
 
-execution_accuracy — predicted and gold query run against database/<db_id>/<db_id>.sqlite, opened
-read-only (file:...?mode=ro URI) behind an authorizer that allows reads only (no ATTACH, PRAGMA or
-writes). Results are compared as multisets of rows, as ordered lists when the gold query has
-ORDER BY (anywhere outside string literals, as in Spider's evaluation). Column order matters
-(Spider's evaluation also tries column permutations; this does not). Each query runs under a
-time limit (sqlite3 progress handler, SpiderTask.timeout_s, default 5 s); a predicted query that
-errors, times out or returns more rows than gold counts as wrong and never raises.
+execution_accuracy — test-suite-sql-eval's execution match (trainkit/tasks/spider_exec.py: read-only
+sqlite, per-query time limit SpiderTask.timeout_s, default 5 s; column permutations, DISTINCT
+dropped, every database of the folder's test suite).
+
+Per official hardness level of the gold query (easy, medium, hard, extra): exact_match_<level>,
+execution_accuracy_<level> (NaN for a level without items) and num_examples_<level>;
+num_gold_unparsed counts gold queries the parser refuses (scored as misses, in no level).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
-import sqlite3
-import time
 from collections import Counter
 from pathlib import Path
 
+from trainkit.tasks import spider_match
 from trainkit.tasks.base import (Example, Task, TaskDataError, check_lengths, clean_generation, fill_prompt, load_hf,
                                  need_file)
+from trainkit.tasks.spider_exec import DEFAULT_TIMEOUT_S, Executor, connect_read_only
 
 ENV_VAR = "SPIDER_LOCAL_DIR"
 HF_PATH = "xlangai/spider"
@@ -52,7 +46,6 @@ LAYOUT = "train_spider.json, dev.json, tables.json and database/<db_id>/<db_id>.
 PROMPT = ("Translate the question into a SQL query for the SQLite database below.\n\n"
           "Database: {db_id}\n{schema}\n\nQuestion: {question}\nSQL:")
 SPLIT_FILES = {"train": "train_spider.json", "validation": "dev.json"}
-DEFAULT_TIMEOUT_S = 5.0
 
 
 # ---------------------------------------------------------------------- schema text
@@ -85,7 +78,7 @@ def schema_from_tables_entry(entry: dict) -> str:
 
 def schema_from_sqlite(db_path: Path) -> str:
     """The same compact lines read from a database file (for a db_id that tables.json lacks)."""
-    with contextlib.closing(_connect(db_path)) as conn:
+    with contextlib.closing(connect_read_only(db_path)) as conn:
         tables = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
         lines = []
@@ -125,141 +118,50 @@ def prediction_sql(text: str) -> str:
     return collapse_whitespace(first_statement(clean_generation(text)))
 
 
-def normalize_sql(sql: str) -> str:
-    """The normal form exact_match compares (module docstring lists the rules)."""
-    from sqlparse import tokens as T
-    from sqlparse.lexer import tokenize
-
-    pieces: list[str] = []
-    for ttype, value in tokenize(first_statement(sql)):
-        if ttype in T.Whitespace or ttype in T.Newline or ttype in T.Comment:
-            continue
-        if ttype in T.Punctuation and value == ";":
-            continue
-        if ttype in T.String.Single or ttype in T.String.Symbol:
-            q = value[0]
-            body = value[1:-1].replace(q + q, q) if len(value) >= 2 and value[-1] == q else value[1:]
-            value = "'" + body.replace("'", "''") + "'"
-        elif ttype in T.Keyword or (ttype in T.Operator and value[:1].isalpha()):
-            value = " ".join(value.split()).upper()
-        elif ttype in T.Name:
-            if value[:1] in "`[" and len(value) >= 2:
-                value = value[1:-1]
-            value = value.lower()
-        pieces.append(value)
-    out = ""
-    for piece in pieces:
-        if out and not (piece in (",", ")", ".", "(") or out.endswith(("(", "."))):
-            out += " "
-        out += piece
-    return out
-
-
-def has_order_by(sql: str) -> bool:
-    """ORDER BY anywhere in the query, outside string literals."""
-    code = "".join(" " if tok[:1] in "'\"" else tok for tok in _LITERAL_OR_SPACE.findall(sql))
-    return re.search(r"\border\s+by\b", code, re.I) is not None
-
-
-# ---------------------------------------------------------------------- execution
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
-
-
-def _authorizer(action, *_):
-    return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
-
-
-def _connect(db_path: Path) -> sqlite3.Connection:
-    """Read-only connection (file:...?mode=ro); text with invalid UTF-8 decoded with replacement."""
-    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
-    conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
-    return conn
-
-
-class QueryFailed(Exception):
-    """A query errored, was denied, timed out, or returned more rows than allowed."""
-
-
-def execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int | None = None) -> list[tuple]:
-    """Rows of `sql`; QueryFailed on any sqlite error, after `timeout_s`, or past `max_rows` rows.
-    Only reads are allowed (authorizer)."""
-    deadline = time.monotonic() + timeout_s
-    conn.set_authorizer(_authorizer)
-    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
-    try:
-        cursor = conn.execute(sql)
-        rows: list[tuple] = []
-        while True:
-            chunk = cursor.fetchmany(256)
-            if not chunk:
-                return rows
-            rows.extend(chunk)
-            if max_rows is not None and len(rows) > max_rows:
-                raise QueryFailed(f"more than {max_rows} rows")
-    except Exception as e:  # noqa: BLE001 - sqlite3.Error, Warning (several statements), OverflowError, MemoryError...
-        raise QueryFailed(f"{type(e).__name__}: {e}") from None
-    finally:
-        conn.set_progress_handler(None, 0)
-        conn.set_authorizer(None)
-
-
-def results_match(pred_rows: list[tuple], gold_rows: list[tuple], order_matters: bool) -> bool:
-    if order_matters:
-        return list(pred_rows) == list(gold_rows)
-    return Counter(pred_rows) == Counter(gold_rows)
-
-
-class Executor:
-    """Runs queries on Spider databases with cached read-only connections and cached gold results."""
-
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.timeout_s = timeout_s
-        self._conns: dict[str, sqlite3.Connection] = {}
-        self._gold: dict[tuple[str, str], list[tuple] | None] = {}
-
-    def conn(self, db_path: str) -> sqlite3.Connection:
-        if db_path not in self._conns:
-            self._conns[db_path] = _connect(Path(db_path))
-        return self._conns[db_path]
-
-    def matches(self, db_path: str, predicted: str, gold: str) -> bool:
-        """Whether `predicted` returns gold's result on the database; False on any failure."""
-        try:
-            conn = self.conn(db_path)
-        except sqlite3.Error:
-            return False
-        key = (db_path, gold)
-        if key not in self._gold:
+# ---------------------------------------------------------------------- scores
+def score_sql_lists(predicted: list[str], gold: list[str], db_ids: list[str], db_dir,
+                    tables: dict[str, dict], timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Spider metrics of predicted vs gold SQL (one per item, SQL text as given), each item on
+    <db_dir>/<db_id>/<db_id>.sqlite; `tables` is {db_id: tables.json entry} (spider_match.load_tables),
+    a db_id missing there is read from its sqlite file. Returns exact_match, execution_accuracy,
+    num_examples, and per hardness level (of the gold query) exact_match_<level>,
+    execution_accuracy_<level> (NaN when the level has no items), num_examples_<level>, plus
+    num_gold_unparsed. With db_dir None (no databases) only the exact-match fields: every schema must
+    then be in `tables`."""
+    if not len(predicted) == len(gold) == len(db_ids):
+        raise ValueError(f"spider: {len(predicted)} predictions, {len(gold)} gold queries, {len(db_ids)} db_ids")
+    schemas: dict[str, spider_match.Schema] = {}
+    counts = {level: Counter() for level in (*spider_match.HARDNESS_LEVELS, "all")}
+    unparsed_gold = 0
+    with Executor(timeout_s) as executor:
+        for pred, gold_sql, db_id in zip(predicted, gold, db_ids):
+            db_path = Path(db_dir or ".") / db_id / f"{db_id}.sqlite"
+            if db_id not in schemas:
+                schemas[db_id] = (spider_match.Schema.from_tables_entry(tables[db_id]) if db_id in tables
+                                  else spider_match.Schema.from_sqlite(db_path))
             try:
-                self._gold[key] = execute(conn, gold, self.timeout_s)
-            except QueryFailed:
-                self._gold[key] = None
-        gold_rows = self._gold[key]
-        if gold_rows is None or not predicted.strip():
-            return False
-        try:
-            pred_rows = execute(conn, predicted, self.timeout_s, max_rows=len(gold_rows))
-        except QueryFailed:
-            return False
-        return results_match(pred_rows, gold_rows, has_order_by(gold))
+                level = spider_match.hardness(gold_sql, schemas[db_id])
+                em = spider_match.exact_set_match(pred, gold_sql, schemas[db_id])
+            except spider_match.SqlParseError:
+                level, em = None, False
+                unparsed_gold += 1
+            ex = db_dir is not None and executor.matches(str(db_path), pred, gold_sql)
+            for key in ("all", level) if level else ("all",):
+                counts[key].update(n=1, em=em, ex=ex)
 
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+    def percent(hits: int, n: int) -> float:
+        return 100.0 * hits / n if n else math.nan
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def execution_match(db_path, predicted: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """One query pair, as execution_accuracy counts it."""
-    with Executor(timeout_s) as ex:
-        return ex.matches(str(db_path), predicted, gold)
+    out = {"exact_match": percent(counts["all"]["em"], len(gold)),
+           "execution_accuracy": percent(counts["all"]["ex"], len(gold)), "num_examples": len(gold)}
+    for level in spider_match.HARDNESS_LEVELS:
+        c = counts[level]
+        out.update({f"exact_match_{level}": percent(c["em"], c["n"]),
+                    f"execution_accuracy_{level}": percent(c["ex"], c["n"]), f"num_examples_{level}": c["n"]})
+    if db_dir is None:
+        out = {k: v for k, v in out.items() if not k.startswith("execution_accuracy")}
+    out["num_gold_unparsed"] = unparsed_gold
+    return out
 
 
 # ---------------------------------------------------------------------- the task
@@ -270,6 +172,7 @@ class SpiderTask(Task):
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.timeout_s = timeout_s
+        self.tables: dict[str, dict] = {}  # {db_id: tables.json entry}, set by load()
 
     def _load(self, root, seed, cache_dir, local_files_only):
         if root is None:
@@ -284,7 +187,8 @@ class SpiderTask(Task):
             _, hf = load_hf([(HF_PATH, None)], self.name, ENV_VAR, LAYOUT, cache_dir, local_files_only)
             data = {"train": hf["train"], "validation": hf["validation"]}
         tables_path = root / "tables.json"
-        tables = {t["db_id"]: t for t in json.loads(tables_path.read_text(encoding="utf-8"))} if tables_path.is_file() else {}
+        tables = spider_match.load_tables(tables_path) if tables_path.is_file() else {}
+        self.tables = tables  # score() resolves columns with them
         schemas: dict[str, str] = {}
 
         def example(row: dict, split: str) -> Example:
@@ -310,12 +214,6 @@ class SpiderTask(Task):
         check_lengths(predictions, examples)
         if not examples:
             return {"num_examples": 0}
-        em = ex = 0
-        with Executor(self.timeout_s) as executor:
-            for text, example in zip(predictions, examples):
-                sql = prediction_sql(text)
-                gold = example.references[0]
-                em += bool(sql) and normalize_sql(sql) == normalize_sql(gold)
-                ex += executor.matches(example.meta["db_path"], sql, gold)
-        n = len(examples)
-        return {"exact_match": 100.0 * em / n, "execution_accuracy": 100.0 * ex / n, "num_examples": n}
+        return score_sql_lists([prediction_sql(text) for text in predictions], [e.references[0] for e in examples],
+                               [e.meta["db_id"] for e in examples], Path(examples[0].meta["db_path"]).parents[1],
+                               self.tables, self.timeout_s)
