@@ -338,7 +338,7 @@ def test_label_likelihood_scores_exactly_the_training_target_tokens(model, tok):
     task = get_task("sst2")
     assert task.label_targets == [" negative", " positive"]
     assert tok(" positive", add_special_tokens=False)["input_ids"] != tok("positive", add_special_tokens=False)["input_ids"]
-    prompt = task.prompt({"sentence": "a fine film"})
+    prompt, prompt_cut = task.prompt({"sentence": "a fine film"})
     row = tokenize_prompt_target([prompt], [" positive"], tok, max_source_length=512, max_target_length=16)[0]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
@@ -348,14 +348,22 @@ def test_label_likelihood_scores_exactly_the_training_target_tokens(model, tok):
     assert positive == pytest.approx(trained, abs=1e-4)
     assert (labels != -100).sum().item() == len(" positive") + 1  # the space and eos are in what training scores
     assert positive != pytest.approx(unbatched_score(model, tok, prompt, "positive"), abs=1e-3)  # the old, space-less score
-    # a prompt longer than max_source_length is cut as the training row's is
-    cut = tokenize_prompt_target([prompt], [" positive"], tok, max_source_length=20, max_target_length=16)[0]
+    # a prompt longer than max_source_length is cut as the training row's is (from its PromptCut)
+    cut = tokenize_prompt_target([prompt], [" positive"], tok, max_source_length=20, max_target_length=16,
+                                 cuts=[prompt_cut])[0]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([cut["input_ids"]])).logits[0, :-1].float()
     trained = -torch.nn.functional.cross_entropy(logits, torch.tensor(cut["labels"][1:]), ignore_index=-100,
                                                  reduction="sum").item()
-    [[_, positive]] = label_log_likelihoods(model, tok, [prompt], task.label_targets, max_source_length=20)
+    [[_, positive]] = label_log_likelihoods(model, tok, [prompt], task.label_targets, max_source_length=20,
+                                            cuts=[prompt_cut])
     assert positive == pytest.approx(trained, abs=1e-4)
+    # score_label_likelihood counts the prompts it cut, for eval_log's truncated_prompts
+    short, short_cut = task.prompt({"sentence": "ok"})
+    prompt_tokens = row["labels"].count(-100)
+    picks = score_label_likelihood(model, tok, [prompt, short], task.label_targets, max_source_length=prompt_tokens - 1,
+                                   cuts=[prompt_cut, short_cut])
+    assert picks.truncated_prompts == 1 and len(picks.picks) == 2
 
 
 def test_label_likelihood_restores_mode(model, tok):
