@@ -312,13 +312,16 @@ def test_launcher_passes_allow_config_change(qlora_run, tmp_path):
     assert "--resume --allow_config_change training.max_steps=20" in command_line(result.stdout)
 
 
+# the values the demo config had when data/stored_configs_before_typed_models.json was recorded
+# (issue 12 changed its data, length and steps)
+DEMO_CONFIG_THEN = ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]", "task.local_dir=data/tasks/glue",
+                    "generation.max_length=12", "training.max_steps=60", "logging.eval_interval=30",
+                    "logging.checkpoint_interval=30"]
+
+
 @pytest.mark.parametrize("script, config, overrides", [
     ("train_qlora.py", "training_config.yaml", []),
-    # the values the demo config had then (issue 12 changed its data, length and steps)
-    ("train_lora.py", "configs/gla_lora_sst2.yaml", ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]",
-                                                     "task.local_dir=data/tasks/glue", "generation.max_length=12",
-                                                     "training.max_steps=60", "logging.eval_interval=30",
-                                                     "logging.checkpoint_interval=30"]),
+    ("train_lora.py", "configs/gla_lora_sst2.yaml", DEMO_CONFIG_THEN),
     ("distill.py", "configs/distill_tiny_mamba2.yaml", ["training.epochs=2", "student.attention_layers=[1]"]),
 ])
 def test_typed_config_is_stored_as_checkpoints_stored_it_before(script, config, overrides):
@@ -342,7 +345,6 @@ def test_a_key_added_since_the_checkpoint_counts_as_a_change_only_off_its_defaul
     from trainkit.resume_check import immutable_changes
 
     before = json.loads((REPO / "data" / "stored_configs_before_typed_models.json").read_text())["train_lora.py"]
-    cfg = load_config(REPO / "configs/gla_lora_sst2.yaml", ["optimization.learning_rate=2e-4", "lora.target_modules=[q_proj]",
-                                                            "task.label_likelihood_normalization=mean"],
+    cfg = load_config(REPO / "configs/gla_lora_sst2.yaml", [*DEMO_CONFIG_THEN, "task.label_likelihood_normalization=mean"],
                       SCRIPT_CONFIGS["train_lora.py"])
     assert immutable_changes(before, cfg, mutable=()) == {"task.label_likelihood_normalization": ["<unset>", "mean"]}
