@@ -147,21 +147,26 @@ def glue_files() -> dict[str, str]:
 DEMO_GOOD = ["good", "great", "nice", "fine"]
 DEMO_BAD = ["bad", "awful", "poor", "dull"]
 N_DEMO_TRAIN, N_DEMO_VALIDATION, N_DEMO_TEST = 240, 32, 8
+# validation and test sentences name subjects training never saw, so no evaluated sentence is a
+# training sentence: the score measures what was learnt (the adjective decides), not what was memorised
+DEMO_TRAIN_NOUNS = NOUNS
+DEMO_HELDOUT_NOUNS = ["soundtrack", "dialogue", "pacing", "finale", "casting", "sequel"]
 
 
 def glue_demo_files() -> dict[str, str]:
     """glue_demo/sst2: SST-2 rows for configs/gla_lora_sst2.yaml, a task the tiny random-init GLA learns
     within its 2-minute CPU budget: four adjectives a side (byte-level, a 2-layer model needs many
-    more steps to tell the 16 of glue/sst2 apart). Labels alternate, so every split is balanced."""
+    more steps to tell the 16 of glue/sst2 apart). Labels alternate, so every split is balanced;
+    validation and test subjects are held out of training."""
     rng = random.Random(2000)
 
-    def rows(n, labeled=True):
-        return [{"sentence": f"the {rng.choice(NOUNS)} is {rng.choice(DEMO_GOOD if i % 2 else DEMO_BAD)} . ",
+    def rows(n, nouns, labeled=True):
+        return [{"sentence": f"the {rng.choice(nouns)} is {rng.choice(DEMO_GOOD if i % 2 else DEMO_BAD)} . ",
                  "label": i % 2 if labeled else -1, "idx": i} for i in range(n)]
 
-    return {"glue_demo/sst2/train.jsonl": _jsonl(rows(N_DEMO_TRAIN)),
-            "glue_demo/sst2/validation.jsonl": _jsonl(rows(N_DEMO_VALIDATION)),
-            "glue_demo/sst2/test.jsonl": _jsonl(rows(N_DEMO_TEST, labeled=False))}  # GLUE test: labels hidden
+    return {"glue_demo/sst2/train.jsonl": _jsonl(rows(N_DEMO_TRAIN, DEMO_TRAIN_NOUNS)),
+            "glue_demo/sst2/validation.jsonl": _jsonl(rows(N_DEMO_VALIDATION, DEMO_HELDOUT_NOUNS)),
+            "glue_demo/sst2/test.jsonl": _jsonl(rows(N_DEMO_TEST, DEMO_HELDOUT_NOUNS, labeled=False))}  # labels hidden
 
 
 # ---------------------------------------------------------------------- SAMSum

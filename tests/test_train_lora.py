@@ -86,6 +86,8 @@ def test_shipped_cpu_demo_learns(tmp_path):
     run_dir = tmp_path / cfg["paths"]["run_name"]
     validation = [json.loads(line) for line in (REPO / cfg["task"]["local_dir"] / "sst2" / "validation.jsonl").open()]
     assert sum(row["label"] for row in validation) * 2 == len(validation)  # balanced: chance is 50 %
+    train = {json.loads(line)["sentence"] for line in (REPO / cfg["task"]["local_dir"] / "sst2" / "train.jsonl").open()}
+    assert not train & {row["sentence"] for row in validation}  # learnt, not memorised
     final = stream(run_dir, "eval_log.jsonl")[-1]
     assert final["split"] == "validation" and final["step"] == cfg["training"]["max_steps"]
     assert final["validation_examples"] == len(validation)
