@@ -55,7 +55,8 @@ regenerate them and compare, so edit the generator, not these files.
 GLUE: 40 train / 16 validation / 8 unlabeled test rows per task; labels follow a keyword (SST-2:
 the adjective), so a tiny model can learn them. glue_demo/sst2 (the CPU demo's data): 240 train /
 32 validation rows (balanced) / 8 unlabeled test rows, four adjectives a side, which the demo's
-tiny random-init GLA learns within its 2-minute CPU budget. The contents are synthetic: scores on
+tiny random-init GLA learns within its 2-minute CPU budget; validation and test sentences name
+subjects that training never saw, so none of them is a training sentence. The contents are synthetic: scores on
 them say nothing about the real benchmarks.
 """
 
