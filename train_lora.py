@@ -46,7 +46,7 @@ def load_task_data(cfg, task, say, position_limit: int | None) -> TaskData:
     (generation.max_length, else from the training targets, capped by the model's `position_limit`).
     task.max_eval_samples caps the validation splits only; the test splits keep every example unless
     task.max_test_samples says otherwise."""
-    from trainkit.data import IGNORE_INDEX, token_ids, tokenize_prompt_target
+    from trainkit.data import IGNORE_INDEX, target_token_ids, tokenize_prompt_target
     from trainkit.generation import max_new_tokens_from_data
     from trainkit.tasks import TaskDataError
     from trainkit.tasks.base import cap_splits, distinct_test_splits
@@ -87,9 +87,7 @@ def load_task_data(cfg, task, say, position_limit: int | None) -> TaskData:
     else:
         # as trained: target tokens + eos within max_target_length (the loss-carrying labels)
         trained = [sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows]
-        eos = 1 if tokenizer.eos_token_id is not None else 0
-        labels = ([min(len(ids) + eos, task_cfg.max_target_length)
-                   for ids in token_ids(tokenizer, [" " + w for w in task.label_words])["input_ids"]]
+        labels = ([min(len(ids), task_cfg.max_target_length) for ids in target_token_ids(tokenizer, task.label_targets)]
                   if task.kind == "classification" else None)
         room = position_limit - task_cfg.max_source_length if position_limit else None
         max_new_tokens, how = max_new_tokens_from_data(trained, labels, room)
