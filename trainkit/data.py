@@ -381,7 +381,7 @@ def target_token_ids(tokenizer, targets: list[str]) -> list[list[int]]:
 FIT_ATTEMPTS = 8  # re-tokenizations of a shortened prompt (a cut can change how its edges tokenize)
 
 
-def fit_prompt(tokenizer, prompt: str, cut, max_source_length: int | None) -> tuple[list[int], bool]:
+def fit_prompt(tokenizer, prompt: str, cut, max_source_length: int) -> tuple[list[int], bool]:
     """The prompt's ids (special tokens on, as for generation) within max_source_length tokens, and
     whether it was cut.
 
@@ -390,8 +390,6 @@ def fit_prompt(tokenizer, prompt: str, cut, max_source_length: int | None) -> tu
     again, so the ids are those of a real text. Without a span, or when even the empty span does not
     fit, the ids lose their beginning: the end, where the answer starts, stays.
     """
-    if max_source_length is None:
-        return list(token_ids(tokenizer, [prompt], specials=True)["input_ids"][0]), False
     text, start, end = prompt, (cut.start if cut else 0), (cut.end if cut else 0)
     for _ in range(FIT_ATTEMPTS if cut else 1):
         enc = token_ids(tokenizer, [text], offsets=True, specials=True)
@@ -415,6 +413,21 @@ def fit_prompt(tokenizer, prompt: str, cut, max_source_length: int | None) -> tu
     return ids[-max_source_length:], True
 
 
+def prompt_token_ids(tokenizer, prompts: list[str], max_source_length: int | None,
+                     cuts: list | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Prompt ids as training and generation see them (special tokens on), each longer than
+    max_source_length cut by `fit_prompt` (its PromptCut from `cuts`, one per prompt or None); and
+    whether each was cut."""
+    ids = token_ids(tokenizer, list(prompts), specials=True)["input_ids"]
+    cuts = list(cuts) if cuts is not None else [None] * len(ids)
+    out, was_cut = [], []
+    for prompt, cut, p in zip(prompts, cuts, ids):
+        too_long = max_source_length is not None and len(p) > max_source_length
+        out.append(fit_prompt(tokenizer, prompt, cut, max_source_length)[0] if too_long else list(p))
+        was_cut.append(too_long)
+    return out, was_cut
+
+
 def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, max_source_length: int,
                            max_target_length: int, cuts: list | None = None) -> list[dict]:
     """Task examples -> training rows: prompt ids (loss masked) + target ids + eos (the loss).
@@ -425,12 +438,10 @@ def tokenize_prompt_target(prompts: list[str], targets: list[str], tokenizer, ma
     PromptCut (`cuts`, one per prompt, or None) names, else from the beginning; never at the end,
     where the answer starts.
     """
-    prompt_ids = token_ids(tokenizer, list(prompts), specials=True)["input_ids"]
-    cuts = list(cuts) if cuts is not None else [None] * len(prompt_ids)
+    prompt_ids, prompts_cut = prompt_token_ids(tokenizer, prompts, max_source_length, cuts)
     rows = []
-    for prompt, cut, p, t in zip(prompts, cuts, prompt_ids, target_token_ids(tokenizer, targets)):
-        cut_prompt, cut_target = len(p) > max_source_length, len(t) > max_target_length
-        p = fit_prompt(tokenizer, prompt, cut, max_source_length)[0] if cut_prompt else list(p)
+    for p, cut_prompt, t in zip(prompt_ids, prompts_cut, target_token_ids(tokenizer, targets)):
+        cut_target = len(t) > max_target_length
         t = t[:max_target_length]
         rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t, "attention_mask": [1] * (len(p) + len(t)),
                      "_truncated_prompt": cut_prompt, "_truncated_target": cut_target})

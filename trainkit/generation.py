@@ -138,7 +138,6 @@ def max_new_tokens_from_data(target_lengths: list[int], label_lengths: list[int]
     return value, how
 
 
-
 def _total_limits(settings: GenerationSettings) -> tuple[int, int]:
     """Legacy mode: (max total length, min total length) per prompt."""
     max_total = settings.max_length if settings.max_length is not None else settings.max_new_tokens
@@ -287,23 +286,18 @@ def _tokenize_prompts(tokenizer, prompts: list[str], max_source_length: int | No
                       cuts: list | None = None) -> tuple[list[list[int]], int]:
     """Prompt ids as at training time (special tokens on), a long one cut as trainkit.data.fit_prompt
     cuts it (its PromptCut from `cuts`, else from the left); (ids, number cut)."""
-    from trainkit.data import fit_prompt
+    from trainkit.data import prompt_token_ids
 
-    ids = tokenizer(list(prompts), add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
-    cuts = list(cuts) if cuts is not None else [None] * len(ids)
-    out, truncated = [], 0
+    ids, was_cut = prompt_token_ids(tokenizer, prompts, max_source_length, cuts)
+    out = []
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    for prompt, cut, p in zip(prompts, cuts, ids):
-        p = list(p)
-        if max_source_length is not None and len(p) > max_source_length:
-            p = fit_prompt(tokenizer, prompt, cut, max_source_length)[0]
-            truncated += 1
+    for p in ids:
         if not p:  # an empty prompt: generate from bos (else eos) rather than from nothing
             if fallback is None:
                 raise ValueError("generation: an empty prompt and no bos/eos token to start from")
             p = [int(fallback)]
         out.append(p)
-    return out, truncated
+    return out, sum(was_cut)
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
