@@ -8,6 +8,7 @@ trainkit.tasks stays cheap."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -72,12 +73,18 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of `text`: nltk's Punkt algorithm (untrained) with SENTENCE_ABBREVIATIONS, inside each
     line (a line break always ends a sentence). Used for ROUGE-Lsum, like the common
     `"\\n".join(nltk.sent_tokenize(text))` recipe, which needs the punkt data."""
+    splitter = _sentence_splitter()
+    return [s.strip() for line in (text or "").splitlines() for s in splitter.tokenize(line) if s.strip()]
+
+
+@functools.cache
+def _sentence_splitter():
+    """One Punkt splitter per process (split_sentences runs for every prediction and reference)."""
     from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
     params = PunktParameters()
     params.abbrev_types = set(SENTENCE_ABBREVIATIONS)
-    splitter = PunktSentenceTokenizer(params)
-    return [s.strip() for line in (text or "").splitlines() for s in splitter.tokenize(line) if s.strip()]
+    return PunktSentenceTokenizer(params)
 
 
 def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -156,11 +163,7 @@ def sacrebleu(predictions: list[str], references: list[list[str]]) -> tuple[floa
     text with every reference of each example, and sacrebleu's signature string."""
     from sacrebleu.metrics import BLEU
 
-    metric = BLEU()
-    if not predictions:
-        return 0.0, metric.get_signature().format()
-    score = metric.corpus_score(predictions, _reference_streams(references))
-    return float(score.score), metric.get_signature().format()
+    return _sacrebleu_corpus(BLEU(), predictions, references)
 
 
 def ter(predictions: list[str], references: list[list[str]]) -> tuple[float, str]:
@@ -168,7 +171,11 @@ def ter(predictions: list[str], references: list[list[str]]) -> tuple[float, str
     normalisation) with every reference of each example, and its signature. Lower is better."""
     from sacrebleu.metrics import TER
 
-    metric = TER()
+    return _sacrebleu_corpus(TER(), predictions, references)
+
+
+def _sacrebleu_corpus(metric, predictions: list[str], references: list[list[str]]) -> tuple[float, str]:
+    """A sacrebleu metric's corpus score (0 for no predictions) and its signature string."""
     if not predictions:
         return 0.0, metric.get_signature().format()
     score = metric.corpus_score(predictions, _reference_streams(references))
