@@ -56,11 +56,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+
+from trainkit.tasks.spider_exec import connect_read_only
 
 CLAUSE_KEYWORDS = ("select", "from", "where", "group", "order", "limit", "intersect", "union", "except")
 JOIN_KEYWORDS = ("join", "on", "as")
@@ -118,8 +119,7 @@ class Schema:
     def from_sqlite(cls, db_path) -> Schema:
         """Schema read from a database file (for a db_id that tables.json lacks); foreign keys from
         PRAGMA foreign_key_list."""
-        uri = Path(db_path).resolve().as_uri() + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        with contextlib.closing(connect_read_only(db_path)) as conn:
             names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             tables = {n.lower(): tuple(r[1].lower() for r in conn.execute(f'PRAGMA table_info("{n}")')) for n in names}
             column_ids = ["*"] + [f"{t}.{c}" for t, cols in tables.items() for c in cols]
