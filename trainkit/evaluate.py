@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from trainkit.config import ConfigError
 from trainkit.fileio import JsonlError, iter_jsonl_rows
-from trainkit.runlog import NAN_FIELDS
+from trainkit.runlog import json_record
 from trainkit.tasks import Example, get_task
 from trainkit.tasks.official import TASK_SCORE, selection_score
 
@@ -220,16 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def json_record(task: str, metrics: dict) -> dict:
-    """The metrics as eval_log.jsonl writes them: JSON has no NaN, so an undefined metric (MCC of one
-    gold class, a correlation of constant input) is null and named in `nan_fields`."""
-    nan = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
-    record = {"task": task, **{k: None if k in nan else v for k, v in metrics.items()}}
-    if nan:
-        record[NAN_FIELDS] = nan
-    return record
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -237,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluateError, ConfigError, FileNotFoundError) as e:  # TaskDataError is a FileNotFoundError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    text = json.dumps(json_record(args.task, metrics), indent=2)
+    text = json.dumps(json_record({"task": args.task, **metrics}), indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")

@@ -88,6 +88,13 @@ RUN_FIELDS = {
 NAN_FIELDS = "nan_fields"
 
 
+def json_record(record: dict) -> dict:
+    """`record` as a log line holds it: its NaN fields named in `nan_fields` (so null reads as "NaN",
+    not "missing"), every non-finite number null (fileio.json_safe)."""
+    nan = [k for k, v in record.items() if isinstance(v, float) and math.isnan(v)]
+    return json_safe({**record, NAN_FIELDS: nan} if nan else record)
+
+
 def read_number(record: dict, name: str) -> float | None:
     """A numeric field of a log line: NaN when the line lists it in nan_fields (written as null),
     None when it is missing, null or not a finite number."""
@@ -335,10 +342,7 @@ class RunLog:
         if not self.is_main:
             return
         record = {"step": record.get("step", 0), "time": record.get("time", time.time()), **record}
-        nan = [k for k, v in record.items() if isinstance(v, float) and math.isnan(v)]
-        if nan:  # json_safe writes them as null; the names say "NaN", not "missing"
-            record[NAN_FIELDS] = nan
-        line = json.dumps(json_safe(record), default=str, separators=(",", ":")) + "\n"
+        line = json.dumps(json_record(record), default=str, separators=(",", ":")) + "\n"
         # One write() of the whole line on an O_APPEND file: readers never see half a line
         # except while it is being written, and then without its newline.
         path = self.path(stream)
