@@ -10,6 +10,7 @@ from moe_fixtures import batch, load
 from trainkit.adapters import apply_lora, load_adapter, resolve_target_modules
 from trainkit.config import ConfigError
 from trainkit.config.base import LoraSection
+from trainkit.patches.peft import use_fused_lora_forward
 from trainkit.models import is_moe
 from trainkit.quantization import (NF4ExpertBank, base_weight_bytes, bf16_weight_bytes, count_parameters,
                                    non_embedding_parameters)
@@ -178,6 +179,8 @@ def test_peft_save_load_round_trip(tmp_path, family, variant):
     got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
     assert saved.keys() == got.keys() and saved
     assert all(torch.equal(saved[k], got[k]) for k in saved)
+    if family == "mixtral":  # the forward the adapter trained with (PEFT's own computes the update in fp32)
+        assert use_fused_lora_forward(loaded) == peft_model.trainkit_lora_info["fused_forward_layers"] > 0
     peft_model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(peft_model(**batch(4)).logits, loaded(**batch(4)).logits)

@@ -29,7 +29,7 @@ from torch import nn
 
 from trainkit.config import ConfigError
 from trainkit.config.base import LoraSection
-from trainkit.patches.peft import no_moe_target_remap
+from trainkit.patches.peft import no_moe_target_remap, use_fused_lora_forward
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -133,12 +133,17 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
     return [n for n in linears if n in set(chosen)]
 
 
-def load_adapter(model: nn.Module, path, is_trainable: bool = False, **kwargs):
-    """``PeftModel.from_pretrained`` with PEFT's MoE target remap held off (trainkit.patches.peft)."""
+def load_adapter(model: nn.Module, path, is_trainable: bool = False, fused_forward: bool = True, **kwargs):
+    """``PeftModel.from_pretrained`` with PEFT's MoE target remap held off (trainkit.patches.peft), and the
+    fused LoRA forward the training used (``fused_forward``; trainkit.fused_lora), so the loaded adapter
+    computes what it computed in training, bit for bit."""
     from peft import PeftModel
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     with no_moe_target_remap(model_type):
-        return PeftModel.from_pretrained(model, path, is_trainable=is_trainable, **kwargs)
+        peft_model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable, **kwargs)
+    if fused_forward:
+        use_fused_lora_forward(peft_model)
+    return peft_model
 
 
 def apply_lora(model: nn.Module, lora: LoraSection):
@@ -148,8 +153,9 @@ def apply_lora(model: nn.Module, lora: LoraSection):
     variant (lora | dora | rslora), bias (none | all | lora_only), modules_to_save, and
     init_lora_weights (PEFT's: True, "gaussian", "pissa", "pissa_niter_N", "olora"; PiSSA/OLoRA
     move the principal part of each target weight into the adapter and leave the residual in the
-    base). The returned model carries ``trainkit_lora_info`` = {target_modules, num_targets,
-    trainable, variant}.
+    base). With ``lora.fused_forward`` (default) the LoRA layers add their update through
+    trainkit.fused_lora (bf16 compute over fp32 adapter weights). The returned model carries
+    ``trainkit_lora_info`` = {target_modules, num_targets, trainable, variant, fused_forward_layers}.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -169,7 +175,10 @@ def apply_lora(model: nn.Module, lora: LoraSection):
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     with no_moe_target_remap(model_type):
         peft_model = get_peft_model(model, config)
+    # DoRA keeps PEFT's forward (its magnitude vector needs the full weight norm)
+    fused = use_fused_lora_forward(peft_model) if lora.fused_forward and lora.variant != "dora" else 0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     peft_model.trainkit_lora_info = {"target_modules": sorted({_leaf(t) for t in targets}),
-                                     "num_targets": len(targets), "trainable": trainable, "variant": lora.variant}
+                                     "num_targets": len(targets), "trainable": trainable, "variant": lora.variant,
+                                     "fused_forward_layers": fused}
     return peft_model

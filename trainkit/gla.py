@@ -25,10 +25,13 @@ leave a pretrained checkpoint's norm weights unloaded. The reference backend run
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from trainkit.adapters import PRESETS
-from trainkit.patches.fla import guard_adapter_paths, patch_generation, use_reference_backend, uses_reference_backend
+from trainkit.patches.fla import (guard_adapter_paths, patch_generation, use_autotune_table, use_reference_backend,
+                                  uses_reference_backend)
 
 __all__ = [
     "GLA_TARGET_MODULES", "FLA_INSTALL_HINT", "is_gla_config", "import_fla", "prepare_gla_config",
@@ -76,7 +79,29 @@ def import_fla():
         raise RuntimeError(f"flash-linear-attention is installed but fla.models does not load "
                            f"({type(e).__name__}: {e}): {FLA_INSTALL_HINT}") from None
     patch_generation()  # cached generate() on transformers >= 5.24 (trainkit.patches.fla)
+    table = autotune_table_dir()
+    if table is not None:  # tuned kernel configs for this GPU: no autotuning at the first step
+        use_autotune_table(table)
     return fla_models
+
+
+# fla kernel configs tuned on a GPU, one folder per GPU name as fla spells it (fla.ops.utils.cache.get_gpu_info)
+AUTOTUNE_TABLES = Path(__file__).resolve().parent / "fla_autotune"
+
+
+def autotune_table_dir() -> Path | None:
+    """The tuned-config folder for this GPU: TRAINKIT_FLA_AUTOTUNE_TABLE (a folder, or "off"), else
+    trainkit/fla_autotune/<GPU name> when it exists; None on CPU or without a table (fla autotunes)."""
+    import torch
+
+    setting = os.environ.get("TRAINKIT_FLA_AUTOTUNE_TABLE", "").strip()
+    if setting.lower() in ("off", "0", "false", "none") or not torch.cuda.is_available():
+        return None
+    if setting:
+        return Path(setting)
+    from fla.ops.utils.cache import get_gpu_info
+    folder = AUTOTUNE_TABLES / get_gpu_info()
+    return folder if folder.is_dir() else None
 
 
 # ---------------------------------------------------------------------------------------------

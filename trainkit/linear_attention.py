@@ -70,9 +70,17 @@ def _reference(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
     return out.to(dtype), final_state
 
 
+@functools.cache
+def _load_kernels() -> None:
+    """fla imported the way trainkit.gla does it (its tuned-config table for this GPU included), once."""
+    from trainkit.gla import import_fla
+    import_fla()
+
+
 def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, state_v_first=False):
     """fla's chunked GLA kernel on CUDA, the reference elsewhere. Returns (o, final_state or None)."""
     if uses_kernels(q):
+        _load_kernels()
         from fla.ops.gla import chunk_gla
         return chunk_gla(q=q, k=k, v=v, g=g, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens)
@@ -101,6 +109,7 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
         gk = g[..., None].expand(*g.shape, q.shape[-1]).contiguous()
         return gla(q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens, state_v_first)
     if uses_kernels(q):
+        _load_kernels()
         from fla.ops.simple_gla import chunk_simple_gla
         return chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale, initial_state=initial_state,
                                 output_final_state=output_final_state, state_v_first=state_v_first,

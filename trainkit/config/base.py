@@ -183,6 +183,7 @@ class LoraSection(ConfigModel):
     variant: one_of("lora", "dora", "rslora") = Field("lora", description="adapter variant")
     bias: one_of("none", "all", "lora_only") = Field("none", description="train biases")
     modules_to_save: List = Field([], description="modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] for a random-init base or new tokens)")
+    fused_forward: Bool = Field(True, description="add the LoRA update through one autograd function in the base's compute dtype (bf16 on GPUs) over fp32 adapter weights (trainkit.fused_lora); false: PEFT's forward (fp32 adapter compute). DoRA always uses PEFT's")
 
     @property
     def init_lora_weights(self) -> bool | str:

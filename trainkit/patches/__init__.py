@@ -15,7 +15,7 @@ keeps that list (``patches``) beside the library versions.
 | ``trainkit.patches.fla`` | transformers >= 5.24 hands fla's models their cache as ``cache=`` (they read ``past_key_values``); the CPU reference backend (fla's Triton forwards -> PyTorch); fused-kernel flags that would bypass an adapter |
 | ``trainkit.patches.transformers`` | the bitsandbytes quantizer swapped in ``AUTO_QUANTIZER_MAPPING`` so MoE experts quantize while loading (``_is_hf_initialized`` on the banks); the 4-bit grouped forward of ``*Experts`` modules and the ``_experts_implementation`` fallback; the gradient-checkpointing rename warning |
 | ``trainkit.patches.bitsandbytes`` | no AVX512-bf16 repacking of CPU ``Linear4bit`` weights (exact resume) |
-| ``trainkit.patches.peft`` | PEFT's v4 -> v5 MoE target remap (``_MODEL_TO_CONVERSION_PATTERN``) held off; the ``is_gradient_checkpointing`` warning |
+| ``trainkit.patches.peft`` | PEFT's v4 -> v5 MoE target remap (``_MODEL_TO_CONVERSION_PATTERN``) held off; LoRA layers' forward through ``trainkit.fused_lora``; the ``is_gradient_checkpointing`` warning |
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ from torch import nn
 from trainkit.linear_attention import reference_gla
 from trainkit.patches import LOCK_HINT, Patch
 
-__all__ = ["patch_generation", "use_reference_backend", "uses_reference_backend", "guard_adapter_paths"]
+__all__ = ["patch_generation", "use_reference_backend", "uses_reference_backend", "guard_adapter_paths",
+           "use_autotune_table", "autotune_table_entries"]
 
 GENERATION = Patch(
     "fla.generation_cache_kwarg", "flash-linear-attention",
@@ -458,3 +459,93 @@ def guard_adapter_paths(model: nn.Module) -> list[str]:
         ADAPTER_PATHS.mark_applied()
         notes.append("GLA: fuse_linear_cross_entropy off (lm_head is adapted / saved; the fused loss reads lm_head.weight)")
     return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuning: tuned kernel configs shipped per GPU instead of benchmarking every config at the first step
+
+AUTOTUNE_TABLE = Patch(
+    "fla.autotune_table", "flash-linear-attention",
+    "fla's Triton autotuners read tuned configs from trainkit's table for this GPU (fla's CachedAutotuner, fuzzy "
+    "key match, early pruning kept) instead of benchmarking every config at the first step of a new shape",
+    checked="0.6.0 (triton 3.6, 3.9)")
+
+
+def _fla_autotuners() -> list:
+    """Every Triton Autotuner object defined in an imported fla module (under triton.heuristics / jit wrappers)."""
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+    found, seen = [], set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fla.") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            obj = value
+            for _ in range(4):  # Heuristics(Autotuner(JITFunction)): walk the .fn chain down to the autotuner
+                if isinstance(obj, Autotuner) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and id(obj) not in seen:
+                seen.add(id(obj))
+                found.append(obj)
+    return found
+
+
+def _kernel_name(autotuner) -> str:
+    """module.function of the kernel: fla reuses function names across ops, so the bare name is not unique."""
+    fn = autotuner.fn
+    for _ in range(4):  # Heuristics / JITFunction wrappers down to the Python function
+        if inspect.isfunction(fn):
+            break
+        fn = fn.fn
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+def use_autotune_table(table_dir) -> int:
+    """Make fla's autotuners look up `table_dir`/<module.kernel>.json (fla's own config-file format) before
+    benchmarking: exact key first, then a key that differs only in numbers (fla's FUZZY mode); a table
+    config that the kernel's own pruning rejects for this shape falls back to autotuning. Returns the number
+    of autotuners switched. Call after fla's kernels are imported (trainkit.gla.import_fla does)."""
+    import os
+
+    from fla.ops.utils import cache as fla_cache
+    needed = ("CachedAutotuner", "FlaCacheMode", "load_cached_config", "get_fla_config_dir")
+    missing = [n for n in needed if not hasattr(fla_cache, n)]
+    if missing or not hasattr(fla_cache.CachedAutotuner, "maybe_load_cached_config"):
+        raise AUTOTUNE_TABLE.error(f"fla.ops.utils.cache has no {', '.join(missing) or 'CachedAutotuner.maybe_load_cached_config'}",
+                                   "set TRAINKIT_FLA_AUTOTUNE_TABLE=off, or " + LOCK_HINT)
+    os.environ["FLA_CONFIG_DIR"] = str(table_dir)
+    if fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.DISABLED:  # the user's FLA_CACHE_MODE wins otherwise
+        fla_cache.FLA_CACHE_MODE = fla_cache.FlaCacheMode.FUZZY
+    switched = 0
+    for autotuner in _fla_autotuners():
+        for attribute in ("cache", "configs", "keys", "arg_names", "early_config_prune"):
+            if not hasattr(autotuner, attribute):
+                raise AUTOTUNE_TABLE.error(f"triton Autotuner has no {attribute!r}", "set TRAINKIT_FLA_AUTOTUNE_TABLE=off")
+        autotuner.kernel_name = _kernel_name(autotuner)
+        if type(autotuner) is not fla_cache.CachedAutotuner:
+            autotuner.__class__ = fla_cache.CachedAutotuner
+        switched += 1
+    if switched:
+        AUTOTUNE_TABLE.mark_applied()
+    return switched
+
+
+def autotune_table_entries() -> dict[str, dict]:
+    """The configs fla's autotuners chose in this process, as fla config files: {module.kernel: file content}."""
+    import triton
+
+    from fla.ops.utils.cache import AutotuneKey
+    tables: dict[str, dict] = {}
+    for autotuner in _fla_autotuners():
+        if not autotuner.cache:
+            continue
+        entries = {}
+        for key, config in autotuner.cache.items():
+            entries[AutotuneKey.key_hash(key)] = {"autotune_key": AutotuneKey.normalize_autotune_key(key), "config": {
+                "kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+                "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}}
+        tables[_kernel_name(autotuner)] = {"kernel_name": _kernel_name(autotuner), "triton_version": triton.__version__,
+                                           "autotune_entries": entries}
+    return tables

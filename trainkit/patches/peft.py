@@ -11,6 +11,17 @@
     PEFT that has the conversion module but not the table is an error: the remap may still
     happen somewhere else.
 
+``peft.fused_lora_forward`` (``use_fused_lora_forward(model)``)
+    PEFT's LoRA ``Linear`` / bitsandbytes ``Linear4bit`` layers get a forward that adds the update
+    through ``trainkit.fused_lora`` (bf16 compute over the fp32 adapter weights, one autograd node)
+    instead of PEFT's fp32 cast of every adapted layer's input. It reads the layer's ``lora_A``,
+    ``lora_B``, ``lora_dropout``, ``scaling``, ``active_adapters``, ``merged``, ``disable_adapters``,
+    ``lora_variant``; a PEFT whose layers lack one is an error (``lora.fused_forward: false`` turns
+    the patch off). The layer's class becomes a subclass of PEFT's with only ``forward`` replaced, so
+    ``isinstance``, ``state_dict`` keys, saving and merging are PEFT's; DoRA and other variants,
+    merged or disabled adapters, several active adapters and ``adapter_names`` batches take PEFT's
+    own forward.
+
 ``peft.gradient_checkpointing_warning`` (``quiet_known_warnings()``)
     PEFT reads ``model.is_gradient_checkpointing``, which transformers 5.2x renamed and now
     warns about (a FutureWarning on every run that users can do nothing about). That one
@@ -23,9 +34,9 @@ import contextlib
 import importlib.util
 import warnings
 
-from trainkit.patches import Patch
+from trainkit.patches import LOCK_HINT, Patch
 
-__all__ = ["no_moe_target_remap", "quiet_known_warnings"]
+__all__ = ["no_moe_target_remap", "quiet_known_warnings", "use_fused_lora_forward"]
 
 MOE_TARGET_REMAP = Patch(
     "peft.no_moe_target_remap", "peft",
@@ -63,3 +74,70 @@ def quiet_known_warnings() -> None:
     """Filter the one warning users cannot act on (see the module docstring)."""
     warnings.filterwarnings("ignore", message=r"`?is_gradient_checkpointing`? is deprecated", category=FutureWarning)
     GRADIENT_CHECKPOINTING_WARNING.mark_applied()
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused LoRA forward (trainkit.fused_lora)
+
+FUSED_LORA_FORWARD = Patch(
+    "peft.fused_lora_forward", "peft",
+    "LoRA Linear layers add their update through one autograd function (trainkit.fused_lora): bf16 compute over "
+    "fp32 adapter weights, no fp32 copies of the activations", checked="0.21")
+# what the fused forward reads from a PEFT LoRA layer
+_LORA_LAYER_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "merged",
+                          "disable_adapters", "lora_variant")
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """PEFT's LoRA forward for one plain (or rsLoRA) adapter, through trainkit.fused_lora; anything else
+    (adapters disabled or merged, several active adapters, DoRA and other variants, a LoRA bias, extra
+    forward arguments such as adapter_names) goes to PEFT's own forward."""
+    from trainkit.fused_lora import lora_update
+
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or args or kwargs or len(active) != 1:
+        return super(type(self), self).forward(x, *args, **kwargs)
+    name = active[0]
+    if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+        return super(type(self), self).forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    return lora_update(result, self.lora_dropout[name](x), self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name])
+
+
+def _fused_class(cls: type) -> type:
+    """A subclass of PEFT's layer class whose forward is _fused_forward (isinstance checks, state_dict keys,
+    saving and merging are PEFT's own)."""
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _fused_forward, "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__,
+                                                          "trainkit_fused_lora": True})
+    return _FUSED_CLASSES[cls]
+
+
+def use_fused_lora_forward(model) -> int:
+    """Switch every PEFT LoRA layer over an nn.Linear or a bitsandbytes Linear4bit base to the fused forward;
+    returns how many layers were switched. Raises PatchError when PEFT's layers no longer have the attributes
+    the fused forward reads (a PEFT newer than the checked one)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    classes = [LoraLinear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+        classes.append(LoraLinear4bit)
+    except ImportError:  # PEFT without bitsandbytes support installed
+        pass
+    switched = 0
+    for module in model.modules():
+        cls = type(module)
+        if getattr(cls, "trainkit_fused_lora", False) or cls not in classes:
+            continue
+        missing = [a for a in _LORA_LAYER_ATTRIBUTES if not hasattr(module, a)]
+        if missing:
+            raise FUSED_LORA_FORWARD.error(f"LoRA layer {cls.__qualname__} has no {', '.join(missing)}",
+                                           "set lora.fused_forward: false, or " + LOCK_HINT)
+        module.__class__ = _fused_class(cls)
+        switched += 1
+    if switched:
+        FUSED_LORA_FORWARD.mark_applied()
+    return switched

@@ -1,0 +1,70 @@
+"""The LoRA update as one autograd function: bf16 compute over fp32 master adapter weights.
+
+PEFT's LoRA ``Linear.forward`` (with its default ``autocast_adapter_dtype=True``) keeps A and B in
+fp32 and casts each adapted layer's input to fp32, then runs ``B(A(dropout(x))) * scaling`` and adds
+it to the base output, and casts the sum back: six autograd nodes per adapted layer, three of them
+memory-bound passes over fp32 activations, and two GEMMs that miss the tensor cores. On an H200 a GLA
+LoRA step spent 98 ms of 319 ms of kernel time in those casts and copies (DESIGN.md).
+
+``LoRAUpdate.apply(result, x, lora_a, lora_b, scaling)`` computes
+
+    result + scaling * (x @ A^T) @ B^T
+
+in the dtype of ``x`` (the base's compute dtype: bf16 on GPUs), with one GEMM for ``x @ A^T`` and one
+``addmm`` that multiplies by B, scales and adds the base output together. Only the rank-r copies of A
+and B are cast (not the activations); A and B stay fp32 parameters, so AdamW updates fp32 master
+weights and their gradients arrive in fp32. The backward is written out: three GEMMs (dA, dB and the
+input's share) instead of autograd's node-by-node walk. Saved for backward: ``x`` in the compute dtype
+(PEFT saves it in fp32, twice the bytes) and the rank-r product ``x @ A^T``.
+
+The base layer (``nn.Linear``, bitsandbytes ``Linear4bit``, ...) runs unchanged before it; dropout is
+PEFT's own module, applied before (``x`` here is the dropped input). Which PEFT layers take this path
+is decided in ``trainkit.patches.peft.use_fused_lora_forward`` (plain LoRA and rsLoRA; DoRA, merged or
+mixed-adapter batches keep PEFT's forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """result + scaling * (x A^T) B^T, computed in x's dtype; gradients for result, x, A, B (A, B in their dtype)."""
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        compute = x.dtype
+        a = lora_a.to(compute)                      # [r, in]
+        b = lora_b.to(compute)                      # [out, r]
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.t()                             # [N, r]
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(compute), xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xa, a, b)
+        ctx.scaling = scaling
+        ctx.result_dtype = result.dtype
+        ctx.master_dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.x_shape = x.shape
+        return out.view(*result.shape[:-1], out.shape[-1]).to(result.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, xa, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+        grad_result = grad_out if ctx.needs_input_grad[0] else None
+        grad_x = grad_a = grad_b = None
+        dy_b = dy @ b                                # [N, r]
+        if ctx.needs_input_grad[1]:
+            grad_x = (dy_b @ a).mul_(s).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_a = (dy_b.t() @ x2).mul_(s).to(ctx.master_dtypes[0])
+        if ctx.needs_input_grad[3]:
+            grad_b = (dy.t() @ xa).mul_(s).to(ctx.master_dtypes[1])
+        return grad_result, grad_x, grad_a, grad_b, None
+
+
+def lora_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """``result + scaling * (x @ lora_a.T) @ lora_b.T`` in x's dtype (see LoRAUpdate)."""
+    return LoRAUpdate.apply(result, x, lora_a, lora_b, float(scaling))
