@@ -170,3 +170,15 @@ def test_derived_budget_on_cpu_counts_optimizer_state():
     available = psutil.virtual_memory().available
     assert budget == pytest.approx(0.5 * available - 12e6, rel=0.05)
     assert "available RAM" in source and "optimizer state" in source
+
+
+def test_auto_without_the_weights_here_checkpoints_every_layer():
+    """ZeRO-3 partitions and FSDP's meta tensors cannot run a probe before accelerate.prepare."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=261))
+    record = apply_activation_checkpointing(model, "auto", device="cpu", tokens=TOKENS, trainable=[])
+    assert record["layers"] == record["of"] == 3 and record["budget_gib"] is None
+    assert "not measured" in record["budget_from"] and "not measured" in describe_activation_checkpointing(record)
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))

@@ -239,8 +239,10 @@ def apply_activation_checkpointing(model: nn.Module, policy: bool | str, *, devi
     """memory.gradient_checkpointing on `model` (adapters already placed, not yet wrapped for DDP):
     true: every decoder layer, false: none, "auto": the fewest first layers that let one micro batch of
     `tokens` tokens fit `budget_gib` (memory.activation_memory_budget_gib; None: derived_activation_budget),
-    measured by probe_activations with `loss_fn(input_ids)` (the script's loss; default: the causal LM loss). Under DDP each
-    process decides from its own device; the same shapes and free memory give the same decision.
+    measured by probe_activations with `loss_fn(input_ids)` (the script's loss; default: the causal LM
+    loss). Under DDP each process decides from its own device; the same shapes and free memory give the same decision. Weights
+    not on this process before `accelerate.prepare` (DeepSpeed ZeRO-3 partitions, FSDP's meta tensors)
+    cannot run a probe: auto then checkpoints every layer and says so in budget_from.
 
     Returns run.json's model.activation_checkpointing: policy, layers (checkpointed: the first ones),
     of, tokens, estimated_gib_per_layer (saved activations of one layer at `tokens`, not checkpointed),
@@ -251,7 +253,11 @@ def apply_activation_checkpointing(model: nn.Module, policy: bool | str, *, devi
                               "estimated_gib": None, "budget_gib": None, "budget_from": None}
     of = len(decoder_layers(model))
     count = {"true": of, "false": 0}.get(policy)
-    if policy == "auto":
+    sharded = any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters())
+    if policy == "auto" and sharded:
+        count = of
+        record["budget_from"] = "not measured: the weights are sharded or not loaded here (ZeRO-3, FSDP); every layer"
+    elif policy == "auto":
         probe = probe_activations(model, device, tokens=min(tokens, PROBE_TOKENS), loss_fn=loss_fn)
         if budget_gib is not None:
             budget, source = budget_gib * GIB, "memory.activation_memory_budget_gib"
@@ -270,7 +276,7 @@ def describe_activation_checkpointing(record: dict[str, Any]) -> str:
     """The start-of-run line: 'activation checkpointing: auto -> 6 of 24 layers (...)'."""
     head = f"activation checkpointing: {record['policy']} -> {record['layers']} of {record['of']} layers"
     if record["budget_gib"] is None:
-        return head
+        return f"{head} ({record['budget_from']})" if record["budget_from"] else head
     return (f"{head} (estimated {record['estimated_gib_per_layer']:.3g} GiB per layer, {record['estimated_gib']:.3g} GiB "
             f"in all at {record['tokens']:,} tokens per micro batch; budget {record['budget_gib']:.3g} GiB: "
             f"{record['budget_from']})")
