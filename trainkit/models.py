@@ -135,10 +135,11 @@ class ActivationProbe:
 
 def probe_activations(model: nn.Module, device, tokens: int = PROBE_TOKENS,
                       loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ActivationProbe:
-    """One forward of `loss_fn(input_ids)` (default: the causal LM loss of `model`) on a (1, tokens) batch of random token ids in train mode
-    with grad on and checkpointing switched off, counting the bytes of the tensors saved for backward
-    (``saved_tensors_hooks``; tensors sharing a storage count once, parameters and buffers not at all),
-    attributed to the decoder layer that runs when they are saved. No backward; the RNG is left as it was."""
+    """One forward of `loss_fn(input_ids)` (default: the causal LM loss of `model`) on a (1, tokens) batch
+    of random token ids in train mode with grad on and checkpointing switched off, counting the bytes of
+    the tensors saved for backward (``saved_tensors_hooks``; tensors sharing a storage count once,
+    parameters and buffers not at all), attributed to the decoder layer that runs when they are saved.
+    No backward; the RNG is left as it was."""
     layers = decoder_layers(model)
     index = {id(layer): i for i, layer in enumerate(layers)}
     layer_bytes, input_bytes, outside = [0] * len(layers), [0] * len(layers), [0]
