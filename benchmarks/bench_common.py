@@ -6,6 +6,7 @@ trainkit.models.load_model needs for a random-init model."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +20,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def trainkit_config(raw: dict, args, config_class):
     """The validated config of the trainkit side: the benchmark's `raw` settings, then --checkpointing and
     --set (as command-line overrides of the training scripts), the config defaults for the rest."""
-    from trainkit.config import apply_overrides, validate
+    from trainkit.config import ConfigError, apply_overrides, validate
     overrides = [f"memory.gradient_checkpointing={args.checkpointing}"] if args.checkpointing is not None else []
-    return validate(apply_overrides(raw, overrides + list(args.set), config_class), config_class)
+    try:
+        return validate(apply_overrides(raw, overrides + list(args.set), config_class), config_class)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def checkpointed_layers(model) -> dict:

@@ -48,7 +48,7 @@ from trainkit.students import MIXERS, build_student, freeze  # noqa: E402
 
 STUDENTS = ("llama", *MIXERS)
 TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 1000, "seqs": "32,64",
-        "batch": 2, "steps": 2, "warmup": 1}
+        "batch": 1, "steps": 2, "warmup": 1}
 
 
 def parse_args(argv=None):

@@ -50,7 +50,7 @@ from bench_common import VocabOnly, add_config_args, checkpointed_layers, traink
 # (hidden, layers, Llama heads, MLP width): the GLA's MLP width is its hidden_ratio-4 SwiGLU width
 # (hidden * 4 * 2/3, rounded up to a multiple of 256), given to both models so their MLPs match.
 SHAPES = {"374m": (1024, 24, 16, 2816), "1.3b": (2048, 24, 16, 5632), "tiny": (64, 2, 4, 256)}
-TINY = {"vocab": 1000, "tokens_per_step": 256, "seqs": [64, 128], "steps": 2, "warmup": 0}
+TINY = {"vocab": 1000, "tokens_per_step": 64, "seqs": [32, 64], "steps": 2, "warmup": 0}
 
 
 def model_config(name: str, shape: str) -> dict:
@@ -136,8 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
     add_config_args(parser)
     parser.add_argument("--tiny", action="store_true",
-                        help="tiny models on CPU (smoke test); unless given: vocab 1000, 256 tokens per step, "
-                             "seqs 64 128, 2 timed steps, no warm-up")
+                        help="tiny models on CPU (smoke test); unless given: vocab 1000, 64 tokens per step, "
+                             "seqs 32 64, 2 timed steps, no warm-up")
     parser.add_argument("--json", help="also write the rows as JSON here (rewritten after each row)")
     args = parser.parse_args(argv)
     if args.tiny:
