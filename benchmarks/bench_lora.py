@@ -119,7 +119,7 @@ def run_row(name: str, seq: int, args, device) -> dict:
            "trainable": sum(p.numel() for p in params), "checkpointing": cfg.memory.gradient_checkpointing,
            **checkpointed_layers(model), "first_step_s": round(first, 2), "step_ms": round(1000 * mean, 1),
            "tokens_per_s": round(batch * seq / mean), "peak_gib": peak, "triton_cache": cache}
-    del model, optimizer, ids
+    model = optimizer = ids = None  # free before the next row (not `del`: step() closes over them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
