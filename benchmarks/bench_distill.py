@@ -99,7 +99,7 @@ def build_teacher(args, device, dtype):
 
 
 def build_student_model(kind, teacher, cfg, device, dtype):
-    """The student as distill.py sets it up (build_student, freeze, checkpointing), or a plain Llama."""
+    """The student as distill.py sets it up (build_student, freeze), or a plain Llama."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(1)
     if kind == "llama":
@@ -115,10 +115,15 @@ def build_student_model(kind, teacher, cfg, device, dtype):
         freeze(student, freeze_mlp=cfg.student.freeze_mlp, attention_layers=cfg.student.attention_layers,
                freeze_replaced_layers=cfg.student.freeze_replaced_layers)
         info = f"{kind} student: {report['summary']}"
-    if cfg.memory.gradient_checkpointing:
-        enable_activation_checkpointing(student)
     student.train()
     return student, info + ("; MLPs frozen" if cfg.student.freeze_mlp else "")
+
+
+def apply_checkpointing(student, cfg) -> None:
+    """memory.gradient_checkpointing on the student as distill.py applies it; called for every sequence length,
+    as a policy that depends on the tokens per step decides per length."""
+    if cfg.memory.gradient_checkpointing:
+        enable_activation_checkpointing(student)
 
 
 def sync(device):
@@ -223,6 +228,7 @@ def main(argv=None) -> int:
             for _ in range(2):
                 ids = torch.randint(0, args.vocab, (args.batch, seq + 1), generator=gen)
                 batches.append((ids[:, :-1].to(device), ids[:, 1:].to(device)))
+            apply_checkpointing(student, cfg)
             for name, loss, chunk in variants:
                 kd_model = StudentKD(student, loss=loss, temperature=kd.temperature, top_k=kd.top_k,
                                      ce_weight=kd.ce_weight, chunk_size=chunk)

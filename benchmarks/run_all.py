@@ -6,6 +6,7 @@
     python benchmarks/run_all.py --only lora,first_step   # some groups: lora, qlora, distill, first_step
     python benchmarks/run_all.py --tiny                   # CPU: every benchmark in its --tiny mode
     python benchmarks/run_all.py --checkpointing false    # memory.gradient_checkpointing of every project side
+    python benchmarks/run_all.py --only qlora_moe --merge # one job; the table keeps the other jobs' earlier results
 
 Each benchmark runs as a subprocess (`python benchmarks/bench_X.py ... --json TMP`), its lines printed as they
 come, prefixed with the job's name. Every figure of the table comes from those JSON files: tokens/s and peak
@@ -16,7 +17,8 @@ checkpointed; first-step time). A benchmark that fails gives rows saying `failed
 
 Written to --out-dir (default docs/): bench_all_<device>.log (the header, the table, then every subprocess's
 full output) and bench_all_<device>.json (header, rows, and every job's command, exit status and JSON);
-<device> is the GPU's name as a slug, plus -quick or -tiny.
+<device> is the GPU's name as a slug, plus -quick or -tiny. With --merge the jobs of the existing JSON that
+this run does not repeat are kept (their output too), so several short commands build one table.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ class Row:
     config: str
 
 
-def jobs_for(mode: str, groups: list[str], checkpointing: str | None, cache_dir: Path) -> list[Job]:
-    """The subprocesses to run, in order, for the selected groups."""
+def jobs_for(mode: str, selected: list[str], checkpointing: str | None, cache_dir: Path) -> list[Job]:
+    """The subprocesses to run, in order: those of the selected groups, and the selected jobs by name."""
     short, long = SEQS[mode]
     tiny = ["--tiny"] if mode == "tiny" else []
     ckpt = ["--checkpointing", checkpointing] if checkpointing is not None else []
@@ -107,16 +109,17 @@ def jobs_for(mode: str, groups: list[str], checkpointing: str | None, cache_dir:
         "first_step": [Job("first_step_cold", "first_step", "bench_lora.py", first, cache_env),
                        Job("first_step_warm", "first_step", "bench_lora.py", first, cache_env)],
     }
-    return [job for group in groups for job in jobs[group]]
+    every = [job for group in GROUPS for job in jobs[group]]
+    return [job for job in every if job.group in selected or job.name in selected]
 
 
-def run_job(job: Job, json_path: Path, log: list[str]) -> dict:
-    """Run one benchmark, echoing its output with a prefix; returns its result (rc, seconds, last line, JSON)."""
+def run_job(job: Job, json_path: Path) -> dict:
+    """Run one benchmark, echoing its output with a prefix; returns its result (command, rc, seconds, finish
+    time, last line, its JSON, its whole output)."""
     command = [sys.executable, str(HERE / job.script), *job.args, "--json", str(json_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **job.env}
     shown = " ".join(f"{k}={v}" for k, v in job.env.items()) + (" " if job.env else "") + " ".join(command)
     print(f"[{job.name}] $ {shown}", flush=True)
-    log.append(f"\n## {job.name}\n$ {shown}\n")
     started = time.perf_counter()
     lines = []
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -125,13 +128,11 @@ def run_job(job: Job, json_path: Path, log: list[str]) -> dict:
             print(f"[{job.name}] {line}", end="", flush=True)
             lines.append(line)
     seconds = time.perf_counter() - started
-    log.append("".join(lines))
     last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
     data = json.loads(json_path.read_text()) if json_path.is_file() else None
     print(f"[{job.name}] exit status {proc.returncode} after {seconds:.0f} s", flush=True)
-    log.append(f"exit status {proc.returncode} after {seconds:.0f} s\n")
     return {"name": job.name, "command": shown, "rc": proc.returncode, "seconds": round(seconds, 1),
-            "last_line": last[:300], "data": data}
+            "finished": utc_now(), "last_line": last[:300], "data": data, "output": "".join(lines)}
 
 
 # ---------------------------------------------------------------------------------------------- table rows
@@ -268,6 +269,15 @@ def device_name() -> str:
     return probe.stdout.strip().splitlines()[-1] if probe.returncode == 0 and probe.stdout.strip() else "unknown device"
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def job_log(result: dict) -> str:
+    return (f"\n## {result['name']} (finished {result['finished']})\n$ {result['command']}\n{result['output']}"
+            f"exit status {result['rc']} after {result['seconds']:.0f} s\n")
+
+
 def versions() -> dict:
     found = {}
     for package in PACKAGES:
@@ -283,45 +293,59 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer timed and warm-up steps (smoke run on a GPU)")
     mode.add_argument("--tiny", action="store_true", help="every benchmark in its --tiny mode (CPU smoke test)")
-    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma list of groups: {', '.join(GROUPS)}")
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma list of groups ({', '.join(GROUPS)}) or jobs (e.g. lora_374m, qlora_dense)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other jobs' results from the existing bench_all_<device>.json: the table and "
+                             "log then cover every job run so far (for machines that allow only short commands)")
     parser.add_argument("--checkpointing", default=None,
                         help="memory.gradient_checkpointing of every project side (auto, true, false); default: the config's")
     parser.add_argument("--out-dir", default=str(REPO / "docs"), help="where the log and JSON go (default docs/)")
     args = parser.parse_args(argv)
-    groups = [g.strip() for g in args.only.split(",") if g.strip()]
-    unknown = sorted(set(groups) - set(GROUPS))
-    if unknown:
-        parser.error(f"--only: unknown groups {unknown} (known: {', '.join(GROUPS)})")
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    selected = [name.strip() for name in args.only.split(",") if name.strip()]
+    known = {*GROUPS, *(job.name for job in jobs_for(mode, list(GROUPS), None, Path()))}
+    unknown = sorted(set(selected) - known)
+    if unknown:
+        parser.error(f"--only: unknown {unknown} (groups: {', '.join(GROUPS)}; jobs: "
+                     f"{', '.join(sorted(known - set(GROUPS)))})")
 
     device = device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ("" if mode == "full" else f"-{mode}")
+    out_dir = Path(args.out_dir)
+    log_path, json_path = out_dir / f"bench_all_{slug}.log", out_dir / f"bench_all_{slug}.json"
     found = versions()
-    header = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "mode": mode, "versions": found, "command": " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]])}
+    header = {"device": device, "date": utc_now(), "mode": mode, "versions": found,
+              "command": " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]])}
     header_text = (f"Device: {device}; {header['date']}; "
                    + ", ".join(f"{name} {version}" for name, version in found.items())
                    + f"; mode {mode}\n$ {header['command']}")
     print(header_text, flush=True)
 
-    log: list[str] = []
     results: dict[str, dict] = {}
+    if args.merge and json_path.is_file():
+        earlier = json.loads(json_path.read_text())
+        results = {job["name"]: job for job in earlier["jobs"]}
+        print(f"merging with the jobs in {json_path}: {', '.join(results)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
-        for job in jobs_for(mode, groups, args.checkpointing, Path(tmp) / "triton-cache"):
-            results[job.name] = run_job(job, Path(tmp) / f"{job.name}.json", log)
+        for job in jobs_for(mode, selected, args.checkpointing, Path(tmp) / "triton-cache"):
+            results[job.name] = run_job(job, Path(tmp) / f"{job.name}.json")
+    order = [job.name for job in jobs_for(mode, list(GROUPS), None, Path())]
+    results = {name: results[name] for name in order if name in results}
 
     rows = table_rows(mode, results)
     if mode == "tiny":  # the workloads' names are the GPU shapes; say that tiny models stood in for them
         for row, _ in rows:
             row.workload += " (tiny stand-in)"
     table = markdown([row for row, _ in rows])
+    if args.merge:
+        header_text += "\njobs finished: " + ", ".join(f"{name} {r['finished']}" for name, r in results.items())
     failed = [r["name"] for r in results.values() if r["rc"] != 0] + [row.workload for row, ok in rows if not ok]
     print(f"\n{header_text}\n\n{table}\n", flush=True)
 
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path, json_path = out_dir / f"bench_all_{slug}.log", out_dir / f"bench_all_{slug}.json"
-    log_path.write_text(f"{header_text}\n\n{table}\n\n# Output of every benchmark\n{''.join(log)}")
+    log_path.write_text(f"{header_text}\n\n{table}\n\n# Output of every benchmark\n"
+                        + "".join(job_log(r) for r in results.values()))
     json_path.write_text(json.dumps({"header": header, "rows": [asdict(row) for row, _ in rows],
                                      "jobs": list(results.values())}, indent=1))
     print(f"wrote {log_path} and {json_path}")

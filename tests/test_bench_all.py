@@ -77,16 +77,21 @@ def test_run_all_tiny_lora_distill(tmp_path):
                          row["config"]]
         assert f"| {row['workload']} | {row['baseline']} |" in log
     # every subprocess's output is in the log
-    for name in jobs:
-        assert f"## {name}\n$ " in log
+    for name, job in jobs.items():
+        assert f"## {name} (finished " in log and job["output"] in log
+    assert "GLA / Llama tokens/s" in jobs["lora_374m"]["output"]
+
+
+def run_all(*args, out_dir):
+    return subprocess.run([sys.executable, "benchmarks/run_all.py", "--tiny", *args, "--out-dir", str(out_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_run_all_failed_benchmark_gives_failed_rows(tmp_path):
-    """A benchmark that exits with an error: its rows say why, the run exits 1."""
-    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--tiny", "--only", "lora",
-                           "--checkpointing", "sometimes", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_run_all_failed_benchmark_gives_failed_rows_and_merge_keeps_earlier_jobs(tmp_path):
+    """A benchmark that exits with an error: its rows say why, the run exits 1. --merge: a later run of
+    other jobs keeps the earlier jobs' results in the table and the log."""
+    proc = run_all("--only", "lora", "--checkpointing", "sometimes", out_dir=tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:]
     result = json.loads((tmp_path / "bench_all_cpu-tiny.json").read_text())
     assert [job["rc"] for job in result["jobs"]] == [2, 2]  # config error
@@ -94,3 +99,12 @@ def test_run_all_failed_benchmark_gives_failed_rows(tmp_path):
     for row in result["rows"]:
         assert row["met"] == "failed"
         assert row["baseline"].startswith("failed: config error: ") and "memory.gradient_checkpointing" in row["baseline"]
+
+    proc = run_all("--only", "first_step_cold", "--checkpointing", "never", "--merge", out_dir=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    result = json.loads((tmp_path / "bench_all_cpu-tiny.json").read_text())
+    assert [job["name"] for job in result["jobs"]] == ["lora_374m", "lora_1.3b", "first_step_cold"]
+    assert len(result["rows"]) == 5
+    assert "'never'" in result["rows"][-1]["baseline"] and "'sometimes'" in result["rows"][0]["baseline"]
+    log = (tmp_path / "bench_all_cpu-tiny.log").read_text()
+    assert log.count("config error: memory.gradient_checkpointing") == 3 + 5  # each job's output, each table row
