@@ -18,7 +18,8 @@ checkpointed; first-step time). A benchmark that fails gives rows saying `failed
 Written to --out-dir (default docs/): bench_all_<device>.log (the header, the table, then every subprocess's
 full output) and bench_all_<device>.json (header, rows, and every job's command, exit status and JSON);
 <device> is the GPU's name as a slug, plus -quick or -tiny. With --merge the jobs of the existing JSON that
-this run does not repeat are kept (their output too), so several short commands build one table.
+this run does not repeat are kept (their output too), so several short commands build one table. Both files
+are rewritten after every job; --timeout kills a job that runs too long (its rows then say so).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,9 +115,9 @@ def jobs_for(mode: str, selected: list[str], checkpointing: str | None, cache_di
     return [job for job in every if job.group in selected or job.name in selected]
 
 
-def run_job(job: Job, json_path: Path) -> dict:
+def run_job(job: Job, json_path: Path, timeout: float | None) -> dict:
     """Run one benchmark, echoing its output with a prefix; returns its result (command, rc, seconds, finish
-    time, last line, its JSON, its whole output)."""
+    time, last line, its JSON, its whole output). A job running longer than `timeout` seconds is killed."""
     command = [sys.executable, str(HERE / job.script), *job.args, "--json", str(json_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **job.env}
     shown = " ".join(f"{k}={v}" for k, v in job.env.items()) + (" " if job.env else "") + " ".join(command)
@@ -124,10 +126,19 @@ def run_job(job: Job, json_path: Path) -> dict:
     lines = []
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1, errors="replace") as proc:
-        for line in proc.stdout:
-            print(f"[{job.name}] {line}", end="", flush=True)
-            lines.append(line)
+        watchdog = threading.Timer(timeout, proc.kill) if timeout else None
+        if watchdog:
+            watchdog.start()
+        try:
+            for line in proc.stdout:
+                print(f"[{job.name}] {line}", end="", flush=True)
+                lines.append(line)
+        finally:
+            if watchdog:
+                watchdog.cancel()
     seconds = time.perf_counter() - started
+    if timeout and seconds >= timeout and proc.returncode != 0:
+        lines.append(f"killed: still running after --timeout {timeout:g} s\n")
     last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
     data = json.loads(json_path.read_text()) if json_path.is_file() else None
     print(f"[{job.name}] exit status {proc.returncode} after {seconds:.0f} s", flush=True)
@@ -300,12 +311,16 @@ def main(argv=None) -> int:
                              "log then cover every job run so far (for machines that allow only short commands)")
     parser.add_argument("--checkpointing", default=None,
                         help="memory.gradient_checkpointing of every project side (auto, true, false); default: the config's")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds a job may run before it is killed (its rows then say so); default: no limit")
     parser.add_argument("--out-dir", default=str(REPO / "docs"), help="where the log and JSON go (default docs/)")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
     known = {*GROUPS, *(job.name for job in jobs_for(mode, list(GROUPS), None, Path()))}
     unknown = sorted(set(selected) - known)
+    if not selected:
+        parser.error("--only: no group or job given")
     if unknown:
         parser.error(f"--only: unknown {unknown} (groups: {', '.join(GROUPS)}; jobs: "
                      f"{', '.join(sorted(known - set(GROUPS)))})")
@@ -329,30 +344,35 @@ def main(argv=None) -> int:
         print(f"merging with the jobs in {json_path}: {', '.join(results)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
         for job in jobs_for(mode, selected, args.checkpointing, Path(tmp) / "triton-cache"):
-            results[job.name] = run_job(job, Path(tmp) / f"{job.name}.json")
-    order = [job.name for job in jobs_for(mode, list(GROUPS), None, Path())]
-    results = {name: results[name] for name in order if name in results}
-
-    rows = table_rows(mode, results)
-    if mode == "tiny":  # the workloads' names are the GPU shapes; say that tiny models stood in for them
-        for row, _ in rows:
-            row.workload += " (tiny stand-in)"
-    table = markdown([row for row, _ in rows])
-    if args.merge:
-        header_text += "\njobs finished: " + ", ".join(f"{name} {r['finished']}" for name, r in results.items())
-    failed = [r["name"] for r in results.values() if r["rc"] != 0] + [row.workload for row, ok in rows if not ok]
-    print(f"\n{header_text}\n\n{table}\n", flush=True)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(f"{header_text}\n\n{table}\n\n# Output of every benchmark\n"
-                        + "".join(job_log(r) for r in results.values()))
-    json_path.write_text(json.dumps({"header": header, "rows": [asdict(row) for row, _ in rows],
-                                     "jobs": list(results.values())}, indent=1))
+            results[job.name] = run_job(job, Path(tmp) / f"{job.name}.json", args.timeout)
+            # written after every job: a run stopped from outside keeps what finished (--merge continues it)
+            summary, failed = write_outputs(mode, header, header_text, results, log_path, json_path, args.merge)
+    print(f"\n{summary}", flush=True)
     print(f"wrote {log_path} and {json_path}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def write_outputs(mode: str, header: dict, header_text: str, results: dict[str, dict], log_path: Path,
+                  json_path: Path, merge: bool) -> tuple[str, list[str]]:
+    """Write the log and the JSON of `results`; returns (the header and the table, the failed jobs and rows)."""
+    order = [job.name for job in jobs_for(mode, list(GROUPS), None, Path())]
+    results = {name: results[name] for name in order if name in results}
+    rows = table_rows(mode, results)
+    if mode == "tiny":  # the workloads' names are the GPU shapes; say that tiny models stood in for them
+        for row, _ in rows:
+            row.workload += " (tiny stand-in)"
+    table = markdown([row for row, _ in rows])
+    if merge:
+        header_text += "\njobs finished: " + ", ".join(f"{name} {r['finished']}" for name, r in results.items())
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    summary = f"{header_text}\n\n{table}\n"
+    log_path.write_text(f"{summary}\n# Output of every benchmark\n" + "".join(job_log(r) for r in results.values()))
+    json_path.write_text(json.dumps({"header": header, "rows": [asdict(row) for row, _ in rows],
+                                     "jobs": list(results.values())}, indent=1))
+    return summary, [r["name"] for r in results.values() if r["rc"] != 0] + [row.workload for row, ok in rows if not ok]
 
 
 if __name__ == "__main__":

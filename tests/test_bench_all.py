@@ -88,8 +88,8 @@ def run_all(*args, out_dir):
 
 
 @pytest.mark.slow
-def test_run_all_failed_benchmark_gives_failed_rows_and_merge_keeps_earlier_jobs(tmp_path):
-    """A benchmark that exits with an error: its rows say why, the run exits 1. --merge: a later run of
+def test_run_all_failed_or_killed_benchmark_gives_failed_rows_and_merge_keeps_earlier_jobs(tmp_path):
+    """A benchmark that exits with an error or is killed by --timeout: its rows say why, the run exits 1. --merge: a later run of
     other jobs keeps the earlier jobs' results in the table and the log."""
     proc = run_all("--only", "lora", "--checkpointing", "sometimes", out_dir=tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:]
@@ -108,3 +108,11 @@ def test_run_all_failed_benchmark_gives_failed_rows_and_merge_keeps_earlier_jobs
     assert "'never'" in result["rows"][-1]["baseline"] and "'sometimes'" in result["rows"][0]["baseline"]
     log = (tmp_path / "bench_all_cpu-tiny.log").read_text()
     assert log.count("config error: memory.gradient_checkpointing") == 3 + 5  # each job's output, each table row
+
+    proc = run_all("--only", "distill_loss", "--timeout", "0.5", "--merge", out_dir=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    result = json.loads((tmp_path / "bench_all_cpu-tiny.json").read_text())
+    assert [job["name"] for job in result["jobs"]] == ["lora_374m", "lora_1.3b", "distill_loss", "first_step_cold"]
+    killed = [row for row in result["rows"] if row["workload"].startswith("distill, ")]
+    assert len(killed) == 2
+    assert all(row["baseline"] == "failed: killed: still running after --timeout 0.5 s" for row in killed)
