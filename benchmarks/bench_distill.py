@@ -243,7 +243,7 @@ def main(argv=None) -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps({"device": device_name, "settings": vars(args), "rows": rows},
                                                           indent=2))
-        del student
+        student = kd_model = None  # free this student before the next one is built
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

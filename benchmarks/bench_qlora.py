@@ -87,7 +87,7 @@ def load_standard(model_dir: str, device, compute_dtype):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=compute_dtype,
-                                                 device_map={"": device}, attn_implementation="sdpa")
+                                                 device_map={"": str(device)}, attn_implementation="sdpa")
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     return get_peft_model(model, _peft_lora())
@@ -96,7 +96,7 @@ def load_standard(model_dir: str, device, compute_dtype):
 def load_bf16_lora(model_dir: str, device, compute_dtype):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype, device_map={"": device},
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype, device_map={"": str(device)},
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
