@@ -79,7 +79,8 @@ def main() -> int:
     from trainkit.env_overrides import describe
     from trainkit.kd import StudentKD, evaluate_kd
     from trainkit.loop import gradient_sync, pretrained_saver
-    from trainkit.models import enable_activation_checkpointing, load_frozen_model, load_weights_into
+    from trainkit.models import (apply_activation_checkpointing, describe_activation_checkpointing, load_frozen_model,
+                                 load_weights_into)
     from trainkit.patches.peft import quiet_known_warnings
     from trainkit.schedules import build_optimizer, build_staged_scheduler, weight_decay_groups
     from trainkit.students import build_student, freeze
@@ -111,8 +112,6 @@ def main() -> int:
             device=device, **student_cfg.mixer_options)
         trainable_count = freeze(student, freeze_mlp=student_cfg.freeze_mlp, attention_layers=student_cfg.attention_layers,
                                  freeze_replaced_layers=student_cfg.freeze_replaced_layers)
-        if cfg.memory.gradient_checkpointing:
-            enable_activation_checkpointing(student)
         student.train()
         run.say(f"student: {student_cfg.mixer} mixers, attention kept in layers {student_cfg.attention_layers or 'none'}; "
                 f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")
@@ -126,6 +125,12 @@ def main() -> int:
 
         kd_model = StudentKD(student, loss=kd_cfg.loss, temperature=kd_cfg.temperature, top_k=kd_cfg.top_k,
                              ce_weight=kd_cfg.ce_weight, chunk_size=kd_cfg.chunk_size)
+        # measured on the KD loss the loop computes (chunked: no full logits), teacher forward included
+        checkpointing = apply_activation_checkpointing(
+            student, cfg.memory.gradient_checkpointing, device=device, tokens=micro_bs * seq_len,
+            trainable=[p for p in student.parameters() if p.requires_grad], budget_gib=cfg.memory.activation_memory_budget_gib,
+            loss_fn=lambda ids: kd_model(ids, ids, teacher_hidden(ids), teacher_head).loss)
+        run.say(describe_activation_checkpointing(checkpointing))
 
         # ------------------------------------------------------------ data: stages of packed windows
         windows_per_step = micro_bs * accum * world
@@ -153,7 +158,8 @@ def main() -> int:
         state = StageTrainState(interval=Interval(KD_STATS))
         run.resume(state, scheduler)
         run.begin(state, total_steps, f"distilling {total_steps} steps in {len(stages)} stage(s)", "distill",
-                  model={**teacher_info, "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
+                  model={**teacher_info, "activation_checkpointing": checkpointing,
+                         "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
                   data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]},
                   env_overrides=env_applied)
 

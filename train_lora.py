@@ -138,7 +138,7 @@ def main() -> int:
     from trainkit.gla import guard_adapter_paths
     from trainkit.loop import (accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader,
                                training_length)
-    from trainkit.models import load_model
+    from trainkit.models import apply_activation_checkpointing, describe_activation_checkpointing, load_model
     from trainkit.patches.peft import quiet_known_warnings
     from trainkit.fileio import write_json_atomic
     from trainkit.schedules import build_optimizer, build_scheduler
@@ -180,6 +180,11 @@ def main() -> int:
         init = cfg.lora.init_lora_weights
         run.say(f"adapters: {cfg.lora.variant} init {init if isinstance(init, str) else 'default'} on {model.trainkit_lora_info['target_modules']}, "
                 f"trainable parameters: {sum(p.numel() for p in trainable):,}")
+        model_info["activation_checkpointing"] = apply_activation_checkpointing(
+            model, cfg.memory.gradient_checkpointing, device=device,
+            tokens=micro_bs * (task_cfg.max_source_length + task_cfg.max_target_length), trainable=trainable,
+            budget_gib=cfg.memory.activation_memory_budget_gib)
+        run.say(describe_activation_checkpointing(model_info["activation_checkpointing"]))
         generation = GenerationSettings.from_config(gen_cfg, task_cfg.max_source_length, data.max_new_tokens)
         if gen_cfg.enabled:
             check_generate_support(model, generation)  # fail now, not at the first evaluation

@@ -42,7 +42,7 @@ def main() -> int:
     from trainkit.evaluation import evaluate_loss
     from trainkit.loop import (accumulation_position, adapter_loader, deepspeed_accumulates, gradient_sync, pretrained_saver,
                                seeded_loader, training_length)
-    from trainkit.models import load_model
+    from trainkit.models import apply_activation_checkpointing, describe_activation_checkpointing, load_model
     from trainkit.moe import RouterStats
     from trainkit.patches.peft import quiet_known_warnings
     from trainkit.schedules import build_optimizer, build_scheduler
@@ -79,6 +79,11 @@ def main() -> int:
         model = apply_lora(model, cfg.lora)
         trainable = [p for p in model.parameters() if p.requires_grad]
         run.say(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
+        # before RouterStats: the probe forward of `auto` must not count as routed tokens
+        model_info["activation_checkpointing"] = apply_activation_checkpointing(
+            model, cfg.memory.gradient_checkpointing, device=device, tokens=micro_bs * train_cfg.max_seq_length,
+            trainable=trainable, budget_gib=cfg.memory.activation_memory_budget_gib)
+        run.say(describe_activation_checkpointing(model_info["activation_checkpointing"]))
         router_stats = RouterStats(model) if model_info.get("is_moe") else None
         aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if router_stats else 0.0
 

@@ -37,7 +37,7 @@ class ByteTok:
         return VOCAB
 
 
-def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, checkpointing=True, seed=11,
+def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, seed=11,
              attn="sdpa") -> QLoRAConfig:
     return validate({
         "paths": {"model_name_or_path": None, "cache_dir": None},
@@ -46,7 +46,6 @@ def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, checkpoin
         "training": {"seed": seed},
         "quantization": {"load_in_4bit": load_in_4bit, "quant_type": "nf4", "double_quant": True,
                          "compute_dtype": "bfloat16", "quantize_moe_experts": quantize_experts},
-        "memory": {"gradient_checkpointing": checkpointing},
     }, QLoRAConfig)
 
 

@@ -39,7 +39,10 @@ def test_defaults_and_overrides(tmp_path):
     ({"training": {"max_steps": 0}}, [], "training.max_steps: must be > 0, or -1 to train by epochs (got 0)"),
     ({"training": {"val_split": 1.5}}, [], "training.val_split: must be in [0, 1) (got 1.5)"),
     ({"optimization": {"lr_scheduler": "cosine_restarts"}}, [], "optimization.lr_scheduler: 'cosine_restarts' is not one of"),
-    ({"memory": {"gradient_checkpointing": "yes"}}, [], "memory.gradient_checkpointing: expected bool"),
+    ({"memory": {"gradient_checkpointing": "yes"}}, [], "memory.gradient_checkpointing: expected auto, true or false, got str 'yes'"),
+    ({"memory": {"gradient_checkpointing": None}}, [], "memory.gradient_checkpointing: expected auto, true or false"),
+    ({}, ["memory.gradient_checkpointing=1"], "memory.gradient_checkpointing: expected auto, true or false, got int 1"),
+    ({"memory": {"activation_memory_budget_gib": 0}}, [], "memory.activation_memory_budget_gib: must be > 0 (got 0.0)"),
     ({}, ["training.max_steps"], "expected section.key=value"),
     ({}, ["paths.run_name=../escape"], "paths.run_name: '../escape' may hold only"),
 ])
@@ -103,7 +106,14 @@ def test_yaml_values_are_read_as_users_expect(tmp_path):
     assert cfg.optimization.learning_rate == 2e-4 and cfg.training.epochs == 2.0
     assert isinstance(cfg.training.epochs, float)
     assert cfg.logging.report_to == ["tensorboard"] and cfg.lora.modules_to_save == ["embed_tokens", "lm_head"]
-    assert cfg.memory.gradient_checkpointing is True
+    assert cfg.memory.gradient_checkpointing == "auto" and cfg.memory.activation_memory_budget_gib is None
+    # YAML booleans and the word auto, from the file or the command line
+    for text, overrides, expected in [("memory:\n  gradient_checkpointing: true\n", [], True),
+                                      ("memory:\n  gradient_checkpointing: off\n", [], False),
+                                      ("", ["memory.gradient_checkpointing=auto"], "auto"),
+                                      ("", ["memory.gradient_checkpointing=false"], False)]:
+        value = load_config(write(tmp_path, text), overrides, QLoRAConfig).memory.gradient_checkpointing
+        assert value == expected and type(value) is type(expected), (text, overrides, value)
 
 
 def test_dump_is_plain_json_with_run_dir_and_secrets_redacted(tmp_path):

@@ -43,13 +43,23 @@ def stream(run_dir: Path, name: str) -> list[dict]:
 
 @pytest.mark.parametrize("mixer", ["discrete_mamba2", "gla"])
 def test_student_learns_from_teacher(tmp_path, mixer):
-    cfg = distill_config(tmp_path, student={"mixer": mixer}, training={"max_steps": 24})
+    # activation checkpointing auto: with a budget nothing fits (every layer), and with the derived budget (none)
+    budget = 1e-9 if mixer == "discrete_mamba2" else None
+    cfg = distill_config(tmp_path, student={"mixer": mixer}, training={"max_steps": 24},
+                         memory={"gradient_checkpointing": "auto", "activation_memory_budget_gib": budget})
     result = run_script(["--config", str(cfg)], script="distill.py")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "out" / "kd"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["script"] == "distill.py"
     assert info["model"]["student"]["mixer"] == mixer
+    ckpt = info["model"]["activation_checkpointing"]
+    student = info["model"]["student"]
+    assert ckpt["policy"] == "auto" and ckpt["of"] == len(student["mixer_layers"]) + len(student["attention_layers"]) == 4
+    assert ckpt["layers"] == (ckpt["of"] if budget else 0) and ckpt["tokens"] == 4 * 64, ckpt
+    assert ckpt["estimated_gib"] > 0 and (ckpt["budget_from"] == "memory.activation_memory_budget_gib" if budget
+                                          else "available RAM" in ckpt["budget_from"])
+    assert f"activation checkpointing: auto -> {ckpt['layers']} of {ckpt['of']} layers" in result.stdout
     lines = stream(run_dir, "training_log.jsonl")
     assert [r["step"] for r in lines] == list(range(2, 25, 2))
     assert all(set(TRAINING_FIELDS) | set(DISTILL_TRAINING_FIELDS) <= set(r) for r in lines)

@@ -49,12 +49,20 @@ def test_environment_beats_yaml_and_command_line_beats_environment():
     ("HP_PISSA_FAST", "maybe", "HP_PISSA_FAST"),
     ("LR_SCHEDULER_TYPE", "step", "constant, linear, cosine, polynomial"),
     ("HP_INIT", "xavier", "pissa_niter_<N>"),
+    ("GRADIENT_CHECKPOINTING", "sometimes", "expected auto, 1/0, true/false, yes/no"),
 ])
 def test_malformed_value_names_the_variable(var, value, needle):
     with pytest.raises(ConfigError) as info:
         env_overrides(LoRAConfig, {var: value})
     message = str(info.value)
     assert var in message and needle in message and "\n" not in message
+
+
+def test_gradient_checkpointing_takes_auto_and_booleans():
+    for text, expected in (("auto", "auto"), ("AUTO", "auto"), ("1", True), ("off", False)):
+        overrides, applied = env_overrides(LoRAConfig, {"GRADIENT_CHECKPOINTING": text})
+        assert overrides == [("memory.gradient_checkpointing", expected)], text
+        assert load_config(REPO_CONFIG, overrides, LoRAConfig).memory.gradient_checkpointing == expected
 
 
 def test_out_of_range_value_is_reported_with_its_key():

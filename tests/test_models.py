@@ -10,7 +10,7 @@ from moe_fixtures import batch, load
 from trainkit.adapters import apply_lora, load_adapter, resolve_target_modules
 from trainkit.config import ConfigError
 from trainkit.config.base import LoraSection
-from trainkit.models import is_moe
+from trainkit.models import apply_activation_checkpointing, is_moe
 from trainkit.quantization import (NF4ExpertBank, base_weight_bytes, bf16_weight_bytes, count_parameters,
                                    non_embedding_parameters)
 
@@ -114,6 +114,8 @@ def test_lora_forward_backward_and_checkpointing(family):
     model, _ = load(family)
     assert model.training and model.config.use_cache is False
     peft_model = apply_lora(model, LORA)
+    record = apply_activation_checkpointing(peft_model, True, device="cpu", tokens=48, trainable=[])
+    assert record["policy"] == "true" and record["layers"] == record["of"] == 2 and record["budget_gib"] is None
     info = peft_model.trainkit_lora_info
     assert info["trainable"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
     layers = peft_model.get_base_model().model.layers
@@ -135,11 +137,14 @@ def test_lora_forward_backward_and_checkpointing(family):
 
 
 def test_no_checkpointing_when_disabled():
-    model, _ = load("mixtral", checkpointing=False)
+    model, _ = load("mixtral")
     seen = []
     model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(torch._C._current_graph_task_id()),
                                                           with_kwargs=True)
-    apply_lora(model, LORA)(**batch()).loss.backward()
+    peft_model = apply_lora(model, LORA)
+    record = apply_activation_checkpointing(peft_model, False, device="cpu", tokens=48, trainable=[])
+    assert record["policy"] == "false" and record["layers"] == 0 and record["of"] == 2
+    peft_model(**batch()).loss.backward()
     assert seen == [-1]
 
 

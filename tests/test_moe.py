@@ -10,6 +10,7 @@ import torch
 from moe_fixtures import batch, load
 from trainkit.adapters import apply_lora
 from trainkit.config.base import LoraSection
+from trainkit.models import apply_activation_checkpointing
 from trainkit.moe import RouterStats
 from trainkit.runlog import EXPERT_FIELDS
 
@@ -19,7 +20,9 @@ LAYER_KEYS = {"layer", "tokens_per_expert", "load_imbalance", "router_entropy", 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "glm4_moe"])
 def moe_model(request):
     model, info = load(request.param)
-    return request.param, apply_lora(model, LoraSection(r=4, alpha=8, dropout=0.0)), info
+    model = apply_lora(model, LoraSection(r=4, alpha=8, dropout=0.0))
+    apply_activation_checkpointing(model, True, device="cpu", tokens=40, trainable=[])  # as train_qlora.py with `true`
+    return request.param, model, info
 
 
 def test_counts_sum_to_tokens_times_top_k(moe_model):

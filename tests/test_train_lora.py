@@ -42,8 +42,10 @@ def stream(run_dir: Path, name: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def sst2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
-    cfg = lora_config(tmp)
-    result = run_script(["--config", str(cfg)], script="train_lora.py", HP_PEFT_R="4", HP_PEFT_ALPHA="8")
+    # GRADIENT_CHECKPOINTING=auto over the config's false, with a budget nothing fits: every layer checkpointed
+    cfg = lora_config(tmp, memory={"activation_memory_budget_gib": 1e-9})
+    result = run_script(["--config", str(cfg)], script="train_lora.py", HP_PEFT_R="4", HP_PEFT_ALPHA="8",
+                        GRADIENT_CHECKPOINTING="auto")
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "out" / "gla", result
 
@@ -102,6 +104,11 @@ def test_env_overrides_are_applied_printed_and_logged(sst2_run):
     assert "HP_PEFT_R -> lora.r=4" in result.stdout
     info = json.loads((run_dir / "run.json").read_text())
     assert info["env_overrides"]["HP_PEFT_R"] == {"key": "lora.r", "value": 4}
+    assert info["env_overrides"]["GRADIENT_CHECKPOINTING"] == {"key": "memory.gradient_checkpointing", "value": "auto"}
+    ckpt = info["model"]["activation_checkpointing"]
+    assert ckpt["policy"] == "auto" and ckpt["layers"] == ckpt["of"] == 2 and ckpt["tokens"] == 8 * (128 + 16), ckpt
+    assert ckpt["budget_from"] == "memory.activation_memory_budget_gib" and ckpt["estimated_gib"] > ckpt["budget_gib"]
+    assert "activation checkpointing: auto -> 2 of 2 layers" in result.stdout
     # every GLA projection of the preset carries an adapter, gk_proj's two Linear layers included
     assert {"q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "0", "1", "gate_proj", "up_proj", "down_proj"} <= \
         {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} | set(adapter["target_modules"])
@@ -112,7 +119,9 @@ def test_malformed_env_and_config_are_one_line_errors(tmp_path):
     cases = [({"HP_LR": "fast"}, [], "HP_LR='fast'"),
              ({}, ["task.name=glue_nope"], "task.name"),
              ({}, ["lora.init=svd"], "lora.init: 'svd'"),
-             ({"HP_PEFT_DROPOUT": "2"}, [], "lora.dropout")]
+             ({"HP_PEFT_DROPOUT": "2"}, [], "lora.dropout"),
+             ({"GRADIENT_CHECKPOINTING": "sometimes"}, [], "GRADIENT_CHECKPOINTING='sometimes': expected auto, 1/0"),
+             ({}, ["memory.gradient_checkpointing=some"], "memory.gradient_checkpointing: expected auto, true or false")]
     for env, overrides, needle in cases:
         result = run_script(["--config", str(cfg), *overrides], script="train_lora.py", timeout=120, **env)
         lines = result.stderr.strip().splitlines()

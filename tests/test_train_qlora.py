@@ -44,6 +44,11 @@ def test_run_directory_is_complete(finished_run):
     # the dtype chosen for the CPU, and why; the versions and patches the numbers depend on
     assert info["model"]["compute_dtype"] == "float32" and info["model"]["compute_dtype_reason"].startswith("auto:")
     assert "compute dtype float32 (auto:" in result.stdout
+    # memory.gradient_checkpointing auto (the default): on CPU half the available RAM holds 4 x 64 tokens of it
+    ckpt = info["model"]["activation_checkpointing"]
+    assert ckpt["policy"] == "auto" and ckpt["layers"] == 0 and ckpt["of"] == 2 and ckpt["tokens"] == 4 * 64, ckpt
+    assert 0 < ckpt["estimated_gib"] < ckpt["budget_gib"] and "available RAM" in ckpt["budget_from"]
+    assert "activation checkpointing: auto -> 0 of 2 layers (estimated" in result.stdout
     for name in ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "triton"):
         assert info["versions"][name] == importlib.metadata.version(name), name
     applied = {p["name"]: p for p in info["patches"]}

@@ -35,6 +35,15 @@ def _bool(text: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no")
 
 
+def _auto_or_bool(text: str) -> bool | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _bool(text)
+    except ValueError:
+        raise ValueError("expected auto, 1/0, true/false, yes/no") from None
+
+
 def _int(text: str) -> int:
     return int(text.strip())
 
@@ -105,7 +114,7 @@ ENV_OVERRIDES: dict[str, EnvVar] = {
     "GLA_USE_MAX_NEW_TOKENS": EnvVar("generation.use_max_new_tokens", "1: lengths count new tokens; 0: legacy total length"),
     "GLA_VERBOSE": EnvVar("logging.verbose", "print more (shapes, backends, sample predictions)"),
     "GLA_USE_FUSED_SWIGLU": EnvVar("model.fused_swiglu", "fla fused SwiGLU in GLA MLPs (adapter-safe path)"),
-    "GRADIENT_CHECKPOINTING": EnvVar("memory.gradient_checkpointing", "recompute activations in backward"),
+    "GRADIENT_CHECKPOINTING": EnvVar("memory.gradient_checkpointing", "activation checkpointing: auto | 1 (every layer) | 0 (none)", _auto_or_bool),
     "NUM_DATA_WORKERS": EnvVar("memory.dataloader_num_workers", "DataLoader workers"),
     "DATALOADER_PREFETCH_FACTOR": EnvVar("memory.dataloader_prefetch_factor", "batches prefetched per worker"),
     "DATALOADER_PIN_MEMORY": EnvVar("memory.dataloader_pin_memory", "pinned host memory for batches"),

@@ -1,10 +1,11 @@
-"""Loading the base model for QLoRA: NF4 4-bit (experts too), bf16 compute, checkpointing.
+"""Loading the base model for QLoRA: NF4 4-bit (experts too), bf16 compute; activation checkpointing.
 
 ``load_model(cfg, device, tokenizer, dtype, quantization) -> (model, info)`` is the one entry point. A model
 given by ``paths.model_name_or_path`` (hub id or local directory) and a model built from
 ``model.config`` (random init, seeded by ``training.seed``) go through the same
 ``from_pretrained`` call: the built one is saved to a temp directory first, so the tests
-exercise the real loading path.
+exercise the real loading path. ``apply_activation_checkpointing`` applies memory.gradient_checkpointing
+once the adapters are placed (its `auto` budget counts their gradients and optimizer state).
 
 Deliberately NOT used: ``peft.prepare_model_for_kbit_training``. It upcasts every
 non-quantized weight (norms, embeddings, lm_head) to fp32, which makes the whole
@@ -16,11 +17,13 @@ so optimizer updates are not rounded away, while the base matmuls run in bf16.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import shutil
 import tempfile
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -77,13 +80,207 @@ def _quantization_config(quantization: QuantizationSection, compute_dtype: torch
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation (gradient) checkpointing, by the name this transformers uses
-    (``activation_checkpointing_enable`` since 5.2x; the old name warns)."""
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer, by the name this
+    transformers uses (``activation_checkpointing_enable`` since 5.2x; the old name warns)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation checkpointing as a policy (memory.gradient_checkpointing: auto | true | false)
+#
+# auto: a probe forward (train mode, grad on, no checkpointing, no backward) counts the bytes autograd saves
+# for backward in each decoder layer and outside them; scaled linearly to the run's micro-batch tokens, that
+# says how many layers must be checkpointed for the activations to fit the budget. The first k layers are
+# checkpointed: a checkpointed layer keeps only its input hidden state, the others keep everything.
+
+GIB = 2 ** 30
+PROBE_TOKENS = 256                 # tokens of the probe forward (one sequence)
+CUDA_MARGIN_FRACTION = 0.10        # of the device's memory left free: allocator fragmentation, temporaries
+CPU_BUDGET_FRACTION = 0.5          # of the available RAM the activations may take on CPU
+ADAMW_STATE_BYTES = 8              # per trainable element: exp_avg and exp_avg_sq in fp32
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks in order: the outermost transformers ``GradientCheckpointingLayer``s
+    (HF Llama / Mixtral / Qwen MoE layers, fla's GLABlock, trainkit.students' layers), each of which
+    has its own ``gradient_checkpointing`` flag."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers, inside = [], ()
+    for name, module in model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer) and not name.startswith(inside):
+            layers.append(module)
+            inside = (*inside, name + ".")
+    return layers
+
+
+@dataclass
+class ActivationProbe:
+    """Bytes autograd saved for backward in one probe forward of `tokens` tokens."""
+
+    tokens: int
+    layer_bytes: list[int]     # saved inside each decoder layer (its input included, when an op saves it)
+    input_bytes: list[int]     # each layer's input hidden state: what the layer keeps when checkpointed
+    outside_bytes: int         # saved outside the layers: embeddings, final norm, lm_head, loss
+
+    def estimate(self, tokens: int, checkpointed: int) -> float:
+        """Activation bytes of a forward of `tokens` tokens with the first `checkpointed` layers checkpointed."""
+        kept = sum(self.input_bytes[:checkpointed]) + sum(self.layer_bytes[checkpointed:]) + self.outside_bytes
+        return kept * tokens / self.tokens
+
+
+def probe_activations(model: nn.Module, device, tokens: int = PROBE_TOKENS,
+                      loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ActivationProbe:
+    """One forward of `loss_fn(input_ids)` (default: the causal LM loss of `model`) on a (1, tokens) batch
+    of random token ids in train mode with grad on and checkpointing switched off, counting the bytes of
+    the tensors saved for backward (``saved_tensors_hooks``; tensors sharing a storage count once,
+    parameters and buffers not at all), attributed to the decoder layer that runs when they are saved.
+    No backward; the RNG is left as it was."""
+    layers = decoder_layers(model)
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    layer_bytes, input_bytes, outside = [0] * len(layers), [0] * len(layers), [0]
+    current: list[int | None] = [None]
+    weights = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: set[int] = set()
+    alive = []  # the storages counted, held until the end so that no address is reused and counted again
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            alive.append(storage)
+            if current[0] is None:
+                outside[0] += storage.nbytes()
+            else:
+                layer_bytes[current[0]] += storage.nbytes()
+        return tensor
+
+    def before(layer, args, kwargs):
+        i = index[id(layer)]
+        current[0] = i
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            input_bytes[i] = hidden.numel() * hidden.element_size()
+
+    def after(layer, args, kwargs, output):
+        current[0] = None
+
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
+                                             layer.register_forward_hook(after, with_kwargs=True))]
+    # as under checkpointing (transformers' enable_input_require_grads): the embeddings' output requires
+    # grad, so the frozen ops of the first layers save their inputs too; measured the same way every time
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True)))
+    flags = [layer.gradient_checkpointing for layer in layers]
+    device = torch.device(device)
+    was_training = model.training
+    vocab_size = model.get_input_embeddings().num_embeddings
+    input_ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        model.train()
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = loss_fn(input_ids) if loss_fn else model(input_ids=input_ids, labels=input_ids).loss
+        del loss
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer, flag in zip(layers, flags):
+            layer.gradient_checkpointing = flag
+        model.train(was_training)
+        alive.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return ActivationProbe(tokens, layer_bytes, input_bytes, outside[0])
+
+
+def derived_activation_budget(device, trainable: list[torch.Tensor]) -> tuple[float, str]:
+    """(bytes the activations may take, how that was derived) on `device`, with the model and adapters
+    already placed: CUDA free memory minus the gradients and AdamW state of `trainable`, minus 10% of the
+    device's memory; CPU: half the available RAM minus the same. Each process reads its own device."""
+    device = torch.device(device)
+    states = sum(p.numel() * (p.element_size() + ADAMW_STATE_BYTES) for p in trainable)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        margin = CUDA_MARGIN_FRACTION * total
+        return free - states - margin, (f"{free / GIB:.1f} GiB free on {device} - {states / GIB:.2f} GiB gradients and "
+                                        f"optimizer state - {margin / GIB:.1f} GiB margin")
+    import psutil  # accelerate's dependency
+    available = psutil.virtual_memory().available
+    return CPU_BUDGET_FRACTION * available - states, (f"{CPU_BUDGET_FRACTION:.0%} of {available / GIB:.1f} GiB available "
+                                                      f"RAM - {states / GIB:.2f} GiB gradients and optimizer state")
+
+
+def layers_to_checkpoint(probe: ActivationProbe, tokens: int, budget_bytes: float) -> int:
+    """The fewest layers k whose checkpointing (the first k) brings the estimate within the budget; all
+    layers when even that does not fit."""
+    n = len(probe.layer_bytes)
+    return next((k for k in range(n + 1) if probe.estimate(tokens, k) <= budget_bytes), n)
+
+
+def checkpoint_layers(model: nn.Module, count: int) -> None:
+    """Checkpoint the first `count` decoder layers (non-reentrant) and no others: checkpointing is enabled
+    model-wide (the checkpoint function is set on every layer), then switched off layer by layer."""
+    if count:
+        enable_activation_checkpointing(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = i < count
+
+
+def apply_activation_checkpointing(model: nn.Module, policy: bool | str, *, device, tokens: int,
+                                   trainable: list[torch.Tensor], budget_gib: float | None = None,
+                                   loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """memory.gradient_checkpointing on `model` (adapters already placed, not yet wrapped for DDP):
+    true: every decoder layer, false: none, "auto": the fewest first layers that let one micro batch of
+    `tokens` tokens fit `budget_gib` (memory.activation_memory_budget_gib; None: derived_activation_budget),
+    measured by probe_activations with `loss_fn(input_ids)` (the script's loss; default: the causal LM
+    loss). Under DDP each process decides from its own device; the same shapes and free memory give the same decision. Weights
+    not on this process before `accelerate.prepare` (DeepSpeed ZeRO-3 partitions, FSDP's meta tensors)
+    cannot run a probe: auto then checkpoints every layer and says so in budget_from.
+
+    Returns run.json's model.activation_checkpointing: policy, layers (checkpointed: the first ones),
+    of, tokens, estimated_gib_per_layer (saved activations of one layer at `tokens`, not checkpointed),
+    estimated_gib (all activations with this choice), budget_gib, budget_from; the estimates and budget
+    are null for true and false, which measure nothing."""
+    policy = policy if policy == "auto" else ("true" if policy else "false")
+    record: dict[str, Any] = {"policy": policy, "layers": 0, "of": 0, "tokens": tokens, "estimated_gib_per_layer": None,
+                              "estimated_gib": None, "budget_gib": None, "budget_from": None}
+    of = len(decoder_layers(model))
+    count = {"true": of, "false": 0}.get(policy)
+    sharded = any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters())
+    if policy == "auto" and sharded:
+        count = of
+        record["budget_from"] = "not measured: the weights are sharded or not loaded here (ZeRO-3, FSDP); every layer"
+    elif policy == "auto":
+        probe = probe_activations(model, device, tokens=min(tokens, PROBE_TOKENS), loss_fn=loss_fn)
+        if budget_gib is not None:
+            budget, source = budget_gib * GIB, "memory.activation_memory_budget_gib"
+        else:
+            budget, source = derived_activation_budget(device, trainable)
+        count = layers_to_checkpoint(probe, tokens, budget)
+        per_layer = sum(probe.layer_bytes) / max(len(probe.layer_bytes), 1) * tokens / probe.tokens
+        record.update(estimated_gib_per_layer=per_layer / GIB, estimated_gib=probe.estimate(tokens, count) / GIB,
+                      budget_gib=budget / GIB, budget_from=source)
+    checkpoint_layers(model, count)
+    record.update(layers=count, of=of)
+    return record
+
+
+def describe_activation_checkpointing(record: dict[str, Any]) -> str:
+    """The start-of-run line: 'activation checkpointing: auto -> 6 of 24 layers (...)'."""
+    head = f"activation checkpointing: {record['policy']} -> {record['layers']} of {record['of']} layers"
+    if record["budget_gib"] is None:
+        return f"{head} ({record['budget_from']})" if record["budget_from"] else head
+    return (f"{head} (estimated {record['estimated_gib_per_layer']:.3g} GiB per layer, {record['estimated_gib']:.3g} GiB "
+            f"in all at {record['tokens']:,} tokens per micro batch; budget {record['budget_gib']:.3g} GiB: "
+            f"{record['budget_from']})")
 
 
 def build_random_model_dir(model_config: dict, vocab_size: int, seed: int, dtype: torch.dtype,
@@ -226,10 +423,8 @@ def load_model(cfg: TrainConfig, device, tokenizer, dtype: str,
         if p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit":
             p.data = p.data.to(compute_dtype)
 
-    if cfg.memory.gradient_checkpointing:
-        enable_activation_checkpointing(model)
     model.config.use_cache = False
-    model.train()  # from_pretrained returns eval mode; checkpointing only acts in train mode
+    model.train()  # from_pretrained returns eval mode; checkpointing (apply_activation_checkpointing) acts only in train mode
 
     counts = count_parameters(model)
     non_emb = non_embedding_parameters(model)
@@ -254,7 +449,6 @@ def load_model(cfg: TrainConfig, device, tokenizer, dtype: str,
         "load_in_4bit": load_4bit,
         "compute_dtype": dtype_name,
         "compute_dtype_reason": dtype_reason,
-        "gradient_checkpointing": cfg.memory.gradient_checkpointing,
         "attn_implementation": None if gla else model_cfg.attn_implementation,
         "summary": summary,
         "notes": notes,

@@ -14,9 +14,9 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from trainkit.config.fields import (Bool, Fraction, Int, List, NonNegativeFloat, NonNegativeInt, OptionalMapping,
-                                    OptionalPositiveInt, OptionalStr, PositiveFloat, PositiveInt, Str, StrOrList, one_of,
-                                    positive_or_minus_one)
+from trainkit.config.fields import (AutoOrBool, Bool, Fraction, Int, List, NonNegativeFloat, NonNegativeInt,
+                                    OptionalMapping, OptionalPositiveFloat, OptionalPositiveInt, OptionalStr, PositiveFloat,
+                                    PositiveInt, Str, StrOrList, one_of, positive_or_minus_one)
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 Dtype = one_of(*DTYPE_CHOICES)
@@ -102,7 +102,8 @@ class LoggingSection(ConfigModel):
 
 
 class MemorySection(ConfigModel):
-    gradient_checkpointing: Bool = Field(True, description="recompute activations in backward (non-reentrant)")
+    gradient_checkpointing: AutoOrBool = Field("auto", description="activation checkpointing of the decoder layers (non-reentrant: recomputed in backward): auto checkpoints only as many layers as the saved activations of one micro batch need to fit activation_memory_budget_gib (measured by a probe forward at start); true: every layer; false: none")
+    activation_memory_budget_gib: OptionalPositiveFloat = Field(None, description="gradient_checkpointing auto: GiB the saved activations of one micro batch may take; null: derived per process (CUDA: free memory once the model and adapters are placed, minus gradients and AdamW state of the trainable parameters, minus 10% of the device's memory; CPU: half the available RAM minus the same)")
     dataloader_num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
     save_optimizer_state: Bool = Field(True, description="store optimizer/scheduler/RNG in checkpoints (needed for exact resume)")
 

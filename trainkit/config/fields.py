@@ -52,6 +52,22 @@ class Expect:
         raise ValueError(f"expected {self.type_name()}, got {type(value).__name__} {value!r}")
 
 
+class ExpectAutoOrBool(Expect):
+    """Before-validator: true, false or "auto" (a switch whose "auto" setting is worked out at run
+    time, e.g. memory.gradient_checkpointing)."""
+
+    def __init__(self):
+        super().__init__(bool)
+
+    def type_name(self) -> str:
+        return "auto or bool"
+
+    def __call__(self, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"expected auto, true or false, got {type(value).__name__} {value!r}")
+
+
 def finite(value: float) -> float:
     """No float key has a meaning for inf or NaN (an infinite learning rate makes every weight
     non-finite at the first step)."""
@@ -86,6 +102,7 @@ OptionalFloat = Annotated[float | None, BeforeValidator(Expect(float, nullable=T
 OptionalStr = Annotated[str | None, BeforeValidator(Expect(str, nullable=True))]
 OptionalMapping = Annotated[dict | None, BeforeValidator(Expect(dict, nullable=True))]
 StrOrList = Annotated[str | list, BeforeValidator(Expect(str, list))]
+AutoOrBool = Annotated[Literal["auto"] | bool, BeforeValidator(ExpectAutoOrBool())]
 
 PositiveInt = Annotated[Int, positive]
 NonNegativeInt = Annotated[Int, non_negative]
