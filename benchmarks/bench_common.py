@@ -1,6 +1,7 @@
 """What bench_lora.py, bench_qlora.py and bench_distill.py share: the trainkit config of the project side
-(--checkpointing, --set overrides on top of the benchmark's settings and the config defaults), a record
-of the activation checkpointing that actually ran, and the tokenizer stand-in that
+(--checkpointing, --set overrides on top of the benchmark's settings and the config defaults), its
+activation checkpointing applied as the scripts apply it, a record of the checkpointing that actually
+ran, and the tokenizer stand-in that
 trainkit.models.load_model needs for a random-init model."""
 
 from __future__ import annotations
@@ -31,14 +32,20 @@ def trainkit_config(raw: dict, args, config_class):
 
 def checkpointed_layers(model) -> dict:
     """How many decoder layers have activation checkpointing switched on, of how many: counted on the model
-    (the outermost transformers GradientCheckpointingLayer modules), whatever policy chose it."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    flags, inside = [], ()
-    for name, module in model.named_modules():
-        if isinstance(module, GradientCheckpointingLayer) and not name.startswith(inside):
-            flags.append(bool(module.gradient_checkpointing))
-            inside = (*inside, name + ".")
+    (trainkit.models.decoder_layers), whatever policy or recipe chose it."""
+    from trainkit.models import decoder_layers
+    flags = [bool(layer.gradient_checkpointing) for layer in decoder_layers(model)]
     return {"checkpointed_layers": sum(flags), "decoder_layers": len(flags)}
+
+
+def apply_checkpointing(model, cfg, device, tokens: int, loss_fn=None) -> dict:
+    """memory.gradient_checkpointing on the trainkit side as the training scripts apply it (after the adapters,
+    for `tokens` tokens per micro batch); returns the row's record: the policy's estimate and budget for auto."""
+    from trainkit.models import apply_activation_checkpointing
+    record = apply_activation_checkpointing(model, cfg.memory.gradient_checkpointing, device=device, tokens=tokens,
+                                            trainable=[p for p in model.parameters() if p.requires_grad],
+                                            budget_gib=cfg.memory.activation_memory_budget_gib, loss_fn=loss_fn)
+    return {"checkpointing_estimated_gib": record["estimated_gib"], "checkpointing_budget_gib": record["budget_gib"]}
 
 
 class VocabOnly:

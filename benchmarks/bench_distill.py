@@ -40,10 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import add_config_args, checkpointed_layers, trainkit_config  # noqa: E402
+from bench_common import add_config_args, apply_checkpointing, checkpointed_layers, trainkit_config  # noqa: E402
 from trainkit.config.distill import DistillConfig  # noqa: E402
 from trainkit.kd import StudentKD, auto_chunk_size  # noqa: E402
-from trainkit.models import enable_activation_checkpointing  # noqa: E402
 from trainkit.students import MIXERS, build_student, freeze  # noqa: E402
 
 STUDENTS = ("llama", *MIXERS)
@@ -99,7 +98,7 @@ def build_teacher(args, device, dtype):
 
 
 def build_student_model(kind, teacher, cfg, device, dtype):
-    """The student as distill.py sets it up (build_student, freeze), or a plain Llama."""
+    """The student as distill.py sets it up (build_student, freeze; checkpointing per row), or a plain Llama."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(1)
     if kind == "llama":
@@ -119,30 +118,20 @@ def build_student_model(kind, teacher, cfg, device, dtype):
     return student, info + ("; MLPs frozen" if cfg.student.freeze_mlp else "")
 
 
-def apply_checkpointing(student, cfg) -> None:
-    """memory.gradient_checkpointing on the student as distill.py applies it; called for every sequence length,
-    as a policy that depends on the tokens per step decides per length."""
-    if cfg.memory.gradient_checkpointing:
-        enable_activation_checkpointing(student)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def run_variant(kd_model, teacher, batches, args, device):
+def run_variant(kd_model, teacher_hidden, teacher_head, batches, args, device):
     student = kd_model.student
     student.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     cuda = device.type == "cuda"
-    teacher_head = teacher.lm_head.weight
 
     def step(input_ids, labels):
-        with torch.no_grad():
-            teacher_hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        out = kd_model(input_ids, labels, teacher_hidden, teacher_head)
+        out = kd_model(input_ids, labels, teacher_hidden(input_ids), teacher_head)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -218,6 +207,12 @@ def main(argv=None) -> int:
     print(f"device {device_name if device.type == 'cuda' else platform.processor() or 'cpu'}; teacher Llama hidden "
           f"{args.hidden} x {args.layers} layers, vocab {args.vocab}; batch {args.batch}, seqs {args.seqs}, {dtype}, "
           f"checkpointing {cfg.memory.gradient_checkpointing}, {args.warmup} warmup + {args.steps} timed steps", flush=True)
+    teacher_head = teacher.lm_head.weight
+
+    def teacher_hidden(input_ids):
+        with torch.no_grad():
+            return teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
     gen = torch.Generator().manual_seed(0)
     rows = []
     for kind in args.students.split(","):
@@ -228,13 +223,15 @@ def main(argv=None) -> int:
             for _ in range(2):
                 ids = torch.randint(0, args.vocab, (args.batch, seq + 1), generator=gen)
                 batches.append((ids[:, :-1].to(device), ids[:, 1:].to(device)))
-            apply_checkpointing(student, cfg)
             for name, loss, chunk in variants:
                 kd_model = StudentKD(student, loss=loss, temperature=kd.temperature, top_k=kd.top_k,
                                      ce_weight=kd.ce_weight, chunk_size=chunk)
+                # as distill.py: measured on the KD loss that runs, teacher forward included, per row (tokens differ)
+                estimate = apply_checkpointing(student, cfg, device, tokens=args.batch * seq,
+                                               loss_fn=lambda ids: kd_model(ids, ids, teacher_hidden(ids), teacher_head).loss)
                 row = {"student": kind, "seq": seq, "batch": args.batch, "variant": name, "loss": loss, "chunk": chunk,
-                       "checkpointing": cfg.memory.gradient_checkpointing, **checkpointed_layers(student),
-                       **run_variant(kd_model, teacher, batches, args, device)}
+                       "checkpointing": cfg.memory.gradient_checkpointing, **checkpointed_layers(student), **estimate,
+                       **run_variant(kd_model, teacher_hidden, teacher_head, batches, args, device)}
                 rows.append(row)
                 peak = (f"peak {row['peak_gib']:.2f} GiB (above held {row['peak_above_held_gib']:.2f})"
                         if row["peak_gib"] is not None else "peak n/a")

@@ -45,7 +45,8 @@ os.environ.setdefault("TRITON_CACHE_DIR", str(Path.home() / ".triton" / "cache")
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from bench_common import VocabOnly, add_config_args, checkpointed_layers, trainkit_config  # noqa: E402
+from bench_common import (VocabOnly, add_config_args, apply_checkpointing, checkpointed_layers,  # noqa: E402
+                          trainkit_config)
 
 # (hidden, layers, Llama heads, MLP width): the GLA's MLP width is its hidden_ratio-4 SwiGLU width
 # (hidden * 4 * 2/3, rounded up to a multiple of 256), given to both models so their MLPs match.
@@ -88,9 +89,10 @@ def run_row(name: str, seq: int, args, device) -> dict:
     model = apply_lora(model, cfg.lora)
     if name == "gla":
         guard_adapter_paths(model)
+    batch = max(1, args.tokens_per_step // seq)
+    estimate = apply_checkpointing(model, cfg, device, tokens=batch * seq)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    batch = max(1, args.tokens_per_step // seq)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, args.vocab, (batch, seq), generator=generator).to(device)
     model.train()
@@ -117,7 +119,7 @@ def run_row(name: str, seq: int, args, device) -> dict:
     peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
     row = {"shape": args.shape, "model": name, "seq": seq, "batch": batch, "parameters": info["parameters"]["total"],
            "trainable": sum(p.numel() for p in params), "checkpointing": cfg.memory.gradient_checkpointing,
-           **checkpointed_layers(model), "first_step_s": round(first, 2), "step_ms": round(1000 * mean, 1),
+           **checkpointed_layers(model), **estimate, "first_step_s": round(first, 2), "step_ms": round(1000 * mean, 1),
            "tokens_per_s": round(batch * seq / mean), "peak_gib": peak, "triton_cache": cache}
     model = optimizer = ids = None  # free before the next row (not `del`: step() closes over them)
     if device.type == "cuda":

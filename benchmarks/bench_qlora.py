@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import VocabOnly, add_config_args, checkpointed_layers, trainkit_config  # noqa: E402
+from bench_common import (VocabOnly, add_config_args, apply_checkpointing, checkpointed_layers,  # noqa: E402
+                          trainkit_config)
 from trainkit.adapters import apply_lora  # noqa: E402
 from trainkit.config.qlora import QLoRAConfig  # noqa: E402
 from trainkit.models import build_random_model_dir, load_model  # noqa: E402
@@ -108,7 +109,8 @@ def load_ours(model_dir: str, device, args):
                            "model": {"config": None, "local_files_only": True}, "training": {"seed": 0},
                            "lora": LORA}, args, QLoRAConfig)
     model, info = load_model(cfg, device, VocabOnly(args.vocab), cfg.quantization.compute_dtype, cfg.quantization)
-    return apply_lora(model, cfg.lora), info, cfg
+    model = apply_lora(model, cfg.lora)
+    return model, info, cfg, apply_checkpointing(model, cfg, device, tokens=args.batch * args.seq)
 
 
 def run_steps(model, device, args, seed=0):
@@ -153,19 +155,19 @@ def bench_model(key, models, args, device, compute_dtype, rows, device_name):
     for side in args.order.split(","):
         _free(device)
         t0 = time.perf_counter()
-        checkpointing = True  # the recipes of the baselines
+        checkpointing, estimate = True, {}  # the recipes of the baselines
         if side == "standard":
             model = load_standard(model_dir, device, compute_dtype)
         elif side == "bf16_lora":
             model = load_bf16_lora(model_dir, device, compute_dtype)
         else:
-            model, info, cfg = load_ours(model_dir, device, args)
+            model, info, cfg, estimate = load_ours(model_dir, device, args)
             checkpointing = cfg.memory.gradient_checkpointing
         load_s = time.perf_counter() - t0
         base_bytes = base_weight_bytes(model)
         counts = count_parameters(model)
         layers = checkpointed_layers(model)
-        r = {"model": key, "label": spec["label"], "side": side, "checkpointing": checkpointing, **layers,
+        r = {"model": key, "label": spec["label"], "side": side, "checkpointing": checkpointing, **layers, **estimate,
              **run_steps(model, device, args), "load_s": load_s, "base_weight_gib": base_bytes / GIB,
              "bf16_weight_gib": bf16_weight_bytes(model) / GIB, "fraction_4bit": counts["fraction_4bit"],
              "trainable": counts["trainable"]}
