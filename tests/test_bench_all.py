@@ -70,7 +70,9 @@ def test_run_all_tiny_lora_distill(tmp_path):
             assert row["met"] == f"no: speed {speed:.2f}"
         else:
             assert row["met"] == ("n/a: no memory figure" if "memory" in goal else "yes")
-        assert row["config"].startswith("ckpt true 2/2 vs true 2/2; first step ")
+        ckpt = [f"{str(r['checkpointing']).lower()} {r['checkpointed_layers']}/{r['decoder_layers']}" for r in (project, baseline)]
+        assert row["config"] == (f"ckpt {ckpt[0]} vs {ckpt[1]}; "
+                                 f"first step {project['first_step_s']:.1f} s vs {baseline['first_step_s']:.1f} s")
         # the printed table and the log carry the same row
         cells = table_line(proc.stdout, row["workload"])
         assert cells == [row["workload"], row["baseline"], row["project"], row["ratio"], row["goal"], row["met"],
