@@ -198,13 +198,10 @@ def pair_row(workload: str, baseline: dict, project: dict, goals: list[Goal]) ->
                ", ".join(map(str, goals)), verdict(values, goals), config)
 
 
-def failed_row(workload: str, goals: list[Goal], result: dict | None, missing: str) -> Row:
-    if result is None:
-        reason = "not run"
-    elif result["rc"] != 0:
-        reason = f"failed: {result['last_line']}"
-    else:
-        reason = f"failed: no row {missing} in {result['name']}'s JSON"
+def failed_row(workload: str, goals: list[Goal], result: dict, missing: str) -> Row:
+    """The row of a pair whose figures are missing: the benchmark's last output line when it failed."""
+    reason = (f"failed: {result['last_line']}" if result["rc"] != 0
+              else f"failed: no row {missing} in {result['name']}'s JSON")
     return Row(workload, reason, "", "", ", ".join(map(str, goals)), "failed", "")
 
 
@@ -214,9 +211,10 @@ def table_rows(mode: str, results: dict[str, dict]) -> list[tuple[Row, bool]]:
     out: list[tuple[Row, bool]] = []
 
     def add(workload, job, goals, make):
-        result = results.get(job)
+        """The row `make(result)` builds from `job`'s result, or a failed row; nothing when `job` did not run."""
         if job not in results:
             return
+        result = results[job]
         try:
             out.append((make(result), True))
         except Missing as e:
@@ -267,7 +265,9 @@ def table_rows(mode: str, results: dict[str, dict]) -> list[tuple[Row, bool]]:
 def markdown(rows: list[Row]) -> str:
     lines = ["| workload | baseline | project | ratio (project / baseline) | goal | met? | config (project vs baseline) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.workload} | {r.baseline} | {r.project} | {r.ratio} | {r.goal} | {r.met} | {r.config} |" for r in rows]
+    for row in rows:
+        cells = [str(value).replace("|", "\\|") for value in asdict(row).values()]  # an error line may hold a |
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
