@@ -357,7 +357,7 @@ def main(argv=None) -> int:
 
 def write_outputs(mode: str, header: dict, header_text: str, results: dict[str, dict], log_path: Path,
                   json_path: Path, merge: bool) -> tuple[str, list[str]]:
-    """Write the log and the JSON of `results`; returns (the header and the table, the failed jobs and rows)."""
+    """Write the log and the JSON of `results`; returns (the header and the table, what failed: jobs, rows)."""
     order = [job.name for job in jobs_for(mode, list(GROUPS), None, Path())]
     results = {name: results[name] for name in order if name in results}
     rows = table_rows(mode, results)
@@ -372,7 +372,11 @@ def write_outputs(mode: str, header: dict, header_text: str, results: dict[str, 
     log_path.write_text(f"{summary}\n# Output of every benchmark\n" + "".join(job_log(r) for r in results.values()))
     json_path.write_text(json.dumps({"header": header, "rows": [asdict(row) for row, _ in rows],
                                      "jobs": list(results.values())}, indent=1))
-    return summary, [r["name"] for r in results.values() if r["rc"] != 0] + [row.workload for row, ok in rows if not ok]
+    failed_jobs = [r["name"] for r in results.values() if r["rc"] != 0]
+    failed_rows = sum(not ok for _, ok in rows)
+    failed = ([f"jobs {', '.join(failed_jobs)}"] if failed_jobs else []) + ([f"{failed_rows} rows without figures"]
+                                                                            if failed_rows else [])
+    return summary, failed
 
 
 if __name__ == "__main__":
