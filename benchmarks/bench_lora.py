@@ -127,6 +127,14 @@ def run_row(name: str, seq: int, args, device) -> dict:
     return row
 
 
+def write_autotune_table(folder: Path) -> None:
+    """The configs fla's autotuners chose in this process, one fla config file per kernel."""
+    from trainkit.patches.fla import autotune_table_entries
+    folder.mkdir(parents=True, exist_ok=True)
+    for kernel, table in autotune_table_entries().items():
+        (folder / f"{kernel}.json").write_text(json.dumps(table, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["374m", "1.3b"], default="374m", help="model size (see the docstring)")
@@ -141,6 +149,9 @@ def main(argv=None) -> int:
                         help="tiny models on CPU (smoke test); unless given: vocab 1000, 64 tokens per step, "
                              "seqs 32 64, 2 timed steps, no warm-up")
     parser.add_argument("--json", help="also write the rows as JSON here (rewritten after each row)")
+    parser.add_argument("--dump-autotune-table", metavar="DIR",
+                        help="GPU: write the kernel configs fla's autotuners chose to DIR/<module.kernel>.json after each "
+                             "row (the format trainkit/fla_autotune/<GPU>/ ships; see README)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.shape = "tiny"
@@ -163,6 +174,8 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"device": device_name, "rows": rows}, indent=2))
+            if args.dump_autotune_table and device.type == "cuda" and "gla" in args.models:
+                write_autotune_table(Path(args.dump_autotune_table))
     print("\n| model | params | seq | batch | checkpointing (layers) | first step (s) | triton cache | step (ms) | tokens/s | peak memory (GiB) |")
     print("| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |")
     for r in rows:

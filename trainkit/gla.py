@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.adapters import PRESETS
-from trainkit.patches.fla import (guard_adapter_paths, patch_generation, use_autotune_table, use_reference_backend,
-                                  uses_reference_backend)
+from trainkit.patches.fla import (guard_adapter_paths, narrow_autotuning, patch_generation, use_autotune_table,
+                                  use_reference_backend, uses_reference_backend)
 
 __all__ = [
     "GLA_TARGET_MODULES", "FLA_INSTALL_HINT", "is_gla_config", "import_fla", "prepare_gla_config",
@@ -82,6 +82,8 @@ def import_fla():
     table = autotune_table_dir()
     if table is not None:  # tuned kernel configs for this GPU: no autotuning at the first step
         use_autotune_table(table)
+    if os.environ.get("TRAINKIT_FLA_AUTOTUNE_CONFIGS", "all").strip().lower() == "narrow":
+        narrow_autotuning()  # fewer configs to benchmark where the table has none
     return fla_models
 
 

@@ -44,7 +44,7 @@ from trainkit.linear_attention import reference_gla
 from trainkit.patches import LOCK_HINT, Patch
 
 __all__ = ["patch_generation", "use_reference_backend", "uses_reference_backend", "guard_adapter_paths",
-           "use_autotune_table", "autotune_table_entries"]
+           "use_autotune_table", "autotune_table_entries", "narrow_autotuning"]
 
 GENERATION = Patch(
     "fla.generation_cache_kwarg", "flash-linear-attention",
@@ -549,3 +549,20 @@ def autotune_table_entries() -> dict[str, dict]:
         tables[_kernel_name(autotuner)] = {"kernel_name": _kernel_name(autotuner), "triton_version": triton.__version__,
                                            "autotune_entries": entries}
     return tables
+
+
+def narrow_autotuning() -> int:
+    """Let fla's autotuners benchmark only the configs with 4 warps and 2 or 3 pipeline stages (their tile
+    sizes all kept): the first step of a new shape compiles a handful of configs per kernel instead of up to
+    ~24. Returns the number of autotuners narrowed. For kernels without such configs nothing changes."""
+    narrowed = 0
+    for autotuner in _fla_autotuners():
+        configs = list(autotuner.configs)
+        keep = ([c for c in configs if c.num_warps == 4 and c.num_stages in (2, 3)]
+                or [c for c in configs if c.num_warps == 4] or configs)
+        if len(keep) < len(configs):
+            autotuner.configs = keep
+            narrowed += 1
+    if narrowed:
+        AUTOTUNE_TABLE.mark_applied()
+    return narrowed
