@@ -81,7 +81,8 @@ class Row:
     config: str
 
 
-def jobs_for(mode: str, selected: list[str], checkpointing: str | None, cache_dir: Path) -> list[Job]:
+def jobs_for(mode: str, selected: list[str], checkpointing: str | None, cache_dir: Path,
+             autotune_table: str | None = None) -> list[Job]:
     """The subprocesses to run, in order: those of the selected groups, and the selected jobs by name."""
     short, long = SEQS[mode]
     tiny = ["--tiny"] if mode == "tiny" else []
@@ -91,7 +92,8 @@ def jobs_for(mode: str, selected: list[str], checkpointing: str | None, cache_di
         timed, warmup = STEPS[mode][bench]
         return ["--steps", str(timed), "--warmup", str(warmup)]
 
-    lora = [*tiny, *ckpt, *steps("lora"), "--seqs", str(short), str(long)]
+    dump = ["--dump-autotune-table", autotune_table] if autotune_table else []
+    lora = [*tiny, *ckpt, *dump, *steps("lora"), "--seqs", str(short), str(long)]
     first = [*tiny, *ckpt, "--shape", "374m", "--models", "gla", "--seqs", str(short), "--steps", "1", "--warmup", "0"]
     qlora = [*tiny, *ckpt, *steps("qlora")]
     distill = [*tiny, *ckpt, *steps("distill")]
@@ -314,6 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds a job may run before it is killed (its rows then say so); default: no limit")
     parser.add_argument("--out-dir", default=str(REPO / "docs"), help="where the log and JSON go (default docs/)")
+    parser.add_argument("--dump-autotune-table", metavar="DIR", default=None,
+                        help="the lora jobs write the kernel configs fla's autotuners chose to DIR (bench_lora.py "
+                             "--dump-autotune-table; how trainkit/fla_autotune/<GPU>/ is made)")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -343,7 +348,7 @@ def main(argv=None) -> int:
         results = {job["name"]: job for job in earlier["jobs"]}
         print(f"merging with the jobs in {json_path}: {', '.join(results)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
-        for job in jobs_for(mode, selected, args.checkpointing, Path(tmp) / "triton-cache"):
+        for job in jobs_for(mode, selected, args.checkpointing, Path(tmp) / "triton-cache", args.dump_autotune_table):
             results[job.name] = run_job(job, Path(tmp) / f"{job.name}.json", args.timeout)
             # written after every job: a run stopped from outside keeps what finished (--merge continues it)
             summary, failed = write_outputs(mode, header, header_text, results, log_path, json_path, args.merge)
