@@ -7,7 +7,6 @@ add a line to pytest.ini and an entry to SKIP_RULES below.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import threading
 from pathlib import Path
@@ -17,10 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-# The gpu tests run fla's kernels on small shapes where a kernel config's speed does not matter: benchmark
-# only a few configs per kernel (trainkit.patches.fla.narrow_autotuning), not the minutes of full autotuning
-# (subprocesses inherit it). A run can still ask for everything with TRAINKIT_FLA_AUTOTUNE_CONFIGS=all.
-os.environ.setdefault("TRAINKIT_FLA_AUTOTUNE_CONFIGS", "narrow")
 
 
 @functools.cache

@@ -82,9 +82,18 @@ def import_fla():
     table = autotune_table_dir()
     if table is not None:  # tuned kernel configs for this GPU: no autotuning at the first step
         use_autotune_table(table)
-    if os.environ.get("TRAINKIT_FLA_AUTOTUNE_CONFIGS", "all").strip().lower() == "narrow":
-        narrow_autotuning()  # fewer configs to benchmark where the table has none
+    if autotune_configs() == "narrow":
+        narrow_autotuning()  # a few configs to benchmark where the table has none, not minutes of them
     return fla_models
+
+
+def autotune_configs() -> str:
+    """TRAINKIT_FLA_AUTOTUNE_CONFIGS: "narrow" (default: fla's autotuners benchmark only their 4-warp, 2-3 stage
+    configs, after the kernel's own pruning) or "all" (fla's full autotuning: minutes per new shape)."""
+    value = os.environ.get("TRAINKIT_FLA_AUTOTUNE_CONFIGS", "narrow").strip().lower() or "narrow"
+    if value not in ("narrow", "all"):
+        raise ValueError(f"TRAINKIT_FLA_AUTOTUNE_CONFIGS={value!r}: expected narrow or all")
+    return value
 
 
 # fla kernel configs tuned on a GPU, one folder per GPU name as fla spells it (fla.ops.utils.cache.get_gpu_info)

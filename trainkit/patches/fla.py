@@ -551,18 +551,31 @@ def autotune_table_entries() -> dict[str, dict]:
     return tables
 
 
+def _preferred_configs(configs: list) -> list:
+    """Of the configs a kernel's own pruning kept, those with 4 warps and 2 or 3 pipeline stages (every tile size
+    kept); all of them when none is such."""
+    return ([c for c in configs if c.num_warps == 4 and c.num_stages in (2, 3)]
+            or [c for c in configs if c.num_warps == 4] or list(configs))
+
+
 def narrow_autotuning() -> int:
-    """Let fla's autotuners benchmark only the configs with 4 warps and 2 or 3 pipeline stages (their tile
-    sizes all kept): the first step of a new shape compiles a handful of configs per kernel instead of up to
-    ~24. Returns the number of autotuners narrowed. For kernels without such configs nothing changes."""
+    """Let fla's autotuners benchmark only the configs with 4 warps and 2 or 3 pipeline stages, chosen AFTER the
+    kernel's own pruning (which drops tiles too big for the shape and configs Triton miscompiles), so the
+    first step of a new shape compiles a handful of configs per kernel instead of up to ~24. Returns the number
+    of autotuners narrowed."""
     narrowed = 0
     for autotuner in _fla_autotuners():
-        configs = list(autotuner.configs)
-        keep = ([c for c in configs if c.num_warps == 4 and c.num_stages in (2, 3)]
-                or [c for c in configs if c.num_warps == 4] or configs)
-        if len(keep) < len(configs):
-            autotuner.configs = keep
-            narrowed += 1
+        if getattr(autotuner, "_trainkit_narrowed", False) or len(autotuner.configs) < 2:
+            continue
+        own_prune = autotuner.early_config_prune
+
+        def early_config_prune(configs, named_args, _own=own_prune, **kwargs):
+            kept = _own(configs, named_args, **kwargs) if _own else list(configs)
+            return _preferred_configs(kept)
+
+        autotuner.early_config_prune = early_config_prune
+        autotuner._trainkit_narrowed = True
+        narrowed += 1
     if narrowed:
         AUTOTUNE_TABLE.mark_applied()
     return narrowed
