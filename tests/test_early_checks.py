@@ -245,7 +245,11 @@ def test_router_stats_count_training_forwards_only():
     from moe_fixtures import batch, load
     from trainkit.moe import RouterStats
 
+    from trainkit.adapters import apply_lora
+    from trainkit.config.base import LoraSection
+
     model, _ = load("mixtral")
+    model = apply_lora(model, LoraSection(r=4, alpha=8, dropout=0.0))  # as trained: the loss has adapters to reach
     stats = RouterStats(model)
     model.eval()
     with torch.no_grad():

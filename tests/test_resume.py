@@ -320,7 +320,8 @@ DEMO_CONFIG_THEN = ["optimization.learning_rate=2e-4", "lora.target_modules=[q_p
 
 
 @pytest.mark.parametrize("script, config, overrides", [
-    ("train_qlora.py", "training_config.yaml", []),
+    # issue 13 changed training_config.yaml's checkpointing from true to auto
+    ("train_qlora.py", "training_config.yaml", ["memory.gradient_checkpointing=true"]),
     ("train_lora.py", "configs/gla_lora_sst2.yaml", DEMO_CONFIG_THEN),
     ("distill.py", "configs/distill_tiny_mamba2.yaml", ["training.epochs=2", "student.attention_layers=[1]"]),
 ])
