@@ -136,3 +136,17 @@ def test_apply_lora_uses_the_fused_forward_by_default_and_saves_peft_format(tmp_
     merged = copy.deepcopy(peft_model).merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_zero3_partitioned_adapters_take_peft_forward(monkeypatch):
+    """DeepSpeed ZeRO-3 marks its partitioned parameters with ds_id and gathers them in a hook on their own
+    module's forward: the fused forward, which reads lora_A.weight without calling lora_A, must step aside."""
+    import trainkit.fused_lora as fused_lora
+
+    plain, fused = _pair("llama", LoraSection(r=4, alpha=8, dropout=0.0), dtype=torch.float32, load_in_4bit=False)
+    for name, p in fused.named_parameters():
+        if "lora_" in name:
+            p.ds_id = 0
+    monkeypatch.setattr(fused_lora.LoRAUpdate, "apply", lambda *a: pytest.fail("fused path taken under ZeRO-3"))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch()).logits, plain(**batch()).logits)

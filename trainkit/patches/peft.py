@@ -20,7 +20,8 @@
     the patch off). The layer's class becomes a subclass of PEFT's with only ``forward`` replaced, so
     ``isinstance``, ``state_dict`` keys, saving and merging are PEFT's; DoRA and other variants,
     merged or disabled adapters, several active adapters and ``adapter_names`` batches take PEFT's
-    own forward.
+    own forward, and so do adapters whose weights DeepSpeed ZeRO-3 partitions (it gathers a weight
+    in a hook on its module's forward, which the fused forward does not call).
 
 ``peft.gradient_checkpointing_warning`` (``quiet_known_warnings()``)
     PEFT reads ``model.is_gradient_checkpointing``, which transformers 5.2x renamed and now
@@ -100,6 +101,10 @@ def _fused_forward(self, x, *args, **kwargs):
         return super(type(self), self).forward(x, *args, **kwargs)
     name = active[0]
     if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+        return super(type(self), self).forward(x, *args, **kwargs)
+    if hasattr(self.lora_A[name].weight, "ds_id"):
+        # DeepSpeed ZeRO-3 gathers a partitioned weight in a hook on ITS module's forward, which reading
+        # lora_A.weight here would skip: PEFT's forward calls lora_A and lora_B as modules
         return super(type(self), self).forward(x, *args, **kwargs)
     result = self.base_layer(x)
     return lora_update(result, self.lora_dropout[name](x), self.lora_A[name].weight, self.lora_B[name].weight,
