@@ -175,8 +175,7 @@ def apply_lora(model: nn.Module, lora: LoraSection):
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     with no_moe_target_remap(model_type):
         peft_model = get_peft_model(model, config)
-    # DoRA keeps PEFT's forward (its magnitude vector needs the full weight norm)
-    fused = use_fused_lora_forward(peft_model) if lora.fused_forward and lora.variant != "dora" else 0
+    fused = use_fused_lora_forward(peft_model) if lora.fused_forward else 0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     peft_model.trainkit_lora_info = {"target_modules": sorted({_leaf(t) for t in targets}),
                                      "num_targets": len(targets), "trainable": trainable, "variant": lora.variant,

@@ -35,6 +35,7 @@ import contextlib
 import importlib.util
 import warnings
 
+from trainkit.fused_lora import lora_update
 from trainkit.patches import LOCK_HINT, Patch
 
 __all__ = ["no_moe_target_remap", "quiet_known_warnings", "use_fused_lora_forward"]
@@ -90,21 +91,25 @@ _LORA_LAYER_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "lora_dropout", "sca
 _FUSED_CLASSES: dict[type, type] = {}
 
 
-def _fused_forward(self, x, *args, **kwargs):
-    """PEFT's LoRA forward for one plain (or rsLoRA) adapter, through trainkit.fused_lora; anything else
-    (adapters disabled or merged, several active adapters, DoRA and other variants, a LoRA bias, extra
-    forward arguments such as adapter_names) goes to PEFT's own forward."""
-    from trainkit.fused_lora import lora_update
-
-    active = self.active_adapters
-    if self.disable_adapters or self.merged or args or kwargs or len(active) != 1:
-        return super(type(self), self).forward(x, *args, **kwargs)
+def _fusable_adapter(layer) -> str | None:
+    """The name of the one plain (or rsLoRA) adapter the fused forward can compute for `layer`, or None:
+    adapters disabled or merged, several active adapters, DoRA and other variants, a LoRA bias, or weights
+    DeepSpeed ZeRO-3 partitions (it gathers a weight in a hook on ITS module's forward, which reading
+    lora_A.weight here would skip; PEFT's forward calls lora_A and lora_B as modules)."""
+    active = layer.active_adapters
+    if layer.disable_adapters or layer.merged or len(active) != 1:
+        return None
     name = active[0]
-    if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
-        return super(type(self), self).forward(x, *args, **kwargs)
-    if hasattr(self.lora_A[name].weight, "ds_id"):
-        # DeepSpeed ZeRO-3 gathers a partitioned weight in a hook on ITS module's forward, which reading
-        # lora_A.weight here would skip: PEFT's forward calls lora_A and lora_B as modules
+    if name not in layer.lora_A or name in layer.lora_variant or layer.lora_B[name].bias is not None:
+        return None
+    return None if hasattr(layer.lora_A[name].weight, "ds_id") else name
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """PEFT's LoRA forward through trainkit.fused_lora where _fusable_adapter allows it; PEFT's own forward
+    otherwise, and for extra forward arguments such as adapter_names."""
+    name = None if args or kwargs else _fusable_adapter(self)
+    if name is None:
         return super(type(self), self).forward(x, *args, **kwargs)
     result = self.base_layer(x)
     return lora_update(result, self.lora_dropout[name](x), self.lora_A[name].weight, self.lora_B[name].weight,
@@ -122,9 +127,10 @@ def _fused_class(cls: type) -> type:
 
 
 def use_fused_lora_forward(model) -> int:
-    """Switch every PEFT LoRA layer over an nn.Linear or a bitsandbytes Linear4bit base to the fused forward;
-    returns how many layers were switched. Raises PatchError when PEFT's layers no longer have the attributes
-    the fused forward reads (a PEFT newer than the checked one)."""
+    """Switch every PEFT LoRA layer over an nn.Linear or a bitsandbytes Linear4bit base to the fused forward,
+    except layers whose adapters are all variants (DoRA: its magnitude vector needs the full weight norm, so
+    it keeps PEFT's forward); returns how many layers were switched. Raises PatchError when PEFT's layers no
+    longer have the attributes the fused forward reads (a PEFT newer than the checked one)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     classes = [LoraLinear]
     try:
@@ -141,6 +147,8 @@ def use_fused_lora_forward(model) -> int:
         if missing:
             raise FUSED_LORA_FORWARD.error(f"LoRA layer {cls.__qualname__} has no {', '.join(missing)}",
                                            "set lora.fused_forward: false, or " + LOCK_HINT)
+        if module.lora_A and all(name in module.lora_variant for name in module.lora_A):
+            continue
         module.__class__ = _fused_class(cls)
         switched += 1
     if switched:
