@@ -5,6 +5,7 @@
     python benchmarks/bench_lora.py --shape 1.3b            # the fla-hub/gla-1.3B-100B shape and its Llama twin
     python benchmarks/bench_lora.py --models gla --seqs 2048 --steps 5 --json out.json
     python benchmarks/bench_lora.py --checkpointing false --set lora.dropout=0.05
+    python benchmarks/bench_lora.py --seqs 2048 --profile prof/   # where a step's GPU and host time go
     python benchmarks/bench_lora.py --tiny                  # CPU smoke test (tiny models, reference GLA backend)
 
 Both models are random-init, built and adapted exactly as train_lora.py does (trainkit.models.load_model,
@@ -116,15 +117,34 @@ def run_row(name: str, seq: int, args, device) -> dict:
         step()
     times = [step() for _ in range(args.steps)]
     mean = sum(times) / len(times)
+    profiled = profile_steps(step, device, Path(args.profile) / f"profile_{args.shape}_{name}_{seq}.txt") if args.profile else {}
     peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
     row = {"shape": args.shape, "model": name, "seq": seq, "batch": batch, "parameters": info["parameters"]["total"],
            "trainable": sum(p.numel() for p in params), "checkpointing": cfg.memory.gradient_checkpointing,
            **checkpointed_layers(model), **estimate, "first_step_s": round(first, 2), "step_ms": round(1000 * mean, 1),
-           "tokens_per_s": round(batch * seq / mean), "peak_gib": peak, "triton_cache": cache}
+           "tokens_per_s": round(batch * seq / mean), "peak_gib": peak, "triton_cache": cache, **profiled}
     model = optimizer = ids = None  # free before the next row (not `del`: step() closes over them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(step, device, path: Path, steps: int = 2) -> dict:
+    """`steps` more steps under torch.profiler: writes the operators by GPU time and by host time to `path`;
+    returns how busy the GPU was (kernel time / wall time of those steps) for the row."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = sum(step() for _ in range(steps))
+    averages = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy = kernel_us / 1e6 / wall
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps, {wall * 1000 / steps:.1f} ms per step, GPU kernels busy {busy:.0%} of the wall time\n\n"
+                    "by GPU time:\n" + averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+                    + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    return {"profiled_step_ms": round(wall * 1000 / steps, 1), "gpu_busy": round(busy, 3)}
 
 
 def write_autotune_table(folder: Path) -> None:
@@ -149,6 +169,9 @@ def main(argv=None) -> int:
                         help="tiny models on CPU (smoke test); unless given: vocab 1000, 64 tokens per step, "
                              "seqs 32 64, 2 timed steps, no warm-up")
     parser.add_argument("--json", help="also write the rows as JSON here (rewritten after each row)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the timed steps, 2 more under torch.profiler: DIR/profile_<shape>_<model>_<seq>.txt "
+                             "lists the operators by GPU and by host time; the row gets gpu_busy (kernel time / wall time)")
     parser.add_argument("--dump-autotune-table", metavar="DIR",
                         help="GPU: write the kernel configs fla's autotuners chose to DIR/<module.kernel>.json after each "
                              "row (the format trainkit/fla_autotune/<GPU>/ ships; see README)")

@@ -7,6 +7,7 @@
     python benchmarks/run_all.py --tiny                   # CPU: every benchmark in its --tiny mode
     python benchmarks/run_all.py --checkpointing false    # memory.gradient_checkpointing of every project side
     python benchmarks/run_all.py --only qlora_moe --merge # one job; the table keeps the other jobs' earlier results
+    python benchmarks/run_all.py --only qlora --set memory.activation_memory_budget_gib=2.5   # a config key
 
 Each benchmark runs as a subprocess (`python benchmarks/bench_X.py ... --json TMP`), its lines printed as they
 come, prefixed with the job's name. Every figure of the table comes from those JSON files: tokens/s and peak
@@ -82,11 +83,12 @@ class Row:
 
 
 def jobs_for(mode: str, selected: list[str], checkpointing: str | None, cache_dir: Path,
-             autotune_table: str | None = None) -> list[Job]:
+             autotune_table: str | None = None, settings: list[str] = ()) -> list[Job]:
     """The subprocesses to run, in order: those of the selected groups, and the selected jobs by name."""
     short, long = SEQS[mode]
     tiny = ["--tiny"] if mode == "tiny" else []
     ckpt = ["--checkpointing", checkpointing] if checkpointing is not None else []
+    ckpt += [arg for setting in settings for arg in ("--set", setting)]
 
     def steps(bench):
         timed, warmup = STEPS[mode][bench]
@@ -313,6 +315,9 @@ def main(argv=None) -> int:
                              "log then cover every job run so far (for machines that allow only short commands)")
     parser.add_argument("--checkpointing", default=None,
                         help="memory.gradient_checkpointing of every project side (auto, true, false); default: the config's")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a trainkit config key of every project side (repeatable), e.g. "
+                             "memory.activation_memory_budget_gib=2.5; the job's command in the log shows it")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds a job may run before it is killed (its rows then say so); default: no limit")
     parser.add_argument("--out-dir", default=str(REPO / "docs"), help="where the log and JSON go (default docs/)")
@@ -348,7 +353,8 @@ def main(argv=None) -> int:
         results = {job["name"]: job for job in earlier["jobs"]}
         print(f"merging with the jobs in {json_path}: {', '.join(results)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
-        for job in jobs_for(mode, selected, args.checkpointing, Path(tmp) / "triton-cache", args.dump_autotune_table):
+        for job in jobs_for(mode, selected, args.checkpointing, Path(tmp) / "triton-cache", args.dump_autotune_table,
+                            args.set):
             results[job.name] = run_job(job, Path(tmp) / f"{job.name}.json", args.timeout)
             # written after every job: a run stopped from outside keeps what finished (--merge continues it)
             summary, failed = write_outputs(mode, header, header_text, results, log_path, json_path, args.merge)

@@ -118,3 +118,19 @@ def test_run_all_failed_or_killed_benchmark_gives_failed_rows_and_merge_keeps_ea
     killed = [row for row in result["rows"] if row["workload"].startswith("distill, ")]
     assert len(killed) == 2
     assert all(row["baseline"] == "failed: killed: still running after --timeout 0.5 s" for row in killed)
+
+
+def test_bench_lora_profile_writes_operator_tables(tmp_path):
+    """--profile: 2 more steps per row under torch.profiler, their operator tables in DIR, gpu_busy in the row."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_lora.py", "--tiny", "--seqs", "32", "--profile",
+                           str(tmp_path / "prof"), "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"gla", "llama"}
+    for r in rows:
+        assert r["gpu_busy"] == 0 and r["profiled_step_ms"] > 0  # CPU: no kernel time
+        text = (tmp_path / "prof" / f"profile_tiny_{r['model']}_32.txt").read_text()
+        assert text.startswith("2 steps, ") and "by GPU time:" in text and "by host time:" in text
+        assert "aten::mm" in text or "aten::addmm" in text

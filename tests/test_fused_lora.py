@@ -87,6 +87,29 @@ def test_fused_forward_equals_peft_with_dropout():
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4)
 
 
+def test_cast_copies_follow_optimizer_steps_and_loaded_state():
+    """The compute copies of A and scaling*B are made once per step: after AdamW steps both paths, and after
+    an adapter state is loaded into both, the fused path still computes PEFT's loss (no stale copy), and
+    within a step the copy is reused, not recast."""
+    plain, fused = _pair("llama", LoraSection(r=4, alpha=8, dropout=0.0), dtype=torch.bfloat16, load_in_4bit=False)
+    inputs = batch()
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, fused)]
+    for _ in range(2):
+        _assert_same(plain, fused, inputs, atol=2e-2, rtol=5e-2)
+        for opt in opts:
+            opt.step()
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    _loss_and_grads(fused, inputs)
+    copies = layer._trainkit_compute_copies["default"]["copies"]
+    _loss_and_grads(fused, inputs)
+    assert layer._trainkit_compute_copies["default"]["copies"] is copies  # same step: reused
+    state = {k: v + 0.01 for k, v in plain.state_dict().items() if "lora_" in k}
+    for m in (plain, fused):
+        m.load_state_dict(state, strict=False)
+    _assert_same(plain, fused, inputs, atol=2e-2, rtol=5e-2)
+    assert layer._trainkit_compute_copies["default"]["copies"] is not copies
+
+
 def test_fused_forward_bf16_base_keeps_fp32_adapters():
     """bf16 base (the GPU case): the update runs in bf16, the adapter weights and gradients stay fp32; the
     result is PEFT's fp32-adapter result within bf16 rounding."""

@@ -286,6 +286,13 @@ def test_prepare_config_notes():
     prepare_gla_config(c, on_cuda=True, fused_swiglu=False, adapter_targets=["q_proj"], modules_to_save=None)
     assert c.fuse_linear_cross_entropy is True
 
+    c = config()  # model.fused_linear_cross_entropy: on for GPUs, its fused loss replaces fla's fused CE ...
+    notes = prepare_gla_config(c, on_cuda=True, adapter_targets=["q_proj"], fused_linear_cross_entropy=True)
+    assert c.fuse_linear_cross_entropy is True and c.fuse_cross_entropy is False, notes
+    c = config()  # ... unless lm_head is adapted
+    prepare_gla_config(c, on_cuda=True, adapter_targets=["q_proj", "lm_head"], fused_linear_cross_entropy=True)
+    assert c.fuse_linear_cross_entropy is False
+
     c = config(fuse_linear_cross_entropy=True, fuse_cross_entropy=False)  # CPU: every fused kernel off
     notes = prepare_gla_config(c, on_cuda=False, fused_swiglu=True, adapter_targets=None, modules_to_save=None)
     assert not (c.fuse_swiglu or c.fuse_cross_entropy or c.fuse_linear_cross_entropy)

@@ -152,6 +152,32 @@ def test_triton_path_matches_reference_backend(dtype, logit_tol, min_cos, grad_t
     _compare_grads(ga, gb, min_cos, grad_tol, f"{dtype} LoRA grads")
 
 
+@pytest.mark.parametrize("dtype, loss_tol, min_cos, grad_tol", [
+    (torch.float32, 1e-4, 0.9999, 1e-2),
+    (torch.bfloat16, 2e-2, 0.99, 0.15),
+], ids=["fp32", "bf16"])
+def test_fused_linear_cross_entropy_keeps_loss_and_adapter_gradients(dtype, loss_tol, min_cos, grad_tol):
+    """model.fused_linear_cross_entropy (train_lora's default on a GPU): fla's fused linear cross-entropy gives
+    the loss and LoRA gradients of the logits-then-loss path, padding labels included, with no logits."""
+    _require()
+    from trainkit.gla import GLA_TARGET_MODULES, prepare_gla_config
+    plain_config, fused_config = _config(), _config()
+    prepare_gla_config(plain_config, on_cuda=True, adapter_targets=GLA_TARGET_MODULES, modules_to_save=[])
+    notes = prepare_gla_config(fused_config, on_cuda=True, adapter_targets=GLA_TARGET_MODULES, modules_to_save=[],
+                               fused_linear_cross_entropy=True)
+    assert fused_config.fuse_linear_cross_entropy and not fused_config.fuse_cross_entropy, notes
+    assert not plain_config.fuse_linear_cross_entropy
+    plain = _lora(_model(plain_config, dtype), modules_to_save=())
+    fused = _lora(_model(fused_config, dtype), modules_to_save=())
+    ids, mask, labels = _batch()
+    loss_fused, g_fused = _grads(fused, ids, mask, labels)
+    loss_plain, g_plain = _grads(plain, ids, mask, labels)
+    print(f"[{dtype}] loss: fused linear CE {loss_fused.item():.6f}, logits then CE {loss_plain.item():.6f}")
+    assert abs(loss_fused.item() - loss_plain.item()) < loss_tol * abs(loss_plain.item())
+    assert fused(input_ids=ids, attention_mask=mask, labels=labels).logits is None  # none materialised
+    _compare_grads(g_fused, g_plain, min_cos, grad_tol, f"{dtype} LoRA grads, fused linear CE")
+
+
 def test_fused_swiglu_down_proj_adapter_gets_gradient_through_triton_swiglu():
     """A config with fuse_swiglu=True (as hub configs have): fla's swiglu_linear skips a down_proj
     LoRA; after guard_adapter_paths the MLP runs fla's Triton swiglu, then down_proj as a module."""

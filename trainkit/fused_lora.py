@@ -11,10 +11,11 @@ LoRA step spent 98 ms of 319 ms of kernel time in those casts and copies (DESIGN
     result + scaling * (x @ A^T) @ B^T
 
 in the dtype of ``x`` (the base's compute dtype: bf16 on GPUs), with one GEMM for ``x @ A^T`` and one
-``addmm`` that multiplies by B, scales and adds the base output together. Only the rank-r copies of A
-and B are cast (not the activations); A and B stay fp32 parameters, so AdamW updates fp32 master
-weights and their gradients arrive in fp32. The backward is written out: three GEMMs (dA, dB and the
-input's share) instead of autograd's node-by-node walk. Saved for backward: ``x`` in the compute dtype
+``addmm`` that multiplies by B and adds the base output together. Only the rank-r copies of A and
+scaling * B are cast (not the activations), once per optimizer step (``compute_copies``: a step is host-
+bound on small models, and every cast is a kernel launch); A and B stay fp32 parameters, so AdamW
+updates fp32 master weights and their gradients arrive in fp32. The backward is written out: four
+GEMMs (dA, dB and the input's share) and two casts, instead of autograd's node-by-node walk. Saved for backward: ``x`` in the compute dtype
 (PEFT saves it in fp32, twice the bytes) and the rank-r product ``x @ A^T``.
 
 The base layer (``nn.Linear``, bitsandbytes ``Linear4bit``, ...) runs unchanged before it; dropout is
@@ -29,20 +30,18 @@ import torch
 
 
 class LoRAUpdate(torch.autograd.Function):
-    """result + scaling * (x A^T) B^T, computed in x's dtype; gradients for result, x, A, B (A, B in their dtype)."""
+    """result + (x a^T) b^T with a = A and b = scaling * B in x's dtype (see compute_copies); gradients for
+    result, x and the fp32 masters A and B."""
 
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float) -> torch.Tensor:
+                scaling: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         compute = x.dtype
-        a = lora_a.to(compute)                      # [r, in]
-        b = lora_b.to(compute)                      # [out, r]
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ a.t()                             # [N, r]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(compute), xa, b.t(), alpha=scaling)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(compute), xa, b.t())
         ctx.save_for_backward(x2, xa, a, b)
         ctx.scaling = scaling
-        ctx.result_dtype = result.dtype
         ctx.master_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.x_shape = x.shape
         return out.view(*result.shape[:-1], out.shape[-1]).to(result.dtype)
@@ -50,21 +49,36 @@ class LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2, xa, a, b = ctx.saved_tensors
-        s = ctx.scaling
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
         grad_result = grad_out if ctx.needs_input_grad[0] else None
         grad_x = grad_a = grad_b = None
-        dy_b = dy @ b                                # [N, r]
+        dy_b = dy @ b                                # [N, r], scaled by s (b is)
         if ctx.needs_input_grad[1]:
-            grad_x = (dy_b @ a).mul_(s).view(ctx.x_shape)
+            grad_x = (dy_b @ a).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
-            grad_a = (dy_b.t() @ x2).mul_(s).to(ctx.master_dtypes[0])
+            grad_a = (dy_b.t() @ x2).to(ctx.master_dtypes[0])
         if ctx.needs_input_grad[3]:
-            grad_b = (dy.t() @ xa).mul_(s).to(ctx.master_dtypes[1])
-        return grad_result, grad_x, grad_a, grad_b, None
+            # s * dy^T xa in one GEMM: with beta=0 addmm ignores its first argument (a 0-dim placeholder)
+            grad_b = torch.addmm(dy.new_empty(()), dy.t(), xa, beta=0, alpha=ctx.scaling).to(ctx.master_dtypes[1])
+        return grad_result, grad_x, grad_a, grad_b, None, None, None
+
+
+def compute_copies(cache: dict, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and scaling * B in the compute dtype, detached, kept in `cache` (one per layer) until either master
+    changes: the optimizer updates them in place, which bumps their version counters, so a step computes each
+    copy once (and not again in every micro batch or in checkpointing's recompute)."""
+    key = (lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(), dtype, scaling)
+    if cache.get("key") != key:
+        with torch.no_grad():
+            cache["copies"] = (lora_a.to(dtype, copy=True), (lora_b * scaling).to(dtype))
+        cache["key"] = key
+    return cache["copies"]
 
 
 def lora_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float) -> torch.Tensor:
-    """``result + scaling * (x @ lora_a.T) @ lora_b.T`` in x's dtype (see LoRAUpdate)."""
-    return LoRAUpdate.apply(result, x, lora_a, lora_b, float(scaling))
+                scaling: float, cache: dict | None = None) -> torch.Tensor:
+    """``result + scaling * (x @ lora_a.T) @ lora_b.T`` in x's dtype (see LoRAUpdate); `cache`: a dict kept with
+    the layer for compute_copies (None: cast on every call)."""
+    a, b = compute_copies({} if cache is None else cache, lora_a, lora_b, float(scaling), x.dtype)
+    return LoRAUpdate.apply(result, x, lora_a, lora_b, float(scaling), a, b)

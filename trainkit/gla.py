@@ -149,7 +149,8 @@ def _names(targets, name: str) -> bool:
 
 
 def prepare_gla_config(config, *, on_cuda: bool, fused_swiglu: bool = False, adapter_targets=None,
-                       modules_to_save=None, attn_mode: str | None = None) -> list[str]:
+                       modules_to_save=None, attn_mode: str | None = None,
+                       fused_linear_cross_entropy: bool = False) -> list[str]:
     """Edit a GLA config in place before the model is built; returns notes of what changed.
 
     on_cuda: the model will run on a CUDA device (fla's Triton kernels); otherwise every fused
@@ -160,6 +161,10 @@ def prepare_gla_config(config, *, on_cuda: bool, fused_swiglu: bool = False, ada
     adapter_targets / modules_to_save: the LoRA target names (as in lora.target_modules, presets
     and "all_linear" included) and PEFT modules_to_save.
     attn_mode: overrides config.attn_mode when given.
+    fused_linear_cross_entropy: on CUDA, switch fla's fused linear cross-entropy on (model.fused_linear_cross_entropy)
+    unless lm_head is adapted or saved: the training loss is computed from the hidden states in chunks, without
+    the (tokens x vocab) logits (the forward then returns no logits when it gets labels; evaluation and generation
+    call it without labels and get them). False: the config's own flags stay.
     """
     notes: list[str] = []
 
@@ -199,6 +204,9 @@ def prepare_gla_config(config, *, on_cuda: bool, fused_swiglu: bool = False, ada
         if head_adapted and getattr(config, "fuse_linear_cross_entropy", False):
             setflag("fuse_linear_cross_entropy", False, "it reads lm_head.weight and would skip the lm_head "
                                                         "adapter / modules_to_save copy")
+        elif fused_linear_cross_entropy and not head_adapted:
+            setflag("fuse_linear_cross_entropy", True, "model.fused_linear_cross_entropy: no tokens x vocab logits "
+                                                       "in the training loss")
     if getattr(config, "fuse_linear_cross_entropy", False) and getattr(config, "fuse_cross_entropy", False):
         setflag("fuse_cross_entropy", False, "fla allows only one of the fused losses")
     return notes

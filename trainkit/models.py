@@ -366,13 +366,15 @@ def load_model(cfg: TrainConfig, device, tokenizer, dtype: str,
     gla = getattr(config, "model_type", None) == "gla"
     if gla:
         from trainkit.gla import prepare_gla_config, use_reference_backend
-        # model.fused_swiglu and model.attn_mode are train_lora.py's keys (the GLA script); other
+        # model.fused_swiglu, model.attn_mode and model.fused_linear_cross_entropy are train_lora.py's keys (the
+        # GLA script); other
         # scripts have no such keys and get fla's defaults
         notes += prepare_gla_config(config, on_cuda=device.type == "cuda",
                                     fused_swiglu=getattr(model_cfg, "fused_swiglu", False),
                                     adapter_targets=cfg.lora.target_modules,  # names, presets, "auto"
                                     modules_to_save=list(cfg.lora.modules_to_save),
-                                    attn_mode=getattr(model_cfg, "attn_mode", None))
+                                    attn_mode=getattr(model_cfg, "attn_mode", None),
+                                    fused_linear_cross_entropy=getattr(model_cfg, "fused_linear_cross_entropy", False))
     num_experts, top_k = moe_fields(config)
     if num_experts:
         config.output_router_logits = True      # outputs carry aux_loss (added to loss by the model)

@@ -112,8 +112,9 @@ def _fused_forward(self, x, *args, **kwargs):
     if name is None:
         return super(type(self), self).forward(x, *args, **kwargs)
     result = self.base_layer(x)
+    cache = self.__dict__.setdefault("_trainkit_compute_copies", {}).setdefault(name, {})
     return lora_update(result, self.lora_dropout[name](x), self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name])
+                       self.scaling[name], cache)
 
 
 def _fused_class(cls: type) -> type:
