@@ -68,6 +68,8 @@ def compute_copies(cache: dict, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     """A and scaling * B in the compute dtype, detached, kept in `cache` (one per layer) until either master
     changes: the optimizer updates them in place, which bumps their version counters, so a step computes each
     copy once (and not again in every micro batch or in checkpointing's recompute)."""
+    if torch.is_inference_mode_enabled():  # inference tensors could not be saved for a later backward: no caching
+        return lora_a.to(dtype), (lora_b * scaling).to(dtype)
     key = (lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(), dtype, scaling)
     if cache.get("key") != key:
         with torch.no_grad():
