@@ -71,3 +71,28 @@ def test_archive_run_dir_never_overwrites(tmp_path):
         kept.append(archive_run_dir(run))
     assert not run.exists() and first[0] != second[0]
     assert (first[0] / "marker").read_text() == "0" and (second[0] / "marker").read_text() == "1"
+
+
+def test_checkpoint_config_from_trainer_state_or_run_json(tmp_path):
+    """The config a checkpoint was trained with, as export and generate read it: trainer_state.json in a
+    checkpoint, run.json of the run for best-adapter/; a clear error where there is none."""
+    import json
+
+    import pytest
+
+    from trainkit.checkpoints import checkpoint_config
+    from trainkit.config import validate
+    from trainkit.config.lora import LoRAConfig
+    from trainkit.resume_check import stored_config
+    cfg = validate({"script": "train_lora.py", "lora": {"r": 4}, "paths": {"model_name_or_path": "some/model"}},
+                   LoRAConfig)
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+    (run / "best-adapter").mkdir()
+    (run / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"step": 3, "config": stored_config(cfg)}))
+    (run / "run.json").write_text(json.dumps({"config": stored_config(cfg)}))
+    got = checkpoint_config(run / "checkpoint-3")
+    assert isinstance(got, LoRAConfig) and got.lora.r == 4 and got.paths.model_name_or_path == "some/model"
+    assert checkpoint_config(run / "best-adapter").lora.r == 4
+    with pytest.raises(FileNotFoundError, match="no training config found"):
+        checkpoint_config(tmp_path / "elsewhere")

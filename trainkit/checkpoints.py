@@ -83,6 +83,30 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
     return state
 
 
+def checkpoint_config(path: str | os.PathLike):
+    """The validated training config a checkpoint directory was written with, for tools that use a finished
+    checkpoint (trainkit.export, trainkit.generate): the `config` of its trainer_state.json
+    (checkpoint-<step>, final-checkpoint-<step>), else of its run directory's run.json (best-adapter/, or
+    any directory directly inside a run directory). Secrets were redacted when it was stored. Raises
+    FileNotFoundError naming the directory when neither holds a config."""
+    from trainkit.config import validate
+    from trainkit.config.scripts import SCRIPT_CONFIGS
+    path = Path(path)
+    state = read_json(path / TRAINER_STATE_FILE)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not config:
+        info = read_json(path.parent / RUN_INFO_FILE)
+        config = info.get("config") if isinstance(info, dict) else None
+    if not isinstance(config, dict):
+        raise FileNotFoundError(f"{path}: no training config found (no {TRAINER_STATE_FILE} with a config here, "
+                                f"no {RUN_INFO_FILE} in {path.parent})")
+    script = config.get("script")
+    if script not in SCRIPT_CONFIGS:
+        raise FileNotFoundError(f"{path}: the stored config names no known script (script: {script!r})")
+    stored = {k: v for k, v in config.items() if k != "run_dir"}  # as_dict() adds run_dir; it is not a key
+    return validate(stored, SCRIPT_CONFIGS[script])
+
+
 def remove_partial_saves(run_dir: str | os.PathLike) -> None:
     """Clean up after a save that a crash interrupted: a complete copy that commit_directory had
     moved aside (`.tmp-old-<name>`) goes back to `<name>` when the new copy never arrived; every
