@@ -15,8 +15,9 @@ in the dtype of ``x`` (the base's compute dtype: bf16 on GPUs), with one GEMM fo
 scaling * B are cast (not the activations), once per optimizer step (``compute_copies``: a step is host-
 bound on small models, and every cast is a kernel launch); A and B stay fp32 parameters, so AdamW
 updates fp32 master weights and their gradients arrive in fp32. The backward is written out: four
-GEMMs (dA, dB and the input's share) and two casts, instead of autograd's node-by-node walk. Saved for backward: ``x`` in the compute dtype
-(PEFT saves it in fp32, twice the bytes) and the rank-r product ``x @ A^T``.
+GEMMs (dA, dB and the input's share) and two casts, instead of autograd's node-by-node walk. Saved for
+backward: ``x`` in the compute dtype (PEFT saves it in fp32, twice the bytes) and the rank-r product
+``x @ A^T``.
 
 The base layer (``nn.Linear``, bitsandbytes ``Linear4bit``, ...) runs unchanged before it; dropout is
 PEFT's own module, applied before (``x`` here is the dropped input). Which PEFT layers take this path
