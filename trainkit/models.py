@@ -158,7 +158,10 @@ def probe_activations(model: nn.Module, device, tokens: int = PROBE_TOKENS,
                 outside[0] += storage.nbytes()
             else:
                 layer_bytes[current[0]] += storage.nbytes()
-        return tensor
+        # not the tensor itself: a saved OUTPUT of a node would then hold that node (its grad_fn), which holds the
+        # packed object, a reference cycle through C++ that no garbage collection frees: the whole probe graph
+        # leaked on every call. The probe never runs backward; a detached view keeps the data for a caller that would.
+        return tensor.detach()
 
     def before(layer, args, kwargs):
         i = index[id(layer)]
