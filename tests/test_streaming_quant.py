@@ -134,6 +134,9 @@ def test_quantized_on_load_equals_post_load(checkpoints, family, layout):
     for name in a:
         pa, pb = dict(a[name].named_parameters()), dict(b[name].named_parameters())
         assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa), name
+        # the statistics stay as bitsandbytes makes them (fp32), not cast to the compute dtype with the norms
+        stats = {k: v.dtype for k, v in pa.items() if v.is_floating_point()}
+        assert stats and set(stats.values()) == {torch.float32}, (name, stats)
     sa, sb = streamed.state_dict(), post.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert info["parameters"] == info_post["parameters"]

@@ -32,7 +32,7 @@ from trainkit.config.base import TrainConfig
 from trainkit.config.qlora import QuantizationSection
 from trainkit.patches.bitsandbytes import keep_cpu_4bit_layout
 from trainkit.patches.transformers import quantize_experts_on_load
-from trainkit.quantization import (count_parameters, float_expert_params, iter_expert_modules,
+from trainkit.quantization import (NF4ExpertBank, count_parameters, float_expert_params, iter_expert_modules,
                                    non_embedding_parameters, quantize_moe_experts)
 from trainkit.runtime import resolve_dtype
 
@@ -423,9 +423,13 @@ def load_model(cfg: TrainConfig, device, tokenizer, dtype: str,
     for p in model.parameters():
         p.requires_grad_(False)
     keep_cpu_4bit_layout(model)  # no repacking after an evaluation: one numeric path (trainkit.patches.bitsandbytes)
-    # norms / embeddings / head stay in the compute dtype (no fp32 upcast)
+    # norms / embeddings / head stay in the compute dtype (no fp32 upcast); 4-bit weights and the NF4 expert
+    # banks' quantization statistics (absmax, the double-quant code and offset) keep their own dtypes, as
+    # bitsandbytes keeps Linear4bit's: in bf16 they would shift every dequantized expert weight
+    bank_stats = {id(p) for m in model.modules() if isinstance(m, NF4ExpertBank) for p in m.parameters()}
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit":
+        if (p.is_floating_point() and p.dtype != compute_dtype and type(p).__name__ != "Params4bit"
+                and id(p) not in bank_stats):
             p.data = p.data.to(compute_dtype)
 
     model.config.use_cache = False
