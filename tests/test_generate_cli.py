@@ -145,6 +145,13 @@ def test_gla_checkpoint_reproduces_the_runs_predictions(gla_run):
     completions = [json.loads(line)["completion"] for line in result.stdout.splitlines()]
     assert completions == [r["prediction"] for r in rows]
 
+    # --task-format: the sentence alone (SST-2 has one text field) or its JSON fields give the run's prompt
+    sentences = [r["prompt"].split("Sentence: ", 1)[1].removesuffix("\nAnswer:") for r in rows]
+    inputs = [sentences[0], *[json.dumps({"sentence": s}) for s in sentences[1:]]]
+    result = generate_cli("--checkpoint", gla_run / "best-adapter", "--task-format", "--jsonl", *inputs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == completions
+
 
 # ---------------------------------------------------------------------------------------------- model dirs
 
@@ -237,6 +244,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, model_dir, capsys):
         (str(model_dir), "hi", "--max-new-tokens", "0"): "--max-new-tokens: must be >= 1",
         (str(model_dir), "hi", "--temperature", "0"): "--temperature: must be > 0",
         (str(model_dir), "hi", "--device", "tpu"): "--device: 'tpu' is not auto, cpu, cuda or cuda:N",
+        (str(model_dir), "hi", "--task-format"): "is not a train_lora.py adapter directory",
+        (str(model_dir), "hi", "--task-format", "--chat"): "no --chat / --system with it",
     }
     if not torch.cuda.is_available():
         cases[(str(model_dir), "hi", "--device", "cuda")] = "--device cuda: CUDA is not available here"

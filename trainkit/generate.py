@@ -7,6 +7,9 @@
     # a model directory: an export (python -m trainkit.export), a distill.py checkpoint, any save_pretrained
     python -m trainkit.generate --checkpoint exported/ "Hello" "Another prompt" --max-new-tokens 32
 
+    # a train_lora.py adapter, the prompt built as its task builds it (here SST-2: the sentence alone)
+    python -m trainkit.generate --checkpoint outputs/tiny-gla-lora-sst2/best-adapter --task-format "a gripping story ."
+
     # chat: a prompt loop on stdin with the tokenizer's chat template (/reset, /quit)
     python -m trainkit.generate --checkpoint outputs/tiny-moe-qlora/best-adapter --interactive
 
@@ -48,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="format prompts with the tokenizer's chat template (interactive: the whole conversation); "
                              "default: on in interactive mode when the tokenizer has a template, off otherwise")
+    parser.add_argument("--task-format", action="store_true",
+                        help="a train_lora.py adapter: build each prompt as the run's task builds it (trainkit.tasks); "
+                             "PROMPT is a JSON object of the task's input fields, or the text itself for a task with "
+                             "one text field (sst2, cola, samsum)")
     parser.add_argument("--system", metavar="TEXT", help="with --chat: a system message first in every conversation")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="new tokens to generate at most")
     sampling = parser.add_mutually_exclusive_group()
@@ -125,19 +132,59 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _generate(loaded, prompts: list[str], settings) -> list[str]:
+def task_prompt(task, text: str):
+    """--task-format: (prompt, PromptCut) of one input, a JSON object of the task's input fields or, for a
+    task with one text field, the text itself."""
+    fields_help = ", ".join(task.input_fields)
+    if text.lstrip().startswith("{"):
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GenerateError(f"--task-format: not a JSON object ({e.msg} at character {e.pos})") from None
+        if not isinstance(fields, dict):
+            raise GenerateError(f"--task-format: expected a JSON object with {fields_help}")
+    elif task.input_fields in (("sentence",), ("dialogue",)):
+        fields = {task.input_fields[0]: text}
+    else:
+        raise GenerateError(f"--task-format: {task.name} takes a JSON object with {fields_help}")
+    try:
+        return task.prompt_from_fields(fields)
+    except ValueError as e:
+        raise GenerateError(f"--task-format: {e}") from None
+
+
+def run_task_of(path):
+    """The task of a train_lora.py adapter directory (--task-format), before any model loads."""
+    from trainkit.checkpoint_model import directory_kind
+    from trainkit.checkpoints import checkpoint_config
+    from trainkit.tasks import get_task
+
+    if directory_kind(path) == "adapter":
+        cfg = checkpoint_config(path)
+        if cfg.script == "train_lora.py":
+            return get_task(cfg.task.name)
+    raise GenerateError(f"--task-format: {path} is not a train_lora.py adapter directory (no task to format for)")
+
+
+def _generate(loaded, prompts: list[str], settings, cuts: list | None = None) -> list[str]:
     from trainkit.generation import generate_texts
-    result = generate_texts(loaded.model, loaded.tokenizer, prompts, settings, device=loaded.device)
+    result = generate_texts(loaded.model, loaded.tokenizer, prompts, settings, device=loaded.device, cuts=cuts)
     if result.truncated_prompts:
         _say(f"note: {result.truncated_prompts} prompt(s) longer than {settings.max_source_length} tokens were cut "
              "from the beginning (the run's task.max_source_length)")
     return result.texts
 
 
-def run_prompts(loaded, prompts: list[str], settings, chat: bool, system: str | None, jsonl: bool) -> None:
-    inputs = [chat_prompt(loaded.tokenizer, _conversation(system) + [{"role": "user", "content": p}]) if chat else p
-              for p in prompts]
-    texts = _generate(loaded, inputs, settings)
+def run_prompts(loaded, prompts: list[str], settings, chat: bool, system: str | None, jsonl: bool,
+                task=None) -> None:
+    cuts = None
+    if task is not None:
+        inputs, cuts = map(list, zip(*(task_prompt(task, p) for p in prompts)))
+    elif chat:
+        inputs = [chat_prompt(loaded.tokenizer, _conversation(system) + [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        inputs = list(prompts)
+    texts = _generate(loaded, inputs, settings, cuts)
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         if jsonl:
             print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
@@ -151,14 +198,16 @@ def _conversation(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def interactive(loaded, settings, chat: bool, system: str | None, stdin=None) -> None:
-    """A prompt loop: each line of stdin is a prompt (chat: the next user turn of the conversation); /reset
-    forgets the conversation, /quit or the end of input ends the loop. Replies go to stdout, one per line
-    read (a reply may span lines); the `>>> ` prompt and notes to stderr."""
+def interactive(loaded, settings, chat: bool, system: str | None, stdin=None, task=None) -> None:
+    """A prompt loop: each line of stdin is a prompt (chat: the next user turn of the conversation; task: the
+    task's input, as for --task-format); /reset forgets the conversation, /quit or the end of input ends the
+    loop. Replies go to stdout, one per line read (a reply may span lines); the `>>> ` prompt, notes and a
+    line that --task-format cannot read go to stderr."""
     stdin = stdin or sys.stdin
     conversation = _conversation(system)
-    _say(f"interactive: {'chat (the conversation so far is the prompt)' if chat else 'each line is a prompt on its own'}; "
-         + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
+    mode = ("chat (the conversation so far is the prompt)" if chat else
+            f"each line is the input of a {task.name} example" if task is not None else "each line is a prompt on its own")
+    _say(f"interactive: {mode}; " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
     while True:
         print(">>> ", end="", file=sys.stderr, flush=True)
         line = stdin.readline()
@@ -179,6 +228,13 @@ def interactive(loaded, settings, chat: bool, system: str | None, stdin=None) ->
             conversation.append({"role": "user", "content": text})
             reply = _generate(loaded, [chat_prompt(loaded.tokenizer, conversation)], settings)[0]
             conversation.append({"role": "assistant", "content": reply})
+        elif task is not None:
+            try:
+                prompt, cut = task_prompt(task, text)
+            except GenerateError as e:
+                _say(f"error: {e}")
+                continue
+            reply = _generate(loaded, [prompt], settings, [cut])[0]
         else:
             reply = _generate(loaded, [text], settings)[0]
         print(reply, flush=True)
@@ -206,11 +262,17 @@ def generate(args) -> int:
         raise GenerateError("no prompt given: pass prompts as arguments, or --interactive to read them from stdin")
     if args.system and args.chat is False:
         raise GenerateError("--system needs --chat")
+    if args.task_format and (args.chat or args.system):
+        raise GenerateError("--task-format builds the prompt the run trained on: no --chat / --system with it")
     try:
+        task = run_task_of(args.checkpoint) if args.task_format else None
+        for prompt in args.prompts if task is not None else ():
+            task_prompt(task, prompt)  # a bad input is reported before the model loads
         loaded, settings = _load(args)
     except (CheckpointError, FileNotFoundError) as e:  # a directory with no model / config: bad input
         raise GenerateError(str(e)) from None
-    chat = args.chat if args.chat is not None else (use_interactive and has_chat_template(loaded.tokenizer))
+    chat = args.chat if args.chat is not None else (
+        use_interactive and task is None and has_chat_template(loaded.tokenizer))
     if (chat or args.system) and not has_chat_template(loaded.tokenizer):
         raise GenerateError(f"--chat: the tokenizer of {args.checkpoint} has no chat template")
     chat = chat or bool(args.system)
@@ -218,9 +280,9 @@ def generate(args) -> int:
     import transformers
     transformers.set_seed(args.seed)
     if use_interactive:
-        interactive(loaded, settings, chat, args.system)
+        interactive(loaded, settings, chat, args.system, task=task)
     else:
-        run_prompts(loaded, args.prompts, settings, chat, args.system, args.jsonl)
+        run_prompts(loaded, args.prompts, settings, chat, args.system, args.jsonl, task)
     return 0
 
 
