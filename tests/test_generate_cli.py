@@ -164,6 +164,12 @@ def test_model_directory_uses_its_generation_config(model_dir):
     assert result.stdout == seven[0] + "\n"
     assert "max_new_tokens=7, greedy" in result.stderr
 
+    # the flags override it: sampling with a top_p that keeps only the most likely token is greedy again
+    result = generate_cli("--checkpoint", model_dir, "Hello", "--max-new-tokens", "20", "--top-p", "1e-6", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_new_tokens=20, sampling top_p=1e-06" in result.stderr
+    assert result.stdout == generate_texts(model, tokenizer, ["Hello"], GenerationSettings(max_new_tokens=20)).texts[0] + "\n"
+
 
 def test_distilled_student_generates_without_cache(tmp_path):
     """A distill.py student (save_pretrained form, no KV cache in its mixers): the CLI's text equals a greedy

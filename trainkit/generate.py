@@ -8,7 +8,7 @@
     python -m trainkit.generate --checkpoint exported/ "Hello" "Another prompt" --max-new-tokens 32
 
     # a train_lora.py adapter, the prompt built as its task builds it (here SST-2: the sentence alone)
-    python -m trainkit.generate --checkpoint outputs/tiny-gla-lora-sst2/best-adapter --task-format "a gripping story ."
+    python -m trainkit.generate --checkpoint outputs/tiny-gla-lora-sst2/best-adapter --task-format "the pacing is nice ."
 
     # chat: a prompt loop on stdin with the tokenizer's chat template (/reset, /quit)
     python -m trainkit.generate --checkpoint outputs/tiny-moe-qlora/best-adapter --interactive
