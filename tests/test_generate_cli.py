@@ -4,6 +4,7 @@ distilled student and a plain save_pretrained model directory; interactive chat 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -264,3 +265,26 @@ def test_bad_input_is_one_line_exit_2(tmp_path, model_dir, capsys):
     # the same through the real command: no traceback; and no prompt without a terminal or --interactive
     one_line_error(generate_cli("--checkpoint", tmp_path / "empty", "hi"), "not a checkpoint or model directory")
     one_line_error(generate_cli("--checkpoint", model_dir, stdin=""), "no prompt given")
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("run", ["qlora_run", "gla_run"])
+def test_cuda_checkpoint_matches_generate_texts(run, request):
+    """On CUDA: the 4-bit MoE base with the bitsandbytes kernels / GLA with fla's Triton kernels, in the dtype
+    auto picks there; the CLI prints what generate_texts gives on the same directory loaded in this process."""
+    from trainkit.checkpoint_model import load_checkpoint_model
+
+    run_dir = request.getfixturevalue(run)
+    checkpoint = next(d for d in sorted(run_dir.iterdir()) if d.name.startswith("final-checkpoint-"))
+    prompts = ["Once upon a time", "The weather today"]
+    result = generate_cli("--checkpoint", checkpoint, *prompts, "--device", "cuda", "--max-new-tokens", "12", "--jsonl")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "device: cuda" in result.stderr
+    loaded = load_checkpoint_model(checkpoint, "cuda")
+    assert next(loaded.model.parameters()).device.type == "cuda"
+    settings = dataclasses.replace(loaded.settings, max_new_tokens=12)
+    texts = generate_texts(loaded.model, loaded.tokenizer, prompts, settings).texts
+    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == texts
