@@ -23,8 +23,14 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '[' ~ m['role'] ~ '] ' ~ m['content'
 
 
 def generate_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainkit.generate", *map(str, args)], cwd=REPO, input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env=script_env())
+    """The command on the CPU unless args name a --device: the references are computed on the CPU."""
+    device = [] if "--device" in args else ["--device", "cpu"]
+    return subprocess.run([sys.executable, "-m", "trainkit.generate", *map(str, args), *device], cwd=REPO,
+                          input=stdin, capture_output=True, text=True, timeout=timeout, env=script_env())
+
+
+# the runs train on the CPU on every machine, so that their predictions are the CPU's
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
@@ -41,7 +47,7 @@ def qlora_run(tmp_path_factory):
     result = run_script(["--config", "training_config.yaml", f"paths.output_dir={out}", "training.max_steps=4",
                          "training.max_seq_length=64", "optimization.micro_batch_size=2", "training.max_eval_batches=1",
                          "logging.eval_interval=2", "logging.checkpoint_interval=2", "logging.log_interval=2",
-                         "logging.progress_bar=false", "memory.gradient_checkpointing=false"])
+                         "logging.progress_bar=false", "memory.gradient_checkpointing=false"], **CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny-moe-qlora"
 
@@ -52,7 +58,8 @@ def gla_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gla")
     result = run_script(["--config", "configs/gla_lora_sst2.yaml", f"paths.output_dir={out}", "training.max_steps=4",
                          "task.max_eval_samples=4", "task.evaluate_test=false", "logging.eval_interval=4",
-                         "logging.checkpoint_interval=4", "logging.progress_bar=false"], script="train_lora.py")
+                         "logging.checkpoint_interval=4", "logging.progress_bar=false"], script="train_lora.py",
+                        **CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny-gla-lora-sst2"
 
@@ -101,7 +108,7 @@ def test_qlora_moe_checkpoint_matches_generate_texts(qlora_run):
 
     checkpoint = qlora_run / "final-checkpoint-4"
     prompts = ["Once upon a time", "The weather today"]
-    result = generate_cli("--checkpoint", checkpoint, *prompts, "--max-new-tokens", "12", "--device", "cpu")
+    result = generate_cli("--checkpoint", checkpoint, *prompts, "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4-bit base parameters" in result.stderr and "max_new_tokens=12, greedy" in result.stderr
 
