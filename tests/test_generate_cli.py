@@ -249,10 +249,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path, model_dir, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "config_only").mkdir()
     (tmp_path / "config_only" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "no_tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "no_tokenizer" / name).write_bytes((model_dir / name).read_bytes())
     cases = {
         (str(tmp_path / "missing"), "hi"): "missing: no such directory",
         (str(tmp_path / "empty"), "hi"): "not a checkpoint or model directory",
         (str(tmp_path / "config_only"), "hi"): "not a checkpoint or model directory",
+        (str(tmp_path / "no_tokenizer"), "hi"): "no_tokenizer: no tokenizer saved there",
         (str(model_dir), ""): "prompt 1 is empty",
         (str(model_dir), "hi", "  "): "prompt 2 is empty",
         (str(model_dir), "hi", "--max-new-tokens", "0"): "--max-new-tokens: must be >= 1",

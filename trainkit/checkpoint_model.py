@@ -184,9 +184,6 @@ def _load_model_dir(path: Path, device: torch.device, dtype: str) -> LoadedModel
     from trainkit.models import DTYPES
     from trainkit.runtime import resolve_dtype
 
-    tokenizer = _directory_tokenizer(path)
-    if tokenizer is None:
-        raise CheckpointError(f"{path}: no tokenizer saved there ({', '.join(TOKENIZER_FILES)})")
     config_dict = _read_model_config(path)
     model_type = config_dict.get("model_type")
     notes: list[str] = []
@@ -198,6 +195,10 @@ def _load_model_dir(path: Path, device: torch.device, dtype: str) -> LoadedModel
     if gla:
         from trainkit.gla import import_fla
         import_fla()
+    # after the imports that register the model type: AutoTokenizer reads config.json too
+    tokenizer = _directory_tokenizer(path)
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer saved there ({', '.join(TOKENIZER_FILES)})")
     dtype_name, reason = resolve_dtype(dtype, device)
     config = AutoConfig.from_pretrained(path)
     if gla:
