@@ -141,6 +141,24 @@ def test_every_adapter_directory_of_a_run_loads(qlora_run):
         assert any(type(p).__name__ == "Params4bit" for p in loaded.model.parameters())
 
 
+def test_missing_base_model_is_one_line_error(qlora_run, tmp_path, capsys):
+    """An adapter whose run's base model is gone (here: paths.model_name_or_path, a folder now empty)."""
+    import shutil
+
+    from trainkit.generate import main
+
+    checkpoint = tmp_path / "final-checkpoint-4"
+    shutil.copytree(qlora_run / "final-checkpoint-4", checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (tmp_path / "base").mkdir()
+    state["config"]["paths"]["model_name_or_path"] = str(tmp_path / "base")
+    state["config"]["model"]["config"] = None
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    assert main(["--checkpoint", str(checkpoint), "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the run's base model does not load: paths.model_name_or_path" in err[0], err
+
+
 def test_gla_checkpoint_reproduces_the_runs_predictions(gla_run):
     """The CLI on the final adapter with the run's generation settings (new tokens from run.json) prints what
     the run's evaluation at that step predicted."""
@@ -236,9 +254,10 @@ def test_interactive_chat_through_a_pipe(model_dir):
 
     # --no-chat: each line on its own, as given; the end of input ends the loop
     plain = generate_texts(model, tokenizer, ["hello", "how are you"], settings).texts
-    result = generate_cli("--checkpoint", model_dir, "-i", "--no-chat", stdin="hello\n\nhow are you\n")
+    result = generate_cli("--checkpoint", model_dir, "-i", "--no-chat", "--jsonl", stdin="hello\n\nhow are you\n")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == f"{plain[0]}\n{plain[1]}\n"
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"prompt": "hello", "completion": plain[0]}, {"prompt": "how are you", "completion": plain[1]}]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -125,7 +125,9 @@ def _directory_tokenizer(path: Path):
 def _load_adapter_dir(path: Path, device: torch.device, dtype: str | None) -> LoadedModel:
     from trainkit.adapters import load_adapter
     from trainkit.checkpoints import checkpoint_config
+    from trainkit.config import ConfigError
     from trainkit.models import load_model
+    from trainkit.preflight import load_model_config
     from trainkit.tokenizer import load_tokenizer
 
     cfg = checkpoint_config(path)
@@ -138,6 +140,10 @@ def _load_adapter_dir(path: Path, device: torch.device, dtype: str | None) -> Lo
         dtype = dtype or cfg.model.dtype
     else:
         raise CheckpointError(f"{path}: an adapter directory of {script}, which writes no adapters")
+    try:
+        load_model_config(cfg)  # the base is reachable (a local path moved, a hub id offline): one line, not a traceback
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the run's base model does not load: {e}") from None
     tokenizer = _directory_tokenizer(path) or load_tokenizer(cfg)
     model, info = load_model(cfg, device, tokenizer, dtype, quantization)
     # the seed training set before apply_lora: PiSSA's fast (randomized) SVD, redone by PEFT when the adapter

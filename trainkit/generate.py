@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the weights that are not 4-bit; default: the run's (its auto: bfloat16 on GPUs "
                              "with native bf16, float32 on CPUs), auto for model directories")
     parser.add_argument("--jsonl", action="store_true",
-                        help="print one JSON object per prompt: {\"prompt\", \"completion\"}")
+                        help="print one JSON object per prompt (interactive: per line read): {\"prompt\", \"completion\"}")
     return parser
 
 
@@ -187,18 +187,22 @@ def run_prompts(loaded, prompts: list[str], settings, chat: bool, system: str | 
     texts = _generate(loaded, inputs, settings, cuts)
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         if jsonl:
-            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
+            print(_completion_line(prompt, text), flush=True)
         else:
             if i:
                 print(SEPARATOR)
             print(text, flush=True)
 
 
+def _completion_line(prompt: str, completion: str) -> str:
+    return json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False)
+
+
 def _conversation(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def interactive(loaded, settings, chat: bool, system: str | None, stdin=None, task=None) -> None:
+def interactive(loaded, settings, chat: bool, system: str | None, stdin=None, task=None, jsonl: bool = False) -> None:
     """A prompt loop: each line of stdin is a prompt (chat: the next user turn of the conversation; task: the
     task's input, as for --task-format); /reset forgets the conversation, /quit or the end of input ends the
     loop. Replies go to stdout, one per line read (a reply may span lines); the `>>> ` prompt, notes and a
@@ -237,7 +241,7 @@ def interactive(loaded, settings, chat: bool, system: str | None, stdin=None, ta
             reply = _generate(loaded, [prompt], settings, [cut])[0]
         else:
             reply = _generate(loaded, [text], settings)[0]
-        print(reply, flush=True)
+        print(_completion_line(text, reply) if jsonl else reply, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +284,7 @@ def generate(args) -> int:
     import transformers
     transformers.set_seed(args.seed)
     if use_interactive:
-        interactive(loaded, settings, chat, args.system, task=task)
+        interactive(loaded, settings, chat, args.system, task=task, jsonl=args.jsonl)
     else:
         run_prompts(loaded, args.prompts, settings, chat, args.system, args.jsonl, task)
     return 0
