@@ -54,11 +54,13 @@ def qlora_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gla_run(tmp_path_factory):
-    """configs/gla_lora_sst2.yaml for 4 steps; one evaluation (4 validation prompts) at the end."""
+    """configs/gla_lora_sst2.yaml for 4 steps, one evaluation (4 validation prompts) at the end; PiSSA init by the
+    fast randomized SVD, which leaves the residual in the base: loading must redo it as training did."""
     out = tmp_path_factory.mktemp("gla")
     result = run_script(["--config", "configs/gla_lora_sst2.yaml", f"paths.output_dir={out}", "training.max_steps=4",
                          "task.max_eval_samples=4", "task.evaluate_test=false", "logging.eval_interval=4",
-                         "logging.checkpoint_interval=4", "logging.progress_bar=false"], script="train_lora.py",
+                         "logging.checkpoint_interval=4", "logging.progress_bar=false", "lora.init=pissa",
+                         "lora.pissa_fast=true"], script="train_lora.py",
                         **CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny-gla-lora-sst2"
@@ -177,6 +179,28 @@ def test_gla_checkpoint_reproduces_the_runs_predictions(gla_run):
     result = generate_cli("--checkpoint", gla_run / "best-adapter", "--task-format", "--jsonl", *inputs)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == completions
+
+
+def test_gla_checkpoint_reproduces_the_runs_eval_loss(gla_run):
+    """Finer than the greedy text: the loaded model's loss on the run's validation rows equals the eval_loss the
+    run logged at that step (the PiSSA residual in the base must be rebuilt exactly for this)."""
+    import torch.nn.functional as F
+
+    from trainkit.checkpoint_model import load_checkpoint_model
+    from trainkit.data import make_collator, tokenize_prompt_target
+
+    loaded = load_checkpoint_model(gla_run / "final-checkpoint-4", "cpu")
+    rows = list(iter_jsonl(gla_run / "predictions" / "step-4-validation.jsonl"))
+    cfg = loaded.config
+    batch = make_collator(loaded.tokenizer)(tokenize_prompt_target(
+        [r["prompt"] for r in rows], [" " + r["references"][0] for r in rows], loaded.tokenizer,
+        cfg.task.max_source_length, cfg.task.max_target_length))
+    with torch.no_grad():
+        logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100).item()
+    logged = [e for e in iter_jsonl(gla_run / "logs" / "eval_log.jsonl") if e["step"] == 4][0]["eval_loss"]
+    assert loss == pytest.approx(logged, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- model dirs
