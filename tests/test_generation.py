@@ -280,10 +280,25 @@ def test_min_new_tokens_missing_named(model, monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [dict(min_new_tokens=9, max_new_tokens=4), dict(num_beams=0), dict(batch_size=0),
                                     dict(use_max_new_tokens=False, max_length=4, min_length=9),
-                                    dict(max_source_length=0)])
+                                    dict(max_source_length=0), dict(do_sample=True, temperature=0.0),
+                                    dict(do_sample=True, top_p=0.0), dict(do_sample=True, top_p=1.5)])
 def test_invalid_settings(model, kwargs):
     with pytest.raises(ValueError):
         check_generate_support(model, GenerationSettings(**kwargs))
+
+
+def test_sampling_settings_reach_generate(model, tok):
+    """temperature / top_p act when sampling: top_p that keeps only the most likely token samples the greedy
+    text; a high temperature, another text; the same seed, the same sample."""
+    greedy = generate_texts(model, tok, PROMPTS, GenerationSettings(max_new_tokens=8)).texts
+
+    def sample(**kw):
+        torch.manual_seed(1)
+        return generate_texts(model, tok, PROMPTS, GenerationSettings(max_new_tokens=8, do_sample=True, **kw)).texts
+
+    assert sample(top_p=1e-6) == greedy
+    hot = sample(temperature=50.0)
+    assert hot != greedy and sample(temperature=50.0) == hot
 
 
 def test_empty_and_progress(model, tok):

@@ -25,7 +25,8 @@ prompts' order:
   search may rank a row's hypotheses against the longer batch budget), and a logits processor
   forbids eos until a row reaches its own minimum. A prompt that already fills `max_length` gets "" and is
   counted in `GenerationResult.prompts_without_room`.
-- Greedy by default; `num_beams` > 1 runs beam search (`early_stopping`); `do_sample` samples.
+- Greedy by default; `num_beams` > 1 runs beam search (`early_stopping`); `do_sample` samples, with
+  `temperature` / `top_p` when set (None: the model's generation_config decides).
 - Only new tokens are decoded, cut at the first eos (the tokenizer's and the model's
   `generation_config` eos ids), with `skip_special_tokens=True`; text is not stripped.
 
@@ -63,6 +64,7 @@ class GenerationSettings:
     max_source_length: prompt tokens kept (data.fit_prompt says what is cut); None keeps all.
     early_stopping: beam search stops when num_beams finished candidates exist (num_beams > 1).
     use_cache: passed to generate() (the trainer sets config.use_cache=False for training).
+    temperature / top_p: sampling only (do_sample); None leaves the model's generation_config value.
     """
 
     max_new_tokens: int = 64
@@ -77,6 +79,8 @@ class GenerationSettings:
     do_sample: bool = False
     early_stopping: bool = True
     use_cache: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
 
     @classmethod
     def from_config(cls, gen, max_source_length: int, max_length: int) -> "GenerationSettings":
@@ -155,6 +159,10 @@ def _validate_settings(settings: GenerationSettings) -> None:
             raise ValueError(f"generation: {name} must be an integer >= 0, got {value!r}")
 
     positive("num_beams", settings.num_beams)
+    if settings.temperature is not None and not settings.temperature > 0:
+        raise ValueError(f"generation: temperature must be > 0, got {settings.temperature!r}")
+    if settings.top_p is not None and not 0 < settings.top_p <= 1:
+        raise ValueError(f"generation: top_p must be in (0, 1], got {settings.top_p!r}")
     positive("batch_size", settings.batch_size)
     if settings.max_source_length is not None:
         positive("max_source_length", settings.max_source_length)
@@ -179,6 +187,11 @@ def _config_kwargs(settings: GenerationSettings) -> dict:
                 "use_cache": bool(settings.use_cache)}
     if settings.num_beams > 1:
         kw["early_stopping"] = bool(settings.early_stopping)
+    if settings.do_sample:
+        if settings.temperature is not None:
+            kw["temperature"] = float(settings.temperature)
+        if settings.top_p is not None:
+            kw["top_p"] = float(settings.top_p)
     if settings.use_max_new_tokens:
         kw["max_new_tokens"] = int(settings.max_new_tokens)
         if settings.min_new_tokens:

@@ -119,6 +119,19 @@ class Task:
     def score(self, predictions: list[str], examples: list[Example], split: str | None = None) -> dict[str, float]:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    # ------------------------------------------------------------------ prompts by hand
+    input_fields: tuple[str, ...] = ()  # what prompt_from_fields takes (the example's input, not its answer)
+
+    def prompt_from_fields(self, fields: dict) -> tuple[str, PromptCut | None]:
+        """The prompt (and its PromptCut) training builds for an example with these input fields, for prompting
+        a tuned model by hand (python -m trainkit.generate --task-format). ValueError naming a missing field."""
+        raise ValueError(f"{self.name}: no prompt builder for input fields; write the prompt yourself")
+
+    def _check_fields(self, fields: dict) -> None:
+        missing = [f for f in self.input_fields if f not in fields]
+        if missing:
+            raise ValueError(f"{self.name}: input without {', '.join(missing)} (fields: {', '.join(self.input_fields)})")
+
 
 def is_test_split(name: str) -> bool:
     return name.startswith("test")

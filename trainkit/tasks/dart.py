@@ -89,6 +89,15 @@ class DartTask(Task):
         facts = "\n".join(" | ".join(" ".join(str(x).split()) for x in triple) for triple in tripleset)
         return fill_prompt(PROMPT, "facts", side="right", whole_lines=True, facts=facts)
 
+    input_fields = ("tripleset",)
+
+    def prompt_from_fields(self, fields: dict) -> tuple[str, PromptCut]:
+        self._check_fields(fields)
+        tripleset = fields["tripleset"]
+        if not isinstance(tripleset, list) or not all(isinstance(t, list) and len(t) == 3 for t in tripleset):
+            raise ValueError("dart: tripleset must be a list of [subject, predicate, object] triples")
+        return self.prompt(tripleset)
+
     def examples(self, entries: list[dict], split: str) -> list[Example]:
         out = []
         for n, entry in enumerate(entries):

@@ -108,6 +108,14 @@ class GlueTask(Task):
         longest = max(self.fields, key=lambda f: len(values[f]))  # the first on ties
         return fill_prompt(self.template, longest, side="right", **values)
 
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return self.fields
+
+    def prompt_from_fields(self, fields: dict) -> tuple[str, PromptCut]:
+        self._check_fields(fields)
+        return self.prompt(fields)
+
     def example(self, row: dict, split: str) -> Example:
         missing = [f for f in (*self.fields, "label") if f not in row]
         if missing:

@@ -13,7 +13,8 @@ import csv
 from pathlib import Path
 
 from trainkit.tasks import metrics as M
-from trainkit.tasks.base import Example, Task, check_lengths, clean_generation, fill_prompt, load_hf, need_file
+from trainkit.tasks.base import (Example, PromptCut, Task, check_lengths, clean_generation, fill_prompt, load_hf,
+                                  need_file)
 
 ENV_VAR = "SAMSUM_LOCAL_DIR"
 HF_CANDIDATES = [("knkarthick/samsum", None), ("Samsung/samsum", None)]
@@ -39,10 +40,16 @@ class SamsumTask(Task):
     env_var = ENV_VAR
     layout = LAYOUT
 
+    input_fields = ("dialogue",)
+
+    def prompt_from_fields(self, fields: dict) -> tuple[str, PromptCut]:
+        """The prompt of a dialogue; one too long for task.max_source_length loses the dialogue's last turns."""
+        self._check_fields(fields)
+        return fill_prompt(PROMPT, "dialogue", side="right", whole_lines=True, dialogue=_text(fields["dialogue"]))
+
     def example(self, row: dict, split: str) -> Example:
-        dialogue, summary = _text(row.get("dialogue")), _text(row.get("summary"))
-        # a prompt too long for task.max_source_length loses the dialogue's last turns
-        prompt, cut = fill_prompt(PROMPT, "dialogue", side="right", whole_lines=True, dialogue=dialogue)
+        summary = _text(row.get("summary"))
+        prompt, cut = self.prompt_from_fields({"dialogue": row.get("dialogue")})
         return Example(prompt=prompt, target=" " + summary, references=[summary],
                        meta={"id": str(row.get("id", "")), "split": split}, cut=cut)
 

@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 from trainkit.tasks import spider_match
-from trainkit.tasks.base import (Example, Task, TaskDataError, check_lengths, clean_generation, fill_prompt, load_hf,
+from trainkit.tasks.base import (Example, PromptCut, Task, TaskDataError, check_lengths, clean_generation, fill_prompt, load_hf,
                                  need_file)
 from trainkit.tasks.spider_exec import DEFAULT_TIMEOUT_S, Executor, connect_read_only
 
@@ -174,6 +174,20 @@ class SpiderTask(Task):
         self.timeout_s = timeout_s
         self.tables: dict[str, dict] = {}  # {db_id: tables.json entry}, set by load()
 
+    input_fields = ("db_id", "schema", "question")
+
+    def prompt_from_fields(self, fields: dict) -> tuple[str, PromptCut]:
+        """The prompt of a question on a database: db_id, question, and schema (the CREATE TABLE lines of
+        schema_from_tables_entry / schema_from_sqlite), or instead of schema `database`, the path of the .sqlite
+        file to read it from. A prompt too long for task.max_source_length loses CREATE TABLE lines, last first."""
+        if "schema" not in fields and "database" in fields:
+            if not Path(fields["database"]).is_file():
+                raise ValueError(f"spider: database {fields['database']}: no such file")
+            fields = {**fields, "schema": schema_from_sqlite(Path(fields["database"]))}
+        self._check_fields(fields)
+        return fill_prompt(PROMPT, "schema", side="right", whole_lines=True, db_id=str(fields["db_id"]),
+                           schema=str(fields["schema"]), question=" ".join(str(fields["question"]).split()))
+
     def _load(self, root, seed, cache_dir, local_files_only):
         if root is None:
             raise TaskDataError(f"spider: the schema and databases come from a local copy; set task.local_dir or "
@@ -199,9 +213,7 @@ class SpiderTask(Task):
                 schemas[db_id] = (schema_from_tables_entry(tables[db_id]) if db_id in tables
                                   else schema_from_sqlite(db_path))
             gold = collapse_whitespace(row["query"])
-            # a prompt too long for task.max_source_length loses CREATE TABLE lines, last first
-            prompt, cut = fill_prompt(PROMPT, "schema", side="right", whole_lines=True, db_id=db_id,
-                                      schema=schemas[db_id], question=" ".join(row["question"].split()))
+            prompt, cut = self.prompt_from_fields({"db_id": db_id, "schema": schemas[db_id], "question": row["question"]})
             return Example(prompt=prompt, target=" " + gold, references=[row["query"]],
                            meta={"db_id": db_id, "db_path": str(db_path), "split": split}, cut=cut)
 
