@@ -1,0 +1,658 @@
+"""Merge a run's LoRA adapter into its base and write a standard HF checkpoint.
+
+    python -m trainkit.export --checkpoint RUN/final-checkpoint-150 --out exported/ [--dtype bf16]
+        [--max-shard-size 2GB] [--base-weights dequantized|original] [--overwrite]
+
+The export loads with ``AutoModelForCausalLM.from_pretrained(out)`` and no import from trainkit
+(GLA models: ``import fla`` first). It streams: the base's safetensors are read one tensor at a time
+(``safe_open``), the adapter's update is merged into the tensors it targets in float32, the result is
+cast to --dtype and written straight into its shard, whose header was written first from the known
+shapes. Peak memory is about the largest tensor (a fused MoE expert bank: one layer's experts) times
+a few transient copies, whatever the model's size; disk is the output's size.
+
+The merge, per adapted weight W (out, in), as PEFT's ``merge_and_unload`` computes it:
+    LoRA / rsLoRA   W + s * B @ A                         s = alpha / r, or alpha / sqrt(r) (rsLoRA)
+    DoRA            m * (W + s B A) / ||W + s B A||_row    m: the trained magnitude (one per output row)
+    modules_to_save (and trained biases): the adapter's copy replaces the base tensor.
+PiSSA / OLoRA adapters are refused: PEFT changed their base at init (W minus the principal part), and
+the checkpoint holds neither that base nor the initial adapter that would recover it.
+
+--base-weights (a run over a 4-bit base, train_qlora.py):
+    dequantized (default): each weight the run held in 4 bit (bitsandbytes Linear4bit, trainkit's
+        NF4ExpertBank) is quantized and dequantized with the run's settings first, so the adapter is
+        merged into the weights it was trained against: the export computes what the run computed.
+    original: the adapter is merged into the full-precision weights of the base checkpoint, as most
+        merge tools do; the result differs from the trained model by the 4-bit rounding error.
+
+Key mapping (``adapter_updates``): PEFT's adapter keys name modules of the wrapped model
+(``base_model.model.<module>.lora_A.weight``); each becomes one ``Update`` of the base tensor
+``<module>.weight``. An adapter key that maps to no base tensor is an error that names it, never
+dropped. A 3-D weight (a fused MoE expert bank) gets its own merge rule when expert adapters exist
+(``merge_update``); until then an update of one is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainkit.fileio import read_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+SIZE_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+              "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+ADAPTER_PREFIX = "base_model.model."
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GLA_LOADER_NOTE = ("GLA model (flash-linear-attention): `pip install flash-linear-attention`, then `import fla` before "
+                   "AutoModelForCausalLM.from_pretrained (fla registers model_type gla with transformers; its kernels "
+                   "are Triton: a CUDA GPU)")
+
+
+class ExportError(ValueError):
+    """Bad input to the export: one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the adapter: PEFT keys -> updates of base tensors
+
+
+@dataclass
+class Update:
+    """What the adapter does to one base tensor. kind: lora (A, B; DoRA when `magnitude` is set),
+    embedding_lora (PEFT's lora_embedding_A/B), replace (`replacement`: a modules_to_save copy or a
+    trained bias). The fields hold adapter keys; the tensors are read when the base tensor is merged."""
+
+    kind: str = "lora"
+    a: str | None = None
+    b: str | None = None
+    magnitude: str | None = None
+    replacement: str | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+UNSUPPORTED_ADAPTER_OPTIONS = {
+    # adapter_config.json key: (value that is fine, why the export refuses anything else)
+    "lora_bias": (False, "a bias on lora_B"),
+    "layer_replication": (None, "layer replication"),
+    "alpha_pattern": ({}, "per-module alpha (alpha_pattern)"),
+    "target_parameters": (None, "adapters on parameters (target_parameters, e.g. fused MoE experts)"),
+    "trainable_token_indices": (None, "trainable token indices"),
+    "use_qalora": (False, "QA-LoRA"),
+}
+
+
+def read_adapter_config(checkpoint: Path) -> dict:
+    path = checkpoint / "adapter_config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ExportError(f"{checkpoint}: no adapter_config.json (not a PEFT adapter checkpoint of train_qlora.py / "
+                          "train_lora.py)")
+    if config.get("peft_type") != "LORA":
+        raise ExportError(f"{path}: peft_type {config.get('peft_type')!r}; only LORA adapters (LoRA, rsLoRA, DoRA) "
+                          "are exported")
+    init = str(config.get("init_lora_weights"))
+    if init.startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        raise ExportError(f"{path}: init_lora_weights {init!r}: PEFT changed the base weights at init (the "
+                          "principal part moved into the adapter), and this checkpoint holds neither that base nor the "
+                          "initial adapter, so its merge cannot be computed; train with lora.init default or gaussian "
+                          "to export, or convert the adapter to plain LoRA with PEFT (save_pretrained(..., "
+                          "path_initial_model_for_weight_conversion=<the adapter saved before training>)) and "
+                          "export that")
+    for key, (fine, what) in UNSUPPORTED_ADAPTER_OPTIONS.items():
+        if config.get(key, fine) not in (fine, None, [], {}, False):
+            raise ExportError(f"{path}: {key} is set ({what}); the export does not merge that yet")
+    if config.get("use_dora") and config.get("fan_in_fan_out"):
+        raise ExportError(f"{path}: DoRA with fan_in_fan_out (GPT-2 Conv1D layers) is not supported by the export")
+    return config
+
+
+def adapter_updates(adapter_keys: list[str], base_names: set[str]) -> dict[str, Update]:
+    """The base tensor each adapter key changes: {base tensor name: Update}. Raises ExportError naming the
+    adapter keys that match no base tensor (never drops one)."""
+    updates: dict[str, Update] = {}
+    unknown: list[str] = []
+    for key in adapter_keys:
+        name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else None
+        target, role = _adapter_target(name) if name else (None, None)
+        if target is None or target not in base_names:
+            unknown.append(key)
+            continue
+        update = updates.setdefault(target, Update())
+        update.keys.append(key)
+        if role == "replace":
+            update.kind, update.replacement = "replace", key
+        else:
+            if role in ("embedding_a", "embedding_b"):
+                update.kind = "embedding_lora"
+            setattr(update, {"a": "a", "b": "b", "embedding_a": "a", "embedding_b": "b",
+                             "magnitude": "magnitude"}[role], key)
+    if unknown:
+        raise ExportError(f"adapter keys that match no tensor of the base: {', '.join(unknown[:5])}"
+                          + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    for target, update in updates.items():
+        if update.kind == "replace" and (update.a or update.b or update.magnitude):
+            raise ExportError(f"{target}: the adapter both replaces it and holds a LoRA update for it ({update.keys})")
+        if update.kind != "replace" and not (update.a and update.b):
+            raise ExportError(f"{target}: the adapter holds {update.keys} but not both LoRA factors A and B")
+        if update.magnitude and update.kind == "embedding_lora":
+            raise ExportError(f"{target}: DoRA on an embedding is not supported by the export")
+    return updates
+
+
+_LORA_SUFFIXES = (  # adapter key suffix after the module name -> role
+    (".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_embedding_A", "embedding_a"),
+    (".lora_embedding_B", "embedding_b"), (".lora_magnitude_vector", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"))
+
+
+def _adapter_target(name: str) -> tuple[str | None, str | None]:
+    """(base tensor name, role) of an adapter key without PEFT's prefix."""
+    for suffix, role in _LORA_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".weight", role
+    if ".lora_" in name:
+        return None, None  # a LoRA tensor of a kind the export does not know
+    # modules_to_save copies are saved under the module's own name; PEFT saves the base layer of an adapted
+    # embedding too (<module>.base_layer.weight); trained biases (lora.bias) under their own name
+    return name.replace(".base_layer.", ".").replace(".modules_to_save.", "."), "replace"
+
+
+def lora_scaling(config: dict, rank: int) -> float:
+    alpha = float(config["lora_alpha"])
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+@torch.no_grad()
+def merge_update(weight: torch.Tensor, update: Update, read: Callable[[str], torch.Tensor], config: dict,
+                 name: str) -> torch.Tensor:
+    """`weight` (float32) with `update` merged, as PEFT's merge_and_unload computes it."""
+    if update.kind == "replace":
+        new = read(update.replacement).float()
+        if new.shape != weight.shape:
+            raise ExportError(f"{name}: the adapter's copy has shape {tuple(new.shape)}, the base {tuple(weight.shape)}")
+        return new
+    if weight.dim() != 2:
+        # a fused MoE expert bank (E, out, in): per-expert updates get their own rule with expert adapters
+        raise ExportError(f"{name}: a {weight.dim()}-D tensor; merging adapters into fused MoE experts is not "
+                          "supported yet")
+    a, b = read(update.a).float(), read(update.b).float()
+    if update.kind == "embedding_lora":  # PEFT: lora_embedding_A (r, num_embeddings), B (dim, r)
+        delta = (b @ a).T * lora_scaling(config, a.shape[0])
+    else:
+        delta = (b @ a) * lora_scaling(config, a.shape[0])
+        if config.get("fan_in_fan_out"):
+            delta = delta.T
+    if delta.shape != weight.shape:
+        raise ExportError(f"{name}: the adapter's update has shape {tuple(delta.shape)}, the base {tuple(weight.shape)}")
+    merged = weight + delta
+    if update.magnitude:  # DoRA: rescale each output row to the trained magnitude
+        magnitude = read(update.magnitude).float()
+        merged = merged * (magnitude / torch.linalg.norm(merged, dim=1)).view(-1, 1)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the base: where its weights are, and which of them the run held in 4 bit
+
+
+def resolve_base_dir(cfg, tokenizer, compute_dtype: torch.dtype) -> tuple[Path, str]:
+    """(local directory holding the base's config.json and safetensors, display name): paths.model_name_or_path
+    (a local directory, or a hub id resolved in the HF cache, offline), else the random-init model the run
+    built from model.config (trainkit.models.model_source: same vocab, seed and dtype)."""
+    from trainkit.models import model_source
+    source, name, _ = model_source(cfg, tokenizer, compute_dtype)
+    if Path(source).is_dir():
+        return Path(source), name
+    from huggingface_hub import snapshot_download
+    try:
+        path = snapshot_download(source, cache_dir=cfg.paths.cache_dir, local_files_only=True,
+                                 allow_patterns=["*.json", "*.safetensors", "*.py", "*.model", "*.txt"])
+    except Exception as e:  # huggingface_hub raises several kinds for "not in the cache"
+        raise ExportError(f"paths.model_name_or_path {source!r}: not a local directory and not in the HF cache "
+                          f"({type(e).__name__}); download it first (huggingface-cli download {source}) or point "
+                          "the config at a local copy") from None
+    return Path(path), name
+
+
+def base_tensor_files(base_dir: Path) -> list[Path]:
+    index = base_dir / INDEX_FILE
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [base_dir / f for f in files]
+    if (base_dir / SINGLE_FILE).is_file():
+        return [base_dir / SINGLE_FILE]
+    raise ExportError(f"{base_dir}: the base has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); convert it "
+                      "to safetensors first")
+
+
+def quantized_weight_names(base_config, quantization) -> tuple[set[str], set[str], set[str]]:
+    """(Linear4bit weight names, fused expert bank names, every parameter name) of the model the run built:
+    transformers' own bitsandbytes replacement (the skip list of trainkit.models) applied to the model built
+    on the meta device, and the 3-D expert tensors trainkit.quantization quantizes. Empty sets for a run
+    without load_in_4bit."""
+    if quantization is None or not quantization.load_in_4bit:
+        return set(), set(), set()
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    from trainkit.models import _quantization_config
+    from trainkit.quantization import iter_expert_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config)
+    Bnb4BitHfQuantizer(_quantization_config(quantization, torch.float32))._process_model_before_weight_loading(
+        model, device_map=None)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    experts = set()
+    if quantization.quantize_moe_experts:
+        experts = {f"{mn}.{pn}" for mn, module in iter_expert_modules(model)
+                   for pn, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()}
+    return linear, experts, set(model.state_dict())
+
+
+def round_to_4bit(weight: torch.Tensor, quantization, expert_bank: bool) -> torch.Tensor:
+    """`weight` as the run saw it: quantized with the run's settings and dequantized, in float32.
+    Linear4bit: bitsandbytes' quantize_4bit (blocks of 64, double quant per tensor); an expert bank:
+    trainkit's NF4ExpertBank (per expert, double quant over the bank)."""
+    if expert_bank:
+        from trainkit.quantization import NF4ExpertBank
+        bank = NF4ExpertBank.from_weight(weight, compute_dtype=torch.float32, quant_type=quantization.quant_type,
+                                         double_quant=quantization.double_quant)
+        return bank.dequantize(torch.float32)
+    import bitsandbytes.functional as bnbF
+    packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=64, compress_statistics=quantization.double_quant,
+                                       quant_type=quantization.quant_type, quant_storage=torch.uint8)
+    return bnbF.dequantize_4bit(packed, state).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming safetensors writer
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2e9 bytes (HF's convention: GB = 10^9, GiB = 2^30); a plain number is bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in SIZE_UNITS and unit:
+        raise ExportError(f"--max-shard-size {text!r}: give a size such as 2GB, 500MB or 1GiB")
+    size = int(float(m.group(1)) * SIZE_UNITS[unit or "B"])
+    if size <= 0:
+        raise ExportError(f"--max-shard-size {text!r}: must be positive")
+    return size
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    source: Path              # base safetensors file
+    shape: tuple[int, ...]
+    dtype: torch.dtype        # in the output
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
+    """Tensors in order, a new shard whenever the next one would pass max_shard_size (a tensor larger than
+    the limit gets a shard of its own, as in transformers' save_pretrained)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def safetensors_header(tensors: list[TensorPlan]) -> bytes:
+    """The header of a safetensors file holding `tensors` in this order: 8-byte length, then JSON, padded
+    with spaces to a multiple of 8 bytes (the format's alignment)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_tensor(f, tensor: torch.Tensor, plan: TensorPlan) -> None:
+    if tuple(tensor.shape) != plan.shape or tensor.dtype != plan.dtype:
+        raise RuntimeError(f"{plan.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {plan.shape} {plan.dtype}")
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    f.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the export
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    shards: list[str]
+    tensors: int
+    merged: int
+    replaced: int
+    bytes: int
+    notes: list[str]
+
+
+def run_compute_dtype(cfg, checkpoint: Path) -> torch.dtype:
+    """The dtype the run computed in (and built a random-init base in): run.json's model.compute_dtype, else the
+    config's dtype resolved for a CPU (what this machine would pick)."""
+    from trainkit.models import DTYPES as MODEL_DTYPES
+    from trainkit.runlog import RUN_INFO_FILE
+    from trainkit.runtime import resolve_dtype
+    for run_dir in (checkpoint.parent, Path(cfg.run_dir)):
+        info = read_json(run_dir / RUN_INFO_FILE)
+        name = ((info or {}).get("model") or {}).get("compute_dtype") if isinstance(info, dict) else None
+        if name in MODEL_DTYPES:
+            return MODEL_DTYPES[name]
+    quantization = getattr(cfg, "quantization", None)
+    configured = quantization.compute_dtype if quantization is not None else getattr(cfg.model, "dtype", "auto")
+    return MODEL_DTYPES[resolve_dtype(configured, "cpu")[0]]
+
+
+def load_checkpoint_config(checkpoint: Path):
+    from trainkit.checkpoints import checkpoint_config
+    from trainkit.config import ConfigError
+    if not checkpoint.is_dir():
+        raise ExportError(f"--checkpoint {checkpoint}: not a directory")
+    try:
+        cfg = checkpoint_config(checkpoint)
+    except FileNotFoundError as e:
+        raise ExportError(f"--checkpoint {e}; give a checkpoint-<step>/, final-checkpoint-<step>/ or best-adapter/ "
+                          "directory of a run") from None
+    except ConfigError as e:
+        raise ExportError(f"--checkpoint {checkpoint}: its stored config does not validate: {e}") from None
+    if cfg.script == "distill.py":
+        raise ExportError(f"--checkpoint {checkpoint}: a distill.py checkpoint holds the whole student (model_type "
+                          "trainkit_linear_llama, a Llama with linear-attention mixers defined in trainkit.students), no "
+                          "adapter to merge, and neither transformers nor fla implements that model type: it loads "
+                          "only with `import trainkit.students` before AutoModelForCausalLM.from_pretrained(DIR)")
+    return cfg
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out}: exists and is not empty; pass --overwrite to replace its contents")
+
+
+def prepare_out(out: Path) -> None:
+    """An empty `out` (check_out allowed replacing what it held)."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str | int = "2GB",
+                      base_weights: str = "dequantized", overwrite: bool = False, progress: bool = True,
+                      say: Callable[[str], None] = print) -> ExportReport:
+    """Merge the adapter of `checkpoint` into its base and write the HF checkpoint to `out` (module doc)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if base_weights not in ("dequantized", "original"):
+        raise ExportError(f"--base-weights {base_weights!r}: dequantized or original")
+    out_dtype = DTYPES[dtype]
+    shard_limit = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    cfg = load_checkpoint_config(checkpoint)
+    adapter_config = read_adapter_config(checkpoint)
+    adapter_file = checkpoint / "adapter_model.safetensors"
+    if not adapter_file.is_file():
+        raise ExportError(f"{checkpoint}: no adapter_model.safetensors")
+    if out.resolve() == checkpoint.resolve():
+        raise ExportError("--out is the checkpoint directory; give a new directory")
+    check_out(out, overwrite)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    compute_dtype = run_compute_dtype(cfg, checkpoint)
+    base_dir, base_name = resolve_base_dir(cfg, tokenizer, compute_dtype)
+    base_config_dict = json.loads((base_dir / "config.json").read_text())
+    gla = base_config_dict.get("model_type") == "gla"
+    if gla:
+        from trainkit.gla import import_fla
+        import_fla()  # registers model_type gla with the Auto classes
+    base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
+
+    quantization = getattr(cfg, "quantization", None)
+    notes: list[str] = []
+    linear4, banks4, model_names = set(), set(), set()
+    if quantization is not None and quantization.load_in_4bit:
+        if base_weights == "dequantized":
+            linear4, banks4, model_names = quantized_weight_names(base_config, quantization)
+            notes.append(f"base weights: dequantized ({len(linear4)} Linear4bit weights and {len(banks4)} expert banks "
+                         f"rounded through {quantization.quant_type}"
+                         f"{' with double quant' if quantization.double_quant else ''}, the rest in "
+                         f"{DTYPE_NAMES[compute_dtype]}, as the run held them)")
+        else:
+            notes.append("base weights: original (full precision; the run trained over their 4-bit rounding, so the "
+                         "export differs from the trained model by that rounding error)")
+    elif base_weights == "original":
+        notes.append("base weights: the run's base was not quantized; original and dequantized are the same")
+
+    # every base tensor, in file order, without reading the data
+    plans: list[TensorPlan] = []
+    for path in base_tensor_files(base_dir):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                src = {v: k for k, v in SAFETENSORS_DTYPES.items()}.get(sl.get_dtype())
+                if src is None:
+                    raise ExportError(f"{path}: tensor {name} has dtype {sl.get_dtype()}, which the export cannot write")
+                plans.append(TensorPlan(name, path, tuple(sl.get_shape()), out_dtype if src.is_floating_point else src))
+    base_names = {p.name for p in plans}
+    if model_names and base_weights == "dequantized":
+        stray = sorted(base_names - model_names)
+        if stray:
+            raise ExportError(f"--base-weights dequantized: the base stores {stray[0]} (and {len(stray) - 1} more) "
+                              "under names transformers converts while loading (e.g. per-expert MoE tensors), so the "
+                              "export cannot tell how the run quantized them; use --base-weights original")
+
+    with safe_open(str(adapter_file), "pt") as adapter:
+        updates = adapter_updates(list(adapter.keys()), base_names)
+        shards = plan_shards(plans, shard_limit)
+        names = shard_names(len(shards))
+        prepare_out(out)
+        bar = tqdm(total=len(plans), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
+        handles: dict[Path, object] = {}
+        try:
+            for shard, file_name in zip(shards, names):
+                with open(out / file_name, "wb") as f:
+                    f.write(safetensors_header(shard))
+                    for plan in shard:
+                        if plan.source not in handles:
+                            handles[plan.source] = safe_open(str(plan.source), "pt").__enter__()
+                        tensor = handles[plan.source].get_tensor(plan.name)
+                        tensor = _export_tensor(tensor, plan, updates.get(plan.name), adapter.get_tensor,
+                                                adapter_config, linear4, banks4, quantization, compute_dtype,
+                                                base_weights)
+                        write_tensor(f, tensor, plan)
+                        del tensor
+                        bar.update(1)
+        finally:
+            bar.close()
+            for h in handles.values():
+                h.__exit__(None, None, None)
+
+    total = sum(p.nbytes for p in plans)
+    if len(names) > 1:
+        weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+    write_config(base_config_dict, out, out_dtype)
+    for extra in base_dir.glob("*.py"):  # remote code (auto_map) the config names
+        shutil.copy2(extra, out / extra.name)
+    tokenizer.save_pretrained(str(out))
+    write_generation_config(base_dir, out, tokenizer, cfg, checkpoint)
+    if gla:
+        notes.append(GLA_LOADER_NOTE)
+    merged = sum(u.kind != "replace" for u in updates.values())
+    replaced = len(updates) - merged
+    report = ExportReport(out, names, len(plans), merged, replaced, total, notes)
+    write_export_note(report, checkpoint, base_name, cfg, adapter_config, dtype, base_weights, gla)
+    say(f"exported {checkpoint} -> {out}: {len(plans)} tensors ({merged} with the adapter merged, {replaced} replaced by "
+        f"the adapter's copies), {total / 2**20:.1f} MiB in {len(names)} file(s), {dtype}")
+    for note in notes:
+        say(note)
+    say(f"load it with: {load_snippet(out, gla)}")
+    return report
+
+
+def _export_tensor(tensor, plan, update, read, adapter_config, linear4, banks4, quantization, compute_dtype,
+                   base_weights) -> torch.Tensor:
+    """One base tensor as it goes into the export: (rounded to 4 bit as the run held it,) merged, cast."""
+    if not tensor.is_floating_point():
+        if update is not None:
+            raise ExportError(f"{plan.name}: the adapter updates a non-float tensor")
+        return tensor
+    weight = tensor
+    if base_weights == "dequantized" and quantization is not None and quantization.load_in_4bit:
+        weight = weight.to(compute_dtype)  # the run loaded every weight in its compute dtype, then quantized
+        if plan.name in linear4 or plan.name in banks4:
+            weight = round_to_4bit(weight, quantization, expert_bank=plan.name in banks4)
+    if update is not None:
+        weight = merge_update(weight.float(), update, read, adapter_config, plan.name)
+    return weight.to(plan.dtype)
+
+
+def write_config(base_config: dict, out: Path, dtype: torch.dtype) -> None:
+    """The base's config.json with the export's dtype and no quantization_config."""
+    config = {k: v for k, v in base_config.items() if k != "quantization_config"}
+    config["dtype"] = config["torch_dtype"] = DTYPE_NAMES[dtype]  # transformers 5 reads dtype; older readers torch_dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def generation_settings(cfg, checkpoint: Path) -> dict:
+    """GenerationConfig fields of the run's evaluation (train_lora.py's generation section; the new tokens it
+    derived from the data come from run.json's data.max_new_tokens); {} for runs without one."""
+    gen = getattr(cfg, "generation", None)
+    if gen is None:
+        return {}
+    from trainkit.generation import GenerationSettings, _config_kwargs
+    from trainkit.runlog import RUN_INFO_FILE
+    derived = None
+    for run_dir in (checkpoint.parent, Path(cfg.run_dir)):
+        info = read_json(run_dir / RUN_INFO_FILE)
+        derived = derived or (((info or {}).get("data") or {}).get("max_new_tokens") if isinstance(info, dict) else None)
+    max_new = gen.max_length or derived
+    if max_new is None:
+        return {"num_beams": gen.num_beams, "do_sample": False}
+    kwargs = _config_kwargs(GenerationSettings.from_config(gen, cfg.task.max_source_length, max_new))
+    kwargs.pop("use_cache", None)
+    return kwargs
+
+
+def write_generation_config(base_dir: Path, out: Path, tokenizer, cfg, checkpoint: Path) -> None:
+    from transformers import GenerationConfig
+    existing = read_json(base_dir / "generation_config.json")
+    fields = {k: v for k, v in (existing or {}).items() if not k.startswith("_") and k != "transformers_version"}
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            fields[attr] = value
+    fields.update(generation_settings(cfg, checkpoint))
+    GenerationConfig(**fields).save_pretrained(str(out))
+
+
+def load_snippet(out: Path, gla: bool) -> str:
+    head = "import fla; " if gla else ""
+    return (f"{head}from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"model = AutoModelForCausalLM.from_pretrained('{out}'); tokenizer = AutoTokenizer.from_pretrained('{out}')")
+
+
+def write_export_note(report: ExportReport, checkpoint: Path, base_name: str, cfg, adapter_config: dict, dtype: str,
+                      base_weights: str, gla: bool) -> None:
+    variant = "DoRA" if adapter_config.get("use_dora") else "rsLoRA" if adapter_config.get("use_rslora") else "LoRA"
+    lines = [
+        "# Exported by trainkit.export", "",
+        f"- from: `{checkpoint}` ({cfg.script}, run `{cfg.paths.run_name}`)",
+        f"- base: {base_name}",
+        f"- adapter: {variant}, r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}; merged into "
+        f"{report.merged} tensors, {report.replaced} replaced by the adapter's trained copies (modules_to_save, biases)",
+        f"- dtype: {dtype}; base weights: {base_weights}",
+        f"- files: {', '.join(report.shards)}{' + ' + INDEX_FILE if len(report.shards) > 1 else ''}, config.json, "
+        "generation_config.json, tokenizer files", "",
+        "## Load it", "",
+    ]
+    if gla:
+        lines += [GLA_LOADER_NOTE + ".", ""]
+    lines += ["```python", *load_snippet(Path("."), gla).replace("'.'", "'<this directory>'").split("; "), "```", ""]
+    lines += [f"- {note}" for note in report.notes]
+    (report.out / "EXPORT.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainkit.export",
+        description="Merge a run's LoRA/rsLoRA/DoRA adapter into its base and write a Hugging Face checkpoint "
+                    "(sharded safetensors, config, tokenizer, generation config) that "
+                    "AutoModelForCausalLM.from_pretrained loads without trainkit.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="checkpoint-<step>/, final-checkpoint-<step>/ or best-adapter/ of a train_qlora.py or "
+                             "train_lora.py run")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of the exported weights (default: bf16)")
+    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                        help="largest safetensors file, e.g. 2GB, 500MB, 1GiB (default: 2GB; GB = 10^9 bytes)")
+    parser.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
+                        help="4-bit runs: merge into the NF4-rounded weights the adapter was trained against "
+                             "(dequantized, default) or into the base's full-precision weights (original)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          base_weights=args.base_weights, overwrite=args.overwrite, progress=not args.no_progress)
+    except ExportError as e:
+        from trainkit.cli import one_line
+        print(f"error: {one_line(e, limit=600)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from trainkit.cli import run_main
+    run_main(lambda: main(sys.argv[1:]))
