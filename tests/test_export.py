@@ -374,3 +374,14 @@ def test_pissa_adapter_refused(tmp_path, dense_base):
     result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "pissa" in result.stderr and "lora.init" in result.stderr
+
+
+def test_distill_checkpoint_refused_with_what_loads_it(tmp_path):
+    checkpoint = tmp_path / "distill-run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    config = validate({"script": "distill.py", "paths": {"output_dir": str(tmp_path), "run_name": "distill-run"}},
+                      SCRIPT_CONFIGS["distill.py"])
+    (checkpoint / TRAINER_STATE_FILE).write_text(json.dumps({"step": 2, "config": config.as_dict()}))
+    result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "trainkit_linear_llama" in result.stderr and "import trainkit.students" in result.stderr

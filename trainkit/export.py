@@ -18,11 +18,13 @@ PiSSA / OLoRA adapters are refused: PEFT changed their base at init (W minus the
 the checkpoint holds neither that base nor the initial adapter that would recover it.
 
 --base-weights (a run over a 4-bit base, train_qlora.py):
-    dequantized (default): each weight the run held in 4 bit (bitsandbytes Linear4bit, trainkit's
-        NF4ExpertBank) is quantized and dequantized with the run's settings first, so the adapter is
-        merged into the weights it was trained against: the export computes what the run computed.
-    original: the adapter is merged into the full-precision weights of the base checkpoint, as most
-        merge tools do; the result differs from the trained model by the 4-bit rounding error.
+    dequantized (default): each base weight as the run held it: in the run's compute dtype, and where the
+        run held it in 4 bit (bitsandbytes Linear4bit, trainkit's NF4ExpertBank) quantized and dequantized
+        with the run's settings, so the adapter is merged into the weights it was trained against: the
+        export computes what the run computed.
+    original: the adapter is merged into the weights as the base checkpoint stores them (full precision),
+        as most merge tools do; after a 4-bit run the result differs from the trained model by the 4-bit
+        rounding error.
 
 Key mapping (``adapter_updates``): PEFT's adapter keys name modules of the wrapped model
 (``base_model.model.<module>.lora_A.weight``); each becomes one ``Update`` of the base tensor
@@ -34,6 +36,7 @@ dropped. A 3-D weight (a fused MoE expert bank) gets its own merge rule when exp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -46,6 +49,7 @@ from typing import Callable
 
 import torch
 
+from trainkit.checkpoints import atomic_directory
 from trainkit.fileio import read_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -240,45 +244,64 @@ def base_tensor_files(base_dir: Path) -> list[Path]:
                       "to safetensors first")
 
 
-def quantized_weight_names(base_config, quantization) -> tuple[set[str], set[str], set[str]]:
-    """(Linear4bit weight names, fused expert bank names, every parameter name) of the model the run built:
-    transformers' own bitsandbytes replacement (the skip list of trainkit.models) applied to the model built
-    on the meta device, and the 3-D expert tensors trainkit.quantization quantizes. Empty sets for a run
-    without load_in_4bit."""
-    if quantization is None or not quantization.load_in_4bit:
-        return set(), set(), set()
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+@dataclass
+class BaseAsTrained:
+    """--base-weights dequantized: each base tensor as the run held it. The run loaded every weight in its compute
+    dtype, then quantized `linear` (bitsandbytes Linear4bit: blocks of 64, double quant per tensor) and `banks`
+    (fused MoE experts, trainkit's NF4ExpertBank: per expert, double quant over the bank) to 4 bit."""
 
-    from trainkit.models import _quantization_config
-    from trainkit.quantization import iter_expert_modules
+    compute_dtype: torch.dtype
+    quantization: object = None            # the run's quantization section (train_qlora.py), None without 4 bit
+    linear: set[str] = field(default_factory=set)
+    banks: set[str] = field(default_factory=set)
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
-    Bnb4BitHfQuantizer(_quantization_config(quantization, torch.float32))._process_model_before_weight_loading(
-        model, device_map=None)
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    experts = set()
-    if quantization.quantize_moe_experts:
-        experts = {f"{mn}.{pn}" for mn, module in iter_expert_modules(model)
-                   for pn, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()}
-    return linear, experts, set(model.state_dict())
+    @classmethod
+    def of_run(cls, base_config, quantization, compute_dtype: torch.dtype) -> tuple["BaseAsTrained", set[str]]:
+        """(how the run held each tensor, the names of every tensor of the model it built). The 4-bit sets come from
+        transformers' own bitsandbytes replacement (with trainkit.models' skip list) applied to the model built on
+        the meta device, and the 3-D expert tensors trainkit.quantization quantizes."""
+        if quantization is None or not quantization.load_in_4bit:
+            return cls(compute_dtype), set()
+        import bitsandbytes as bnb
+        from transformers import AutoModelForCausalLM
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
+        from trainkit.models import _quantization_config
+        from trainkit.quantization import iter_expert_modules
 
-def round_to_4bit(weight: torch.Tensor, quantization, expert_bank: bool) -> torch.Tensor:
-    """`weight` as the run saw it: quantized with the run's settings and dequantized, in float32.
-    Linear4bit: bitsandbytes' quantize_4bit (blocks of 64, double quant per tensor); an expert bank:
-    trainkit's NF4ExpertBank (per expert, double quant over the bank)."""
-    if expert_bank:
-        from trainkit.quantization import NF4ExpertBank
-        bank = NF4ExpertBank.from_weight(weight, compute_dtype=torch.float32, quant_type=quantization.quant_type,
-                                         double_quant=quantization.double_quant)
-        return bank.dequantize(torch.float32)
-    import bitsandbytes.functional as bnbF
-    packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=64, compress_statistics=quantization.double_quant,
-                                       quant_type=quantization.quant_type, quant_storage=torch.uint8)
-    return bnbF.dequantize_4bit(packed, state).float()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(base_config)
+        Bnb4BitHfQuantizer(_quantization_config(quantization, compute_dtype))._process_model_before_weight_loading(
+            model, device_map=None)
+        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        banks = set()
+        if quantization.quantize_moe_experts:
+            banks = {f"{mn}.{pn}" for mn, module in iter_expert_modules(model)
+                     for pn, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()}
+        return cls(compute_dtype, quantization, linear, banks), set(model.state_dict())
+
+    def describe(self) -> str:
+        if self.quantization is None:
+            return f"base weights: dequantized (in {DTYPE_NAMES[self.compute_dtype]}, the run's compute dtype)"
+        q = self.quantization
+        return (f"base weights: dequantized ({len(self.linear)} Linear4bit weights and {len(self.banks)} expert banks "
+                f"rounded through {q.quant_type}{' with double quant' if q.double_quant else ''}, the rest in "
+                f"{DTYPE_NAMES[self.compute_dtype]}, as the run held them)")
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.to(self.compute_dtype)
+        if name in self.banks:
+            from trainkit.quantization import NF4ExpertBank
+            bank = NF4ExpertBank.from_weight(weight, compute_dtype=torch.float32, quant_type=self.quantization.quant_type,
+                                             double_quant=self.quantization.double_quant)
+            return bank.dequantize(torch.float32)
+        if name in self.linear:
+            import bitsandbytes.functional as bnbF
+            packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=64,
+                                               compress_statistics=self.quantization.double_quant,
+                                               quant_type=self.quantization.quant_type, quant_storage=torch.uint8)
+            return bnbF.dequantize_4bit(packed, state).float()
+        return weight
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,12 +431,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out}: exists and is not empty; pass --overwrite to replace its contents")
 
 
-def prepare_out(out: Path) -> None:
-    """An empty `out` (check_out allowed replacing what it held)."""
-    if out.is_dir():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-
 
 def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str | int = "2GB",
                       base_weights: str = "dequantized", overwrite: bool = False, progress: bool = True,
@@ -439,7 +456,10 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
         raise ExportError("--out is the checkpoint directory; give a new directory")
     check_out(out, overwrite)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{checkpoint}: no tokenizer could be loaded from it ({type(e).__name__})") from None
     compute_dtype = run_compute_dtype(cfg, checkpoint)
     base_dir, base_name = resolve_base_dir(cfg, tokenizer, compute_dtype)
     base_config_dict = json.loads((base_dir / "config.json").read_text())
@@ -449,105 +469,95 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
         import_fla()  # registers model_type gla with the Auto classes
     base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
 
-    quantization = getattr(cfg, "quantization", None)
     notes: list[str] = []
-    linear4, banks4, model_names = set(), set(), set()
-    if quantization is not None and quantization.load_in_4bit:
-        if base_weights == "dequantized":
-            linear4, banks4, model_names = quantized_weight_names(base_config, quantization)
-            notes.append(f"base weights: dequantized ({len(linear4)} Linear4bit weights and {len(banks4)} expert banks "
-                         f"rounded through {quantization.quant_type}"
-                         f"{' with double quant' if quantization.double_quant else ''}, the rest in "
-                         f"{DTYPE_NAMES[compute_dtype]}, as the run held them)")
-        else:
-            notes.append("base weights: original (full precision; the run trained over their 4-bit rounding, so the "
-                         "export differs from the trained model by that rounding error)")
-    elif base_weights == "original":
-        notes.append("base weights: the run's base was not quantized; original and dequantized are the same")
+    as_trained, model_names = None, set()
+    if base_weights == "dequantized":
+        as_trained, model_names = BaseAsTrained.of_run(base_config, getattr(cfg, "quantization", None), compute_dtype)
+        notes.append(as_trained.describe())
+    else:
+        notes.append("base weights: original (as stored in the base checkpoint; a run over a 4-bit base trained over "
+                     "their 4-bit rounding, so the export differs from the trained model by that rounding error)")
 
-    # every base tensor, in file order, without reading the data
-    plans: list[TensorPlan] = []
-    for path in base_tensor_files(base_dir):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                src = {v: k for k, v in SAFETENSORS_DTYPES.items()}.get(sl.get_dtype())
-                if src is None:
-                    raise ExportError(f"{path}: tensor {name} has dtype {sl.get_dtype()}, which the export cannot write")
-                plans.append(TensorPlan(name, path, tuple(sl.get_shape()), out_dtype if src.is_floating_point else src))
+    plans = plan_tensors(base_tensor_files(base_dir), out_dtype)
     base_names = {p.name for p in plans}
-    if model_names and base_weights == "dequantized":
-        stray = sorted(base_names - model_names)
-        if stray:
-            raise ExportError(f"--base-weights dequantized: the base stores {stray[0]} (and {len(stray) - 1} more) "
-                              "under names transformers converts while loading (e.g. per-expert MoE tensors), so the "
-                              "export cannot tell how the run quantized them; use --base-weights original")
+    stray = sorted(p.name for p in plans if model_names and p.name not in model_names and len(p.shape) >= 2
+                   and p.dtype.is_floating_point)
+    if stray:
+        raise ExportError(f"--base-weights dequantized: the base stores {stray[0]} (and {len(stray) - 1} more) under "
+                          "names transformers converts while loading (e.g. per-expert MoE tensors), so the export "
+                          "cannot tell how the run quantized them; use --base-weights original")
 
     with safe_open(str(adapter_file), "pt") as adapter:
         updates = adapter_updates(list(adapter.keys()), base_names)
         shards = plan_shards(plans, shard_limit)
         names = shard_names(len(shards))
-        prepare_out(out)
         bar = tqdm(total=len(plans), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
-        handles: dict[Path, object] = {}
-        try:
+        with atomic_directory(out) as staging, contextlib.ExitStack() as files:
+            base_files = {path: files.enter_context(safe_open(str(path), "pt")) for path in {p.source for p in plans}}
             for shard, file_name in zip(shards, names):
-                with open(out / file_name, "wb") as f:
+                with open(staging / file_name, "wb") as f:
                     f.write(safetensors_header(shard))
                     for plan in shard:
-                        if plan.source not in handles:
-                            handles[plan.source] = safe_open(str(plan.source), "pt").__enter__()
-                        tensor = handles[plan.source].get_tensor(plan.name)
-                        tensor = _export_tensor(tensor, plan, updates.get(plan.name), adapter.get_tensor,
-                                                adapter_config, linear4, banks4, quantization, compute_dtype,
-                                                base_weights)
+                        tensor = base_files[plan.source].get_tensor(plan.name)
+                        tensor = export_tensor(tensor, plan, updates.get(plan.name), adapter.get_tensor, adapter_config,
+                                               as_trained)
                         write_tensor(f, tensor, plan)
                         del tensor
                         bar.update(1)
-        finally:
             bar.close()
-            for h in handles.values():
-                h.__exit__(None, None, None)
-
-    total = sum(p.nbytes for p in plans)
-    if len(names) > 1:
-        weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n")
-    write_config(base_config_dict, out, out_dtype)
-    for extra in base_dir.glob("*.py"):  # remote code (auto_map) the config names
-        shutil.copy2(extra, out / extra.name)
-    tokenizer.save_pretrained(str(out))
-    write_generation_config(base_dir, out, tokenizer, cfg, checkpoint)
-    if gla:
-        notes.append(GLA_LOADER_NOTE)
-    merged = sum(u.kind != "replace" for u in updates.values())
-    replaced = len(updates) - merged
-    report = ExportReport(out, names, len(plans), merged, replaced, total, notes)
-    write_export_note(report, checkpoint, base_name, cfg, adapter_config, dtype, base_weights, gla)
-    say(f"exported {checkpoint} -> {out}: {len(plans)} tensors ({merged} with the adapter merged, {replaced} replaced by "
-        f"the adapter's copies), {total / 2**20:.1f} MiB in {len(names)} file(s), {dtype}")
+            total = sum(p.nbytes for p in plans)
+            if len(names) > 1:
+                weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
+                (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                              "weight_map": weight_map}, indent=2) + "\n")
+            write_config(base_config_dict, staging, out_dtype)
+            for extra in base_dir.glob("*.py"):  # remote code (auto_map) the config names
+                shutil.copy2(extra, staging / extra.name)
+            tokenizer.save_pretrained(str(staging))
+            write_generation_config(base_dir, staging, tokenizer, cfg, checkpoint)
+            if gla:
+                notes.append(GLA_LOADER_NOTE)
+            merged = sum(u.kind != "replace" for u in updates.values())
+            report = ExportReport(out, names, len(plans), merged, len(updates) - merged, total, notes)
+            write_export_note(report, staging, checkpoint, base_name, cfg, adapter_config, dtype, base_weights, gla)
+    say(f"exported {checkpoint} -> {out}: {report.tensors} tensors ({report.merged} with the adapter merged, "
+        f"{report.replaced} replaced by the adapter's copies), {total / 2**20:.1f} MiB in {len(names)} file(s), {dtype}")
     for note in notes:
         say(note)
-    say(f"load it with: {load_snippet(out, gla)}")
+    say(f"load it with: {load_snippet(str(out), gla)}")
     return report
 
 
-def _export_tensor(tensor, plan, update, read, adapter_config, linear4, banks4, quantization, compute_dtype,
-                   base_weights) -> torch.Tensor:
-    """One base tensor as it goes into the export: (rounded to 4 bit as the run held it,) merged, cast."""
+def plan_tensors(files: list[Path], out_dtype: torch.dtype) -> list[TensorPlan]:
+    """Every tensor of the base files, in file order, from the headers alone (no data read); floating-point
+    tensors go out in `out_dtype`, the others as they are."""
+    from safetensors import safe_open
+    by_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    plans = []
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                dtype = by_code.get(sl.get_dtype())
+                if dtype is None:
+                    raise ExportError(f"{path}: tensor {name} has dtype {sl.get_dtype()}, which the export cannot write")
+                plans.append(TensorPlan(name, path, tuple(sl.get_shape()), out_dtype if dtype.is_floating_point else dtype))
+    return plans
+
+
+def export_tensor(tensor: torch.Tensor, plan: TensorPlan, update: Update | None, read, adapter_config: dict,
+                  as_trained: BaseAsTrained | None) -> torch.Tensor:
+    """One base tensor as it goes into the export: as the run held it (dequantized) or as stored, the adapter's
+    update merged in float32, cast to the output dtype."""
     if not tensor.is_floating_point():
         if update is not None:
             raise ExportError(f"{plan.name}: the adapter updates a non-float tensor")
         return tensor
-    weight = tensor
-    if base_weights == "dequantized" and quantization is not None and quantization.load_in_4bit:
-        weight = weight.to(compute_dtype)  # the run loaded every weight in its compute dtype, then quantized
-        if plan.name in linear4 or plan.name in banks4:
-            weight = round_to_4bit(weight, quantization, expert_bank=plan.name in banks4)
+    if as_trained is not None:
+        tensor = as_trained(plan.name, tensor)
     if update is not None:
-        weight = merge_update(weight.float(), update, read, adapter_config, plan.name)
-    return weight.to(plan.dtype)
+        tensor = merge_update(tensor.float(), update, read, adapter_config, plan.name)
+    return tensor.to(plan.dtype)
 
 
 def write_config(base_config: dict, out: Path, dtype: torch.dtype) -> None:
@@ -589,14 +599,14 @@ def write_generation_config(base_dir: Path, out: Path, tokenizer, cfg, checkpoin
     GenerationConfig(**fields).save_pretrained(str(out))
 
 
-def load_snippet(out: Path, gla: bool) -> str:
+def load_snippet(out: str, gla: bool) -> str:
     head = "import fla; " if gla else ""
     return (f"{head}from transformers import AutoModelForCausalLM, AutoTokenizer; "
             f"model = AutoModelForCausalLM.from_pretrained('{out}'); tokenizer = AutoTokenizer.from_pretrained('{out}')")
 
 
-def write_export_note(report: ExportReport, checkpoint: Path, base_name: str, cfg, adapter_config: dict, dtype: str,
-                      base_weights: str, gla: bool) -> None:
+def write_export_note(report: ExportReport, directory: Path, checkpoint: Path, base_name: str, cfg,
+                      adapter_config: dict, dtype: str, base_weights: str, gla: bool) -> None:
     variant = "DoRA" if adapter_config.get("use_dora") else "rsLoRA" if adapter_config.get("use_rslora") else "LoRA"
     lines = [
         "# Exported by trainkit.export", "",
@@ -611,9 +621,9 @@ def write_export_note(report: ExportReport, checkpoint: Path, base_name: str, cf
     ]
     if gla:
         lines += [GLA_LOADER_NOTE + ".", ""]
-    lines += ["```python", *load_snippet(Path("."), gla).replace("'.'", "'<this directory>'").split("; "), "```", ""]
+    lines += ["```python", *load_snippet("<this directory>", gla).split("; "), "```", ""]
     lines += [f"- {note}" for note in report.notes]
-    (report.out / "EXPORT.md").write_text("\n".join(lines) + "\n")
+    (directory / "EXPORT.md").write_text("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
