@@ -385,3 +385,24 @@ def test_distill_checkpoint_refused_with_what_loads_it(tmp_path):
     result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "trainkit_linear_llama" in result.stderr and "import trainkit.students" in result.stderr
+
+
+def test_trained_moe_run_exports_through_the_cli(tmp_path):
+    """The whole path: train_qlora.py trains the tiny 4-bit MoE for 2 steps, `python -m trainkit.export` merges its
+    final checkpoint, plain transformers loads the export and computes what trainkit's base + adapter computes."""
+    from helpers_qlora import run_script, tiny_config
+    config = tiny_config(tmp_path, training={"max_steps": 2},
+                         logging={"eval_interval": 2, "checkpoint_interval": 2, "log_interval": 1})
+    result = run_script(["--config", str(config)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "tiny" / "final-checkpoint-2"
+    out = tmp_path / "export"
+    result = _run_cli("--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "load it with" in result.stdout
+    ids = input_ids()
+    raw = yaml.safe_load(config.read_text())
+    expected = reference_logits(raw, tmp_path / "ref", checkpoint, ids)
+    error = max_error(plain_transformers_logits(out, ids), expected)
+    print(f"trained tiny MoE, fp32 export: max |logit error| {error:.2e}")
+    assert error < 1e-4
