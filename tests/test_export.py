@@ -368,12 +368,32 @@ def test_bad_input_one_line_errors(tmp_path, dense_base):
     assert not (tmp_path / "o2").exists()
 
 
-def test_pissa_adapter_refused(tmp_path, dense_base):
-    raw = lora_config(model_path=str(dense_base), init="pissa")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_merge_into_the_residual_base(tmp_path, dense_base, init):
+    from safetensors.torch import load_file
+    raw = lora_config(model_path=str(dense_base), init=init, target_modules=["q_proj", "v_proj"])
+    checkpoint = make_checkpoint(raw, tmp_path / "runs", seed=2)
+    ids = input_ids()
+    expected = reference_logits(raw, tmp_path / "runs", checkpoint, ids)
+    out = tmp_path / "out"
+    export(checkpoint, out, "--dtype", "fp32")
+    error = max_error(plain_transformers_logits(out, ids), expected)
+    print(f"{init}: max |logit error| fp32 {error:.2e}")
+    assert error < 1e-4
+    # merged into W - s B0 A0, not into W: a plain LoRA merge of the same factors is far off
+    adapter, base = load_file(checkpoint / "adapter_model.safetensors"), load_file(dense_base / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = adapter[f"base_model.model.{name}.lora_A.weight"], adapter[f"base_model.model.{name}.lora_B.weight"]
+    plain = base[f"{name}.weight"] + (8 / 4) * b @ a
+    assert max_error(load_file(out / "model.safetensors")[f"{name}.weight"], plain) > 1e-2
+
+
+def test_randomized_pissa_refused(tmp_path, dense_base):
+    raw = lora_config(model_path=str(dense_base), init="pissa", pissa_fast=True)
     checkpoint = make_checkpoint(raw, tmp_path / "runs")
     result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "pissa" in result.stderr and "lora.init" in result.stderr
+    assert "pissa_niter_4" in result.stderr and "lora.init" in result.stderr
 
 
 def test_distill_checkpoint_refused_with_what_loads_it(tmp_path):

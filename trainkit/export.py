@@ -13,9 +13,10 @@ a few transient copies, whatever the model's size; disk is the output's size.
 The merge, per adapted weight W (out, in), as PEFT's ``merge_and_unload`` computes it:
     LoRA / rsLoRA   W + s * B @ A                         s = alpha / r, or alpha / sqrt(r) (rsLoRA)
     DoRA            m * (W + s B A) / ||W + s B A||_row    m: the trained magnitude (one per output row)
+    PiSSA / OLoRA   as LoRA, into the residual base W - s B0 A0 that PEFT made at init (B0 A0: the top-r
+                    SVD / QR part of W), recomputed by PEFT's own init as its from_pretrained does; PiSSA by
+                    randomized SVD (pissa_niter_N) is refused: its residual cannot be recomputed.
     modules_to_save (and trained biases): the adapter's copy replaces the base tensor.
-PiSSA / OLoRA adapters are refused: PEFT changed their base at init (W minus the principal part), and
-the checkpoint holds neither that base nor the initial adapter that would recover it.
 
 --base-weights (a run over a 4-bit base, train_qlora.py):
     dequantized (default): each base weight as the run held it: in the run's compute dtype, and where the
@@ -110,13 +111,13 @@ def read_adapter_config(checkpoint: Path) -> dict:
         raise ExportError(f"{path}: peft_type {config.get('peft_type')!r}; only LORA adapters (LoRA, rsLoRA, DoRA) "
                           "are exported")
     init = str(config.get("init_lora_weights"))
-    if init.startswith(("pissa", "olora", "corda", "eva", "loftq")):
-        raise ExportError(f"{path}: init_lora_weights {init!r}: PEFT changed the base weights at init (the "
-                          "principal part moved into the adapter), and this checkpoint holds neither that base nor the "
-                          "initial adapter, so its merge cannot be computed; train with lora.init default or gaussian "
-                          "to export, or convert the adapter to plain LoRA with PEFT (save_pretrained(..., "
-                          "path_initial_model_for_weight_conversion=<the adapter saved before training>)) and "
-                          "export that")
+    if init.startswith(("pissa_niter", "corda", "eva", "loftq")):
+        raise ExportError(f"{path}: init_lora_weights {init!r}: PEFT changed the base weights at init by a "
+                          "randomized or data-dependent decomposition that cannot be recomputed, and this checkpoint "
+                          "holds neither that base nor the initial adapter; train with lora.init pissa (full SVD), "
+                          "olora, default or gaussian to export, or convert the adapter to plain LoRA with PEFT "
+                          "(save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before "
+                          "training>)) and export that")
     for key, (fine, what) in UNSUPPORTED_ADAPTER_OPTIONS.items():
         if config.get(key, fine) not in (fine, None, [], {}, False):
             raise ExportError(f"{path}: {key} is set ({what}); the export does not merge that yet")
@@ -181,10 +182,30 @@ def lora_scaling(config: dict, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+RESIDUAL_INITS = ("pissa", "olora")  # inits that leave W minus the adapter's initial product as the base
+
+
+@torch.no_grad()
+def residual_base(weight: torch.Tensor, rank: int, config: dict) -> torch.Tensor:
+    """PiSSA (full SVD) / OLoRA (QR): the base PEFT left at init, W minus the principal part it moved into the
+    adapter, computed by PEFT's own init on this weight (what PeftModel.from_pretrained does when it loads such
+    an adapter; both decompositions are deterministic). In `weight`'s dtype, as in the run."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    lora = LoraConfig(r=rank, lora_alpha=config["lora_alpha"], use_rslora=bool(config.get("use_rslora")),
+                      init_lora_weights=config["init_lora_weights"], fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+    LoraLinear(linear, "default", config=lora, r=rank, lora_alpha=config["lora_alpha"],
+               fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+    return linear.weight.detach()
+
+
 @torch.no_grad()
 def merge_update(weight: torch.Tensor, update: Update, read: Callable[[str], torch.Tensor], config: dict,
                  name: str) -> torch.Tensor:
-    """`weight` (float32) with `update` merged, as PEFT's merge_and_unload computes it."""
+    """`weight` with `update` merged, in float32, as PEFT's merge_and_unload computes it (PiSSA / OLoRA: into the
+    residual base PEFT computes from `weight` at init)."""
     if update.kind == "replace":
         new = read(update.replacement).float()
         if new.shape != weight.shape:
@@ -195,6 +216,11 @@ def merge_update(weight: torch.Tensor, update: Update, read: Callable[[str], tor
         raise ExportError(f"{name}: a {weight.dim()}-D tensor; merging adapters into fused MoE experts is not "
                           "supported yet")
     a, b = read(update.a).float(), read(update.b).float()
+    if str(config.get("init_lora_weights")) in RESIDUAL_INITS:
+        if update.kind != "lora":
+            raise ExportError(f"{name}: {config['init_lora_weights']} init on an embedding is not supported by the export")
+        weight = residual_base(weight, a.shape[0], config)
+    weight = weight.float()
     if update.kind == "embedding_lora":  # PEFT: lora_embedding_A (r, num_embeddings), B (dim, r)
         delta = (b @ a).T * lora_scaling(config, a.shape[0])
     else:
@@ -556,7 +582,7 @@ def export_tensor(tensor: torch.Tensor, plan: TensorPlan, update: Update | None,
     if as_trained is not None:
         tensor = as_trained(plan.name, tensor)
     if update is not None:
-        tensor = merge_update(tensor.float(), update, read, adapter_config, plan.name)
+        tensor = merge_update(tensor, update, read, adapter_config, plan.name)
     return tensor.to(plan.dtype)
 
 
