@@ -426,3 +426,34 @@ def test_trained_moe_run_exports_through_the_cli(tmp_path):
     error = max_error(plain_transformers_logits(out, ids), expected)
     print(f"trained tiny MoE, fp32 export: max |logit error| {error:.2e}")
     assert error < 1e-4
+
+
+def test_moe_base_in_per_expert_layout(tmp_path):
+    """A MoE base as transformers 5's save_pretrained writes it (and hub checkpoints hold it): experts one by one
+    (block_sparse_moe.experts.N.w1/w2/w3), fused into 3-D banks only while loading. The dequantized export rounds
+    each layer's bank as the run did (stacked, one NF4 bank) and writes the per-expert layout back."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tokenizer = build_byte_level_tokenizer()
+    base = tmp_path / "mixtral-base"
+    raw = qlora_config()
+    kwargs = {k: v for k, v in raw["model"]["config"].items() if k != "model_type"}
+    kwargs.update(num_hidden_layers=2)
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=len(tokenizer), **kwargs)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in f.keys()
+    raw["paths"]["model_name_or_path"], raw["model"]["config"] = str(base), None
+    checkpoint = make_checkpoint(raw, tmp_path / "runs")
+    ids = input_ids()
+    expected = reference_logits(raw, tmp_path / "runs", checkpoint, ids)
+    errors = {}
+    for base_weights in ("dequantized", "original"):
+        out = tmp_path / base_weights
+        export(checkpoint, out, "--dtype", "fp32", "--base-weights", base_weights)
+        errors[base_weights] = max_error(plain_transformers_logits(out, ids), expected)
+    print(f"per-expert MoE base: max |logit error| fp32 dequantized {errors['dequantized']:.2e}, "
+          f"original {errors['original']:.2e}")
+    assert errors["dequantized"] < 1e-4
+    assert errors["original"] > 20 * errors["dequantized"]

@@ -22,14 +22,16 @@ The merge, per adapted weight W (out, in), as PEFT's ``merge_and_unload`` comput
     dequantized (default): each base weight as the run held it: in the run's compute dtype, and where the
         run held it in 4 bit (bitsandbytes Linear4bit, trainkit's NF4ExpertBank) quantized and dequantized
         with the run's settings, so the adapter is merged into the weights it was trained against: the
-        export computes what the run computed.
+        export computes what the run computed. A base that stores MoE experts one by one (transformers 5's
+        save_pretrained layout) has each layer's bank stacked as transformers loads it, rounded as one NF4
+        bank, and split back (CheckpointLayout, BaseAsTrained).
     original: the adapter is merged into the weights as the base checkpoint stores them (full precision),
         as most merge tools do; after a 4-bit run the result differs from the trained model by the 4-bit
         rounding error.
 
 Key mapping (``adapter_updates``): PEFT's adapter keys name modules of the wrapped model
 (``base_model.model.<module>.lora_A.weight``); each becomes one ``Update`` of the base tensor
-``<module>.weight``. An adapter key that maps to no base tensor is an error that names it, never
+``<module>.weight`` (under the checkpoint's own name where transformers renames it while loading). An adapter key that maps to no base tensor is an error that names it, never
 dropped. A 3-D weight (a fused MoE expert bank) gets its own merge rule when expert adapters exist
 (``merge_update``); until then an update of one is an error.
 """
@@ -271,6 +273,54 @@ def base_tensor_files(base_dir: Path) -> list[Path]:
 
 
 @dataclass
+class CheckpointLayout:
+    """How a base checkpoint names its tensors against the model transformers builds from it: transformers'
+    conversion mapping for the model type (``get_checkpoint_conversion_mapping``). Renamings (Mixtral's
+    ``block_sparse_moe`` -> ``mlp``) and per-expert tensors that loading stacks (and concatenates) into one
+    fused 3-D expert bank (``experts.N.w1`` + ``experts.N.w3`` -> ``experts.gate_up_proj``): transformers 5's
+    save_pretrained writes MoE checkpoints in that per-expert layout."""
+
+    renamings: list[tuple[str, str]] = field(default_factory=list)          # (regex, replacement)
+    fusions: list[tuple[list[re.Pattern], str]] = field(default_factory=list)  # (per-source regex, fused suffix)
+
+    @classmethod
+    def of(cls, model_type: str | None) -> "CheckpointLayout":
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+            from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+        except ImportError:  # a transformers without conversions loads checkpoints by the model's own names
+            return cls()
+        layout = cls()
+        for entry in get_checkpoint_conversion_mapping(model_type) or []:
+            if isinstance(entry, WeightRenaming):
+                layout.renamings += [(src, tgt) for src, tgt in zip(entry.source_patterns, entry.target_patterns)]
+                continue
+            if not isinstance(entry, WeightConverter):
+                continue
+            ops = [(type(op), getattr(op, "dim", None)) for op in entry.operations]
+            patterns = [re.compile(re.escape(src).replace(r"\*", r"(\d+)") + "$") for src in entry.source_patterns]
+            # other conversions (splits, transposes...): their tensors match no model parameter, and the
+            # dequantized export refuses them (BaseAsTrained.check_names)
+            if ops in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]) and len(entry.target_patterns) == 1:
+                layout.fusions.append((patterns, entry.target_patterns[0]))
+        return layout
+
+    def model_name(self, name: str) -> str:
+        for src, tgt in self.renamings:
+            name = re.sub(src, tgt, name)
+        return name
+
+    def fused(self, name: str) -> tuple[str, int, int] | None:
+        """(fused bank name, source index, expert index) of a per-expert checkpoint tensor; None otherwise."""
+        name = self.model_name(name)
+        for patterns, target in self.fusions:
+            for source, pattern in enumerate(patterns):
+                if m := pattern.search(name):
+                    return name[:m.start()] + target, source, int(m.group(1))
+        return None
+
+
+@dataclass
 class BaseAsTrained:
     """--base-weights dequantized: each base tensor as the run held it. The run loaded every weight in its compute
     dtype, then quantized `linear` (bitsandbytes Linear4bit: blocks of 64, double quant per tensor) and `banks`
@@ -280,14 +330,20 @@ class BaseAsTrained:
     quantization: object = None            # the run's quantization section (train_qlora.py), None without 4 bit
     linear: set[str] = field(default_factory=set)
     banks: set[str] = field(default_factory=set)
+    layout: CheckpointLayout = field(default_factory=CheckpointLayout)
+    # per-expert checkpoint tensors of each 4-bit bank: {bank: {source: {expert: checkpoint name}}}; a bank is
+    # assembled, rounded and split when its first tensor is written, the rest wait in `pending`
+    groups: dict[str, dict[int, dict[int, str]]] = field(default_factory=dict)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of_run(cls, base_config, quantization, compute_dtype: torch.dtype) -> tuple["BaseAsTrained", set[str]]:
+    def of_run(cls, base_config, quantization, compute_dtype: torch.dtype,
+               layout: CheckpointLayout) -> tuple["BaseAsTrained", set[str]]:
         """(how the run held each tensor, the names of every tensor of the model it built). The 4-bit sets come from
         transformers' own bitsandbytes replacement (with trainkit.models' skip list) applied to the model built on
         the meta device, and the 3-D expert tensors trainkit.quantization quantizes."""
         if quantization is None or not quantization.load_in_4bit:
-            return cls(compute_dtype), set()
+            return cls(compute_dtype, layout=layout), set()
         import bitsandbytes as bnb
         from transformers import AutoModelForCausalLM
         from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
@@ -304,7 +360,7 @@ class BaseAsTrained:
         if quantization.quantize_moe_experts:
             banks = {f"{mn}.{pn}" for mn, module in iter_expert_modules(model)
                      for pn, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()}
-        return cls(compute_dtype, quantization, linear, banks), set(model.state_dict())
+        return cls(compute_dtype, quantization, linear, banks, layout), set(model.state_dict())
 
     def describe(self) -> str:
         if self.quantization is None:
@@ -314,13 +370,35 @@ class BaseAsTrained:
                 f"rounded through {q.quant_type}{' with double quant' if q.double_quant else ''}, the rest in "
                 f"{DTYPE_NAMES[self.compute_dtype]}, as the run held them)")
 
-    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def check_names(self, names: list[str], model_names: set[str]) -> None:
+        """Group the checkpoint's per-expert tensors by the 4-bit bank they load into; ExportError for a weight
+        whose place in the model the export cannot tell (so neither how the run quantized it)."""
+        for name in names:
+            fused = self.layout.fused(name)
+            if fused is not None and fused[0] in model_names:
+                bank, source, expert = fused
+                if bank in self.banks:
+                    self.groups.setdefault(bank, {}).setdefault(source, {})[expert] = name
+            elif self.layout.model_name(name) not in model_names:
+                raise ExportError(f"--base-weights dequantized: the base's tensor {name} is no parameter of the model "
+                                  "transformers builds from it, so the export cannot tell how the run quantized it; "
+                                  "use --base-weights original")
+        for bank, sources in self.groups.items():
+            counts = {len(experts) for experts in sources.values()}
+            if len(counts) != 1 or any(sorted(experts) != list(range(len(experts))) for experts in sources.values()):
+                raise ExportError(f"--base-weights dequantized: the base holds an incomplete set of the per-expert "
+                                  f"tensors of {bank}; use --base-weights original")
+
+    def __call__(self, name: str, weight: torch.Tensor, read_base: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        if name in self.pending:
+            return self.pending.pop(name)
+        fused = self.layout.fused(name)
+        if fused is not None and fused[0] in self.groups:
+            return self._split_bank(fused[0], read_base).pop(name)
+        name = self.layout.model_name(name)
         weight = weight.to(self.compute_dtype)
         if name in self.banks:
-            from trainkit.quantization import NF4ExpertBank
-            bank = NF4ExpertBank.from_weight(weight, compute_dtype=torch.float32, quant_type=self.quantization.quant_type,
-                                             double_quant=self.quantization.double_quant)
-            return bank.dequantize(torch.float32)
+            return self._round_bank(weight)
         if name in self.linear:
             import bitsandbytes.functional as bnbF
             packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=64,
@@ -328,6 +406,31 @@ class BaseAsTrained:
                                                quant_type=self.quantization.quant_type, quant_storage=torch.uint8)
             return bnbF.dequantize_4bit(packed, state).float()
         return weight
+
+    def _round_bank(self, bank: torch.Tensor) -> torch.Tensor:
+        from trainkit.quantization import NF4ExpertBank
+        q = self.quantization
+        rounded = NF4ExpertBank.from_weight(bank, compute_dtype=torch.float32, quant_type=q.quant_type,
+                                            double_quant=q.double_quant)
+        return rounded.dequantize(torch.float32)
+
+    def _split_bank(self, bank: str, read_base: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A bank stored per expert: stacked (and concatenated along the output rows) as transformers loads it,
+        rounded as one bank, split back into the checkpoint's tensors; they wait in `pending`."""
+        sources = self.groups.pop(bank)
+        parts = [torch.stack([read_base(sources[s][e]).to(self.compute_dtype) for e in range(len(sources[s]))])
+                 for s in sorted(sources)]
+        rows = [part.shape[1] for part in parts]
+        whole = torch.cat(parts, dim=1)
+        del parts
+        rounded = self._round_bank(whole)
+        del whole
+        start = 0
+        for s, count in zip(sorted(sources), rows):
+            for e, name in sources[s].items():
+                self.pending[name] = rounded[e, start:start + count]  # views: the bank goes with the last one written
+            start += count
+        return self.pending
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,37 +599,42 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
     base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
 
     notes: list[str] = []
-    as_trained, model_names = None, set()
+    layout = CheckpointLayout.of(base_config_dict.get("model_type"))
+    plans = plan_tensors(base_tensor_files(base_dir), out_dtype)
+    as_trained = None
     if base_weights == "dequantized":
-        as_trained, model_names = BaseAsTrained.of_run(base_config, getattr(cfg, "quantization", None), compute_dtype)
+        as_trained, model_names = BaseAsTrained.of_run(base_config, getattr(cfg, "quantization", None), compute_dtype,
+                                                       layout)
+        if model_names:
+            as_trained.check_names([p.name for p in plans if p.dtype.is_floating_point and len(p.shape) >= 2],
+                                   model_names)
         notes.append(as_trained.describe())
     else:
         notes.append("base weights: original (as stored in the base checkpoint; a run over a 4-bit base trained over "
                      "their 4-bit rounding, so the export differs from the trained model by that rounding error)")
-
-    plans = plan_tensors(base_tensor_files(base_dir), out_dtype)
-    base_names = {p.name for p in plans}
-    stray = sorted(p.name for p in plans if model_names and p.name not in model_names and len(p.shape) >= 2
-                   and p.dtype.is_floating_point)
-    if stray:
-        raise ExportError(f"--base-weights dequantized: the base stores {stray[0]} (and {len(stray) - 1} more) under "
-                          "names transformers converts while loading (e.g. per-expert MoE tensors), so the export "
-                          "cannot tell how the run quantized them; use --base-weights original")
+    # adapters name the model's modules; the base checkpoint may name them otherwise (layout renamings)
+    by_model_name = {layout.model_name(p.name): p.name for p in plans}
 
     with safe_open(str(adapter_file), "pt") as adapter:
-        updates = adapter_updates(list(adapter.keys()), base_names)
+        updates = {by_model_name[target]: update
+                   for target, update in adapter_updates(list(adapter.keys()), set(by_model_name)).items()}
         shards = plan_shards(plans, shard_limit)
         names = shard_names(len(shards))
         bar = tqdm(total=len(plans), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
         with atomic_directory(out) as staging, contextlib.ExitStack() as files:
             base_files = {path: files.enter_context(safe_open(str(path), "pt")) for path in {p.source for p in plans}}
+            source_of = {p.name: p.source for p in plans}
+
+            def read_base(name: str) -> torch.Tensor:
+                return base_files[source_of[name]].get_tensor(name)
+
             for shard, file_name in zip(shards, names):
                 with open(staging / file_name, "wb") as f:
                     f.write(safetensors_header(shard))
                     for plan in shard:
                         tensor = base_files[plan.source].get_tensor(plan.name)
                         tensor = export_tensor(tensor, plan, updates.get(plan.name), adapter.get_tensor, adapter_config,
-                                               as_trained)
+                                               as_trained, read_base)
                         write_tensor(f, tensor, plan)
                         del tensor
                         bar.update(1)
@@ -572,7 +680,7 @@ def plan_tensors(files: list[Path], out_dtype: torch.dtype) -> list[TensorPlan]:
 
 
 def export_tensor(tensor: torch.Tensor, plan: TensorPlan, update: Update | None, read, adapter_config: dict,
-                  as_trained: BaseAsTrained | None) -> torch.Tensor:
+                  as_trained: BaseAsTrained | None, read_base: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """One base tensor as it goes into the export: as the run held it (dequantized) or as stored, the adapter's
     update merged in float32, cast to the output dtype."""
     if not tensor.is_floating_point():
@@ -580,7 +688,7 @@ def export_tensor(tensor: torch.Tensor, plan: TensorPlan, update: Update | None,
             raise ExportError(f"{plan.name}: the adapter updates a non-float tensor")
         return tensor
     if as_trained is not None:
-        tensor = as_trained(plan.name, tensor)
+        tensor = as_trained(plan.name, tensor, read_base)
     if update is not None:
         tensor = merge_update(tensor, update, read, adapter_config, plan.name)
     return tensor.to(plan.dtype)
