@@ -31,8 +31,8 @@ The merge, per adapted weight W (out, in), as PEFT's ``merge_and_unload`` comput
 
 Key mapping (``adapter_updates``): PEFT's adapter keys name modules of the wrapped model
 (``base_model.model.<module>.lora_A.weight``); each becomes one ``Update`` of the base tensor
-``<module>.weight`` (under the checkpoint's own name where transformers renames it while loading). An adapter key that maps to no base tensor is an error that names it, never
-dropped. A 3-D weight (a fused MoE expert bank) gets its own merge rule when expert adapters exist
+``<module>.weight`` (under the checkpoint's own name where transformers renames it while loading). An
+adapter key that maps to no base tensor is an error that names it, never dropped. A 3-D weight (a fused MoE expert bank) gets its own merge rule when expert adapters exist
 (``merge_update``); until then an update of one is an error.
 """
 
@@ -80,9 +80,10 @@ class ExportError(ValueError):
 
 @dataclass
 class Update:
-    """What the adapter does to one base tensor. kind: lora (A, B; DoRA when `magnitude` is set),
-    embedding_lora (PEFT's lora_embedding_A/B), replace (`replacement`: a modules_to_save copy or a
-    trained bias). The fields hold adapter keys; the tensors are read when the base tensor is merged."""
+    """What the adapter does to one base tensor. kind: lora (A, B; DoRA when `magnitude` is set), replace
+    (`replacement`: a modules_to_save copy or a trained bias). The fields hold adapter keys; the tensors are
+    read when the base tensor is merged. (Adapters on embeddings, which PEFT saves as lora_embedding_A/B, are
+    not made by trainkit (lora.target_modules names linear layers) and are refused as unknown keys.)"""
 
     kind: str = "lora"
     a: str | None = None
@@ -100,6 +101,7 @@ UNSUPPORTED_ADAPTER_OPTIONS = {
     "target_parameters": (None, "adapters on parameters (target_parameters, e.g. fused MoE experts)"),
     "trainable_token_indices": (None, "trainable token indices"),
     "use_qalora": (False, "QA-LoRA"),
+    "fan_in_fan_out": (False, "GPT-2 style Conv1D layers (fan_in_fan_out)"),
 }
 
 
@@ -110,21 +112,19 @@ def read_adapter_config(checkpoint: Path) -> dict:
         raise ExportError(f"{checkpoint}: no adapter_config.json (not a PEFT adapter checkpoint of train_qlora.py / "
                           "train_lora.py)")
     if config.get("peft_type") != "LORA":
-        raise ExportError(f"{path}: peft_type {config.get('peft_type')!r}; only LORA adapters (LoRA, rsLoRA, DoRA) "
-                          "are exported")
+        raise ExportError(f"{path}: peft_type {config.get('peft_type')!r}; only LORA adapters (LoRA, rsLoRA, DoRA, "
+                          "PiSSA, OLoRA) are exported")
     init = str(config.get("init_lora_weights"))
-    if init.startswith(("pissa_niter", "corda", "eva", "loftq")):
+    if init.startswith(("pissa_niter", "corda", "loftq")):
         raise ExportError(f"{path}: init_lora_weights {init!r}: PEFT changed the base weights at init by a "
                           "randomized or data-dependent decomposition that cannot be recomputed, and this checkpoint "
-                          "holds neither that base nor the initial adapter; train with lora.init pissa (full SVD), "
-                          "olora, default or gaussian to export, or convert the adapter to plain LoRA with PEFT "
-                          "(save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before "
+                          "holds neither that base nor the initial adapter; train with lora.init pissa and "
+                          "lora.pissa_fast false (full SVD), olora, default or gaussian to export, or convert the "
+                          "adapter to plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before "
                           "training>)) and export that")
     for key, (fine, what) in UNSUPPORTED_ADAPTER_OPTIONS.items():
         if config.get(key, fine) not in (fine, None, [], {}, False):
             raise ExportError(f"{path}: {key} is set ({what}); the export does not merge that yet")
-    if config.get("use_dora") and config.get("fan_in_fan_out"):
-        raise ExportError(f"{path}: DoRA with fan_in_fan_out (GPT-2 Conv1D layers) is not supported by the export")
     return config
 
 
@@ -144,10 +144,7 @@ def adapter_updates(adapter_keys: list[str], base_names: set[str]) -> dict[str, 
         if role == "replace":
             update.kind, update.replacement = "replace", key
         else:
-            if role in ("embedding_a", "embedding_b"):
-                update.kind = "embedding_lora"
-            setattr(update, {"a": "a", "b": "b", "embedding_a": "a", "embedding_b": "b",
-                             "magnitude": "magnitude"}[role], key)
+            setattr(update, role, key)
     if unknown:
         raise ExportError(f"adapter keys that match no tensor of the base: {', '.join(unknown[:5])}"
                           + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
@@ -156,14 +153,11 @@ def adapter_updates(adapter_keys: list[str], base_names: set[str]) -> dict[str, 
             raise ExportError(f"{target}: the adapter both replaces it and holds a LoRA update for it ({update.keys})")
         if update.kind != "replace" and not (update.a and update.b):
             raise ExportError(f"{target}: the adapter holds {update.keys} but not both LoRA factors A and B")
-        if update.magnitude and update.kind == "embedding_lora":
-            raise ExportError(f"{target}: DoRA on an embedding is not supported by the export")
     return updates
 
 
 _LORA_SUFFIXES = (  # adapter key suffix after the module name -> role
-    (".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_embedding_A", "embedding_a"),
-    (".lora_embedding_B", "embedding_b"), (".lora_magnitude_vector", "magnitude"),
+    (".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_magnitude_vector", "magnitude"),
     (".lora_magnitude_vector.weight", "magnitude"))
 
 
@@ -174,8 +168,7 @@ def _adapter_target(name: str) -> tuple[str | None, str | None]:
             return name[: -len(suffix)] + ".weight", role
     if ".lora_" in name:
         return None, None  # a LoRA tensor of a kind the export does not know
-    # modules_to_save copies are saved under the module's own name; PEFT saves the base layer of an adapted
-    # embedding too (<module>.base_layer.weight); trained biases (lora.bias) under their own name
+    # modules_to_save copies are saved under the module's own name; trained biases (lora.bias) too
     return name.replace(".base_layer.", ".").replace(".modules_to_save.", "."), "replace"
 
 
@@ -197,9 +190,8 @@ def residual_base(weight: torch.Tensor, rank: int, config: dict) -> torch.Tensor
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
     lora = LoraConfig(r=rank, lora_alpha=config["lora_alpha"], use_rslora=bool(config.get("use_rslora")),
-                      init_lora_weights=config["init_lora_weights"], fan_in_fan_out=bool(config.get("fan_in_fan_out")))
-    LoraLinear(linear, "default", config=lora, r=rank, lora_alpha=config["lora_alpha"],
-               fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+                      init_lora_weights=config["init_lora_weights"])
+    LoraLinear(linear, "default", config=lora, r=rank, lora_alpha=config["lora_alpha"])
     return linear.weight.detach()
 
 
@@ -219,16 +211,9 @@ def merge_update(weight: torch.Tensor, update: Update, read: Callable[[str], tor
                           "supported yet")
     a, b = read(update.a).float(), read(update.b).float()
     if str(config.get("init_lora_weights")) in RESIDUAL_INITS:
-        if update.kind != "lora":
-            raise ExportError(f"{name}: {config['init_lora_weights']} init on an embedding is not supported by the export")
         weight = residual_base(weight, a.shape[0], config)
     weight = weight.float()
-    if update.kind == "embedding_lora":  # PEFT: lora_embedding_A (r, num_embeddings), B (dim, r)
-        delta = (b @ a).T * lora_scaling(config, a.shape[0])
-    else:
-        delta = (b @ a) * lora_scaling(config, a.shape[0])
-        if config.get("fan_in_fan_out"):
-            delta = delta.T
+    delta = (b @ a) * lora_scaling(config, a.shape[0])
     if delta.shape != weight.shape:
         raise ExportError(f"{name}: the adapter's update has shape {tuple(delta.shape)}, the base {tuple(weight.shape)}")
     merged = weight + delta
