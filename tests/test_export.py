@@ -457,3 +457,31 @@ def test_moe_base_in_per_expert_layout(tmp_path):
           f"original {errors['original']:.2e}")
     assert errors["dequantized"] < 1e-4
     assert errors["original"] > 20 * errors["dequantized"]
+
+
+def test_hub_id_base_resolves_in_the_hf_cache(tmp_path, dense_base):
+    """paths.model_name_or_path a hub id: the export finds it in the HF cache (paths.cache_dir), offline. (The
+    run is made from the local copy: transformers asks the hub about a hub id even with local_files_only.)"""
+    import shutil
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--tiny--llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(dense_base, snapshot)
+    (cache / "models--tiny--llama" / "refs").mkdir()
+    (cache / "models--tiny--llama" / "refs" / "main").write_text("0" * 40)
+    raw = lora_config(model_path=str(dense_base))
+    checkpoint = make_checkpoint(raw, tmp_path / "runs")
+    ids = input_ids()
+    expected = reference_logits(raw, tmp_path / "runs", checkpoint, ids)
+
+    def point_at(hub_id: str) -> None:
+        state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+        state["config"]["paths"].update(model_name_or_path=hub_id, cache_dir=str(cache))
+        (checkpoint / TRAINER_STATE_FILE).write_text(json.dumps(state))
+
+    point_at("tiny/llama")
+    export(checkpoint, tmp_path / "out", "--dtype", "fp32")
+    assert max_error(plain_transformers_logits(tmp_path / "out", ids), expected) < 1e-4
+    point_at("tiny/absent")
+    result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o2"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "not in the HF cache" in result.stderr and "huggingface-cli download tiny/absent" in result.stderr

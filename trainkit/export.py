@@ -545,7 +545,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out}: exists and is not empty; pass --overwrite to replace its contents")
 
 
-
 def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str | int = "2GB",
                       base_weights: str = "dequantized", overwrite: bool = False, progress: bool = True,
                       say: Callable[[str], None] = print) -> ExportReport:
@@ -576,6 +575,8 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
         raise ExportError(f"{checkpoint}: no tokenizer could be loaded from it ({type(e).__name__})") from None
     compute_dtype = run_compute_dtype(cfg, checkpoint)
     base_dir, base_name = resolve_base_dir(cfg, tokenizer, compute_dtype)
+    if not (base_dir / "config.json").is_file():
+        raise ExportError(f"{base_dir}: the base has no config.json")
     base_config_dict = json.loads((base_dir / "config.json").read_text())
     gla = base_config_dict.get("model_type") == "gla"
     if gla:
@@ -605,8 +606,8 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
                    for target, update in adapter_updates(list(adapter.keys()), set(by_model_name)).items()}
         shards = plan_shards(plans, shard_limit)
         names = shard_names(len(shards))
-        bar = tqdm(total=len(plans), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
-        with atomic_directory(out) as staging, contextlib.ExitStack() as files:
+        with atomic_directory(out) as staging, contextlib.ExitStack() as files, \
+                tqdm(total=len(plans), desc="export", unit="tensor", disable=not progress, file=sys.stderr) as bar:
             base_files = {path: files.enter_context(safe_open(str(path), "pt")) for path in {p.source for p in plans}}
             source_of = {p.name: p.source for p in plans}
 
@@ -623,7 +624,6 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
                         write_tensor(f, tensor, plan)
                         del tensor
                         bar.update(1)
-            bar.close()
             total = sum(p.nbytes for p in plans)
             if len(names) > 1:
                 weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
