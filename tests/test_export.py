@@ -396,15 +396,57 @@ def test_randomized_pissa_refused(tmp_path, dense_base):
     assert "pissa_niter_4" in result.stderr and "lora.init" in result.stderr
 
 
-def test_distill_checkpoint_refused_with_what_loads_it(tmp_path):
-    checkpoint = tmp_path / "distill-run" / "checkpoint-2"
-    checkpoint.mkdir(parents=True)
-    config = validate({"script": "distill.py", "paths": {"output_dir": str(tmp_path), "run_name": "distill-run"}},
+def distill_checkpoint(tmp_path: Path, mixer: str) -> tuple[Path, torch.nn.Module]:
+    """checkpoint-2 of a distill.py run as distill.py writes it (the student's save_pretrained, the tokenizer,
+    trainer_state.json with the config): a student of a tiny random Llama teacher, gates moved off their init."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainkit.students import build_student
+    tokenizer = build_byte_level_tokenizer()
+    kwargs = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    torch.manual_seed(6)
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(tokenizer), **kwargs))
+    student, _ = build_student(teacher, mixer=mixer)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    config = validate({"script": "distill.py", "paths": {"output_dir": str(tmp_path), "run_name": "distill-run"},
+                       "model": {"config": dict(TINY_LLAMA)}, "student": {"mixer": mixer}},
                       SCRIPT_CONFIGS["distill.py"])
+    checkpoint = tmp_path / "distill-run" / "checkpoint-2"
+    student.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
     (checkpoint / TRAINER_STATE_FILE).write_text(json.dumps({"step": 2, "config": config.as_dict()}))
+    return checkpoint, student.eval()
+
+
+def test_gla_student_exports_as_fla_gla(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainkit.patches.fla import use_reference_backend
+    checkpoint, student = distill_checkpoint(tmp_path, "gla")
+    ids = input_ids()
+    with torch.no_grad():
+        expected = student(input_ids=ids).logits.float()
+    out = tmp_path / "export"
+    export(checkpoint, out, "--dtype", "fp32", "--max-shard-size", "100KB")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gla"
+    plain_transformers_logits(out, ids, kind="gla")  # fla loads it without trainkit, every key matched
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    use_reference_backend(model)
+    with torch.no_grad():
+        error = max_error(model(input_ids=ids).logits.float(), expected)
+    print(f"GLA student as fla GLA: max |logit error| fp32 {error:.2e} (logit scale {expected.abs().max():.2f})")
+    assert error < 1e-4
+    assert "import fla" in (out / "EXPORT.md").read_text()
+
+
+def test_mamba2_student_refused_with_what_loads_it(tmp_path):
+    checkpoint, _ = distill_checkpoint(tmp_path, "discrete_mamba2")
     result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "trainkit_linear_llama" in result.stderr and "import trainkit.students" in result.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_trained_moe_run_exports_through_the_cli(tmp_path):

@@ -29,6 +29,10 @@ The merge, per adapted weight W (out, in), as PEFT's ``merge_and_unload`` comput
         as most merge tools do; after a 4-bit run the result differs from the trained model by the 4-bit
         rounding error.
 
+A distill.py checkpoint holds a whole student (trainkit.students): one whose mixer is GLA on every layer is
+written as fla's GLA model (renamed tensors, fla's config: ``export_student``); others are refused with what
+loads them.
+
 Key mapping (``adapter_updates``): PEFT's adapter keys name modules of the wrapped model
 (``base_model.model.<module>.lora_A.weight``); each becomes one ``Update`` of the base tensor
 ``<module>.weight`` (under the checkpoint's own name where transformers renames it while loading). An
@@ -440,6 +444,7 @@ class TensorPlan:
     source: Path              # base safetensors file
     shape: tuple[int, ...]
     dtype: torch.dtype        # in the output
+    source_name: str | None = None  # the tensor's name in `source` when the output renames it
 
     @property
     def nbytes(self) -> int:
@@ -530,11 +535,6 @@ def load_checkpoint_config(checkpoint: Path):
                           "directory of a run") from None
     except ConfigError as e:
         raise ExportError(f"--checkpoint {checkpoint}: its stored config does not validate: {e}") from None
-    if cfg.script == "distill.py":
-        raise ExportError(f"--checkpoint {checkpoint}: a distill.py checkpoint holds the whole student (model_type "
-                          "trainkit_linear_llama, a Llama with linear-attention mixers defined in trainkit.students), no "
-                          "adapter to merge, and neither transformers nor fla implements that model type: it loads "
-                          "only with `import trainkit.students` before AutoModelForCausalLM.from_pretrained(DIR)")
     return cfg
 
 
@@ -561,6 +561,11 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
     out_dtype = DTYPES[dtype]
     shard_limit = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     cfg = load_checkpoint_config(checkpoint)
+    if cfg.script == "distill.py":
+        if out.resolve() == checkpoint.resolve():
+            raise ExportError("--out is the checkpoint directory; give a new directory")
+        check_out(out, overwrite)
+        return export_student(checkpoint, out, cfg, out_dtype, dtype, shard_limit, progress, say)
     adapter_config = read_adapter_config(checkpoint)
     adapter_file = checkpoint / "adapter_model.safetensors"
     if not adapter_file.is_file():
@@ -618,7 +623,7 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
                 with open(staging / file_name, "wb") as f:
                     f.write(safetensors_header(shard))
                     for plan in shard:
-                        tensor = base_files[plan.source].get_tensor(plan.name)
+                        tensor = base_files[plan.source].get_tensor(plan.source_name or plan.name)
                         tensor = export_tensor(tensor, plan, updates.get(plan.name), adapter.get_tensor, adapter_config,
                                                as_trained, read_base)
                         write_tensor(f, tensor, plan)
@@ -743,6 +748,115 @@ def write_export_note(report: ExportReport, directory: Path, checkpoint: Path, b
     lines += ["```python", *load_snippet("<this directory>", gla).split("; "), "```", ""]
     lines += [f"- {note}" for note in report.notes]
     (directory / "EXPORT.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distilled students: a GLA student is fla's GLA model under other names
+
+
+STUDENT_TO_FLA = [  # trainkit.students' LinearLlamaForCausalLM (mixer gla) -> fla's GLAForCausalLM
+    (r"^model\.embed_tokens\.", "model.embeddings."),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".mlp_norm."),
+    (r"\.self_attn\.g_norm_weight$", ".attn.g_norm_swish_gate.weight"),
+    (r"\.self_attn\.", ".attn."),
+]
+STUDENT_LOADER = ("it loads only with `import trainkit.students` before AutoModelForCausalLM.from_pretrained(DIR) "
+                  "on the checkpoint itself")
+
+
+def fla_gla_config(student: dict) -> dict:
+    """fla's GLAConfig for a distill.py student whose mixer is GLA on every layer: the student's GLAMixer computes
+    fla.layers.GatedLinearAttention (no feature map, no short convolution, no RoPE) inside Llama blocks, which
+    are fla's GLABlock (RMSNorm, mixer, RMSNorm, SwiGLU MLP). ExportError naming what differs otherwise."""
+    mixer = student.get("mixer")
+    why = None
+    if mixer != "gla":
+        why = (f"its mixer is {mixer} (Discrete Mamba-2), which neither transformers nor fla implements as a model "
+               "(only mixer gla students convert to fla's GLA)")
+    elif student.get("attention_layers"):
+        why = f"it keeps softmax attention in layers {student['attention_layers']} (a hybrid student)"
+    elif student.get("attention_bias") or student.get("mlp_bias"):
+        why = "its projections have biases, fla's GLA has none"
+    elif student.get("hidden_act", "silu") not in ("silu", "swish"):
+        why = f"its MLP activation is {student.get('hidden_act')}, fla's GLA uses swish"
+    elif (student.get("gla_gate_low_rank_dim"), student.get("gla_gate_logit_normalizer")) != (16, 16.0):
+        why = "its GLA gate is not fla's (gla_gate_low_rank_dim 16, gla_gate_logit_normalizer 16)"
+    elif not student.get("gla_use_output_gate", True):
+        why = "it has no output gate (gla_use_output_gate false)"
+    if why:
+        raise ExportError(f"this distill.py checkpoint holds a trainkit_linear_llama student (trainkit.students) that "
+                          f"cannot be exported to a model transformers or fla loads: {why}; {STUDENT_LOADER}")
+    from trainkit.gla import import_fla
+    import_fla()
+    from fla.models import GLAConfig
+    config = GLAConfig(
+        hidden_size=student["hidden_size"], expand_k=student["gla_expand_k"], expand_v=student["gla_expand_v"],
+        hidden_ratio=None, intermediate_size=student["intermediate_size"],
+        num_hidden_layers=student["num_hidden_layers"], num_heads=student["num_attention_heads"], num_kv_heads=None,
+        feature_map=None, attn_mode="chunk", use_short_conv=False, use_output_gate=True, clamp_min=None,
+        hidden_act="swish", max_position_embeddings=student["max_position_embeddings"], elementwise_affine=True,
+        norm_eps=student["rms_norm_eps"], use_gk=True, use_gv=False, attn=None, use_cache=True,
+        pad_token_id=student.get("pad_token_id"), bos_token_id=student.get("bos_token_id"),
+        eos_token_id=student.get("eos_token_id"), tie_word_embeddings=student.get("tie_word_embeddings", False),
+        initializer_range=student.get("initializer_range", 0.02), vocab_size=student["vocab_size"])
+    return config.to_dict()
+
+
+def student_name(name: str) -> str:
+    for pattern, replacement in STUDENT_TO_FLA:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def export_student(checkpoint: Path, out: Path, cfg, out_dtype: torch.dtype, dtype: str, shard_limit: int,
+                   progress: bool, say: Callable[[str], None]) -> ExportReport:
+    """A distill.py checkpoint (the whole student, save_pretrained) written as fla's GLA model: the same tensors
+    under fla's names, cast to --dtype, streamed like the merge."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    student = read_json(checkpoint / "config.json")
+    if not isinstance(student, dict) or student.get("model_type") != "trainkit_linear_llama":
+        raise ExportError(f"{checkpoint}: a distill.py checkpoint without the student's config.json")
+    fla_config = fla_gla_config(student)
+    plans = [TensorPlan(student_name(p.name), p.source, p.shape, p.dtype, source_name=p.name)
+             for p in plan_tensors(base_tensor_files(checkpoint), out_dtype)]
+    shards = plan_shards(plans, shard_limit)
+    names = shard_names(len(shards))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    with atomic_directory(out) as staging, contextlib.ExitStack() as files, \
+            tqdm(total=len(plans), desc="export", unit="tensor", disable=not progress, file=sys.stderr) as bar:
+        handles = {path: files.enter_context(safe_open(str(path), "pt")) for path in {p.source for p in plans}}
+        for shard, file_name in zip(shards, names):
+            with open(staging / file_name, "wb") as f:
+                f.write(safetensors_header(shard))
+                for plan in shard:
+                    tensor = handles[plan.source].get_tensor(plan.source_name)
+                    write_tensor(f, tensor.to(plan.dtype) if tensor.is_floating_point() else tensor, plan)
+                    bar.update(1)
+        total = sum(p.nbytes for p in plans)
+        if len(names) > 1:
+            weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
+            (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                          "weight_map": weight_map}, indent=2) + "\n")
+        write_config(fla_config, staging, out_dtype)
+        tokenizer.save_pretrained(str(staging))
+        write_generation_config(checkpoint, staging, tokenizer, cfg, checkpoint)
+        notes = ["distilled student (mixer gla) written as fla's GLA model (model_type gla)", GLA_LOADER_NOTE]
+        report = ExportReport(out, names, len(plans), 0, 0, total, notes)
+        lines = ["# Exported by trainkit.export", "",
+                 f"- from: `{checkpoint}` (distill.py, run `{cfg.paths.run_name}`): the student, as fla's GLA model",
+                 f"- dtype: {dtype}; files: {', '.join(names)}, config.json, generation_config.json, tokenizer files",
+                 "", "## Load it", "", GLA_LOADER_NOTE + ".", "", "```python",
+                 *load_snippet("<this directory>", True).split("; "), "```", ""]
+        (staging / "EXPORT.md").write_text("\n".join(lines) + "\n")
+    say(f"exported {checkpoint} -> {out}: the distilled student as fla's GLA model, {len(plans)} tensors, "
+        f"{total / 2**20:.1f} MiB in {len(names)} file(s), {dtype}")
+    say(GLA_LOADER_NOTE)
+    say(f"load it with: {load_snippet(str(out), True)}")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
