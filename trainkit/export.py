@@ -471,6 +471,17 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def write_index(staging: Path, shards: list, names: list[str]) -> int:
+    """model.safetensors.index.json (HF's sharded format) when the tensors went to more than one file; returns
+    the bytes of all tensors."""
+    total = sum(plan.nbytes for shard in shards for plan in shard)
+    if len(names) > 1:
+        weight_map = {plan.name: name for shard, name in zip(shards, names) for plan in shard}
+        (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")
+    return total
+
+
 def safetensors_header(tensors: list[TensorPlan]) -> bytes:
     """The header of a safetensors file holding `tensors` in this order: 8-byte length, then JSON, padded
     with spaces to a multiple of 8 bytes (the format's alignment)."""
@@ -629,11 +640,7 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
                         write_tensor(f, tensor, plan)
                         del tensor
                         bar.update(1)
-            total = sum(p.nbytes for p in plans)
-            if len(names) > 1:
-                weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
-                (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                              "weight_map": weight_map}, indent=2) + "\n")
+            total = write_index(staging, shards, names)
             write_config(base_config_dict, staging, out_dtype)
             for extra in base_dir.glob("*.py"):  # remote code (auto_map) the config names
                 shutil.copy2(extra, staging / extra.name)
@@ -836,11 +843,7 @@ def export_student(checkpoint: Path, out: Path, cfg, out_dtype: torch.dtype, dty
                     tensor = handles[plan.source].get_tensor(plan.source_name)
                     write_tensor(f, tensor.to(plan.dtype) if tensor.is_floating_point() else tensor, plan)
                     bar.update(1)
-        total = sum(p.nbytes for p in plans)
-        if len(names) > 1:
-            weight_map = {p.name: n for shard, n in zip(shards, names) for p in shard}
-            (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                          "weight_map": weight_map}, indent=2) + "\n")
+        total = write_index(staging, shards, names)
         write_config(fla_config, staging, out_dtype)
         tokenizer.save_pretrained(str(staging))
         write_generation_config(checkpoint, staging, tokenizer, cfg, checkpoint)
