@@ -24,11 +24,13 @@ Module names checked against transformers 5.23 modeling code:
 
 from __future__ import annotations
 
+import copy
 
 from torch import nn
 
 from trainkit.config import ConfigError
 from trainkit.config.base import LoraSection
+from trainkit.expert_lora import expert_rank_alpha, install_expert_lora, resolve_expert_targets
 from trainkit.patches.peft import no_moe_target_remap, use_fused_lora_forward
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -136,14 +138,61 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
 def load_adapter(model: nn.Module, path, is_trainable: bool = False, fused_forward: bool = True, **kwargs):
     """``PeftModel.from_pretrained`` with PEFT's MoE target remap held off (trainkit.patches.peft), and the
     fused LoRA forward the training used (``fused_forward``; trainkit.fused_lora), so the loaded adapter
-    computes what it computed in training, bit for bit."""
-    from peft import PeftModel
+    computes what it computed in training, bit for bit. An adapter with expert adapters (``target_parameters``)
+    is rebuilt by trainkit.expert_lora (PEFT matches nothing on NF4 banks and would drop them with a warning)
+    and its weights loaded with every adapter key checked: a missing or unexpected key is an error."""
+    from peft import PeftConfig, PeftModel
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = PeftConfig.from_pretrained(path)
+    if getattr(config, "target_parameters", None):
+        peft_model = _load_expert_adapter(model, path, config, is_trainable, model_type)
+        if fused_forward:
+            use_fused_lora_forward(peft_model)
+        return peft_model
     with no_moe_target_remap(model_type):
         peft_model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable, **kwargs)
     if fused_forward:
         use_fused_lora_forward(peft_model)
     return peft_model
+
+
+def _load_expert_adapter(model: nn.Module, path, config, is_trainable: bool, model_type):
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+
+    names = [t.rsplit(".", 1)[-1] for t in config.target_parameters]
+    names = list(dict.fromkeys(names))
+    suffixes = list(config.target_parameters)
+    r = next((v for k, v in (config.rank_pattern or {}).items() if k in suffixes), config.r)
+    alpha = next((v for k, v in (config.alpha_pattern or {}).items() if k in suffixes), config.lora_alpha)
+    module_config = copy.copy(config)
+    module_config.target_parameters = None
+    module_config.rank_pattern = {k: v for k, v in (config.rank_pattern or {}).items() if k not in suffixes}
+    module_config.alpha_pattern = {k: v for k, v in (config.alpha_pattern or {}).items() if k not in suffixes}
+    module_config.inference_mode = not is_trainable
+    with no_moe_target_remap(model_type):
+        peft_model = PeftModel(model, module_config)
+    install_expert_lora(peft_model, names, r, alpha)
+    load_adapter_weights(peft_model, load_peft_weights(str(path)), str(path))
+    if not is_trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+    return peft_model
+
+
+def load_adapter_weights(peft_model, state: dict, source: str) -> None:
+    """set_peft_model_state_dict, with every adapter key of the model filled and no key left over (PEFT's
+    loader only warns, and drops keys that match no module)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        what = (f"{len(missing)} adapter weights missing (e.g. {missing[0]})" if missing else "") + \
+               ("; " if missing and unexpected else "") + \
+               (f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "")
+        raise ValueError(f"adapter {source} does not match the model: {what}")
 
 
 def apply_lora(model: nn.Module, lora: LoraSection):
@@ -173,11 +222,19 @@ def apply_lora(model: nn.Module, lora: LoraSection):
         task_type="CAUSAL_LM",
     )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    expert_names = resolve_expert_targets(model, lora.expert_targets)
     with no_moe_target_remap(model_type):
         peft_model = get_peft_model(model, config)
+    experts = {}
+    if expert_names:
+        r, alpha = expert_rank_alpha(lora, lora.r, lora.alpha)
+        experts = install_expert_lora(peft_model, expert_names, r, alpha, impl=lora.expert_impl)
     fused = use_fused_lora_forward(peft_model) if lora.fused_forward else 0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     peft_model.trainkit_lora_info = {"target_modules": sorted({_leaf(t) for t in targets}),
                                      "num_targets": len(targets), "trainable": trainable, "variant": lora.variant,
-                                     "fused_forward_layers": fused}
+                                     "fused_forward_layers": fused,
+                                     "expert_targets": experts.get("expert_targets", []),
+                                     "expert_r": experts.get("expert_r"),
+                                     "expert_trainable": experts.get("expert_trainable", 0)}
     return peft_model

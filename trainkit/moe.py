@@ -64,7 +64,10 @@ class RouterStats:
         for pos, (name, experts) in enumerate(found):
             m = _LAYER_RE.search(name + ".")
             layer = int(m.group(1)) if m else pos
-            parent = names.get(name.rsplit(".", 1)[0]) if "." in name else None
+            # expert LoRA wraps the experts module in PEFT ParamWrappers (`experts.base_layer.base_layer`):
+            # the router is a sibling of the outermost wrapper
+            place = name.replace(".base_layer", "")
+            parent = names.get(place.rsplit(".", 1)[0]) if "." in place else None
             router = _find_router(parent, experts) if parent is not None else None
             if router is not None and not self.top_k:
                 self.top_k = int(getattr(router, "top_k", 0) or 0)

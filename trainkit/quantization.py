@@ -200,14 +200,20 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return out
 
 
-class _NF4GroupedLinear(torch.autograd.Function):
-    """y = grouped x @ W_e^T with W a frozen 4-bit bank; dequantized again in backward."""
+def expert_weight(w, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen expert tensor in `dtype`: a 4-bit bank dequantized, or a float Parameter detached (no weight grad)."""
+    return w.dequantize(dtype) if isinstance(w, NF4ExpertBank) else w.detach().to(dtype)
+
+
+class _FrozenGroupedLinear(torch.autograd.Function):
+    """y = grouped x @ W_e^T with W a frozen 4-bit bank (dequantized again in backward) or a frozen float
+    Parameter: only the input gets a gradient."""
 
     @staticmethod
-    def forward(ctx, x, offs, bank: NF4ExpertBank, transposed: bool):
-        w = bank.dequantize(x.dtype)               # (E, out, in), or (E, in, out) if transposed
+    def forward(ctx, x, offs, weight, transposed: bool):
+        w = expert_weight(weight, x.dtype)        # (E, out, in), or (E, in, out) if transposed
         y = _grouped_mm(x, w if transposed else w.transpose(-2, -1), offs)
-        ctx.bank, ctx.transposed = bank, transposed
+        ctx.weight, ctx.transposed = weight, transposed
         ctx.save_for_backward(offs)
         return y
 
@@ -216,39 +222,47 @@ class _NF4GroupedLinear(torch.autograd.Function):
         (offs,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        w = ctx.bank.dequantize(grad_y.dtype)
+        w = expert_weight(ctx.weight, grad_y.dtype)
         grad_x = _grouped_mm(grad_y.contiguous(), w.transpose(-2, -1) if ctx.transposed else w, offs)
         return grad_x, None, None, None
 
 
 def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Drop-in forward for a transformers 5 `*Experts` module whose banks are 4-bit."""
+    """Drop-in forward for a transformers 5 `*Experts` module whose experts are 4-bit banks or frozen float
+    Parameters (grouped GEMMs after sorting token/expert pairs by expert). Expert LoRA adapters
+    (trainkit.expert_lora) whose wrapper is running around this call add their update per projection."""
+    from trainkit.expert_lora import ExpertLoRA, scoped_expert_adapters
+
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
     dtype = hidden_states.dtype
     expert_ids = top_k_index.reshape(-1)
     sample_weights = top_k_weights.reshape(-1)
     expert_ids_g, perm = torch.sort(expert_ids)
-    x = hidden_states[perm // num_top_k]
+    token_idx = perm // num_top_k
+    x = hidden_states[token_idx]
     counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids_g.device).scatter_add_(
         0, expert_ids_g.clamp(max=self.num_experts - 1), (expert_ids_g < self.num_experts).to(torch.int64))
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     transposed = bool(getattr(self, "is_transposed", False))
     has_gate = bool(getattr(self, "has_gate", True))
     has_bias = bool(getattr(self, "has_bias", False))
-    if has_gate:
-        up_bank, up_bias = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None)
-    else:
-        up_bank, up_bias = self.up_proj, getattr(self, "up_proj_bias", None)
-    h = _NF4GroupedLinear.apply(x, offs, up_bank, transposed)
+    adapters = scoped_expert_adapters(self)
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    up_bank, up_bias = getattr(self, up_name), getattr(self, f"{up_name}_bias", None)
+    h = _FrozenGroupedLinear.apply(x, offs, up_bank, transposed)
+    if up_name in adapters:
+        h = ExpertLoRA.apply(h, hidden_states, token_idx, offs, *adapters[up_name])
     if has_bias and up_bias is not None:
         h = h + up_bias[expert_ids_g].to(h.dtype)
     if has_gate:
         h = self._apply_gate(h) if hasattr(self, "_apply_gate") else _default_gate(self, h)
     else:
         h = self.act_fn(h)
-    out = _NF4GroupedLinear.apply(h, offs, self.down_proj, transposed)
+    out = _FrozenGroupedLinear.apply(h, offs, self.down_proj, transposed)
+    if "down_proj" in adapters:
+        out = ExpertLoRA.apply(out, h, None, offs, *adapters["down_proj"])
     down_bias = getattr(self, "down_proj_bias", None)
     if has_bias and down_bias is not None:
         out = out + down_bias[expert_ids_g].to(out.dtype)

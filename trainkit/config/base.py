@@ -185,6 +185,30 @@ class LoraSection(ConfigModel):
     bias: one_of("none", "all", "lora_only") = Field("none", description="train biases")
     modules_to_save: List = Field([], description="modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] for a random-init base or new tokens)")
     fused_forward: Bool = Field(True, description="add the LoRA update through one autograd function in the base's compute dtype (bf16 on GPUs) over fp32 adapter weights (trainkit.fused_lora); false: PEFT's forward (fp32 adapter compute). DoRA always uses PEFT's")
+    expert_targets: StrOrList = Field("none", description="LoRA on the routed MoE experts' fused tensors (trainkit.expert_lora; NF4 banks or bf16): none, auto (the family's preset: gate_up_proj, down_proj for mixtral, qwen2_moe, qwen3_moe, glm4_moe), or a list of expert parameter names; no dropout on experts; not with DoRA or PiSSA/OLoRA init")
+    expert_r: OptionalPositiveInt = Field(None, description="rank per expert of the expert adapters (null: lora.r)")
+    expert_alpha: OptionalPositiveFloat = Field(None, description="alpha of the expert adapters (null: lora.alpha * expert_r / r, the same scale as the module adapters)")
+    expert_impl: one_of("trainkit", "peft") = Field("trainkit", description="trainkit: grouped LoRA GEMMs after routing over the frozen experts (NF4 or bf16); peft: PEFT's target_parameters forward (bf16 experts only; it folds W + BA per forward, a bank-sized tensor: the benchmark baseline)")
+
+    @field_validator("expert_targets")
+    @classmethod
+    def known_expert_targets(cls, value):
+        if isinstance(value, str) and value not in ("none", "auto"):
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        if isinstance(value, list) and (not value or not all(isinstance(t, str) and t for t in value)):
+            raise ValueError("must be none, auto, or a non-empty list of expert parameter names")
+        return value
+
+    @model_validator(mode="after")
+    def experts_without_variants(self):
+        if self.expert_targets != "none" and self.variant == "dora":
+            raise ValueError("lora.variant dora cannot adapt the MoE experts (lora.expert_targets): PEFT's "
+                             "target_parameters adapters have no DoRA; use lora or rslora, or lora.expert_targets: none")
+        return self
+
+    @property
+    def expert_lora_wanted(self) -> bool:
+        return self.expert_targets != "none"
 
     @property
     def init_lora_weights(self) -> bool | str:

@@ -42,6 +42,14 @@ class LoRAAdapterSection(LoraSection):
             raise ValueError(f"{init!r} is not one of {INITS}")
         return init
 
+    @model_validator(mode="after")
+    def experts_with_default_init(self):
+        if self.expert_targets != "none" and self.init not in ("default", "gaussian"):
+            raise ValueError(f"lora.init {self.init} cannot be used with lora.expert_targets (an SVD init of every "
+                             "expert is not supported, and PEFT cannot load it): use init default or gaussian, or "
+                             "lora.expert_targets: none")
+        return self
+
     @property
     def init_lora_weights(self) -> bool | str:
         """PEFT's init_lora_weights for lora.init / lora.pissa_fast."""

@@ -155,3 +155,70 @@ def use_fused_lora_forward(model) -> int:
     if switched:
         FUSED_LORA_FORWARD.mark_applied()
     return switched
+
+
+# ---------------------------------------------------------------------------------------------
+# expert LoRA (trainkit.expert_lora): PEFT ParamWrapper adapters over fused experts, trainkit's forward
+
+EXPERT_LORA_FORWARD = Patch(
+    "peft.expert_lora_forward", "peft",
+    "ParamWrapper adapters on fused MoE experts (built by hand, also over NF4 banks) add their update inside "
+    "trainkit's grouped experts forward (trainkit.expert_lora) instead of PEFT's per-forward W + BA fold",
+    checked="0.21")
+_EXPERT_CLASSES: dict[type, type] = {}
+
+
+def make_param_wrapper(base_layer, adapter_name: str, parameter_name: str, config, r: int, lora_alpha: float):
+    """PEFT's ParamWrapper around `base_layer`'s `parameter_name` (a 3-D Parameter or an NF4ExpertBank, which
+    mimics .shape/.dtype/.device: all the constructor reads), with dropout 0 (ParamWrapper refuses dropout)."""
+    import copy
+
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:
+        raise EXPERT_LORA_FORWARD.error("peft.tuners.lora.layer has no ParamWrapper (target_parameters)",
+                                        "set lora.expert_targets: none, or " + LOCK_HINT) from None
+    config = copy.copy(config)
+    config.lora_dropout = 0.0
+    return ParamWrapper(base_layer, adapter_name, parameter_name=parameter_name, config=config, r=r,
+                        lora_alpha=lora_alpha)
+
+
+def _expert_forward(self, x, *args, **kwargs):
+    """Put this wrapper's adapter in scope and run the wrapped module (inner wrappers, then the experts module
+    through __call__, so its hooks fire); the experts' grouped forward adds the update."""
+    from trainkit.expert_lora import expert_adapter_scope
+    from trainkit.quantization import NF4ExpertBank
+
+    if self.disable_adapters or not self.active_adapters:
+        return self.base_layer(x, *args, **kwargs)
+    name = _fusable_adapter(self)
+    experts = self.get_base_layer()
+    if name is None:
+        if isinstance(self.get_param(), NF4ExpertBank):
+            raise EXPERT_LORA_FORWARD.error(f"expert adapter on {self.parameter_name}: merged or several active "
+                                            "adapters are not supported over NF4 banks",
+                                            "use one adapter; merge with python -m trainkit.export")
+        return super(type(self), self).forward(x, *args, **kwargs)
+    with expert_adapter_scope(experts, self.parameter_name, self.lora_A[name].weight, self.lora_B[name].weight,
+                              self.scaling[name]) as used:
+        result = self.base_layer(x, *args, **kwargs)
+    if not used[0]:
+        raise EXPERT_LORA_FORWARD.error(f"{type(experts).__name__}.forward did not apply the expert adapter on "
+                                        f"{self.parameter_name} (its grouped forward was bypassed)", LOCK_HINT)
+    return result
+
+
+def use_expert_lora_forward(wrappers) -> int:
+    """Switch PEFT ParamWrapper modules to _expert_forward (a subclass with only forward replaced)."""
+    for w in wrappers:
+        cls = type(w)
+        if not getattr(cls, "trainkit_expert_lora", False):
+            if cls not in _EXPERT_CLASSES:
+                _EXPERT_CLASSES[cls] = type(cls.__name__, (cls,), {
+                    "forward": _expert_forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                    "trainkit_expert_lora": True})
+            w.__class__ = _EXPERT_CLASSES[cls]
+    if wrappers:
+        EXPERT_LORA_FORWARD.mark_applied()
+    return len(wrappers)

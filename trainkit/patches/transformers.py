@@ -29,7 +29,7 @@ from torch import nn
 
 from trainkit.patches import Patch
 
-__all__ = ["quantize_experts_on_load", "use_4bit_experts_forward", "EXPERTS_FORWARD_ARGS"]
+__all__ = ["quantize_experts_on_load", "use_4bit_experts_forward", "use_grouped_experts_forward", "EXPERTS_FORWARD_ARGS"]
 
 QUANTIZE_ON_LOAD = Patch(
     "transformers.expert_quantize_on_load", "transformers",
@@ -78,6 +78,28 @@ def use_4bit_experts_forward(module: nn.Module) -> None:
             raise EXPERTS_FORWARD.error(f"{cls.__name__}: config._experts_implementation cannot be set ({e})",
                                         "set quantization.quantize_moe_experts=false for this model") from None
     setattr(module, BANK_MARKER, True)
+    EXPERTS_FORWARD.mark_applied()
+
+
+def use_grouped_experts_forward(module: nn.Module) -> None:
+    """Bind trainkit's grouped forward (the one NF4 banks use; trainkit.expert_lora adds expert adapters in it)
+    to an `*Experts` module whose experts are frozen float Parameters; banks get it from use_4bit_experts_forward."""
+    from trainkit.quantization import BANK_MARKER, nf4_experts_forward
+
+    if getattr(module, BANK_MARKER, False) or getattr(module, "_trainkit_grouped_forward", False):
+        return
+    cls = type(module)
+    names = {n for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    if not (any(known <= names for known in _KNOWN_BANKS) and hasattr(module, "num_experts")):
+        raise EXPERTS_FORWARD.error(f"{cls.__name__} has experts {sorted(names)} in a layout trainkit does not know",
+                                    "set lora.expert_targets: none for this model")
+    if _forward_args(cls) != EXPERTS_FORWARD_ARGS:
+        raise EXPERTS_FORWARD.error(f"{cls.__name__}.forward takes ({', '.join(_forward_args(cls))}), not "
+                                    f"({', '.join(EXPERTS_FORWARD_ARGS)})",
+                                    "set lora.expert_targets: none, or install the tested versions: "
+                                    "./scripts/setup_env.sh (requirements.lock)")
+    module.forward = types.MethodType(nf4_experts_forward, module)
+    module._trainkit_grouped_forward = True
     EXPERTS_FORWARD.mark_applied()
 
 

@@ -1,0 +1,242 @@
+"""LoRA on fused MoE experts (trainkit.expert_lora) on real tiny 4-bit and bf16 MoE models (CPU): gradients
+reach every expert adapter and nothing else, the base stays frozen and 4-bit, the result equals PEFT's
+`target_parameters` adapters on a bf16 twin, and the adapter saves and loads in PEFT's format."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from moe_fixtures import batch, load
+from trainkit.adapters import apply_lora, resolve_target_modules
+from trainkit.config import ConfigError
+from trainkit.config.base import LoraSection
+from trainkit.expert_lora import ExpertLoRA
+from trainkit.models import apply_activation_checkpointing
+from trainkit.moe import RouterStats
+from trainkit.patches import PatchError
+from trainkit.patches.peft import no_moe_target_remap
+from trainkit.quantization import NF4ExpertBank, count_parameters, iter_expert_modules
+
+FAMILIES = ["mixtral", "qwen3_moe", "glm4_moe"]
+DIMS = {"mixtral": (64, 96), "qwen3_moe": (64, 64), "glm4_moe": (64, 64)}   # H, expert I of moe_fixtures.TINY
+R = 4
+
+
+def _lora(**kw) -> LoraSection:
+    return LoraSection(**{"r": R, "alpha": 8.0, "dropout": 0.0, "expert_targets": "auto", **kw})
+
+
+def _randomize(model, seed=5):
+    """PEFT starts B at zero, which would leave A without a gradient: give every adapter tensor values."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+
+
+def _expert_adapters(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and ".experts." in n}
+
+
+def _loss_and_grads(model, inputs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _force_experts_0_1(model):
+    handles = []
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate") and type(mod).__name__.lower().endswith("router"):
+            def force(m, args, out):          # every token to experts 0 and 1
+                logits, weights, idx = out
+                idx = torch.zeros_like(idx)
+                idx[:, 1] = 1
+                return logits, weights, idx
+            handles.append(mod.register_forward_hook(force))
+    assert handles
+    return handles
+
+
+def test_expert_lora_function_matches_the_formula_and_leaves_empty_experts_at_zero():
+    torch.manual_seed(0)
+    E, r, T, k, d_in, d_out, s = 4, 3, 7, 2, 5, 6, 1.5
+    x = torch.randn(T, d_in, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 2], [0, 0], [2, 0], [0, 2]])   # experts 1 and 3 get no rows
+    ids_g, perm = torch.sort(ids.reshape(-1))
+    offs = torch.cumsum(torch.bincount(ids_g, minlength=E), 0).to(torch.int32)
+    gather = perm // k
+    y_base = torch.randn(T * k, d_out, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(E * r, d_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(d_out, E * r, dtype=torch.float64, requires_grad=True)
+    y = ExpertLoRA.apply(y_base, x, gather, offs, A, B, s)
+    A_e, B_e = A.view(E, r, d_in)[ids_g], B.view(d_out, r, E).permute(2, 0, 1)[ids_g]   # per sorted row
+    ref = y_base + s * torch.einsum("sor,sri,si->so", B_e, A_e, x[gather])
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (y_base, x, A, B), dy)
+    want = torch.autograd.grad(ref, (y_base, x, A, B), dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    dA, dB = got[2].view(E, r, d_in), got[3].view(d_out, r, E)
+    for e in (1, 3):
+        assert torch.count_nonzero(dA[e]) == 0 and torch.count_nonzero(dB[:, :, e]) == 0
+    for e in (0, 2):
+        assert torch.count_nonzero(dA[e]) > 0 and torch.count_nonzero(dB[:, :, e]) > 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_expert_adapter_gets_a_gradient_and_the_base_stays_frozen_4bit(family, checkpointing):
+    model, _ = load(family)
+    quantized_before = count_parameters(model)["quantized_4bit"]
+    model = apply_lora(model, _lora())
+    if checkpointing:
+        apply_activation_checkpointing(model, True, device="cpu", tokens=40, trainable=[])
+    _randomize(model)
+    H, I = DIMS[family]
+    moe_layers = len(list(iter_expert_modules(model)))
+    assert model.trainkit_lora_info["expert_trainable"] == moe_layers * 4 * R * (2 * H + 3 * I)
+    stats = RouterStats(model)
+    model.train()
+    model(**batch(5, b=2, t=24)).loss.backward()
+    routed = stats.snapshot()
+    assert all(min(layer["tokens_per_expert"]) > 0 for layer in routed["layers"])   # the batch reaches every expert
+    adapters = _expert_adapters(model)
+    assert len(adapters) == 4 * moe_layers
+    for name, p in adapters.items():
+        assert p.dtype == torch.float32 and p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        per_expert = p.grad.view(4, R, -1) if "lora_A" in name else p.grad.view(p.shape[0], R, 4).transpose(0, 2)
+        assert all(per_expert[e].abs().sum() > 0 for e in range(4)), name
+    for _, experts in iter_expert_modules(model):
+        banks = [m for m in experts.children() if isinstance(m, NF4ExpertBank)]
+        assert {type(m) for m in experts.children()} >= {NF4ExpertBank} and len(banks) == 2
+        for bank in banks:
+            assert bank.packed.dtype == torch.uint8
+            for p in bank.parameters(recurse=True):
+                assert p.grad is None and not p.requires_grad
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    assert count_parameters(model)["quantized_4bit"] == quantized_before
+    stats.remove()
+
+
+def test_an_expert_without_routed_tokens_gets_exactly_zero_gradient():
+    model, _ = load("mixtral")
+    model = apply_lora(model, _lora())
+    _randomize(model)
+    handles = _force_experts_0_1(model)
+    model(**batch(7, b=1, t=16)).loss.backward()
+    for name, p in _expert_adapters(model).items():
+        per_expert = p.grad.view(4, R, -1) if "lora_A" in name else p.grad.view(p.shape[0], R, 4).transpose(0, 2)
+        assert per_expert[0].abs().sum() > 0 and per_expert[1].abs().sum() > 0, name
+        assert torch.count_nonzero(per_expert[2]) == 0 and torch.count_nonzero(per_expert[3]) == 0, name
+    for h in handles:
+        h.remove()
+
+
+def _peft_twin(family, dtype=torch.float32):
+    """(trainkit expert LoRA, PEFT target_parameters) on two copies of one bf16-expert tiny model, same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load(family, load_in_4bit=False, quantize_experts=False)
+    base.to(dtype)
+    twin = copy.deepcopy(base)
+    ours = apply_lora(base, _lora())
+    targets = resolve_target_modules(twin, "auto")
+    config = LoraConfig(r=R, lora_alpha=8.0, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with no_moe_target_remap(family):
+        theirs = get_peft_model(twin, config)
+    _randomize(ours)
+    ours_state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    theirs_keys = {k for k in theirs.state_dict() if "lora_" in k}
+    assert set(ours_state) == theirs_keys                  # PEFT's own nesting and names
+    for k, v in ours_state.items():
+        assert theirs.state_dict()[k].shape == v.shape, k
+    theirs.load_state_dict(ours_state, strict=False)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_peft_target_parameters_on_a_bf16_twin(family):
+    ours, theirs = _peft_twin(family)
+    inputs = batch(3, b=2, t=20)
+    loss_o, grads_o = _loss_and_grads(ours, inputs)
+    loss_t, grads_t = _loss_and_grads(theirs, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=1e-5, atol=1e-5)
+    expert_grads = [n for n in grads_t if ".experts." in n]
+    assert grads_o.keys() == grads_t.keys() and len(expert_grads) == 4 * len(list(iter_expert_modules(ours)))
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_router_stats_see_the_router_through_the_expert_wrappers():
+    model, _ = load("qwen3_moe")
+    plain = apply_lora(copy.deepcopy(model), LoraSection(r=R, alpha=8.0, dropout=0.0))
+    experts = apply_lora(model, _lora())
+    snaps = []
+    for m in (plain, experts):
+        stats = RouterStats(m)
+        with torch.no_grad():
+            m.train()
+            m(**batch(4, b=2, t=16))
+        snaps.append(stats.snapshot())
+        stats.remove()
+    assert snaps[0]["layers"] == snaps[1]["layers"]      # B = 0: same routing, same entropy
+    assert all(layer["router_entropy"] is not None and layer["router_entropy"] > 0 for layer in snaps[1]["layers"])
+
+
+def test_bypassed_grouped_forward_is_an_error():
+    model, _ = load("mixtral", load_in_4bit=False, quantize_experts=False)   # bf16 experts: transformers' forward runs
+    model = apply_lora(model, _lora())
+    for _, experts in iter_expert_modules(model):
+        del experts.forward                       # back to the class's forward, which never reads the adapters
+    with pytest.raises(PatchError, match="did not apply the expert adapter"):
+        model(**batch(1, b=1, t=8))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="dora"):
+        LoraSection(expert_targets="auto", variant="dora")
+    with pytest.raises(ValueError, match="expert parameter names"):
+        LoraSection(expert_targets=[])
+    from trainkit.config.lora import LoRAAdapterSection
+    with pytest.raises(ValueError, match="pissa"):
+        LoRAAdapterSection(expert_targets="auto", init="pissa")
+    model, _ = load("mixtral")
+    with pytest.raises(ConfigError, match=r"lora.expert_targets: 'w1'.*available: down_proj, gate_up_proj"):
+        apply_lora(copy.deepcopy(model), _lora(expert_targets=["w1"]))
+    with pytest.raises(ConfigError, match="lora.expert_impl: peft needs bf16 experts"):
+        apply_lora(model, _lora(expert_impl="peft"))
+    dense, _ = load("llama")
+    with pytest.raises(ConfigError, match="no fused MoE experts"):
+        apply_lora(dense, _lora())
+
+
+def test_expert_rank_and_alpha_are_their_own():
+    model, _ = load("mixtral")
+    model = apply_lora(model, _lora(expert_r=2, expert_alpha=6.0))
+    config = model.peft_config["default"]
+    assert config.rank_pattern == {"mlp.experts.down_proj": 2, "mlp.experts.gate_up_proj": 2}
+    assert config.alpha_pattern == {"mlp.experts.down_proj": 6.0, "mlp.experts.gate_up_proj": 6.0}
+    for name, p in _expert_adapters(model).items():
+        assert (p.shape[0] if "lora_A" in name else p.shape[1]) == 2 * 4, name
+    wrapper = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.experts"))
+    assert wrapper.scaling["default"] == pytest.approx(3.0)
+    default = apply_lora(load("mixtral")[0], _lora(expert_r=2))
+    wrapper = next(m for n, m in default.named_modules() if n.endswith("layers.0.mlp.experts"))
+    assert wrapper.scaling["default"] == pytest.approx(8.0 / R)          # same scale as the module adapters
+    assert math.isclose(default.peft_config["default"].alpha_pattern["mlp.experts.down_proj"], 4.0)
+    assert isinstance(wrapper, nn.Module)
