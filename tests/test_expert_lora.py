@@ -240,3 +240,83 @@ def test_expert_rank_and_alpha_are_their_own():
     assert wrapper.scaling["default"] == pytest.approx(8.0 / R)          # same scale as the module adapters
     assert math.isclose(default.peft_config["default"].alpha_pattern["mlp.experts.down_proj"], 4.0)
     assert isinstance(wrapper, nn.Module)
+
+
+# ----------------------------------------------------------------------------------------
+# saving and loading
+
+
+def _logits(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_then_load_adapter_into_a_fresh_nf4_model_gives_identical_logits(family, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainkit.adapters import load_adapter
+
+    model = apply_lora(load(family)[0], _lora(expert_r=2))
+    _randomize(model)
+    inputs = batch(2, b=2, t=16)
+    want = _logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in saved   # gate_up, PEFT's key
+    assert "base_model.model.model.layers.1.mlp.experts.lora_B.weight" in saved              # down
+    loaded = load_adapter(load(family)[0], str(tmp_path))
+    torch.testing.assert_close(_logits(loaded, inputs), want, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = load_adapter(load(family)[0], str(tmp_path), is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_peft_from_pretrained_loads_it_on_a_bf16_twin(tmp_path):
+    from peft import PeftModel
+
+    ours, _ = _peft_twin("mixtral")
+    inputs = batch(2, b=2, t=16)
+    want = _logits(ours, inputs)
+    ours.save_pretrained(tmp_path)
+    fresh, _ = load("mixtral", load_in_4bit=False, quantize_experts=False)
+    fresh.to(torch.float32)
+    theirs = PeftModel.from_pretrained(fresh, str(tmp_path))       # plain PEFT, no trainkit code in the loop
+    assert type(theirs.base_model.model.model.layers[0].mlp.experts).__name__ == "ParamWrapper"
+    torch.testing.assert_close(_logits(theirs, inputs), want, rtol=1e-5, atol=1e-5)
+
+
+class _Accelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+def test_resume_restores_expert_weights_and_a_missing_key_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from trainkit.adapters import load_adapter
+    from trainkit.loop import adapter_loader
+
+    model = apply_lora(load("mixtral")[0], _lora())
+    _randomize(model)
+    model.save_pretrained(tmp_path)
+    resumed = apply_lora(load("mixtral")[0], _lora())
+    adapter_loader(_Accelerator, resumed)(str(tmp_path))
+    want = _expert_adapters(model)
+    got = _expert_adapters(resumed)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    del state["base_model.model.model.layers.0.mlp.experts.lora_A.weight"]
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="1 adapter weights missing .*layers.0.mlp.experts.lora_A"):
+        adapter_loader(_Accelerator, resumed)(str(tmp_path))
+    with pytest.raises(ValueError, match="adapter weights missing"):
+        load_adapter(load("mixtral")[0], str(tmp_path))

@@ -164,8 +164,7 @@ def resolve_expert_targets(model: nn.Module, expert_targets) -> list[str]:
     if unknown:
         raise ConfigError(f"lora.expert_targets: {', '.join(map(repr, unknown))} is not a fused expert tensor of "
                           f"every experts module of this {family or 'model'} model; available: {', '.join(available)}")
-    order = {n: i for i, n in enumerate(_EXPERT_PARAM_ORDER)}
-    return sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
+    return list(dict.fromkeys(names))
 
 
 def install_expert_lora(peft_model, names: list[str], r: int, alpha: float, impl: str = "trainkit",
@@ -177,6 +176,9 @@ def install_expert_lora(peft_model, names: list[str], r: int, alpha: float, impl
     from trainkit.patches.peft import make_param_wrapper, use_expert_lora_forward
     from trainkit.patches.transformers import use_grouped_experts_forward
 
+    # nesting order = registration order in the experts module (gate_up innermost), as PEFT builds it
+    names = sorted(dict.fromkeys(names), key=lambda n: _EXPERT_PARAM_ORDER.index(n) if n in _EXPERT_PARAM_ORDER
+                   else len(_EXPERT_PARAM_ORDER))
     config = peft_model.peft_config[adapter_name]
     base = peft_model.get_base_model()
     modules = list(iter_expert_modules(base))

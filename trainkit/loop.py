@@ -137,12 +137,13 @@ def register_weight_hooks(accelerator, load_weights: Callable[[str], None]) -> N
 
 def adapter_loader(accelerator, model) -> Callable[[str], None]:
     """Loads a checkpoint's (or best-adapter's) adapter_model.safetensors into the PEFT `model`."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    from trainkit.adapters import load_adapter_weights
 
     def load_adapter(directory: str) -> None:
         state = load_file(os.path.join(directory, "adapter_model.safetensors"), device=str(accelerator.device))
-        set_peft_model_state_dict(accelerator.unwrap_model(model), state)
+        load_adapter_weights(accelerator.unwrap_model(model), state, directory)
 
     return load_adapter
 
