@@ -320,3 +320,36 @@ def test_resume_restores_expert_weights_and_a_missing_key_is_an_error(tmp_path):
         adapter_loader(_Accelerator, resumed)(str(tmp_path))
     with pytest.raises(ValueError, match="adapter weights missing"):
         load_adapter(load("mixtral")[0], str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------
+# the default MoE job with expert adapters
+
+
+def test_train_qlora_with_expert_adapters_from_a_flag(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from helpers_qlora import run_script, tiny_config
+    from trainkit.checkpoint_model import load_checkpoint_model
+
+    cfg = tiny_config(tmp_path, training={"max_steps": 4}, logging={"eval_interval": 4, "checkpoint_interval": 4})
+    result = run_script(["--config", str(cfg), "lora.expert_targets=auto"], timeout=600)   # module dropout 0.1 stays
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "expert adapters: gate_up_proj, down_proj of 2 experts modules, r=8 per expert" in result.stdout + result.stderr
+    final = tmp_path / "out" / "tiny" / "final-checkpoint-4"
+    saved = load_file(final / "adapter_model.safetensors")
+    expert_keys = [k for k in saved if ".mlp.experts." in k]
+    assert len(expert_keys) == 8 and all(torch.isfinite(saved[k]).all() for k in expert_keys)
+    # trained: B moved away from PEFT's zero init for every expert projection
+    assert all(saved[k].abs().sum() > 0 for k in expert_keys if "lora_B" in k)
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert config["lora_dropout"] == 0.0
+    loaded = load_checkpoint_model(final, device="cpu")             # what trainkit.generate / export load
+    got = {k.replace(".default", ""): p for k, p in loaded.model.named_parameters()
+           if ".mlp.experts." in k and "lora_" in k}
+    assert got.keys() == set(expert_keys)
+    for k in expert_keys:
+        torch.testing.assert_close(got[k].float(), saved[k].float(), rtol=0, atol=0)

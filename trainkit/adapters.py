@@ -235,6 +235,7 @@ def apply_lora(model: nn.Module, lora: LoraSection):
                                      "num_targets": len(targets), "trainable": trainable, "variant": lora.variant,
                                      "fused_forward_layers": fused,
                                      "expert_targets": experts.get("expert_targets", []),
-                                     "expert_r": experts.get("expert_r"),
+                                     "expert_r": experts.get("expert_r"), "expert_alpha": experts.get("expert_alpha"),
+                                     "expert_modules": experts.get("expert_modules", 0),
                                      "expert_trainable": experts.get("expert_trainable", 0)}
     return peft_model

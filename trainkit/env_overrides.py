@@ -92,6 +92,7 @@ ENV_OVERRIDES: dict[str, EnvVar] = {
     "HP_PEFT_R": EnvVar("lora.r", "LoRA rank"),
     "HP_PEFT_ALPHA": EnvVar("lora.alpha", "LoRA alpha"),
     "HP_PEFT_DROPOUT": EnvVar("lora.dropout", "LoRA dropout"),
+    "HP_EXPERT_LORA": EnvVar("lora.expert_targets", "LoRA on the routed MoE experts: none, auto (family preset) or comma-separated expert tensor names"),
     "HP_INIT": EnvVar("lora.init", "adapter init: default, gaussian, pissa, pissa_niter_N, olora", _init),
     "HP_PISSA_FAST": EnvVar("lora.pissa_fast", "PiSSA by fast randomized SVD (pissa_niter_<lora.pissa_niter>)"),
     "HP_BATCH_SIZE": EnvVar("optimization.micro_batch_size", "sequences per device per forward pass"),

@@ -238,6 +238,12 @@ def expert_rank_alpha(lora, r: int, alpha: float) -> tuple[int, float]:
     return er, ea
 
 
-def expert_adapter_bytes(trainable: int) -> int:
-    """Training memory of expert adapters: fp32 master + grad + AdamW m, v."""
-    return 16 * trainable
+def describe_expert_lora(info: dict) -> str | None:
+    """The run.say line for expert adapters (apply_lora's trainkit_lora_info), None without them."""
+    if not info.get("expert_targets"):
+        return None
+    n = info["expert_trainable"]
+    return (f"expert adapters: {', '.join(info['expert_targets'])} of {info['expert_modules']} experts modules, "
+            f"r={info['expert_r']} per expert, alpha={info['expert_alpha']:g}: {n:,} parameters "
+            f"({16 * n / 2**30:.2f} GiB with fp32 grads and AdamW states); no dropout on experts, and the saved "
+            "adapter_config says lora_dropout 0 (PEFT cannot load target_parameters with dropout)")
