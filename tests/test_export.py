@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -527,3 +528,45 @@ def test_hub_id_base_resolves_in_the_hf_cache(tmp_path, dense_base):
     result = _run_cli("--checkpoint", str(checkpoint), "--out", str(tmp_path / "o2"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "not in the HF cache" in result.stderr and "huggingface-cli download tiny/absent" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_moe_expert_adapters_merge_into_the_experts(tmp_path, layout):
+    """LoRA on the fused experts (lora.expert_targets: auto, trainkit.expert_lora) of the default 4-bit MoE job: the
+    export merges each expert's update into the dequantized bank (fused base) or into each expert's w1/w3/w2 (a base
+    in transformers 5's per-expert layout), and plain transformers computes what trainkit's base + adapter does."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    raw = qlora_config()
+    raw["lora"]["expert_targets"] = "auto"
+    raw["lora"]["expert_r"] = 4
+    if layout == "per_expert":
+        tokenizer = build_byte_level_tokenizer()
+        base = tmp_path / "mixtral-base"
+        kwargs = {k: v for k, v in raw["model"]["config"].items() if k != "model_type"}
+        kwargs.update(num_hidden_layers=2)
+        torch.manual_seed(3)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=len(tokenizer), **kwargs)).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        with safe_open(str(base / "model.safetensors"), "pt") as f:
+            assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in f.keys()
+        raw["paths"]["model_name_or_path"], raw["model"]["config"] = str(base), None
+    checkpoint = make_checkpoint(raw, tmp_path / "runs")
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["target_parameters"]
+    ids = input_ids()
+    expected = reference_logits(raw, tmp_path / "runs", checkpoint, ids)
+    out = tmp_path / "export"
+    export(checkpoint, out, "--dtype", "fp32")
+    error = max_error(plain_transformers_logits(out, ids), expected)
+    # the expert adapters move the logits far more than the export's error: they were merged, not dropped
+    from safetensors.torch import load_file, save_file
+    no_experts = tmp_path / "runs" / "no-experts"
+    shutil.copytree(checkpoint, no_experts)
+    state = load_file(no_experts / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if ".experts." in k and "lora_B" in k else v for k, v in state.items()},
+              no_experts / "adapter_model.safetensors")
+    without = reference_logits(raw, tmp_path / "runs", no_experts, ids)
+    print(f"MoE expert adapters ({layout} base), fp32 export: max |logit error| {error:.2e}, expert adapters' "
+          f"effect {max_error(expected, without):.2e}")
+    assert error < 1e-4
+    assert max_error(expected, without) > 100 * error

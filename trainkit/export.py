@@ -36,8 +36,15 @@ loads them.
 Key mapping (``adapter_updates``): PEFT's adapter keys name modules of the wrapped model
 (``base_model.model.<module>.lora_A.weight``); each becomes one ``Update`` of the base tensor
 ``<module>.weight`` (under the checkpoint's own name where transformers renames it while loading). An
-adapter key that maps to no base tensor is an error that names it, never dropped. A 3-D weight (a fused MoE expert bank) gets its own merge rule when expert adapters exist
-(``merge_update``); until then an update of one is an error.
+adapter key that maps to no base tensor is an error that names it, never dropped.
+
+Expert adapters (``target_parameters``: LoRA on fused MoE experts, trainkit.expert_lora): ``expert_updates`` maps
+PEFT's nested ParamWrapper keys (``…mlp.experts.base_layer.lora_A.weight`` = gate_up_proj, ``…mlp.experts.lora_A
+.weight`` = down_proj) to the fused expert tensor; per expert e, dW_e = s * B.view(out, r, E)[:, :, e] @
+A.view(E, r, in)[e] is added to the fused (E, out, in) tensor, or, in a per-expert base layout, to each expert's
+tensors (gate rows [0:I] to w1 / gate_proj, up rows [I:2I] to w3 / up_proj). The dequantized base is the rounded
+whole bank (BaseAsTrained), so the export computes what the run computed; each expert update must land on every
+tensor it targets, or the export fails.
 """
 
 from __future__ import annotations
@@ -102,7 +109,6 @@ UNSUPPORTED_ADAPTER_OPTIONS = {
     "lora_bias": (False, "a bias on lora_B"),
     "layer_replication": (None, "layer replication"),
     "alpha_pattern": ({}, "per-module alpha (alpha_pattern)"),
-    "target_parameters": (None, "adapters on parameters (target_parameters, e.g. fused MoE experts)"),
     "trainable_token_indices": (None, "trainable token indices"),
     "use_qalora": (False, "QA-LoRA"),
     "fan_in_fan_out": (False, "GPT-2 style Conv1D layers (fan_in_fan_out)"),
@@ -126,9 +132,15 @@ def read_adapter_config(checkpoint: Path) -> dict:
                           "lora.pissa_fast false (full SVD), olora, default or gaussian to export, or convert the "
                           "adapter to plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before "
                           "training>)) and export that")
+    experts = list(config.get("target_parameters") or [])
+    checked = {**config, "alpha_pattern": {k: v for k, v in (config.get("alpha_pattern") or {}).items()
+                                           if k not in experts}}
     for key, (fine, what) in UNSUPPORTED_ADAPTER_OPTIONS.items():
-        if config.get(key, fine) not in (fine, None, [], {}, False):
+        if checked.get(key, fine) not in (fine, None, [], {}, False):
             raise ExportError(f"{path}: {key} is set ({what}); the export does not merge that yet")
+    if experts and config.get("rank_pattern") and any(k not in experts for k in config["rank_pattern"]):
+        raise ExportError(f"{path}: rank_pattern names modules other than the expert parameters; the export does not "
+                          "merge that yet")
     return config
 
 
@@ -158,6 +170,100 @@ def adapter_updates(adapter_keys: list[str], base_names: set[str]) -> dict[str, 
         if update.kind != "replace" and not (update.a and update.b):
             raise ExportError(f"{target}: the adapter holds {update.keys} but not both LoRA factors A and B")
     return updates
+
+
+@dataclass
+class ExpertUpdate:
+    """A LoRA on one fused expert tensor (PEFT target_parameters, trainkit.expert_lora): A [r*E, in] and
+    B [out, r*E] adapter keys; per expert e, dW_e = s * B.view(out, r, E)[:, :, e] @ A.view(E, r, in)[e]."""
+
+    num_experts: int
+    a: str | None = None
+    b: str | None = None
+    scaling: float = 0.0
+    consumed: int = 0      # base tensors it was merged into (one fused tensor, or per expert and source)
+
+    def delta(self, read, expert: int | None = None) -> torch.Tensor:
+        """(E, out, in) float32, or one expert's (out, in)."""
+        a, b = read(self.a).float(), read(self.b).float()
+        rank = a.shape[0] // self.num_experts
+        a_e = a.view(-1, rank, a.shape[1])
+        b_e = b.view(b.shape[0], rank, -1).permute(2, 0, 1)
+        if expert is not None:
+            return self.scaling * (b_e[expert] @ a_e[expert])
+        return self.scaling * torch.bmm(b_e, a_e)
+
+
+EXPERT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")   # trainkit.expert_lora.EXPERT_PRESETS
+
+
+def expert_updates(adapter_keys: list[str], config: dict, model_type: str | None,
+                   num_experts: int | None) -> tuple[dict[str, ExpertUpdate], list[str]]:
+    """({fused expert tensor's model name: ExpertUpdate}, the adapter keys left for adapter_updates). PEFT nests
+    one ParamWrapper per target parameter around the experts module, first-registered innermost (gate_up_proj
+    inside down_proj): a key's number of `.base_layer` segments after `experts` tells which parameter it adapts."""
+    from trainkit.expert_lora import _EXPERT_PARAM_ORDER
+    targets = list(config.get("target_parameters") or [])
+    if not targets:
+        return {}, adapter_keys
+    if model_type not in EXPERT_FAMILIES:
+        raise ExportError(f"expert adapters (target_parameters) of a {model_type!r} model: the export merges them for "
+                          f"{', '.join(EXPERT_FAMILIES)} (known fused layouts)")
+    if not num_experts:
+        raise ExportError("expert adapters: the base config names no number of experts")
+    params = sorted({t.rsplit(".", 1)[-1] for t in targets},
+                    key=lambda n: _EXPERT_PARAM_ORDER.index(n) if n in _EXPERT_PARAM_ORDER else len(_EXPERT_PARAM_ORDER))
+    ranks = config.get("rank_pattern") or {}
+    alphas = config.get("alpha_pattern") or {}
+    pattern = re.compile(r"^(?P<module>.*\.experts)(?P<wrappers>(?:\.base_layer)*)\.lora_(?P<role>[AB])\.weight$")
+    updates: dict[str, ExpertUpdate] = {}
+    rest = []
+    for key in adapter_keys:
+        m = pattern.match(key[len(ADAPTER_PREFIX):]) if key.startswith(ADAPTER_PREFIX) else None
+        depth = m.group("wrappers").count(".base_layer") if m else -1
+        if m is None or depth >= len(params):
+            rest.append(key)
+            continue
+        param = params[len(params) - 1 - depth]
+        suffix = next((t for t in targets if t.endswith("." + param) or t == param), param)
+        rank = int(ranks.get(suffix, config["r"]))
+        alpha = float(alphas.get(suffix, config["lora_alpha"]))
+        update = updates.setdefault(f"{m.group('module')}.{param}", ExpertUpdate(num_experts=num_experts))
+        update.scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        setattr(update, "a" if m.group("role") == "A" else "b", key)
+    for name, update in updates.items():
+        if not (update.a and update.b):
+            raise ExportError(f"{name}: the adapter holds only one of the expert LoRA factors A and B")
+    return updates, rest
+
+
+@torch.no_grad()
+def merge_expert_update(tensor: torch.Tensor, name: str, model_name: str, layout: "CheckpointLayout",
+                        updates: dict[str, ExpertUpdate], read) -> torch.Tensor:
+    """`tensor` with its expert adapter merged in float32: a fused (E, out, in) tensor gets every expert's dW_e; a
+    per-expert checkpoint tensor (experts.N.w1 / gate_proj ...) its rows of expert N's dW (sources concatenated
+    along the output rows, in the conversion's order: gate then up)."""
+    if model_name in updates:
+        update = updates[model_name]
+        delta = update.delta(read)
+        if delta.shape != tensor.shape:
+            raise ExportError(f"{name}: the expert adapter's update has shape {tuple(delta.shape)}, the base "
+                              f"{tuple(tensor.shape)}")
+        update.consumed += 1
+        return tensor.float() + delta
+    fused = layout.fused(name)
+    if fused is None or fused[0] not in updates:
+        return tensor
+    bank, source, expert = fused
+    update = updates[bank]
+    delta = update.delta(read, expert)
+    sources = delta.shape[0] // tensor.shape[0]
+    if delta.shape[0] % tensor.shape[0] or delta.shape[1] != tensor.shape[1] or source >= sources:
+        raise ExportError(f"{name}: the expert adapter's update has shape {tuple(delta.shape)}, the base tensor "
+                          f"{tuple(tensor.shape)} (source {source} of {bank})")
+    rows = tensor.shape[0]
+    update.consumed += 1
+    return tensor.float() + delta[source * rows:(source + 1) * rows]
 
 
 _LORA_SUFFIXES = (  # adapter key suffix after the module name -> role
@@ -618,8 +724,10 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
     by_model_name = {layout.model_name(p.name): p.name for p in plans}
 
     with safe_open(str(adapter_file), "pt") as adapter:
+        experts, module_keys = expert_updates(list(adapter.keys()), adapter_config, base_config_dict.get("model_type"),
+                                              _num_experts(base_config))
         updates = {by_model_name[target]: update
-                   for target, update in adapter_updates(list(adapter.keys()), set(by_model_name)).items()}
+                   for target, update in adapter_updates(module_keys, set(by_model_name)).items()}
         shards = plan_shards(plans, shard_limit)
         names = shard_names(len(shards))
         with atomic_directory(out) as staging, contextlib.ExitStack() as files, \
@@ -636,10 +744,16 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
                     for plan in shard:
                         tensor = base_files[plan.source].get_tensor(plan.source_name or plan.name)
                         tensor = export_tensor(tensor, plan, updates.get(plan.name), adapter.get_tensor, adapter_config,
-                                               as_trained, read_base)
+                                               as_trained, read_base, experts, layout)
                         write_tensor(f, tensor, plan)
                         del tensor
                         bar.update(1)
+            for bank, update in experts.items():
+                expected = 1 if bank in by_model_name else sum(
+                    1 for p in plans if (f := layout.fused(p.name)) is not None and f[0] == bank)
+                if not update.consumed or update.consumed != expected:
+                    raise ExportError(f"{bank}: the expert adapter was merged into {update.consumed} base tensors, "
+                                      f"expected {expected}: the base does not hold this expert tensor")
             total = write_index(staging, shards, names)
             write_config(base_config_dict, staging, out_dtype)
             for extra in base_dir.glob("*.py"):  # remote code (auto_map) the config names
@@ -648,7 +762,7 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
             write_generation_config(base_dir, staging, tokenizer, cfg, checkpoint)
             if gla:
                 notes.append(GLA_LOADER_NOTE)
-            merged = sum(u.kind != "replace" for u in updates.values())
+            merged = sum(u.kind != "replace" for u in updates.values()) + sum(u.consumed for u in experts.values())
             report = ExportReport(out, names, len(plans), merged, len(updates) - merged, total, notes)
             write_export_note(report, staging, checkpoint, base_name, cfg, adapter_config, dtype, base_weights, gla)
     say(f"exported {checkpoint} -> {out}: {report.tensors} tensors ({report.merged} with the adapter merged, "
@@ -677,9 +791,11 @@ def plan_tensors(files: list[Path], out_dtype: torch.dtype) -> list[TensorPlan]:
 
 
 def export_tensor(tensor: torch.Tensor, plan: TensorPlan, update: Update | None, read, adapter_config: dict,
-                  as_trained: BaseAsTrained | None, read_base: Callable[[str], torch.Tensor]) -> torch.Tensor:
+                  as_trained: BaseAsTrained | None, read_base: Callable[[str], torch.Tensor],
+                  experts: dict[str, ExpertUpdate] | None = None,
+                  layout: CheckpointLayout | None = None) -> torch.Tensor:
     """One base tensor as it goes into the export: as the run held it (dequantized) or as stored, the adapter's
-    update merged in float32, cast to the output dtype."""
+    update (or its expert adapter's) merged in float32, cast to the output dtype."""
     if not tensor.is_floating_point():
         if update is not None:
             raise ExportError(f"{plan.name}: the adapter updates a non-float tensor")
@@ -688,7 +804,18 @@ def export_tensor(tensor: torch.Tensor, plan: TensorPlan, update: Update | None,
         tensor = as_trained(plan.name, tensor, read_base)
     if update is not None:
         tensor = merge_update(tensor, update, read, adapter_config, plan.name)
+    if experts:
+        layout = layout or CheckpointLayout()
+        tensor = merge_expert_update(tensor, plan.name, layout.model_name(plan.name), layout, experts, read)
     return tensor.to(plan.dtype)
+
+
+def _num_experts(config) -> int | None:
+    text = getattr(config, "get_text_config", lambda: config)()
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    return None
 
 
 def write_config(base_config: dict, out: Path, dtype: torch.dtype) -> None:
