@@ -23,6 +23,13 @@
     own forward, and so do adapters whose weights DeepSpeed ZeRO-3 partitions (it gathers a weight
     in a hook on its module's forward, which the fused forward does not call).
 
+``peft.expert_lora_forward`` (``make_param_wrapper``, ``use_expert_lora_forward(wrappers)``)
+    LoRA on fused MoE experts (trainkit.expert_lora): PEFT's ``ParamWrapper`` (what ``target_parameters``
+    builds) is constructed by hand around the experts module, also over an NF4ExpertBank (the constructor
+    reads only the target's ``.shape/.dtype/.device``; PEFT's own scan finds no Parameter there), and its
+    class swapped for a subclass whose forward puts the adapter in scope and calls the wrapped module; the
+    experts' grouped forward adds the update and marks it used, else PatchError (a forward that bypassed it).
+
 ``peft.gradient_checkpointing_warning`` (``quiet_known_warnings()``)
     PEFT reads ``model.is_gradient_checkpointing``, which transformers 5.2x renamed and now
     warns about (a FutureWarning on every run that users can do nothing about). That one
@@ -38,7 +45,8 @@ import warnings
 from trainkit.fused_lora import lora_update
 from trainkit.patches import LOCK_HINT, Patch
 
-__all__ = ["no_moe_target_remap", "quiet_known_warnings", "use_fused_lora_forward"]
+__all__ = ["make_param_wrapper", "no_moe_target_remap", "quiet_known_warnings", "use_expert_lora_forward",
+           "use_fused_lora_forward"]
 
 MOE_TARGET_REMAP = Patch(
     "peft.no_moe_target_remap", "peft",

@@ -17,6 +17,8 @@
     forward signature ``(hidden_states, top_k_index, top_k_weights)`` is checked first. For an
     unknown bank layout the model's own eager loop (which indexes ``bank[expert]``) is chosen
     through ``config._experts_implementation`` (a private key); without either, PatchError.
+    ``use_grouped_experts_forward(module)`` binds the same forward to an ``*Experts`` module with bf16
+    experts when expert LoRA (trainkit.expert_lora) adapts them.
 """
 
 from __future__ import annotations
