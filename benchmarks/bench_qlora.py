@@ -15,7 +15,15 @@ The sides (--order, each run for every model of --models):
 - trainkit: `trainkit.models.load_model` + `trainkit.adapters.apply_lora` as train_qlora.py uses them,
   from a train_qlora config with the defaults (bf16 norms/embeddings, no fp32 upcast, SDPA, on the MoE
   model the fused experts quantized to NF4 too; memory.gradient_checkpointing the config default unless
-  --checkpointing sets it; any key --set names).
+  --checkpointing sets it; any key --set names);
+- trainkit_experts: trainkit + LoRA on the routed experts (lora.expert_targets auto, r=16, trainkit.expert_lora)
+  over the NF4 expert banks; MoE models only;
+- trainkit_experts_bf16: the same with the experts in bf16 (quantization.quantize_moe_experts false);
+- peft_experts_bf16: the usual HF way for expert LoRA: bf16 weights, PEFT `target_parameters` on
+  mlp.experts.gate_up_proj / down_proj (PEFT's forward folds W + BA per forward), `gradient_checkpointing_enable`
+  (non-reentrant).
+The expert sides run at LoRA dropout 0 (PEFT's target_parameters adapters refuse dropout), so the three compute
+the same function; the plain sides keep 0.05.
 
 Prints tokens/s, first-step time, peak memory and the checkpointing that ran for every side, the ratios
 of trainkit to the others, the MoE base-weight memory vs bf16, and writes the table as markdown (--out)
@@ -53,6 +61,10 @@ MODELS = {
         "model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 12,
         "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
         "max_position_embeddings": 4096, "router_aux_loss_coef": 0.02}},
+    "moe128": {"label": "Qwen3-MoE-shaped (64 experts, top-8)", "config": {
+        "model_type": "qwen3_moe", "hidden_size": 1024, "intermediate_size": 3072, "moe_intermediate_size": 384,
+        "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+        "num_experts": 64, "num_experts_per_tok": 8, "max_position_embeddings": 4096, "router_aux_loss_coef": 0.001}},
 }
 TINY_MODELS = {
     "dense": {"label": "tiny Llama-shaped dense", "config": {
@@ -62,11 +74,18 @@ TINY_MODELS = {
         "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
         "max_position_embeddings": 256, "router_aux_loss_coef": 0.02}},
+    "moe128": {"label": "tiny Qwen3-MoE-shaped (8 experts, top-4)", "config": {
+        "model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8,
+        "num_experts_per_tok": 4, "max_position_embeddings": 256, "router_aux_loss_coef": 0.001}},
 }
 TINY = {"vocab": 1000, "batch": 2, "seq": 64, "steps": 2, "warmup": 1}
-SIDES = ("standard", "bf16_lora", "trainkit")
+SIDES = ("standard", "bf16_lora", "trainkit", "trainkit_experts", "trainkit_experts_bf16", "peft_experts_bf16")
+EXPERT_SIDES = ("trainkit_experts", "trainkit_experts_bf16", "peft_experts_bf16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS, "variant": "lora", "bias": "none"}
+EXPERT_LORA = {**LORA, "dropout": 0.0, "expert_targets": "auto"}
 GIB = 1024 ** 3
 
 
@@ -104,10 +123,25 @@ def load_bf16_lora(model_dir: str, device, compute_dtype):
     return get_peft_model(model, _peft_lora())
 
 
-def load_ours(model_dir: str, device, args):
-    cfg = trainkit_config({"paths": {"model_name_or_path": model_dir, "cache_dir": None},
-                           "model": {"config": None, "local_files_only": True}, "training": {"seed": 0},
-                           "lora": LORA}, args, QLoRAConfig)
+def load_peft_experts_bf16(model_dir: str, device, compute_dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype, device_map={"": str(device)},
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules=TARGETS,
+                        target_parameters=EXPERT_TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_ours(model_dir: str, device, args, side: str = "trainkit"):
+    raw = {"paths": {"model_name_or_path": model_dir, "cache_dir": None},
+           "model": {"config": None, "local_files_only": True}, "training": {"seed": 0},
+           "lora": EXPERT_LORA if side in EXPERT_SIDES else LORA}
+    if side == "trainkit_experts_bf16":
+        raw["quantization"] = {"quantize_moe_experts": False}
+    cfg = trainkit_config(raw, args, QLoRAConfig)
     model, info = load_model(cfg, device, VocabOnly(args.vocab), cfg.quantization.compute_dtype, cfg.quantization)
     model = apply_lora(model, cfg.lora)
     return model, info, cfg, apply_checkpointing(model, cfg, device, tokens=args.batch * args.seq)
@@ -152,7 +186,10 @@ def bench_model(key, models, args, device, compute_dtype, rows, device_name):
     spec = models[key]
     torch.manual_seed(0)
     model_dir = build_random_model_dir(spec["config"], args.vocab, seed=0, dtype=compute_dtype)
+    is_moe = any(k in spec["config"] for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     for side in args.order.split(","):
+        if side in EXPERT_SIDES and not is_moe:
+            continue
         _free(device)
         t0 = time.perf_counter()
         checkpointing, estimate = True, {}  # the recipes of the baselines
@@ -160,8 +197,10 @@ def bench_model(key, models, args, device, compute_dtype, rows, device_name):
             model = load_standard(model_dir, device, compute_dtype)
         elif side == "bf16_lora":
             model = load_bf16_lora(model_dir, device, compute_dtype)
+        elif side == "peft_experts_bf16":
+            model = load_peft_experts_bf16(model_dir, device, compute_dtype)
         else:
-            model, info, cfg, estimate = load_ours(model_dir, device, args)
+            model, info, cfg, estimate = load_ours(model_dir, device, args, side)
             checkpointing = cfg.memory.gradient_checkpointing
         load_s = time.perf_counter() - t0
         base_bytes = base_weight_bytes(model)
@@ -173,7 +212,7 @@ def bench_model(key, models, args, device, compute_dtype, rows, device_name):
              "trainable": counts["trainable"]}
         rows.append(r)
         peak = f"{r['peak_gib']:6.2f} GiB" if r["peak_gib"] is not None else "n/a"
-        print(f"[{key}] {side:9s} {r['tokens_per_s']:9.0f} tok/s  step {r['step_ms']:7.1f} ms  first step "
+        print(f"[{key}] {side:21s} {r['tokens_per_s']:9.0f} tok/s  step {r['step_ms']:7.1f} ms  first step "
               f"{r['first_step_s']:.1f} s  peak {peak}  checkpointing {checkpointing} "
               f"({layers['checkpointed_layers']}/{layers['decoder_layers']} layers)  base weights "
               f"{r['base_weight_gib']:.3f} GiB (bf16 {r['bf16_weight_gib']:.3f})  4-bit {100 * r['fraction_4bit']:.1f}%  "
@@ -190,6 +229,13 @@ def bench_model(key, models, args, device, compute_dtype, rows, device_name):
                 memory = (f", peak memory x{o['peak_gib'] / by[side]['peak_gib']:.2f}" if o["peak_gib"] else "")
                 print(f"[{key}] trainkit/{side}: speed x{o['tokens_per_s'] / by[side]['tokens_per_s']:.2f}{memory}", flush=True)
         print(f"[{key}] trainkit base weights = {o['base_weight_gib'] / o['bf16_weight_gib']:.3f}x bf16", flush=True)
+    for ours, other in (("trainkit_experts", "trainkit"), ("trainkit_experts", "peft_experts_bf16"),
+                        ("trainkit_experts_bf16", "peft_experts_bf16")):
+        if ours in by and other in by:
+            o, t = by[ours], by[other]
+            memory = f", peak memory x{o['peak_gib'] / t['peak_gib']:.2f}" if o["peak_gib"] else ""
+            print(f"[{key}] {ours}/{other}: speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}{memory}, trainable "
+                  f"{o['trainable']:,} vs {t['trainable']:,}", flush=True)
 
 
 def markdown(rows, args, device_name) -> str:
@@ -201,19 +247,23 @@ def markdown(rows, args, device_name) -> str:
     except Exception:
         bnb_v = "?"
     names = {"standard": "standard (bnb NF4 + prepare_model_for_kbit_training)",
-             "bf16_lora": "bf16 LoRA (HF + PEFT, unquantized)", "trainkit": "trainkit (models + adapters)"}
+             "bf16_lora": "bf16 LoRA (HF + PEFT, unquantized)", "trainkit": "trainkit (models + adapters)",
+             "trainkit_experts": "trainkit + expert LoRA (NF4 experts)",
+             "trainkit_experts_bf16": "trainkit + expert LoRA (bf16 experts)",
+             "peft_experts_bf16": "PEFT target_parameters expert LoRA (bf16, HF)"}
     lines = [f"Device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, "
              f"peft {peft.__version__}, bitsandbytes {bnb_v}, Python {platform.python_version()}.",
              f"Batch {args.batch} x {args.seq} tokens, LoRA r=16 on q/k/v/o, AdamW; "
              f"{args.warmup} warm-up steps after the first, then the mean of {args.steps} timed steps.", "",
+             "Expert sides: LoRA r=16 also on every routed expert's gate_up_proj and down_proj, dropout 0.",
              "| model | recipe | checkpointing (layers) | tokens/s | step (ms) | first step (s) | peak memory (GiB) | "
-             "base weights (GiB) | 4-bit share of params |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "base weights (GiB) | 4-bit share of params | trainable params |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
         lines.append(f"| {r['label']} | {names[r['side']]} | {r['checkpointing']} ({r['checkpointed_layers']}/"
                      f"{r['decoder_layers']}) | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} | {r['first_step_s']:.1f} | "
-                     f"{peak} | {r['base_weight_gib']:.3f} | {100 * r['fraction_4bit']:.1f}% |")
+                     f"{peak} | {r['base_weight_gib']:.3f} | {100 * r['fraction_4bit']:.1f}% | {r['trainable']:,} |")
     return "\n".join(lines) + "\n"
 
 

@@ -353,3 +353,25 @@ def test_train_qlora_with_expert_adapters_from_a_flag(tmp_path):
     assert got.keys() == set(expert_keys)
     for k in expert_keys:
         torch.testing.assert_close(got[k].float(), saved[k].float(), rtol=0, atol=0)
+
+
+def test_bench_qlora_expert_sides_tiny(tmp_path):
+    """benchmarks/bench_qlora.py's expert sides on CPU (--tiny): trainkit's and PEFT's expert LoRA train the same
+    number of parameters on the same model (timings are not asserted)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_qlora
+
+    out = tmp_path / "rows.json"
+    assert bench_qlora.main(["--tiny", "--models", "dense,moe128", "--order", "trainkit,trainkit_experts,"
+                             "trainkit_experts_bf16,peft_experts_bf16", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    sides = {(r["model"], r["side"]): r for r in rows}
+    assert ("dense", "trainkit_experts") not in sides                # expert sides only on MoE models
+    experts = [sides["moe128", s] for s in ("trainkit_experts", "trainkit_experts_bf16", "peft_experts_bf16")]
+    assert len({r["trainable"] for r in experts}) == 1 and experts[0]["trainable"] > sides["moe128", "trainkit"]["trainable"]
+    assert all(r["finite"] for r in rows)
+    assert experts[0]["fraction_4bit"] > experts[1]["fraction_4bit"] > experts[2]["fraction_4bit"] == 0.0

@@ -37,7 +37,7 @@ EXPERT_PRESETS: dict[str, list[str]] = {
     "glm4_moe": ["gate_up_proj", "down_proj"],
 }
 # registration order inside a transformers 5 *Experts module = PEFT's nesting order (first = innermost wrapper)
-_EXPERT_PARAM_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+EXPERT_PARAM_ORDER = ("gate_up_proj", "up_proj", "down_proj")
 _RANK_ALIGN = 8   # bf16 grouped_mm wants 16-byte strides: the rank is zero-padded to a multiple of 8
 
 # (id(experts module), parameter name) -> (A, B, scaling, consumed flag list) while a wrapper's forward runs
@@ -139,7 +139,7 @@ def _expert_param_names(experts: nn.Module) -> list[str]:
     """The fused expert tensors of an *Experts module (3-D float Parameters or NF4 banks), registration order."""
     names = [n for n, p in experts.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
     names += [n for n, m in experts.named_children() if isinstance(m, NF4ExpertBank)]
-    return sorted(names, key=lambda n: _EXPERT_PARAM_ORDER.index(n) if n in _EXPERT_PARAM_ORDER else len(names))
+    return sorted(names, key=lambda n: EXPERT_PARAM_ORDER.index(n) if n in EXPERT_PARAM_ORDER else len(names))
 
 
 def resolve_expert_targets(model: nn.Module, expert_targets) -> list[str]:
@@ -177,8 +177,8 @@ def install_expert_lora(peft_model, names: list[str], r: int, alpha: float, impl
     from trainkit.patches.transformers import use_grouped_experts_forward
 
     # nesting order = registration order in the experts module (gate_up innermost), as PEFT builds it
-    names = sorted(dict.fromkeys(names), key=lambda n: _EXPERT_PARAM_ORDER.index(n) if n in _EXPERT_PARAM_ORDER
-                   else len(_EXPERT_PARAM_ORDER))
+    names = sorted(dict.fromkeys(names), key=lambda n: EXPERT_PARAM_ORDER.index(n) if n in EXPERT_PARAM_ORDER
+                   else len(EXPERT_PARAM_ORDER))
     config = peft_model.peft_config[adapter_name]
     base = peft_model.get_base_model()
     modules = list(iter_expert_modules(base))

@@ -202,7 +202,7 @@ def expert_updates(adapter_keys: list[str], config: dict, model_type: str | None
     """({fused expert tensor's model name: ExpertUpdate}, the adapter keys left for adapter_updates). PEFT nests
     one ParamWrapper per target parameter around the experts module, first-registered innermost (gate_up_proj
     inside down_proj): a key's number of `.base_layer` segments after `experts` tells which parameter it adapts."""
-    from trainkit.expert_lora import _EXPERT_PARAM_ORDER
+    from trainkit.expert_lora import EXPERT_PARAM_ORDER
     targets = list(config.get("target_parameters") or [])
     if not targets:
         return {}, adapter_keys
@@ -212,7 +212,7 @@ def expert_updates(adapter_keys: list[str], config: dict, model_type: str | None
     if not num_experts:
         raise ExportError("expert adapters: the base config names no number of experts")
     params = sorted({t.rsplit(".", 1)[-1] for t in targets},
-                    key=lambda n: _EXPERT_PARAM_ORDER.index(n) if n in _EXPERT_PARAM_ORDER else len(_EXPERT_PARAM_ORDER))
+                    key=lambda n: EXPERT_PARAM_ORDER.index(n) if n in EXPERT_PARAM_ORDER else len(EXPERT_PARAM_ORDER))
     ranks = config.get("rank_pattern") or {}
     alphas = config.get("alpha_pattern") or {}
     pattern = re.compile(r"^(?P<module>.*\.experts)(?P<wrappers>(?:\.base_layer)*)\.lora_(?P<role>[AB])\.weight$")
