@@ -62,3 +62,27 @@ def batch(seed=0, b=2, t=24, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (b, t), generator=g).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def loss_and_grads(model, inputs):
+    """Train-mode loss and the gradient of every trainable tensor, by name."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def force_experts_0_1(model) -> list:
+    """Forward hooks on every router that send each token to experts 0 and 1; returns the handles."""
+    handles = []
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate") and type(mod).__name__.lower().endswith("router"):
+            def force(m, args, out):
+                logits, weights, idx = out
+                idx = torch.zeros_like(idx)
+                idx[:, 1] = 1
+                return logits, weights, idx
+            handles.append(mod.register_forward_hook(force))
+    assert handles
+    return handles

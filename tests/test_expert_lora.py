@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_fixtures import batch, load
+from moe_fixtures import batch, force_experts_0_1, load, loss_and_grads
 from trainkit.adapters import apply_lora, resolve_target_modules
 from trainkit.config import ConfigError
 from trainkit.config.base import LoraSection
@@ -42,28 +42,6 @@ def _randomize(model, seed=5):
 
 def _expert_adapters(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if "lora_" in n and ".experts." in n}
-
-
-def _loss_and_grads(model, inputs):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _force_experts_0_1(model):
-    handles = []
-    for name, mod in model.named_modules():
-        if name.endswith("mlp.gate") and type(mod).__name__.lower().endswith("router"):
-            def force(m, args, out):          # every token to experts 0 and 1
-                logits, weights, idx = out
-                idx = torch.zeros_like(idx)
-                idx[:, 1] = 1
-                return logits, weights, idx
-            handles.append(mod.register_forward_hook(force))
-    assert handles
-    return handles
 
 
 def test_expert_lora_function_matches_the_formula_and_leaves_empty_experts_at_zero():
@@ -157,7 +135,7 @@ def test_an_expert_without_routed_tokens_gets_exactly_zero_gradient():
     model, _ = load("mixtral")
     model = apply_lora(model, _lora())
     _randomize(model)
-    handles = _force_experts_0_1(model)
+    handles = force_experts_0_1(model)
     model(**batch(7, b=1, t=16)).loss.backward()
     for name, p in _expert_adapters(model).items():
         per_expert = p.grad.view(4, R, -1) if "lora_A" in name else p.grad.view(p.shape[0], R, 4).transpose(0, 2)
@@ -194,8 +172,8 @@ def _peft_twin(family, dtype=torch.float32):
 def test_matches_peft_target_parameters_on_a_bf16_twin(family):
     ours, theirs = _peft_twin(family)
     inputs = batch(3, b=2, t=20)
-    loss_o, grads_o = _loss_and_grads(ours, inputs)
-    loss_t, grads_t = _loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
     torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
     ours.eval(), theirs.eval()
     with torch.no_grad():

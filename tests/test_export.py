@@ -471,15 +471,13 @@ def test_trained_moe_run_exports_through_the_cli(tmp_path):
     assert error < 1e-4
 
 
-def test_moe_base_in_per_expert_layout(tmp_path):
-    """A MoE base as transformers 5's save_pretrained writes it (and hub checkpoints hold it): experts one by one
-    (block_sparse_moe.experts.N.w1/w2/w3), fused into 3-D banks only while loading. The dequantized export rounds
-    each layer's bank as the run did (stacked, one NF4 bank) and writes the per-expert layout back."""
+def per_expert_base(raw: dict, tmp_path: Path) -> dict:
+    """`raw` (the default MoE job) with its base saved by transformers 5's save_pretrained: a Mixtral with its
+    experts stored one by one (block_sparse_moe.experts.N.w1/w2/w3)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     tokenizer = build_byte_level_tokenizer()
     base = tmp_path / "mixtral-base"
-    raw = qlora_config()
     kwargs = {k: v for k, v in raw["model"]["config"].items() if k != "model_type"}
     kwargs.update(num_hidden_layers=2)
     torch.manual_seed(3)
@@ -488,6 +486,14 @@ def test_moe_base_in_per_expert_layout(tmp_path):
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in f.keys()
     raw["paths"]["model_name_or_path"], raw["model"]["config"] = str(base), None
+    return raw
+
+
+def test_moe_base_in_per_expert_layout(tmp_path):
+    """A MoE base as transformers 5's save_pretrained writes it (and hub checkpoints hold it): experts one by one
+    (block_sparse_moe.experts.N.w1/w2/w3), fused into 3-D banks only while loading. The dequantized export rounds
+    each layer's bank as the run did (stacked, one NF4 bank) and writes the per-expert layout back."""
+    raw = per_expert_base(qlora_config(), tmp_path)
     checkpoint = make_checkpoint(raw, tmp_path / "runs")
     ids = input_ids()
     expected = reference_logits(raw, tmp_path / "runs", checkpoint, ids)
@@ -535,22 +541,11 @@ def test_moe_expert_adapters_merge_into_the_experts(tmp_path, layout):
     """LoRA on the fused experts (lora.expert_targets: auto, trainkit.expert_lora) of the default 4-bit MoE job: the
     export merges each expert's update into the dequantized bank (fused base) or into each expert's w1/w3/w2 (a base
     in transformers 5's per-expert layout), and plain transformers computes what trainkit's base + adapter does."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
     raw = qlora_config()
     raw["lora"]["expert_targets"] = "auto"
     raw["lora"]["expert_r"] = 4
     if layout == "per_expert":
-        tokenizer = build_byte_level_tokenizer()
-        base = tmp_path / "mixtral-base"
-        kwargs = {k: v for k, v in raw["model"]["config"].items() if k != "model_type"}
-        kwargs.update(num_hidden_layers=2)
-        torch.manual_seed(3)
-        AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=len(tokenizer), **kwargs)).save_pretrained(base)
-        tokenizer.save_pretrained(base)
-        with safe_open(str(base / "model.safetensors"), "pt") as f:
-            assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in f.keys()
-        raw["paths"]["model_name_or_path"], raw["model"]["config"] = str(base), None
+        raw = per_expert_base(raw, tmp_path)
     checkpoint = make_checkpoint(raw, tmp_path / "runs")
     assert json.loads((checkpoint / "adapter_config.json").read_text())["target_parameters"]
     ids = input_ids()

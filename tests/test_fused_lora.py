@@ -9,20 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from moe_fixtures import batch, load
+from moe_fixtures import batch, load, loss_and_grads
 from trainkit.adapters import apply_lora
 from trainkit.config.base import LoraSection
 from trainkit.fused_lora import lora_update
 from trainkit.patches import applied
 from trainkit.patches.peft import use_fused_lora_forward
-
-
-def _loss_and_grads(model, inputs):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _random_b(model):
@@ -46,8 +38,8 @@ def _pair(family, lora: LoraSection, dtype=None, **load_kw):
 
 
 def _assert_same(plain, fused, inputs, atol, rtol):
-    loss_p, grads_p = _loss_and_grads(plain, inputs)
-    loss_f, grads_f = _loss_and_grads(fused, inputs)
+    loss_p, grads_p = loss_and_grads(plain, inputs)
+    loss_f, grads_f = loss_and_grads(fused, inputs)
     torch.testing.assert_close(loss_f, loss_p, atol=atol, rtol=rtol)
     assert grads_p.keys() == grads_f.keys() and any("lora_A" in n for n in grads_p)
     for name in grads_p:
@@ -79,9 +71,9 @@ def test_fused_forward_equals_peft_with_dropout():
     plain, fused = _pair("llama", LoraSection(r=4, alpha=8, dropout=0.3), dtype=torch.float32, load_in_4bit=False)
     inputs = batch()
     torch.manual_seed(1)
-    loss_p, grads_p = _loss_and_grads(plain, inputs)
+    loss_p, grads_p = loss_and_grads(plain, inputs)
     torch.manual_seed(1)
-    loss_f, grads_f = _loss_and_grads(fused, inputs)
+    loss_f, grads_f = loss_and_grads(fused, inputs)
     torch.testing.assert_close(loss_f, loss_p, atol=1e-5, rtol=1e-4)
     for name in grads_p:
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4)
@@ -99,9 +91,9 @@ def test_cast_copies_follow_optimizer_steps_and_loaded_state():
         for opt in opts:
             opt.step()
     layer = fused.base_model.model.model.layers[0].self_attn.q_proj
-    _loss_and_grads(fused, inputs)
+    loss_and_grads(fused, inputs)
     copies = layer._trainkit_compute_copies["default"]["copies"]
-    _loss_and_grads(fused, inputs)
+    loss_and_grads(fused, inputs)
     assert layer._trainkit_compute_copies["default"]["copies"] is copies  # same step: reused
     state = {k: v + 0.01 for k, v in plain.state_dict().items() if "lora_" in k}
     for m in (plain, fused):

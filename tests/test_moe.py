@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_fixtures import batch, load
+from moe_fixtures import batch, force_experts_0_1, load
 from trainkit.adapters import apply_lora
 from trainkit.config.base import LoraSection
 from trainkit.models import apply_activation_checkpointing
@@ -53,16 +53,7 @@ def test_counts_sum_to_tokens_times_top_k(moe_model):
 def test_forced_routing_detects_dead_experts(moe_model):
     family, model, _ = moe_model
     stats = RouterStats(model)
-    handles = []
-    for name, mod in model.named_modules():
-        if name.endswith("mlp.gate") and type(mod).__name__.lower().endswith("router"):
-            def force(m, args, out):          # every token to experts 0 and 1
-                logits, weights, idx = out
-                idx = torch.zeros_like(idx)
-                idx[:, 1] = 1
-                return logits, weights, idx
-            handles.append(mod.register_forward_hook(force))
-    assert handles
+    handles = force_experts_0_1(model)
     with torch.no_grad():
         model(**batch(7, b=1, t=16))
     snap = stats.snapshot()

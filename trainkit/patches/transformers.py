@@ -52,6 +52,14 @@ def _forward_args(cls: type) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
+def _check_forward_args(cls: type, fix: str) -> None:
+    """The grouped forward takes (hidden_states, top_k_index, top_k_weights) by position: PatchError otherwise."""
+    if _forward_args(cls) != EXPERTS_FORWARD_ARGS:
+        raise EXPERTS_FORWARD.error(f"{cls.__name__}.forward takes ({', '.join(_forward_args(cls))}), not "
+                                    f"({', '.join(EXPERTS_FORWARD_ARGS)})",
+                                    f"{fix}, or install the tested versions: ./scripts/setup_env.sh (requirements.lock)")
+
+
 def use_4bit_experts_forward(module: nn.Module) -> None:
     """Make an `*Experts` module whose banks are NF4ExpertBanks run on them (see the module docstring)."""
     from trainkit.quantization import BANK_MARKER, NF4ExpertBank, nf4_experts_forward
@@ -62,11 +70,7 @@ def use_4bit_experts_forward(module: nn.Module) -> None:
     cls = type(module)
     known_layout = any(known <= banks for known in _KNOWN_BANKS) and hasattr(module, "num_experts")
     if known_layout:
-        if _forward_args(cls) != EXPERTS_FORWARD_ARGS:
-            raise EXPERTS_FORWARD.error(f"{cls.__name__}.forward takes ({', '.join(_forward_args(cls))}), not "
-                                        f"({', '.join(EXPERTS_FORWARD_ARGS)})",
-                                        "set quantization.quantize_moe_experts=false, or install the tested versions: "
-                                        "./scripts/setup_env.sh (requirements.lock)")
+        _check_forward_args(cls, "set quantization.quantize_moe_experts=false")
         module.forward = types.MethodType(nf4_experts_forward, module)
     else:
         config = getattr(module, "config", None)
@@ -95,11 +99,7 @@ def use_grouped_experts_forward(module: nn.Module) -> None:
     if not (any(known <= names for known in _KNOWN_BANKS) and hasattr(module, "num_experts")):
         raise EXPERTS_FORWARD.error(f"{cls.__name__} has experts {sorted(names)} in a layout trainkit does not know",
                                     "set lora.expert_targets: none for this model")
-    if _forward_args(cls) != EXPERTS_FORWARD_ARGS:
-        raise EXPERTS_FORWARD.error(f"{cls.__name__}.forward takes ({', '.join(_forward_args(cls))}), not "
-                                    f"({', '.join(EXPERTS_FORWARD_ARGS)})",
-                                    "set lora.expert_targets: none, or install the tested versions: "
-                                    "./scripts/setup_env.sh (requirements.lock)")
+    _check_forward_args(cls, "set lora.expert_targets: none")
     module.forward = types.MethodType(nf4_experts_forward, module)
     module._trainkit_grouped_forward = True
     EXPERTS_FORWARD.mark_applied()
