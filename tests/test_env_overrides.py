@@ -18,6 +18,7 @@ def test_every_variable_of_the_issue_is_mapped_to_a_schema_key():
               "GLA_USE_MAX_NEW_TOKENS GLA_VERBOSE GRADIENT_CHECKPOINTING NUM_DATA_WORKERS DATALOADER_PREFETCH_FACTOR "
               "DATALOADER_PIN_MEMORY DATALOADER_PERSISTENT_WORKERS EVAL_ACCUMULATION_STEPS SAVE_OPTIMIZER_STATE "
               "GLA_USE_FUSED_SWIGLU").split()
+    wanted.append("HP_EXPERT_LORA")   # issue 14: LoRA on the MoE experts
     assert set(wanted) == set(ENV_OVERRIDES)
     for var, spec in ENV_OVERRIDES.items():
         assert field_of(LoRAConfig, spec.key) is not None, f"{var} -> {spec.key} is not a train_lora.py config key"
@@ -68,3 +69,12 @@ def test_gradient_checkpointing_takes_auto_and_booleans():
 def test_out_of_range_value_is_reported_with_its_key():
     with pytest.raises(ConfigError, match=r"HP_PEFT_DROPOUT='1.5' \(sets lora.dropout\): must be in \[0, 1\)"):
         env_overrides(LoRAConfig, {"HP_PEFT_DROPOUT": "1.5"})
+
+
+def test_expert_lora_from_the_environment():
+    from trainkit.config import apply_overrides, validate
+    from trainkit.config.qlora import QLoRAConfig
+    for value, expected in (("auto", "auto"), ("gate_up_proj,down_proj", ["gate_up_proj", "down_proj"])):
+        overrides, _ = env_overrides(QLoRAConfig, {"HP_EXPERT_LORA": value})
+        cfg = validate(apply_overrides({}, overrides, QLoRAConfig), QLoRAConfig)
+        assert cfg.lora.expert_targets == expected
