@@ -71,28 +71,49 @@ def test_expert_lora_function_matches_the_formula_and_leaves_empty_experts_at_ze
         assert torch.count_nonzero(dA[e]) > 0 and torch.count_nonzero(dB[:, :, e]) > 0
 
 
-def test_expert_lora_function_in_bf16_with_a_padded_rank():
-    """bf16 compute (grouped_mm where torch has it; rank 3 padded to 8) against the float64 formula."""
+def _check_bf16_expert_lora(device, grouped: bool):
+    """bf16 compute (rank 3 padded to 8; an empty expert in the middle) against the float64 formula."""
+    from trainkit import quantization
     torch.manual_seed(1)
-    E, r, S, d_in, d_out, s = 4, 3, 40, 32, 48, 2.0
-    ids_g = torch.sort(torch.randint(0, 3, (S,))).values                  # expert 3 gets no rows
-    offs = torch.cumsum(torch.bincount(ids_g, minlength=E), 0).to(torch.int32)
-    x = torch.randn(S, d_in).to(torch.bfloat16).requires_grad_(True)
-    y_base = torch.randn(S, d_out).to(torch.bfloat16).requires_grad_(True)
-    A = (0.3 * torch.randn(E * r, d_in)).requires_grad_(True)
-    B = (0.3 * torch.randn(d_out, E * r)).requires_grad_(True)
+    E, r, S, d_in, d_out, s = 4, 3, 37, 32, 48, 2.0
+    ids_g = torch.sort(torch.randint(0, 3, (S,))).values
+    ids_g[ids_g == 1] = 3                                                    # expert 1 gets no rows
+    ids_g = torch.sort(ids_g).values
+    offs = torch.cumsum(torch.bincount(ids_g, minlength=E), 0).to(torch.int32).to(device)
+    x = torch.randn(S, d_in).to(device, torch.bfloat16).requires_grad_(True)
+    y_base = torch.randn(S, d_out).to(device, torch.bfloat16).requires_grad_(True)
+    A = (0.3 * torch.randn(E * r, d_in)).to(device).requires_grad_(True)
+    B = (0.3 * torch.randn(d_out, E * r)).to(device).requires_grad_(True)
+    assert quantization._grouped_mm_ok(x) == grouped
     y = ExpertLoRA.apply(y_base, x, None, offs, A, B, s)
     assert y.dtype == torch.bfloat16
-    dy = torch.randn(S, d_out).to(torch.bfloat16)
+    dy = torch.randn(S, d_out).to(device, torch.bfloat16)
     got = torch.autograd.grad(y, (x, A, B), dy)
-    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
-    ref = y_base.detach().double() + s * torch.einsum("sor,sri,si->so", B64.view(d_out, r, E).permute(2, 0, 1)[ids_g],
-                                                      A64.view(E, r, d_in)[ids_g], x64)
-    want = torch.autograd.grad(ref, (x64, A64, B64), dy.double())
+    x64, A64, B64 = (t.detach().cpu().double().requires_grad_(True) for t in (x, A, B))
+    ref = y_base.detach().cpu().double() + s * torch.einsum(
+        "sor,sri,si->so", B64.view(d_out, r, E).permute(2, 0, 1)[ids_g], A64.view(E, r, d_in)[ids_g], x64)
+    want = torch.autograd.grad(ref, (x64, A64, B64), dy.cpu().double())
     for g, w in zip((y, *got), (ref, *want)):         # within bf16 rounding of the tensor's scale
-        assert (g.double() - w).abs().max() <= 1e-2 * w.abs().max()
+        assert (g.cpu().double() - w).abs().max() <= 1e-2 * w.abs().max()
     assert got[1].dtype == got[2].dtype == torch.float32
-    assert torch.count_nonzero(got[1].view(E, r, d_in)[3]) == 0 and torch.count_nonzero(got[2].view(d_out, r, E)[:, :, 3]) == 0
+    assert torch.count_nonzero(got[1].view(E, r, d_in)[1]) == 0 and torch.count_nonzero(got[2].view(d_out, r, E)[:, :, 1]) == 0
+
+
+def test_expert_lora_function_in_bf16_with_a_padded_rank(monkeypatch):
+    from trainkit import quantization
+    grouped = quantization._grouped_mm_ok(torch.zeros(1, dtype=torch.bfloat16))
+    _check_bf16_expert_lora("cpu", grouped)            # torch >= 2.11: grouped_mm on CPU too
+    if grouped:                                        # and the per-expert loop, forced
+        monkeypatch.setattr(quantization, "_grouped_mm_ok", lambda x: False)
+        import trainkit.expert_lora as expert_lora
+        monkeypatch.setattr(expert_lora, "_grouped_mm_ok", lambda x: False)
+        _check_bf16_expert_lora("cpu", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expert_lora_function_on_gpu_grouped_mm():
+    _check_bf16_expert_lora("cuda", True)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainkit.config import ConfigError
-from trainkit.quantization import NF4ExpertBank, _grouped_mm, iter_expert_modules
+from trainkit.quantization import NF4ExpertBank, _grouped_mm, _grouped_mm_ok, iter_expert_modules
 
 # per MoE family: the expert parameters `lora.expert_targets: auto` adapts (transformers 5 fused layouts)
 EXPERT_PRESETS: dict[str, list[str]] = {
@@ -118,17 +118,34 @@ class ExpertLoRA(torch.autograd.Function):
             else:
                 grad_x = dx_g.to(x_src.dtype)
         x_g = x_src[gather_idx] if gather_idx is not None else x_src
-        # weight gradients expert by expert in fp32 (rank-sized outputs); empty experts stay exactly zero
-        grad_A = torch.zeros(num_experts, rank, lora_A.shape[1], dtype=torch.float32, device=lora_A.device)
-        grad_B = torch.zeros(lora_B.shape[0], rank, num_experts, dtype=torch.float32, device=lora_B.device)
-        start = 0
-        for e, end in enumerate(offs.tolist()):  # one host sync per call
-            if end > start:
-                grad_A[e] = (g[start:end, :rank].t() @ x_g[start:end]).float()
-                grad_B[:, :, e] = s * (dy[start:end].t() @ xa[start:end, :rank]).float()
-            start = end
-        return (grad_y, grad_x, None, None, grad_A.view_as(lora_A).to(lora_A.dtype),
-                grad_B.view_as(lora_B).to(lora_B.dtype), None)
+        grad_A, grad_B = _weight_grads(g, x_g, dy, xa, offs, rank, s)
+        return (grad_y, grad_x, None, None, grad_A.reshape(lora_A.shape).to(lora_A.dtype),
+                grad_B.reshape(lora_B.shape).to(lora_B.dtype), None)
+
+
+def _weight_grads(g, x_g, dy, xa, offs, rank: int, s: float):
+    """dA_e = g_e^T x_e ([E, r, in]) and dB_e = s dy_e^T xa_e (returned as [out, r, E], PEFT's column order), in
+    fp32. Grouped GEMMs over the rows (offsets on K) where torch has them, else expert by expert; an expert
+    without rows gets exactly zero either way (grouped_mm leaves empty groups unspecified on some GPUs)."""
+    num_experts = offs.numel()
+    if _grouped_mm_ok(dy):
+        fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        grad_A = fn(g.t(), x_g, offs=offs)[:, :rank].float()                   # [E, r, in]
+        grad_B = (s * fn(dy.t(), xa, offs=offs)[:, :, :rank].float()).permute(1, 2, 0)   # [out, r, E]
+        counts = torch.diff(offs, prepend=offs.new_zeros(1))
+        empty = counts == 0
+        grad_A = grad_A.masked_fill(empty.view(-1, 1, 1), 0.0)
+        grad_B = grad_B.masked_fill(empty.view(1, 1, -1), 0.0)
+        return grad_A.contiguous(), grad_B.contiguous()
+    grad_A = torch.zeros(num_experts, rank, x_g.shape[1], dtype=torch.float32, device=x_g.device)
+    grad_B = torch.zeros(dy.shape[1], rank, num_experts, dtype=torch.float32, device=dy.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one host sync per call
+        if end > start:
+            grad_A[e] = (g[start:end, :rank].t() @ x_g[start:end]).float()
+            grad_B[:, :, e] = s * (dy[start:end].t() @ xa[start:end, :rank]).float()
+        start = end
+    return grad_A, grad_B
 
 
 # ----------------------------------------------------------------------------------------
