@@ -132,7 +132,7 @@ def main() -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from trainkit.adapters import apply_lora
-    from trainkit.expert_lora import describe_expert_lora
+    from trainkit.expert_lora import describe_expert_lora, refuse_sharded_experts
     from trainkit.data import make_collator
     from trainkit.evaluation import TaskEvaluator, evaluate_loss
     from trainkit.generation import GenerationSettings, check_generate_support
@@ -174,6 +174,7 @@ def main() -> int:
             run.say(note)
         set_seed(seed)  # adapter init independent of how much randomness loading used
         model = apply_lora(model, cfg.lora)
+        refuse_sharded_experts(accelerator, model.trainkit_lora_info)
         if (note := describe_expert_lora(model.trainkit_lora_info)) is not None:
             run.say(note)
         if model_info["family"] == "gla":  # fused fla paths that would bypass an adapter get unfused ones

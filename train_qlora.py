@@ -37,7 +37,7 @@ def main() -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from trainkit.adapters import apply_lora
-    from trainkit.expert_lora import describe_expert_lora
+    from trainkit.expert_lora import describe_expert_lora, refuse_sharded_experts
     from trainkit.data import build_datasets, make_collator
     from trainkit.env_overrides import describe
     from trainkit.evaluation import evaluate_loss
@@ -78,6 +78,7 @@ def main() -> int:
             run.say(note)
         set_seed(seed)  # LoRA init independent of how much randomness loading used
         model = apply_lora(model, cfg.lora)
+        refuse_sharded_experts(accelerator, model.trainkit_lora_info)
         if (note := describe_expert_lora(model.trainkit_lora_info)) is not None:
             run.say(note)
         trainable = [p for p in model.parameters() if p.requires_grad]

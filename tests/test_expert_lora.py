@@ -398,3 +398,21 @@ def test_bench_qlora_expert_sides_tiny(tmp_path):
     assert len({r["trainable"] for r in experts}) == 1 and experts[0]["trainable"] > sides["moe128", "trainkit"]["trainable"]
     assert all(r["finite"] for r in rows)
     assert experts[0]["fraction_4bit"] > experts[1]["fraction_4bit"] > experts[2]["fraction_4bit"] == 0.0
+
+
+def test_zero3_and_fsdp_are_refused_with_expert_adapters():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from trainkit.expert_lora import refuse_sharded_experts
+    info = {"expert_targets": ["gate_up_proj", "down_proj"]}
+    zero = lambda stage: SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,  # noqa: E731
+                                         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace())
+    for accelerator in (zero(3), fsdp):
+        with pytest.raises(ConfigError, match="ZeRO-3 or FSDP"):
+            refuse_sharded_experts(accelerator, info)
+    refuse_sharded_experts(zero(2), info)
+    refuse_sharded_experts(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=SimpleNamespace()), info)
+    refuse_sharded_experts(fsdp, {"expert_targets": []})

@@ -255,6 +255,20 @@ def expert_rank_alpha(lora, r: int, alpha: float) -> tuple[int, float]:
     return er, ea
 
 
+def refuse_sharded_experts(accelerator, info: dict) -> None:
+    """Expert adapters under DeepSpeed ZeRO-3 or FSDP: ConfigError (their fp32 masters would be partitioned, and the
+    grouped forward reads them whole; not supported yet). DDP and ZeRO-2 are fine: every master gets a gradient
+    at every step."""
+    if not info.get("expert_targets"):
+        return
+    from accelerate.utils import DistributedType
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3):
+        raise ConfigError("lora.expert_targets: not supported under DeepSpeed ZeRO-3 or FSDP yet (the expert adapters' "
+                          "weights would be partitioned); use DDP or ZeRO-2, or lora.expert_targets: none")
+
+
 def describe_expert_lora(info: dict) -> str | None:
     """The run.say line for expert adapters (apply_lora's trainkit_lora_info), None without them."""
     if not info.get("expert_targets"):
