@@ -38,14 +38,14 @@ class ByteTok:
 
 
 def make_cfg(family: str, *, load_in_4bit=True, quantize_experts=True, seed=11,
-             attn="sdpa") -> QLoRAConfig:
+             attn="sdpa", compute_dtype="bfloat16") -> QLoRAConfig:
     return validate({
         "paths": {"model_name_or_path": None, "cache_dir": None},
         "model": {"config": copy.deepcopy(TINY[family]), "attn_implementation": attn,
                   "trust_remote_code": False, "local_files_only": True},
         "training": {"seed": seed},
         "quantization": {"load_in_4bit": load_in_4bit, "quant_type": "nf4", "double_quant": True,
-                         "compute_dtype": "bfloat16", "quantize_moe_experts": quantize_experts},
+                         "compute_dtype": compute_dtype, "quantize_moe_experts": quantize_experts},
     }, QLoRAConfig)
 
 

@@ -416,3 +416,35 @@ def test_zero3_and_fsdp_are_refused_with_expert_adapters():
     refuse_sharded_experts(zero(2), info)
     refuse_sharded_experts(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=SimpleNamespace()), info)
     refuse_sharded_experts(fsdp, {"expert_targets": []})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_nf4_experts_match_peft_on_the_dequantized_banks(family):
+    """Over NF4 banks (fp32 compute): the same loss and adapter gradients as PEFT's target_parameters adapters on a
+    twin whose experts are the banks dequantized into float Parameters (attention stays Linear4bit in both)."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainkit.quantization import BANK_MARKER
+    base, _ = load(family, compute_dtype="float32")
+    twin = copy.deepcopy(base)
+    for _, experts in iter_expert_modules(twin):
+        for name in ("gate_up_proj", "down_proj"):            # transformers' registration order: PEFT nests by it
+            bank = getattr(experts, name)
+            delattr(experts, name)
+            experts.register_parameter(name, nn.Parameter(bank.dequantize(torch.float32), requires_grad=False))
+        del experts.forward                                    # transformers' own experts forward
+        delattr(experts, BANK_MARKER)
+    ours = apply_lora(base, _lora())
+    config = LoraConfig(r=R, lora_alpha=8.0, lora_dropout=0.0, target_modules=resolve_target_modules(twin, "auto"),
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
+    with no_moe_target_remap(family):
+        theirs = get_peft_model(twin, config)
+    _randomize(ours)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    inputs = batch(3, b=2, t=20)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
+    assert grads_o.keys() == grads_t.keys() and sum(".experts." in n for n in grads_t) == 8
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
