@@ -448,3 +448,15 @@ def test_nf4_experts_match_peft_on_the_dequantized_banks(family):
     assert grads_o.keys() == grads_t.keys() and sum(".experts." in n for n in grads_t) == 8
     for name in grads_t:
         torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_in_place_merge_over_nf4_banks_points_to_the_export_and_bf16_merges():
+    model = apply_lora(load("mixtral")[0], _lora())
+    with pytest.raises(ValueError, match="python -m trainkit.export"):
+        model.merge_and_unload()
+    ours, _ = _peft_twin("mixtral")
+    inputs = batch(2, b=1, t=12)
+    want = _logits(ours, inputs)
+    merged = ours.merge_and_unload()                   # bf16 experts: PEFT's own merge
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged, inputs), want, rtol=1e-4, atol=1e-4)

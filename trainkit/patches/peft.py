@@ -217,15 +217,24 @@ def _expert_forward(self, x, *args, **kwargs):
     return result
 
 
+def _expert_merge(self, *args, **kwargs):
+    """PEFT's merge, except over an NF4 bank (no float weight to add the update to): a clear error."""
+    from trainkit.quantization import NF4ExpertBank
+    if isinstance(self.get_param(), NF4ExpertBank):
+        raise ValueError(f"expert adapter on {self.parameter_name}: merging into a 4-bit expert bank in place is not "
+                         "supported; write a merged model with python -m trainkit.export")
+    return super(type(self), self).merge(*args, **kwargs)
+
+
 def use_expert_lora_forward(wrappers) -> int:
-    """Switch PEFT ParamWrapper modules to _expert_forward (a subclass with only forward replaced)."""
+    """Switch PEFT ParamWrapper modules to _expert_forward (a subclass with only forward and merge replaced)."""
     for w in wrappers:
         cls = type(w)
         if not getattr(cls, "trainkit_expert_lora", False):
             if cls not in _EXPERT_CLASSES:
                 _EXPERT_CLASSES[cls] = type(cls.__name__, (cls,), {
-                    "forward": _expert_forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                    "trainkit_expert_lora": True})
+                    "forward": _expert_forward, "merge": _expert_merge, "__module__": cls.__module__,
+                    "__qualname__": cls.__qualname__, "trainkit_expert_lora": True})
             w.__class__ = _EXPERT_CLASSES[cls]
     if wrappers:
         EXPERT_LORA_FORWARD.mark_applied()
