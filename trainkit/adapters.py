@@ -227,7 +227,7 @@ def apply_lora(model: nn.Module, lora: LoraSection):
         peft_model = get_peft_model(model, config)
     experts = {}
     if expert_names:
-        r, alpha = expert_rank_alpha(lora, lora.r, lora.alpha)
+        r, alpha = expert_rank_alpha(lora)
         experts = install_expert_lora(peft_model, expert_names, r, alpha, impl=lora.expert_impl)
     fused = use_fused_lora_forward(peft_model) if lora.fused_forward else 0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -246,13 +246,14 @@ def _module_suffix(name: str) -> str:
     return ".".join(parts[-2:])
 
 
-def expert_rank_alpha(lora, r: int, alpha: float) -> tuple[int, float]:
-    """lora.expert_r / expert_alpha with their defaults (lora.r; the module adapters' scale alpha/r)."""
+def expert_rank_alpha(lora) -> tuple[int, float]:
+    """lora.expert_r / expert_alpha with their defaults: lora.r, and the module adapters' scale (alpha / r, or
+    alpha / sqrt(r) for rslora)."""
+    r, alpha = lora.r, lora.alpha
     er = lora.expert_r or r
-    ea = lora.expert_alpha if lora.expert_alpha is not None else alpha * er / r
-    if lora.variant == "rslora" and lora.expert_alpha is None:
-        ea = alpha * math.sqrt(er) / math.sqrt(r)
-    return er, ea
+    if lora.expert_alpha is not None:
+        return er, lora.expert_alpha
+    return er, (alpha * math.sqrt(er) / math.sqrt(r) if lora.variant == "rslora" else alpha * er / r)
 
 
 def refuse_sharded_experts(accelerator, info: dict) -> None:
