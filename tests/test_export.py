@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -537,7 +538,7 @@ def test_hub_id_base_resolves_in_the_hf_cache(tmp_path, dense_base):
 
 
 @pytest.mark.parametrize("layout", ["fused", "per_expert"])
-def test_moe_expert_adapters_merge_into_the_experts(tmp_path, layout):
+def test_moe_expert_adapters_merge_into_the_experts(tmp_path, layout, capsys):
     """LoRA on the fused experts (lora.expert_targets: auto, trainkit.expert_lora) of the default 4-bit MoE job: the
     export merges each expert's update into the dequantized bank (fused base) or into each expert's w1/w3/w2 (a base
     in transformers 5's per-expert layout), and plain transformers computes what trainkit's base + adapter does."""
@@ -551,7 +552,11 @@ def test_moe_expert_adapters_merge_into_the_experts(tmp_path, layout):
     ids = input_ids()
     expected = reference_logits(raw, tmp_path / "runs", checkpoint, ids)
     out = tmp_path / "export"
+    capsys.readouterr()
     export(checkpoint, out, "--dtype", "fp32")
+    said = capsys.readouterr()
+    counts = re.search(r"\((\d+) with the adapter merged, (\d+) replaced", said.out + said.err)
+    assert counts and int(counts.group(1)) > 0, said  # the summary counts expert tensors too, none negative
     error = max_error(plain_transformers_logits(out, ids), expected)
     # the expert adapters move the logits far more than the export's error: they were merged, not dropped
     from safetensors.torch import load_file, save_file

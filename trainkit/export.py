@@ -763,7 +763,8 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size: str 
             if gla:
                 notes.append(GLA_LOADER_NOTE)
             merged = sum(u.kind != "replace" for u in updates.values()) + sum(u.consumed for u in experts.values())
-            report = ExportReport(out, names, len(plans), merged, len(updates) - merged, total, notes)
+            replaced = sum(u.kind == "replace" for u in updates.values())
+            report = ExportReport(out, names, len(plans), merged, replaced, total, notes)
             write_export_note(report, staging, checkpoint, base_name, cfg, adapter_config, dtype, base_weights, gla)
     say(f"exported {checkpoint} -> {out}: {report.tensors} tensors ({report.merged} with the adapter merged, "
         f"{report.replaced} replaced by the adapter's copies), {total / 2**20:.1f} MiB in {len(names)} file(s), {dtype}")
