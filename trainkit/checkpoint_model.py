@@ -159,24 +159,22 @@ def _load_adapter_dir(path: Path, device: torch.device, dtype: str | None) -> Lo
                        config=cfg, notes=notes)
 
 
+def run_max_new_tokens(checkpoint: Path, cfg) -> int | None:
+    """The new tokens per answer train_lora.py derived from its data for evaluation (run.json data.max_new_tokens,
+    used when generation.max_length is unset); None when the run did not record a positive count."""
+    from trainkit.checkpoints import run_info_value
+    value = run_info_value(checkpoint, cfg, "data", "max_new_tokens")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _run_settings(cfg, path: Path) -> GenerationSettings:
     """The GenerationSettings of the run's evaluation: train_lora.py's generation section, with the new
     tokens it derived from the data when generation.max_length is unset (run.json data.max_new_tokens);
     the defaults for the scripts that evaluate by loss."""
     if cfg.script != "train_lora.py":
         return GenerationSettings()
-    from trainkit.fileio import read_json
-    from trainkit.runlog import RUN_INFO_FILE
-
     gen = cfg.generation
-    max_new = gen.max_length
-    if max_new is None:
-        for run_dir in (path.parent, Path(cfg.run_dir)):
-            info = read_json(run_dir / RUN_INFO_FILE)
-            value = (info.get("data") or {}).get("max_new_tokens") if isinstance(info, dict) else None
-            if isinstance(value, int) and value > 0:
-                max_new = value
-                break
+    max_new = gen.max_length or run_max_new_tokens(path, cfg)
     if max_new is None:
         max_new = GenerationSettings.max_new_tokens  # the run's record is gone: the library default
     return GenerationSettings.from_config(gen, cfg.task.max_source_length, max_new)

@@ -107,6 +107,17 @@ def checkpoint_config(path: str | os.PathLike):
     return validate(stored, SCRIPT_CONFIGS[script])
 
 
+def run_info_value(checkpoint: str | os.PathLike, cfg, section: str, key: str):
+    """run.json's `section.key` for a checkpoint of a run: from the run directory that holds the checkpoint, else
+    from the one its config names (a checkpoint copied elsewhere); None when neither records it."""
+    for run_dir in (Path(checkpoint).parent, Path(cfg.run_dir)):
+        info = read_json(run_dir / RUN_INFO_FILE)
+        value = (info.get(section) or {}).get(key) if isinstance(info, dict) else None
+        if value is not None:
+            return value
+    return None
+
+
 def remove_partial_saves(run_dir: str | os.PathLike) -> None:
     """Clean up after a save that a crash interrupted: a complete copy that commit_directory had
     moved aside (`.tmp-old-<name>`) goes back to `<name>` when the new copy never arrived; every

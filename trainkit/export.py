@@ -627,14 +627,12 @@ class ExportReport:
 def run_compute_dtype(cfg, checkpoint: Path) -> torch.dtype:
     """The dtype the run computed in (and built a random-init base in): run.json's model.compute_dtype, else the
     config's dtype resolved for a CPU (what this machine would pick)."""
+    from trainkit.checkpoints import run_info_value
     from trainkit.models import DTYPES as MODEL_DTYPES
-    from trainkit.runlog import RUN_INFO_FILE
     from trainkit.runtime import resolve_dtype
-    for run_dir in (checkpoint.parent, Path(cfg.run_dir)):
-        info = read_json(run_dir / RUN_INFO_FILE)
-        name = ((info or {}).get("model") or {}).get("compute_dtype") if isinstance(info, dict) else None
-        if name in MODEL_DTYPES:
-            return MODEL_DTYPES[name]
+    name = run_info_value(checkpoint, cfg, "model", "compute_dtype")
+    if name in MODEL_DTYPES:
+        return MODEL_DTYPES[name]
     quantization = getattr(cfg, "quantization", None)
     configured = quantization.compute_dtype if quantization is not None else getattr(cfg.model, "dtype", "auto")
     return MODEL_DTYPES[resolve_dtype(configured, "cpu")[0]]
@@ -832,16 +830,12 @@ def generation_settings(cfg, checkpoint: Path) -> dict:
     gen = getattr(cfg, "generation", None)
     if gen is None:
         return {}
-    from trainkit.generation import GenerationSettings, _config_kwargs
-    from trainkit.runlog import RUN_INFO_FILE
-    derived = None
-    for run_dir in (checkpoint.parent, Path(cfg.run_dir)):
-        info = read_json(run_dir / RUN_INFO_FILE)
-        derived = derived or (((info or {}).get("data") or {}).get("max_new_tokens") if isinstance(info, dict) else None)
-    max_new = gen.max_length or derived
+    from trainkit.checkpoint_model import run_max_new_tokens
+    from trainkit.generation import GenerationSettings, config_kwargs
+    max_new = gen.max_length or run_max_new_tokens(checkpoint, cfg)
     if max_new is None:
         return {"num_beams": gen.num_beams, "do_sample": False}
-    kwargs = _config_kwargs(GenerationSettings.from_config(gen, cfg.task.max_source_length, max_new))
+    kwargs = config_kwargs(GenerationSettings.from_config(gen, cfg.task.max_source_length, max_new))
     kwargs.pop("use_cache", None)
     return kwargs
 

@@ -181,7 +181,7 @@ def _validate_settings(settings: GenerationSettings) -> None:
                              "(legacy total lengths, use_max_new_tokens=False)")
 
 
-def _config_kwargs(settings: GenerationSettings) -> dict:
+def config_kwargs(settings: GenerationSettings) -> dict:
     """The GenerationConfig fields these settings pass to generate() (lengths: placeholders)."""
     kw: dict = {"do_sample": bool(settings.do_sample), "num_beams": int(settings.num_beams),
                 "use_cache": bool(settings.use_cache)}
@@ -229,7 +229,7 @@ def check_generate_support(model, settings: GenerationSettings) -> None:
     if not callable(generate):
         raise ValueError(f"{type(model).__name__} has no generate(); evaluation by generation needs a causal LM")
     fields = _supported_config_fields()
-    kwargs = _config_kwargs(settings)
+    kwargs = config_kwargs(settings)
     for name, value in kwargs.items():
         if name not in fields:
             hint = ("or set use_max_new_tokens=False (GLA_USE_MAX_NEW_TOKENS=0) to use max_length/min_length"
@@ -395,7 +395,7 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: GenerationSet
     left = bool(settings.force_left_pad) or getattr(tokenizer, "padding_side", "right") == "left"
     ids, truncated = _tokenize_prompts(tokenizer, prompts, settings.max_source_length, cuts)
 
-    base_kwargs = _config_kwargs(settings)
+    base_kwargs = config_kwargs(settings)
     base_kwargs["pad_token_id"] = pad_id
     if eos_ids:
         base_kwargs["eos_token_id"] = eos_ids if len(eos_ids) > 1 else eos_ids[0]
