@@ -150,3 +150,38 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     # the optimizer state came back too (resumed AdamW moments, not fresh ones: a fresh optimizer would diverge)
     saved = torch.load(run_dir / final / "optimizer_full_state.pt", weights_only=False)
     assert saved["state"] and all("exp_avg" in s for s in saved["state"].values())
+
+
+def test_train_lora_under_fsdp_trains_as_ddp_does(tmp_path):
+    """train_lora.py (GLA, LoRA plus modules_to_save embeddings and lm_head, task evaluation with generation)
+    under FSDP and under DDP from the same config. Evaluating leaves FSDP's root unit unsharded (no backward
+    follows); the checkpoint after it must still find the optimizer's parameters (trainkit.loop.reshard)."""
+    import subprocess
+
+    steps = 8
+    runs = {}
+    for name, fsdp in (("fsdp", True), ("ddp", False)):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                   "--main_process_port", str(29500 + (os.getpid() + 7 + fsdp) % 1000), str(REPO / "train_lora.py"),
+                   "--config", str(REPO / "configs" / "gla_lora_sst2.yaml"), f"paths.output_dir={tmp_path / name}",
+                   f"training.max_steps={steps}", "logging.eval_interval=4", "logging.checkpoint_interval=4",
+                   "logging.progress_bar=false", "lora.dropout=0.0"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(fsdp))
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = tmp_path / name / "tiny-gla-lora-sst2"
+    info = json.loads((runs["fsdp"] / "run.json").read_text())
+    assert info["distributed_type"] == "FSDP"
+    assert losses(runs["fsdp"]) == pytest.approx(losses(runs["ddp"]), rel=1e-4)
+    evals = {name: [json.loads(line) for line in (d / "logs" / "eval_log.jsonl").read_text().splitlines()]
+             for name, d in runs.items()}
+    assert [e["step"] for e in evals["fsdp"]] == [4, 8]
+    for a, b in zip(evals["fsdp"], evals["ddp"]):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+        assert a["task_score"] == b["task_score"]
+    fsdp_adapter, ddp_adapter = (load_file(d / f"final-checkpoint-{steps}" / "adapter_model.safetensors")
+                                 for d in runs.values())
+    assert fsdp_adapter.keys() == ddp_adapter.keys()
+    assert any("lm_head" in k for k in fsdp_adapter) and any("embeddings" in k for k in fsdp_adapter)
+    for key in fsdp_adapter:
+        torch.testing.assert_close(fsdp_adapter[key], ddp_adapter[key], rtol=1e-3, atol=1e-5, msg=key)

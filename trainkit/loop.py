@@ -208,11 +208,23 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
+def reshard(model) -> None:
+    """Put every FSDP2 unit of `model` back into its sharded parameters. An evaluation (forward without backward)
+    leaves the root unit's parameters unsharded (FSDP2 reshards the root only after backward): its modules then
+    hold other Parameter objects than the optimizer, and the state-dict functions cannot match them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_trainable_state(model) -> dict:
     """Collective: the trainable weights, whole, on the CPU of the main process, keyed as model.state_dict()
     (an empty dict on the other processes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=True))
 
@@ -251,6 +263,7 @@ def save_sharded_optimizer(model, optimizer, path: Path, is_main: bool) -> None:
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    reshard(model)
     state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
         torch.save(state, path)
@@ -262,6 +275,7 @@ def load_sharded_optimizer(model, optimizer, path: Path, is_main: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = torch.load(path, map_location="cpu", weights_only=False) if is_main else {}
+    reshard(model)
     set_optimizer_state_dict(model, optimizer, state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
