@@ -96,7 +96,7 @@ def main() -> int:
 
         optimizer = build_optimizer(trainable, opt_cfg, device)
         uses_deepspeed = deepspeed_accumulates(accelerator, micro_bs, accum, opt_cfg.max_grad_norm)
-        base_bytes_whole = base_weight_bytes(model)
+        model_info["base_weight_bytes"] = base_bytes_whole = base_weight_bytes(model)
         if is_sharded(accelerator):  # FSDP shards the 4-bit base too (trainkit.patches.bitsandbytes)
             shardable_4bit_weights(model)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)

@@ -233,6 +233,7 @@ def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     Parameters (grouped GEMMs after sorting token/expert pairs by expert). Expert LoRA adapters
     (trainkit.expert_lora) whose wrapper is running around this call add their update per projection."""
     from trainkit.expert_lora import ExpertLoRA, scoped_expert_adapters
+    from trainkit.fused_lora import without_autocast
 
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
@@ -253,7 +254,9 @@ def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     up_bank, up_bias = getattr(self, up_name), getattr(self, f"{up_name}_bias", None)
     h = _FrozenGroupedLinear.apply(x, offs, up_bank, transposed)
     if up_name in adapters:
-        h = ExpertLoRA.apply(h, hidden_states, token_idx, offs, *adapters[up_name])
+        x_in, no_autocast = without_autocast(hidden_states)
+        with no_autocast:
+            h = ExpertLoRA.apply(h, x_in, token_idx, offs, *adapters[up_name])
     if has_bias and up_bias is not None:
         h = h + up_bias[expert_ids_g].to(h.dtype)
     if has_gate:
@@ -262,7 +265,9 @@ def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
         h = self.act_fn(h)
     out = _FrozenGroupedLinear.apply(h, offs, self.down_proj, transposed)
     if "down_proj" in adapters:
-        out = ExpertLoRA.apply(out, h, None, offs, *adapters["down_proj"])
+        h_in, no_autocast = without_autocast(h)
+        with no_autocast:
+            out = ExpertLoRA.apply(out, h_in, None, offs, *adapters["down_proj"])
     down_bias = getattr(self, "down_proj_bias", None)
     if has_bias and down_bias is not None:
         out = out + down_bias[expert_ids_g].to(out.dtype)
