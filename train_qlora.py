@@ -48,6 +48,7 @@ def main() -> int:
     from trainkit.quantization import base_weight_bytes, refuse_4bit_under_zero3
     from trainkit.patches.bitsandbytes import shardable_4bit_weights
     from trainkit.patches.peft import quiet_known_warnings
+    from trainkit.patches.torch import allow_frozen_integer_params_in_fsdp2
     from trainkit.schedules import build_optimizer, build_scheduler
     from trainkit.tokenizer import load_tokenizer
     from trainkit.train_state import EpochTrainState, Interval
@@ -97,8 +98,9 @@ def main() -> int:
         optimizer = build_optimizer(trainable, opt_cfg, device)
         uses_deepspeed = deepspeed_accumulates(accelerator, micro_bs, accum, opt_cfg.max_grad_norm)
         model_info["base_weight_bytes"] = base_bytes_whole = base_weight_bytes(model)
-        if is_sharded(accelerator):  # FSDP shards the 4-bit base too (trainkit.patches.bitsandbytes)
+        if is_sharded(accelerator):  # FSDP shards the 4-bit base too (trainkit.patches.bitsandbytes, .torch)
             shardable_4bit_weights(model)
+            allow_frozen_integer_params_in_fsdp2()
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with its shards

@@ -312,7 +312,9 @@ def test_peft_from_pretrained_loads_it_on_a_bf16_twin(tmp_path):
 
 
 class _Accelerator:
+    from accelerate.utils import DistributedType
     device = torch.device("cpu")
+    distributed_type = DistributedType.NO
 
     @staticmethod
     def unwrap_model(model):

@@ -79,13 +79,17 @@ def test_fused_forward_equals_peft_with_dropout():
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4)
 
 
-def test_cast_copies_follow_optimizer_steps_and_loaded_state():
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_cast_copies_follow_optimizer_steps_and_loaded_state(fused_adamw):
     """The compute copies of A and scaling*B are made once per step: after AdamW steps both paths, and after
     an adapter state is loaded into both, the fused path still computes PEFT's loss (no stale copy), and
-    within a step the copy is reused, not recast."""
+    within a step the copy is reused, not recast. fused=True is the AdamW kernel train scripts use on CUDA: it
+    updates the weights without bumping their version counters, which alone once left the copies of the first
+    step in use for a whole GPU run (the adapters' forward never changed)."""
     plain, fused = _pair("llama", LoraSection(r=4, alpha=8, dropout=0.0), dtype=torch.bfloat16, load_in_4bit=False)
     inputs = batch()
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, fused)]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=fused_adamw)
+            for m in (plain, fused)]
     for _ in range(2):
         _assert_same(plain, fused, inputs, atol=2e-2, rtol=5e-2)
         for opt in opts:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class LoRAUpdate(torch.autograd.Function):
@@ -66,14 +67,29 @@ class LoRAUpdate(torch.autograd.Function):
         return grad_result, grad_x, grad_a, grad_b, None, None, None
 
 
+# Optimizer steps taken in this process, by any optimizer (a global step post-hook). The fused AdamW kernel that
+# CUDA runs use updates the weights in place without bumping their version counters (measured: _version stays 0),
+# so the counter of steps, not the versions alone, tells compute_copies that the masters moved.
+_optimizer_steps = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
 def compute_copies(cache: dict, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A and scaling * B in the compute dtype, detached, kept in `cache` (one per layer) until either master
-    changes: the optimizer updates them in place, which bumps their version counters, so a step computes each
-    copy once (and not again in every micro batch or in checkpointing's recompute)."""
+    changes: after every optimizer step (any optimizer of the process: fused AdamW changes weights without a
+    version bump) and whenever a master is written in place otherwise (load_state_dict, copy_: its version
+    counter), so a step computes each copy once (and not again in every micro batch or in checkpointing's
+    recompute)."""
     if torch.is_inference_mode_enabled():  # inference tensors could not be saved for a later backward: no caching
         return lora_a.to(dtype), (lora_b * scaling).to(dtype)
-    key = (lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(), dtype, scaling)
+    key = (_optimizer_steps[0], lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(), dtype, scaling)
     if cache.get("key") != key:
         with torch.no_grad():
             cache["copies"] = (lora_a.to(dtype, copy=True), (lora_b * scaling).to(dtype))
