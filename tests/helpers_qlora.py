@@ -67,6 +67,26 @@ def run_script(args: list[str], script: str = "train_qlora.py", timeout: int = 6
                           timeout=timeout, env=script_env(**env))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torch.distributed's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(args: list[str], script: str = "train_qlora.py", timeout: int = 600,
+                      **env) -> subprocess.CompletedProcess:
+    """`script args` on 2 CPU processes (gloo) as launch_training.sh starts them on a machine without a
+    GPU: `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1 (`--cpu --num_processes 2` starts one)."""
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(REPO / script), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=script_env(ACCELERATE_USE_CPU="1", **env))
+
+
 # Seed of the moments the kill tests draw; a failure prints the drawn state, rerun with the same seed.
 KILL_SEED = int(os.environ.get("TRAINKIT_TEST_SEED", "20261130"))
 
