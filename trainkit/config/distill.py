@@ -48,7 +48,7 @@ class DistillLoggingSection(LoggingSection):
 
 
 class TeacherSection(ConfigModel):
-    device: Str = Field("same", description="'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1")
+    device: Str = Field("same", description="'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1 (one process; under several: same or cpu)")
     dtype: Dtype = Field("auto", description="teacher weights dtype; auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs")
 
 
