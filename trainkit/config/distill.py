@@ -30,7 +30,7 @@ class DistillModelSection(ModelSection):
 
 class DistillTrainingSection(TrainingSection):
     max_seq_length: PositiveInt = Field(2048, description="tokens per window (windows of max_seq_length + 1 give inputs and shifted labels)")
-    max_eval_batches: OptionalPositiveInt = Field(8, description="cap on validation batches per evaluation; null: all")
+    max_eval_batches: OptionalPositiveInt = Field(8, description="cap on validation batches per evaluation, counted over all processes (the same windows on any number); null: all")
 
 
 class DistillOptimizationSection(OptimizationSection):
