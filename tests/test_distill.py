@@ -12,7 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, run_script, run_two_processes, kill_at_drawn_state
+from helpers_qlora import (REPO, check_two_process_resume, kill_at_drawn_state, one_and_two_processes, run_script,
+                           run_two_processes)
 from trainkit.fileio import iter_jsonl
 from trainkit.runlog import DISTILL_EVAL_FIELDS, DISTILL_TRAINING_FIELDS, EVAL_FIELDS, TRAINING_FIELDS
 
@@ -135,12 +136,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     per step (the same tokens and losses), the same evaluation windows (max_eval_batches counts over all
     processes); a 2-process checkpoint resumes on 2 processes to the same student, bitwise."""
     sections = dict(training={"max_steps": 4, "max_eval_batches": 3}, logging={"eval_interval": 2, "checkpoint_interval": 2})
-    one = distill_config(tmp_path / "one", optimization={"micro_batch_size": 4, "gradient_accumulation_steps": 2}, **sections)
-    two = distill_config(tmp_path / "two", optimization={"micro_batch_size": 4, "gradient_accumulation_steps": 1}, **sections)
-    result = run_script(["--config", str(one)], script="distill.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_two_processes(["--config", str(two)], script="distill.py")
-    assert result.returncode == 0, result.stderr[-3000:]
+    _, two = one_and_two_processes("distill.py", distill_config, tmp_path, 4, **sections)
     one_dir, two_dir = tmp_path / "one" / "out" / "kd", tmp_path / "two" / "out" / "kd"
     info = json.loads((two_dir / "run.json").read_text())
     assert info["world_size"] == 2 and info["num_machines"] == 1 and info["status"] == "finished"
@@ -157,18 +153,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
         for field in ("eval_kd_loss", "eval_loss", "eval_top1_agreement"):
             assert e2[field] == pytest.approx(e1[field], rel=1e-5), field  # measured within 6e-8
 
-    checkpoint = two_dir / "checkpoint-2"
-    for name in ("random_states_0.pkl", "random_states_1.pkl", "optimizer.bin", "model.safetensors", "trainer_state.json"):
-        assert (checkpoint / name).is_file(), name
-    uninterrupted = load_file(two_dir / "final-checkpoint-4" / "model.safetensors")
-    result = run_two_processes(["--config", str(two), "--resume_from", str(checkpoint)], script="distill.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout
-    resumed = load_file(two_dir / "final-checkpoint-4" / "model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for key in uninterrupted:
-        assert torch.equal(resumed[key], uninterrupted[key]), key
-    assert [r["loss"] for r in stream(two_dir, "training_log.jsonl")] == [r["loss"] for r in train_two]
+    check_two_process_resume("distill.py", two, two_dir, 2, 4, "model.safetensors")
 
 
 def test_teacher_on_one_device_for_several_processes_is_refused(tmp_path):

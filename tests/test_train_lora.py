@@ -228,18 +228,13 @@ def test_two_processes_match_one_process_and_resume(tmp_path, family):
     from trainkit.evaluate import examples_from_run_predictions
     from trainkit.tasks import get_task
 
-    from helpers_qlora import run_two_processes
+    from helpers_qlora import check_two_process_resume, one_and_two_processes
 
     sections = dict(task={"max_eval_samples": 11, "label_likelihood": family == "llama"},
                     training={"max_steps": 4}, logging={"eval_interval": 2, "checkpoint_interval": 2})
     if family == "llama":
         sections.update(model={"config": TINY_LLAMA}, lora={"modules_to_save": ["embed_tokens", "lm_head"]})
-    one = lora_config(tmp_path / "one", optimization={"micro_batch_size": 4, "gradient_accumulation_steps": 2}, **sections)
-    two = lora_config(tmp_path / "two", optimization={"micro_batch_size": 4, "gradient_accumulation_steps": 1}, **sections)
-    result = run_script(["--config", str(one)], script="train_lora.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_two_processes(["--config", str(two)], script="train_lora.py")
-    assert result.returncode == 0, result.stderr[-3000:]
+    _, two = one_and_two_processes("train_lora.py", lora_config, tmp_path, 4, **sections)
     one_dir, two_dir = tmp_path / "one" / "out" / "gla", tmp_path / "two" / "out" / "gla"
     info = json.loads((two_dir / "run.json").read_text())
     assert info["world_size"] == 2 and info["num_machines"] == 1 and info["status"] == "finished"
@@ -267,17 +262,4 @@ def test_two_processes_match_one_process_and_resume(tmp_path, family):
     if family == "llama":  # label likelihood names a label for every example: a real accuracy, not 0
         assert {r["prediction"] for r in rows_two} <= {"negative", "positive"}
 
-    # a complete 2-process checkpoint: both processes' RNG states, the optimizer, the adapter; resumed on 2 processes
-    checkpoint = two_dir / "checkpoint-2"
-    for name in ("random_states_0.pkl", "random_states_1.pkl", "optimizer.bin", "adapter_model.safetensors",
-                 "trainer_state.json"):
-        assert (checkpoint / name).is_file(), name
-    uninterrupted = load_file(two_dir / "final-checkpoint-4" / "adapter_model.safetensors")
-    result = run_two_processes(["--config", str(two), "--resume_from", str(checkpoint)], script="train_lora.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout and json.loads((two_dir / "run.json").read_text())["world_size"] == 2
-    resumed = load_file(two_dir / "final-checkpoint-4" / "adapter_model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for key in uninterrupted:
-        assert torch.equal(resumed[key], uninterrupted[key]), key
-    assert [r["loss"] for r in stream(two_dir, "training_log.jsonl")] == [r["loss"] for r in train_two]
+    check_two_process_resume("train_lora.py", two, two_dir, 2, 4, "adapter_model.safetensors")
