@@ -9,13 +9,16 @@ with TRAINKIT_NO_VENV=1 (tests/helpers_launcher.py), so no venv is built.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from helpers_launcher import launcher_env
-from helpers_qlora import free_port, run_two_processes
+from helpers_qlora import free_port, run_two_processes, wait_for_log_step
 from test_distill import distill_config
 from trainkit.fileio import iter_jsonl
 
@@ -23,17 +26,21 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch_training.sh"
 
 
-def launch_two_machines(config: Path, *args: str, machine_args: tuple = ((), ()), timeout: int = 600):
-    """Machine 0 and machine 1 started together, as on two nodes; returns both finished processes."""
+def start_two_machines(config: Path, *args: str, machine_args: tuple = ((), ())) -> list[subprocess.Popen]:
+    """Machine 0 and machine 1 started together, as on two nodes."""
     port = str(free_port())
     env = launcher_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")  # one thread each, as the reference run
-    procs = [subprocess.Popen([str(LAUNCHER), "--config", str(config), "--num-machines", "2", "--machine-rank", str(rank),
-                               "--main-process-ip", "127.0.0.1", "--main-process-port", port, *args, *machine_args[rank]],
-                              cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL)
-             for rank in (0, 1)]
+    return [subprocess.Popen([str(LAUNCHER), "--config", str(config), "--num-machines", "2", "--machine-rank", str(rank),
+                              "--main-process-ip", "127.0.0.1", "--main-process-port", port, *args, *machine_args[rank]],
+                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL)
+            for rank in (0, 1)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: int = 600) -> list[subprocess.CompletedProcess]:
     try:
-        return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+                for p in procs for out, err in [p.communicate(timeout=timeout)]]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -41,15 +48,23 @@ def launch_two_machines(config: Path, *args: str, machine_args: tuple = ((), ())
                 p.communicate()
 
 
+def launch_two_machines(config: Path, *args: str, machine_args: tuple = ((), ()), timeout: int = 600):
+    """Both machines started together and run to the end; returns both finished processes."""
+    return finish(start_two_machines(config, *args, machine_args=machine_args), timeout)
+
+
 def losses(run_dir: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["tokens"]) for r in iter_jsonl(run_dir / "logs" / "training_log.jsonl")]
+
+
+SECTIONS = dict(training={"max_steps": 4}, logging={"eval_interval": 2, "checkpoint_interval": 2})
 
 
 @pytest.fixture(scope="module")
 def two_machine_run(tmp_path_factory):
     """A tiny distillation on 2 machines x 1 CPU process, and the same config on 1 machine x 2 processes."""
     tmp = tmp_path_factory.mktemp("multi_node")
-    sections = dict(training={"max_steps": 4}, logging={"eval_interval": 2, "checkpoint_interval": 2})
+    sections = SECTIONS
     config = distill_config(tmp / "nodes", **sections)
     machines = launch_two_machines(config)
     reference = run_two_processes(["--config", str(distill_config(tmp / "one_machine", **sections))],
@@ -112,3 +127,36 @@ def test_machines_that_disagree_on_resuming_stop_before_touching_the_run(two_mac
                 "rank 1: a fresh start)") in result.stderr
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_preempted_two_machine_job_resumes_on_both(two_machine_run, tmp_path):
+    """SIGTERM to machine 0's launcher (a scheduler preempting node 0) once step 2 is logged: both machines
+    stop after the same step with a checkpoint and exit 143; the same two commands again resume on both
+    machines and end with the student of the uninterrupted run, bitwise."""
+    _, _, _, reference = two_machine_run
+    config = distill_config(tmp_path, **SECTIONS)
+    run_dir = tmp_path / "out" / "kd"
+    procs = start_two_machines(config)
+    try:
+        wait_for_log_step(procs[0], run_dir, 2)
+    except BaseException:
+        finish(procs, timeout=60)
+        raise
+    procs[0].send_signal(signal.SIGTERM)
+    stopped = finish(procs)
+    for rank, result in enumerate(stopped):
+        assert result.returncode == 143, (rank, result.returncode, result.stderr[-3000:])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "preempted" and info["total_steps"] == 4
+    [preempted] = [e for e in iter_jsonl(run_dir / "logs" / "events.jsonl") if e["event"] == "preempted"]
+    assert preempted["checkpoint"], preempted  # the stop saved a checkpoint (written once, by machine 0)
+
+    resumed = launch_two_machines(config)
+    for rank, result in enumerate(resumed):
+        assert result.returncode == 0, (rank, result.stderr[-3000:])
+        assert "launch_training.sh: resuming from" in result.stdout, result.stdout[-2000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    final, expected = (load_file(d / "final-checkpoint-4" / "model.safetensors") for d in (run_dir, reference))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert losses(run_dir) == losses(reference)
