@@ -14,8 +14,9 @@ from trainkit.fileio import write_jsonl_atomic
 PREDICTIONS_DIR = "predictions"  # <run_dir>/predictions/<tag>-<split>.jsonl
 
 
-def eval_loader(rows: list[dict], batch_size: int, accelerator, max_batches: int | None = None, **loader_options):
-    """This process's share of the labelled validation `rows` as a plain DataLoader (not prepared by
+def eval_loader(rows, batch_size: int, accelerator, max_batches: int | None = None, **loader_options):
+    """This process's share of the labelled validation `rows` (a list of dict rows or an HF Dataset
+    with input_ids and labels) as a plain DataLoader (not prepared by
     accelerate, whose sampler completes the last batches with rows from the start: under several
     processes those rows would be counted twice in the loss). Every process sees the first
     `max_batches` x `batch_size` rows of the split between them (the same rows on any number of
@@ -26,13 +27,12 @@ def eval_loader(rows: list[dict], batch_size: int, accelerator, max_batches: int
 
     from trainkit.data import IGNORE_INDEX
 
-    if max_batches:
-        rows = rows[:max_batches * batch_size]
+    count = min(len(rows), max_batches * batch_size) if max_batches else len(rows)
     rank, world = accelerator.process_index, accelerator.num_processes
-    share = rows[rank::world]
-    if rows:
+    share = [rows[i] for i in range(rank, count, world)]
+    if count:
         filler = {**rows[0], "labels": [IGNORE_INDEX] * len(rows[0]["labels"])}
-        share = share + [filler] * (-(-len(rows) // world) - len(share))
+        share += [filler] * (-(-count // world) - len(share))
     return DataLoader(share, batch_size=batch_size, shuffle=False, **loader_options)
 
 
