@@ -106,6 +106,7 @@ def test_no_resume_moves_the_run_aside_on_machine_0_only(two_machine_run):
     for rank, result in enumerate(machines):
         assert result.returncode == 0, (rank, result.stderr[-3000:])
     assert "moved the earlier run aside" in machines[0].stdout and "moved" not in machines[1].stdout
+    assert "machine 1 of 2: machine 0 locks and writes" in machines[1].stdout
     moved = [p for p in out.iterdir() if p.name.startswith("kd.old-")]
     assert len(moved) == 1 and losses(moved[0]) == before  # the earlier run, whole, moved once
     assert losses(out / "kd") == before  # trained again from the start, the same way
