@@ -78,7 +78,7 @@ def main() -> int:
 
     from trainkit.env_overrides import describe
     from trainkit.kd import StudentKD, evaluate_kd
-    from trainkit.loop import gradient_sync, pretrained_saver
+    from trainkit.loop import gradient_sync, is_sharded, pretrained_saver
     from trainkit.models import (apply_activation_checkpointing, describe_activation_checkpointing, load_frozen_model,
                                  load_weights_into)
     from trainkit.patches.peft import quiet_known_warnings
@@ -95,6 +95,11 @@ def main() -> int:
     micro_bs, accum = opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
     accelerator = Accelerator(log_with=cfg.logging.report_to or None, project_dir=str(cfg.run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if is_sharded(accelerator):
+        # the teacher and the student would both be wrapped, and the student's checkpoint (a whole model with
+        # frozen parts) is not gathered yet: refuse rather than save a partial student
+        raise ConfigError("distill.py does not run under FSDP yet: use DDP (--accelerate-config ddp, the default on "
+                          "several GPUs); each GPU then holds the teacher and the student")
     if world > 1 and cfg.teacher.device not in ("same", "cpu"):  # every process would put its teacher there
         raise ConfigError(f"teacher.device: {cfg.teacher.device} under {world} processes would hold every process's "
                           "teacher; use 'same' (each process's own device) or 'cpu'")

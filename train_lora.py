@@ -197,12 +197,14 @@ def main() -> int:
 
         optimizer = build_optimizer(trainable, opt_cfg, device)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with its shards
         batches_per_epoch = len(train_loader)
         steps_per_epoch, total_steps = training_length(batches_per_epoch, accum, train_cfg)
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)  # stepped by hand, once per optimizer step
         accelerator.register_for_checkpointing(scheduler)
         load_adapter = adapter_loader(accelerator, model)
-        run.make_checkpointer(pretrained_saver(accelerator.unwrap_model(model), tokenizer), load_adapter, trainable)
+        run.make_checkpointer(pretrained_saver(accelerator.unwrap_model(model), tokenizer), load_adapter, trainable,
+                              model=model, optimizer=optimizer)
         best_dir = Path(cfg.paths.best_adapter_dir or run.run_dir / "best-adapter")
 
         state = EpochTrainState()

@@ -41,10 +41,12 @@ def main() -> int:
     from trainkit.data import build_datasets, make_collator
     from trainkit.env_overrides import describe
     from trainkit.evaluation import evaluate_loss
-    from trainkit.loop import (accumulation_position, adapter_loader, deepspeed_accumulates, gradient_sync, pretrained_saver,
-                               seeded_loader, training_length)
+    from trainkit.loop import (accumulation_position, adapter_loader, deepspeed_accumulates, describe_sharding, gradient_sync,
+                               is_sharded, pretrained_saver, seeded_loader, training_length)
     from trainkit.models import apply_activation_checkpointing, describe_activation_checkpointing, load_model
     from trainkit.moe import RouterStats
+    from trainkit.quantization import base_weight_bytes, refuse_4bit_under_zero3
+    from trainkit.patches.bitsandbytes import shardable_4bit_weights
     from trainkit.patches.peft import quiet_known_warnings
     from trainkit.schedules import build_optimizer, build_scheduler
     from trainkit.tokenizer import load_tokenizer
@@ -57,6 +59,7 @@ def main() -> int:
     accelerator = Accelerator(log_with=log_cfg.report_to or None, project_dir=str(cfg.run_dir),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     device = accelerator.device
+    refuse_4bit_under_zero3(accelerator, cfg.quantization.load_in_4bit)
 
     with TrainingRun(accelerator, cfg, "train_qlora.py", resume_from) as run:
         if env_applied:
@@ -93,8 +96,15 @@ def main() -> int:
 
         optimizer = build_optimizer(trainable, opt_cfg, device)
         uses_deepspeed = deepspeed_accumulates(accelerator, micro_bs, accum, opt_cfg.max_grad_norm)
+        model_info["base_weight_bytes"] = base_bytes_whole = base_weight_bytes(model)
+        if is_sharded(accelerator):  # FSDP shards the 4-bit base too (trainkit.patches.bitsandbytes)
+            shardable_4bit_weights(model)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+        trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with its shards
+        if is_sharded(accelerator):
+            model_info["sharding"] = describe_sharding(model, accelerator, base_bytes_whole)
+            run.say(model_info["sharding"]["summary"])
 
         batches_per_epoch = len(train_loader)
         if batches_per_epoch == 0:
@@ -105,7 +115,7 @@ def main() -> int:
         scheduler = build_scheduler(optimizer, opt_cfg, total_steps)
         accelerator.register_for_checkpointing(scheduler)
         run.make_checkpointer(pretrained_saver(accelerator.unwrap_model(model), tokenizer),
-                              adapter_loader(accelerator, model), trainable)
+                              adapter_loader(accelerator, model), trainable, model=model, optimizer=optimizer)
         best_dir = Path(cfg.paths.best_adapter_dir or run.run_dir / "best-adapter")
 
         state = EpochTrainState(interval=Interval(("aux",)))

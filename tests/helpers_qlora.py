@@ -133,8 +133,10 @@ KILL_SEED = int(os.environ.get("TRAINKIT_TEST_SEED", "20261130"))
 
 
 def kill_at_drawn_state(script: str, config: Path, run_dir: Path, *, checkpoints: list[int], log_steps: list[int],
-                        seed: int = KILL_SEED, timeout: float = 300) -> tuple[int, str]:
-    """Start `script --config config` and SIGKILL it the moment the run reaches a state drawn from a
+                        seed: int = KILL_SEED, timeout: float = 300, command: list[str] | None = None,
+                        env: dict | None = None) -> tuple[int, str]:
+    """Start `script --config config` (or `command`, e.g. an `accelerate launch` of several processes) and SIGKILL
+    its whole process group, as when a node dies, the moment the run reaches a state drawn from a
     generator seeded with `seed`: `checkpoint-<N>` complete (N in `checkpoints`) or the training log's
     line for a step in `log_steps`. Waits for the state, never for wall time, so the kill lands at the
     same point of the run on a fast or a loaded machine. Returns (exit code, the drawn state)."""
@@ -160,19 +162,20 @@ def kill_at_drawn_state(script: str, config: Path, run_dir: Path, *, checkpoints
                 pass
         return n in steps
 
-    proc = subprocess.Popen([sys.executable, str(REPO / script), "--config", str(config)], cwd=REPO,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command or [sys.executable, str(REPO / script), "--config", str(config)], cwd=REPO,
+                            env=env or script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and not reached():
             if time.monotonic() > deadline:
                 raise AssertionError(f"{script} did not reach the state ({description}) in {timeout} s")
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait(), description
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -170,3 +170,27 @@ def test_zero3_partitioned_adapters_take_peft_forward(monkeypatch):
     monkeypatch.setattr(fused_lora.LoRAUpdate, "apply", lambda *a: pytest.fail("fused path taken under ZeRO-3"))
     with torch.no_grad():
         torch.testing.assert_close(fused(**batch()).logits, plain(**batch()).logits)
+
+
+def test_lora_update_of_fp32_inputs_under_bf16_autocast():
+    """accelerate's mixed_precision bf16 over fp32 compute (the launcher's GPU accelerate configs run on a CPU, or
+    quantization.compute_dtype float32 on a GPU): the forward runs under autocast, the backward outside it. Inside
+    lora_update the update is computed in autocast's dtype with autocast off, so forward and the hand-written
+    backward agree on dtypes (before, autocast made the forward's rank-r product bf16 and the backward failed with
+    'Float and BFloat16' on a GLM-4.5-Air-shaped run); the gradients stay those of the fp32 formula."""
+    torch.manual_seed(0)
+    result = torch.randn(2, 5, 16, requires_grad=True)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    a = torch.randn(4, 32, requires_grad=True)
+    b = torch.randn(16, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_update(result, x, a, b, 0.5)
+    assert out.dtype == torch.float32
+    out.square().sum().backward()
+    got = [t.grad.clone() for t in (result, x, a, b)]
+    for t in (result, x, a, b):
+        t.grad = None
+    (result + 0.5 * (x @ a.t()) @ b.t()).square().sum().backward()
+    for g, t in zip(got, (result, x, a, b)):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, t.grad, rtol=0.05, atol=0.05 * t.grad.abs().max().item())

@@ -257,17 +257,17 @@ def expert_rank_alpha(lora) -> tuple[int, float]:
 
 
 def refuse_sharded_experts(accelerator, info: dict) -> None:
-    """Expert adapters under DeepSpeed ZeRO-3 or FSDP: ConfigError (their fp32 masters would be partitioned, and the
-    grouped forward reads them whole; not supported yet). DDP and ZeRO-2 are fine: every master gets a gradient
-    at every step."""
+    """Expert adapters under DeepSpeed ZeRO-3: ConfigError (ZeRO-3 partitions the fp32 masters into its own flat
+    buffers, which the grouped forward does not gather). FSDP gathers each decoder layer's weights, expert
+    adapters included, before the layer runs; DDP and ZeRO-2 keep them whole."""
     if not info.get("expert_targets"):
         return
     from accelerate.utils import DistributedType
-    kind = accelerator.distributed_type
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3):
-        raise ConfigError("lora.expert_targets: not supported under DeepSpeed ZeRO-3 or FSDP yet (the expert adapters' "
-                          "weights would be partitioned); use DDP or ZeRO-2, or lora.expert_targets: none")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3:
+        raise ConfigError("lora.expert_targets: not supported under DeepSpeed ZeRO-3 (it partitions the expert "
+                          "adapters' weights outside the experts' forward); use FSDP (--accelerate-config fsdp), DDP "
+                          "or ZeRO-2, or lora.expert_targets: none")
 
 
 def describe_expert_lora(info: dict) -> str | None:

@@ -27,6 +27,8 @@ mixed-adapter batches keep PEFT's forward).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -79,9 +81,22 @@ def compute_copies(cache: dict, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     return cache["copies"]
 
 
+def without_autocast(x: torch.Tensor):
+    """(x, context) for a function that computes in its input's dtype with its backward written out: under autocast
+    x cast to autocast's dtype and a context that turns autocast off, else x and a null context. Autocast would
+    otherwise change the dtype of the forward's matmuls only (fp32 inputs under bf16 mixed precision: a bf16
+    product saved for a backward that runs in fp32)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, contextlib.nullcontext()
+    return x.to(torch.get_autocast_dtype(device)), torch.autocast(device, enabled=False)
+
+
 def lora_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, cache: dict | None = None) -> torch.Tensor:
-    """``result + scaling * (x @ lora_a.T) @ lora_b.T`` in x's dtype (see LoRAUpdate); `cache`: a dict kept with
-    the layer for compute_copies (None: cast on every call)."""
+    """``result + scaling * (x @ lora_a.T) @ lora_b.T`` in x's dtype (under autocast: autocast's dtype; see
+    LoRAUpdate); `cache`: a dict kept with the layer for compute_copies (None: cast on every call)."""
+    x, no_autocast = without_autocast(x)
     a, b = compute_copies({} if cache is None else cache, lora_a, lora_b, float(scaling), x.dtype)
-    return LoRAUpdate.apply(result, x, lora_a, lora_b, float(scaling), a, b)
+    with no_autocast:
+        return LoRAUpdate.apply(result, x, lora_a, lora_b, float(scaling), a, b)

@@ -136,12 +136,16 @@ def register_weight_hooks(accelerator, load_weights: Callable[[str], None]) -> N
 
 
 def adapter_loader(accelerator, model) -> Callable[[str], None]:
-    """Loads a checkpoint's (or best-adapter's) adapter_model.safetensors into the PEFT `model`."""
+    """Loads a checkpoint's (or best-adapter's) adapter_model.safetensors into the PEFT `model` (under FSDP
+    collectively: see load_sharded_adapter)."""
     from safetensors.torch import load_file
 
     from trainkit.adapters import load_adapter_weights
 
     def load_adapter(directory: str) -> None:
+        if is_sharded(accelerator):
+            load_sharded_adapter(accelerator, model, directory)
+            return
         # straight onto the GPU; safetensors refuses the CPU device of several CPU processes ("cpu:0")
         device = accelerator.device
         state = load_file(os.path.join(directory, "adapter_model.safetensors"),
@@ -151,13 +155,143 @@ def adapter_loader(accelerator, model) -> Callable[[str], None]:
     return load_adapter
 
 
-def pretrained_saver(model, tokenizer) -> Callable[[Path], None]:
-    """Writes `model` (an adapter, a student) and the tokenizer with save_pretrained."""
-    def save(directory: Path) -> None:
-        model.save_pretrained(directory)
+def pretrained_saver(model, tokenizer) -> Callable[..., None]:
+    """Writes `model` (an adapter, a student) and the tokenizer with save_pretrained; `state_dict`: the
+    weights to write when the model's own are shards (FSDP: full_trainable_state)."""
+    def save(directory: Path, state_dict: dict | None = None) -> None:
+        if state_dict is None:
+            model.save_pretrained(directory)
+        else:
+            model.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
 
     return save
+
+
+# ---------------------------------------------------------------- sharded models (FSDP)
+# Under FSDP every process holds a shard of each weight (DTensors). Checkpoints still hold what they hold under
+# DDP: the trainable weights only (the adapter; never the 4-bit or frozen base, which accelerate's own FSDP save
+# would write whole), gathered whole onto the main process, and the optimizer state as one full state dict, so
+# a checkpoint loads on any number of processes and with PEFT on one GPU or a CPU. torch.distributed.checkpoint's
+# state_dict functions do the gathering and the scattering back.
+OPTIMIZER_FULL_STATE_FILE = "optimizer_full_state.pt"  # FSDP checkpoints; accelerate's optimizer.bin otherwise
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def describe_sharding(model, accelerator, base_bytes_whole: int) -> dict:
+    """What this process holds under FSDP: its shards of the frozen base (4-bit data and statistics included)
+    and of the trainable weights, against `base_bytes_whole` (base_weight_bytes of the model before sharding);
+    `summary` is the line the run prints."""
+    import torch
+
+    from trainkit.quantization import base_weight_bytes
+
+    base = torch.tensor([base_weight_bytes(model)], dtype=torch.float64, device=accelerator.device)
+    largest = base.clone()
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_here = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in trainable)
+    trainable_whole = sum(p.numel() * p.element_size() for p in trainable)  # a DTensor's numel is the whole one's
+    share = largest.item() / max(base_bytes_whole, 1)
+    return {"processes": accelerator.num_processes, "base_bytes_whole": base_bytes_whole,
+            "base_bytes_this_process": int(base.item()), "base_bytes_largest_process": int(largest.item()),
+            "base_share_largest_process": round(share, 4), "trainable_bytes_this_process": trainable_here,
+            "trainable_bytes_whole": trainable_whole,
+            "summary": f"FSDP over {accelerator.num_processes} processes: base weights {_size(largest.item())} on the "
+                       f"largest process, {share:.3f}x the whole base's {_size(base_bytes_whole)} (4-bit data and "
+                       f"statistics); trainable {_size(trainable_here)} of {_size(trainable_whole)}"}
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def reshard(model) -> None:
+    """Put every FSDP2 unit of `model` back into its sharded parameters. An evaluation (forward without backward)
+    leaves the root unit's parameters unsharded (FSDP2 reshards the root only after backward): its modules then
+    hold other Parameter objects than the optimizer, and the state-dict functions cannot match them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_trainable_state(model) -> dict:
+    """Collective: the trainable weights, whole, on the CPU of the main process, keyed as model.state_dict()
+    (an empty dict on the other processes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+def load_sharded_adapter(accelerator, model, directory: str) -> None:
+    """Collective: the adapter file, read on the main process, mapped onto the model's keys with PEFT's own naming
+    (get_peft_model_state_dict), checked for missing and unexpected keys, and scattered into the shards."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = full_trainable_state(model)
+    state, error = {}, None
+    if accelerator.is_main_process:
+        saved = load_file(os.path.join(directory, "adapter_model.safetensors"), device="cpu")
+        names = {id(tensor): key for key, tensor in full.items()}
+        peft_keys = {key: names[id(tensor)] for key, tensor in
+                     get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=full).items()}
+        missing, unexpected = sorted(peft_keys.keys() - saved.keys()), sorted(saved.keys() - peft_keys.keys())
+        if missing or unexpected:
+            error = (f"adapter {directory} does not match the model: " +
+                     "; ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                               ((missing, "adapter weights missing"), (unexpected, "unexpected keys")) if keys))
+        state = {peft_keys[key]: tensor.to(full[peft_keys[key]].dtype) for key, tensor in saved.items()
+                 if key in peft_keys}
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item():  # every process stops, not only the one that read it
+        raise ValueError(error or f"adapter {directory} does not match the model (see the main process's error)")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=False))
+
+
+def save_sharded_optimizer(model, optimizer, path: Path, is_main: bool) -> None:
+    """Collective: the optimizer state gathered whole (keyed by parameter name) and written by the main process."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    reshard(model)
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        torch.save(state, path)
+
+
+def load_sharded_optimizer(model, optimizer, path: Path, is_main: bool) -> None:
+    """Collective: a full optimizer state read on the main process and scattered into every process's shards."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=False) if is_main else {}
+    reshard(model)
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+@contextlib.contextmanager
+def accelerate_state_only(accelerator):
+    """save_state / load_state for the RNG, scheduler and data position only: under FSDP accelerate would save the
+    whole sharded model (the 4-bit base included) before any save hook runs; the model and optimizer are written
+    by the Checkpointer instead (trainkit.patches.accelerate.hide_models_and_optimizers)."""
+    from trainkit.patches.accelerate import hide_models_and_optimizers
+
+    with hide_models_and_optimizers(accelerator):
+        yield
 
 
 def seeded_loader(dataset, batch_size: int, seed: int, shuffle: bool, **kwargs):
@@ -178,8 +312,8 @@ def resume_training_state(accelerator, resume_from: Path, state: TrainState, run
     --allow-config-change) take effect and are recorded as one config_changed event."""
     saved = read_trainer_state(resume_from)
     new_settings = schedule_settings(scheduler)  # what the new config built, before the checkpoint's replace it
-    if (Path(resume_from) / "optimizer.bin").exists():
-        accelerator.load_state(str(resume_from))
+    if checkpointer.has_optimizer_state(Path(resume_from)):
+        checkpointer.load_state(Path(resume_from))
     else:
         say(f"warning: {resume_from} has no optimizer state: loading the weights only")
         load_weights_only(str(resume_from))
@@ -230,12 +364,18 @@ class Checkpointer:
     """
 
     def __init__(self, accelerator, run_dir: Path, runlog: RunLog, log_cfg: dict, save_optimizer_state: bool,
-                 save_weights: Callable[[Path], None], params_to_check=(), run_config: dict | None = None):
+                 save_weights: Callable[..., None], params_to_check=(), run_config: dict | None = None,
+                 model=None, optimizer=None):
         self.accelerator, self.run_dir, self.runlog, self.log_cfg = accelerator, Path(run_dir), runlog, log_cfg
         self.save_optimizer_state = save_optimizer_state
         self.save_weights = save_weights
         self.params_to_check = list(params_to_check)
         self.is_main = accelerator.is_main_process
+        # FSDP: the prepared model and optimizer, whose shards the checkpoint gathers (see is_sharded)
+        self.sharded = is_sharded(accelerator)
+        if self.sharded and (model is None or optimizer is None):
+            raise ValueError("Checkpointer under FSDP needs the prepared model and optimizer")
+        self.model, self.optimizer = model, optimizer
         # Stored in every checkpoint: the config that produced it (checked on resume), and the
         # attempt that wrote it with the attempts its line continues (checkpoints.continue_lineage).
         self.run_config = stored_config(run_config) if run_config is not None else None
@@ -245,8 +385,44 @@ class Checkpointer:
     def check_finite_weights(self, what: str) -> None:
         import torch
 
-        if not all(torch.isfinite(p).all() for p in self.params_to_check):
+        # FSDP: each process checks its shards, and all of them agree (a collective, like the save after it)
+        finite = all(torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in self.params_to_check)
+        if self.sharded:
+            flag = torch.tensor([0 if finite else 1], dtype=torch.int32, device=self.accelerator.device)
+            finite = self.accelerator.reduce(flag, reduction="sum").item() == 0
+        if not finite:
             raise FloatingPointError(f"non-finite trained weights: refusing to save {what}")
+
+    def has_optimizer_state(self, directory: Path) -> bool:
+        """Whether `directory` holds optimizer state this run can load (a checkpoint of the same kind: FSDP or not;
+        ConfigError for the other kind, whose optimizer state is laid out differently)."""
+        full, per_process = (directory / OPTIMIZER_FULL_STATE_FILE).exists(), (directory / "optimizer.bin").exists()
+        if (full and not self.sharded) or (per_process and self.sharded):
+            written, now = ("with", "without") if full else ("without", "with")
+            raise ConfigError(f"--resume_from: {directory} was written {written} FSDP and this run is {now} it: resume "
+                              "with the accelerate config that wrote it (the adapter alone loads anywhere: "
+                              "python -m trainkit.generate, trainkit.export or PEFT's from_pretrained)")
+        return full or per_process
+
+    def load_state(self, directory: Path) -> None:
+        """Optimizer, scheduler, RNG and data position, and the weights (through the load hook); collective."""
+        if not self.sharded:
+            self.accelerator.load_state(str(directory))
+            return
+        with accelerate_state_only(self.accelerator):
+            self.accelerator.load_state(str(directory))  # the load hook reads the adapter into the shards
+        load_sharded_optimizer(self.model, self.optimizer, directory / OPTIMIZER_FULL_STATE_FILE, self.is_main)
+
+    def gather_weights(self) -> dict | None:
+        """Collective under FSDP: the trainable weights gathered whole for save_weights; None otherwise."""
+        return full_trainable_state(self.model) if self.sharded else None
+
+    def write_weights(self, directory: Path, state: dict | None) -> None:
+        """The model's own files (save_weights), on the main process."""
+        if state is None:
+            self.save_weights(directory)
+        else:
+            self.save_weights(directory, state_dict=state)
 
     def save(self, target: Path, state: TrainState, **extra_state) -> None:
         self.check_finite_weights("a checkpoint")
@@ -258,10 +434,15 @@ class Checkpointer:
                     shutil.rmtree(staging, ignore_errors=True)
                     staging.mkdir(parents=True)
                 acc.wait_for_everyone()
-                if self.save_optimizer_state:
+                if self.save_optimizer_state and self.sharded:
+                    with accelerate_state_only(acc):
+                        acc.save_state(str(staging))
+                    save_sharded_optimizer(self.model, self.optimizer, staging / OPTIMIZER_FULL_STATE_FILE, self.is_main)
+                elif self.save_optimizer_state:
                     acc.save_state(str(staging))  # the model part goes through the script's save hooks
+                weights = self.gather_weights()
                 if self.is_main:
-                    self.save_weights(staging)
+                    self.write_weights(staging, weights)
                     write_json_atomic(staging / TRAINER_STATE_FILE, {
                         **state.to_dict(), **extra_state, "time": time.time(), "metric_name": self.log_cfg.metric_for_best,
                         "attempt": self.attempt, "lineage": self.lineage, "config": self.run_config})
@@ -294,6 +475,7 @@ class Checkpointer:
 
     def save_best(self, directory: Path) -> None:
         self.check_finite_weights("the best adapter")
+        weights = self.gather_weights()
         if self.is_main:
             with writing(directory.name, directory), atomic_directory(directory) as staging:
-                self.save_weights(staging)
+                self.write_weights(staging, weights)

@@ -233,6 +233,7 @@ def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     Parameters (grouped GEMMs after sorting token/expert pairs by expert). Expert LoRA adapters
     (trainkit.expert_lora) whose wrapper is running around this call add their update per projection."""
     from trainkit.expert_lora import ExpertLoRA, scoped_expert_adapters
+    from trainkit.fused_lora import without_autocast
 
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
@@ -253,7 +254,9 @@ def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     up_bank, up_bias = getattr(self, up_name), getattr(self, f"{up_name}_bias", None)
     h = _FrozenGroupedLinear.apply(x, offs, up_bank, transposed)
     if up_name in adapters:
-        h = ExpertLoRA.apply(h, hidden_states, token_idx, offs, *adapters[up_name])
+        x_in, no_autocast = without_autocast(hidden_states)
+        with no_autocast:
+            h = ExpertLoRA.apply(h, x_in, token_idx, offs, *adapters[up_name])
     if has_bias and up_bias is not None:
         h = h + up_bias[expert_ids_g].to(h.dtype)
     if has_gate:
@@ -262,7 +265,9 @@ def nf4_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
         h = self.act_fn(h)
     out = _FrozenGroupedLinear.apply(h, offs, self.down_proj, transposed)
     if "down_proj" in adapters:
-        out = ExpertLoRA.apply(out, h, None, offs, *adapters["down_proj"])
+        h_in, no_autocast = without_autocast(h)
+        with no_autocast:
+            out = ExpertLoRA.apply(out, h_in, None, offs, *adapters["down_proj"])
     down_bias = getattr(self, "down_proj_bias", None)
     if has_bias and down_bias is not None:
         out = out + down_bias[expert_ids_g].to(out.dtype)
@@ -389,25 +394,32 @@ def non_embedding_parameters(model: nn.Module) -> int:
     return counts
 
 
+def _quant_state_bytes(qs) -> int:
+    tensors = [getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None)]
+    s2 = getattr(qs, "state2", None)
+    if s2 is not None:
+        tensors += [s2.absmax, s2.code]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def base_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the frozen base weights (4-bit data + quantization statistics + the rest)."""
+    """Bytes this process holds for the frozen base weights (4-bit data + quantization statistics + the rest).
+    Under FSDP: its shards (a DTensor's local part), plus the Linear4bit statistics every process keeps."""
     total = 0
     seen = set()
     for p in model.parameters():
         if id(p) in seen or p.requires_grad:
             continue
         seen.add(id(p))
-        total += p.numel() * p.element_size()
+        local = getattr(p, "_local_tensor", p)
+        total += local.numel() * local.element_size()
         qs = getattr(p, "quant_state", None)
         if qs is not None:
-            for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-            s2 = getattr(qs, "state2", None)
-            if s2 is not None:
-                for t in (s2.absmax, s2.code):
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * t.element_size()
+            total += _quant_state_bytes(qs)
+    for module in model.modules():  # weights made plain for FSDP (patches.bitsandbytes) keep them on the layer
+        qs = getattr(module, "quant_state", None)
+        if qs is not None and getattr(getattr(module, "weight", None), "quant_state", None) is None:
+            total += _quant_state_bytes(qs)
     return total
 
 
@@ -415,3 +427,17 @@ def bf16_weight_bytes(model: nn.Module) -> int:
     """What the frozen base weights would take in bf16 (2 bytes per original element)."""
     c = count_parameters(model)
     return 2 * (c["total"] - c["trainable"])
+
+
+def refuse_4bit_under_zero3(accelerator, load_in_4bit: bool) -> None:
+    """A 4-bit base under DeepSpeed ZeRO-3: ConfigError. ZeRO-3 flattens every parameter into its own bf16/fp32
+    partitions; the packed 4-bit bytes (uint8) and the NF4 expert banks' statistics are not such parameters, and
+    their quantization statistics live outside what it gathers. FSDP shards the 4-bit base instead."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if load_in_4bit and accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3:
+        from trainkit.config import ConfigError
+        raise ConfigError("quantization.load_in_4bit: DeepSpeed ZeRO-3 cannot shard 4-bit weights; use "
+                          "--accelerate-config fsdp (shards the 4-bit base, NF4 experts included), or ZeRO-3 with "
+                          "quantization.load_in_4bit=false (bf16 LoRA)")

@@ -68,6 +68,7 @@ RUN_FIELDS = {
     "total_steps": "optimizer steps the run will take",
     "world_size": "number of processes",
     "num_machines": "number of nodes",
+    "distributed_type": "how the processes share the work, accelerate's DistributedType: NO (one process), MULTI_GPU / MULTI_CPU (DDP: every process holds the whole model), FSDP (weights sharded), DEEPSPEED",
     "mixed_precision": "no | bf16 | fp16",
     "host": "hostname of the main process",
     "pid": "process id of the main process",

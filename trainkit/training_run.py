@@ -75,6 +75,11 @@ class TrainingRun:
             remove_partial_saves(self.run_dir)  # half-written checkpoints of a killed run
         self.accelerator.wait_for_everyone()
         self.runlog = RunLog(self.run_dir, self.is_main)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.accelerator.distributed_type.value != "FSDP":
+            # accelerate turns an FSDP config on CPU processes into plain data parallelism without a word
+            self.say(f"warning: the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only: these "
+                     f"{self.accelerator.num_processes} process(es) run {self.accelerator.distributed_type.value} "
+                     "(every process holds the whole model)")
         # SIGTERM/SIGINT from here on are recorded as `preempted`; the loop reads the flag once armed.
         self.preemption = PREEMPTION.watch(self.runlog, self.cfg.training.preemption_grace_seconds,
                                            lambda: self.step)
@@ -120,15 +125,17 @@ class TrainingRun:
                 pass
 
     # ------------------------------------------------------------ before the loop
-    def make_checkpointer(self, save_weights, load_weights, params_to_check):
+    def make_checkpointer(self, save_weights, load_weights, params_to_check, model=None, optimizer=None):
         """The run's Checkpointer (trainkit.loop): checkpoints hold the model as `save_weights(dir)`
         writes it (an adapter, a student) besides accelerate's optimizer/scheduler/RNG state, and
-        load back through `load_weights(dir)` (trainkit.loop.register_weight_hooks)."""
+        load back through `load_weights(dir)` (trainkit.loop.register_weight_hooks). `model`, `optimizer`:
+        the prepared ones, whose shards an FSDP checkpoint gathers."""
         register_weight_hooks(self.accelerator, load_weights)
         self.load_weights = load_weights
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir, self.runlog, self.log_cfg,
                                          self.cfg.memory.save_optimizer_state, save_weights,
-                                         params_to_check=params_to_check, run_config=self.cfg)
+                                         params_to_check=params_to_check, run_config=self.cfg,
+                                         model=model, optimizer=optimizer)
         return self.checkpointer
 
     def resume(self, state: TrainState, scheduler) -> None:
@@ -154,7 +161,7 @@ class TrainingRun:
         info = dict(script=self.script, status="running", last_start_time=time.time(), end_time=None,
                     total_steps=total_steps, world_size=acc.num_processes,
                     num_machines=max(1, acc.num_processes // max(local_world, 1)),
-                    mixed_precision=acc.mixed_precision, pid=os.getpid(), versions=library_versions(),
+                    distributed_type=acc.distributed_type.value, mixed_precision=acc.mixed_precision, pid=os.getpid(), versions=library_versions(),
                     patches=applied(), config=public, config_path=cfg.config_path, error=None,
                     exit_code=None, resumed_from=str(self.resume_from) if self.resume_from else None, **run_info)
         if self.resume_from is None:
