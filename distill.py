@@ -100,6 +100,9 @@ def main() -> int:
         # frozen parts) is not gathered yet: refuse rather than save a partial student
         raise ConfigError("distill.py does not run under FSDP yet: use DDP (--accelerate-config ddp, the default on "
                           "several GPUs); each GPU then holds the teacher and the student")
+    if world > 1 and cfg.teacher.device not in ("same", "cpu"):  # every process would put its teacher there
+        raise ConfigError(f"teacher.device: {cfg.teacher.device} under {world} processes would hold every process's "
+                          "teacher; use 'same' (each process's own device) or 'cpu'")
 
     with TrainingRun(accelerator, cfg, "distill.py", resume_from) as run:
         if env_applied:
@@ -146,8 +149,10 @@ def main() -> int:
         if cfg.paths.eval_data_path:
             eval_source = {**stages[0]["source"], "path": cfg.paths.eval_data_path, "key": "paths.eval_data_path"}
             eval_windows = WindowStream(eval_source, tokenizer, seq_len, seed=0, rank=rank, world_size=world, epochs=1)
-            limit = train_cfg.max_eval_batches * micro_bs if train_cfg.max_eval_batches else None  # None: all
-            windows = list(itertools.islice(eval_windows, limit))
+            # The first max_eval_batches x micro_bs windows (None: all) on any number of processes, each
+            # process every N-th of them (its share of the stream): the same evaluation on 1 or N processes.
+            limit = train_cfg.max_eval_batches * micro_bs if train_cfg.max_eval_batches else None
+            windows = list(itertools.islice(eval_windows, None if limit is None else len(range(rank, limit, world))))
             eval_batches = [torch.stack(windows[i:i + micro_bs]) for i in range(0, len(windows), micro_bs)]
 
         # ------------------------------------------------------------ optimizer, schedule, checkpoints

@@ -277,8 +277,9 @@ else
         say "starting a new run in $TK_RUN_DIR"
     fi
 fi
-if [[ $ARCHIVE == 1 && $MACHINE_RANK != 0 ]]; then
+if [[ $MACHINE_RANK != 0 ]]; then
     ARCHIVE=0  # machine 0 moves the old run aside; the others must not race it
+    say "machine $MACHINE_RANK of $NUM_MACHINES: machine 0 locks and writes $TK_RUN_DIR (it must be on a file system all machines share); this machine trains"
 fi
 
 # ---------------------------------------------------------------- the accelerate command

@@ -134,7 +134,7 @@ def main() -> int:
     from trainkit.adapters import apply_lora
     from trainkit.expert_lora import describe_expert_lora, refuse_sharded_experts
     from trainkit.data import make_collator
-    from trainkit.evaluation import TaskEvaluator, evaluate_loss
+    from trainkit.evaluation import TaskEvaluator, eval_loader, evaluate_loss
     from trainkit.generation import GenerationSettings, check_generate_support
     from trainkit.gla import guard_adapter_paths
     from trainkit.loop import (accumulation_position, adapter_loader, gradient_sync, pretrained_saver, seeded_loader,
@@ -166,7 +166,9 @@ def main() -> int:
         tokenizer, splits, eval_splits = data.tokenizer, data.splits, data.eval_splits
         loader_options = dataloader_options(cfg.memory, make_collator(tokenizer))
         train_loader = seeded_loader(data.train_rows, micro_bs, seed, shuffle=True, **loader_options)
-        val_loader = seeded_loader(data.val_rows, micro_bs, seed, shuffle=False, **loader_options) if data.val_rows else None
+        # this process's share of the validation rows, not padded with repeated rows (eval_loader)
+        val_loader = (eval_loader(data.val_rows, micro_bs, accelerator, train_cfg.max_eval_batches, **loader_options)
+                      if data.val_rows else None)
 
         # ------------------------------------------------------------ model + adapters
         model, model_info = load_model(cfg, device, tokenizer, cfg.model.dtype)
@@ -195,7 +197,6 @@ def main() -> int:
 
         optimizer = build_optimizer(trainable, opt_cfg, device)
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-        val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with its shards
         batches_per_epoch = len(train_loader)
         steps_per_epoch, total_steps = training_length(batches_per_epoch, accum, train_cfg)
@@ -219,7 +220,7 @@ def main() -> int:
         def evaluate() -> None:
             result = {"task": task.name, "split": "validation"}
             if val_loader is not None:
-                result.update(evaluate_loss(model, val_loader, accelerator, train_cfg.max_eval_batches))
+                result.update(evaluate_loss(model, val_loader, accelerator))
             if scores_by_generation:
                 result.update(evaluator.score(eval_splits, f"step-{state.step}"))
             summary = " ".join(f"{k} {result[k]:.4f}" for k in ("eval_loss", TASK_SCORE) if result.get(k) is not None)

@@ -67,6 +67,67 @@ def run_script(args: list[str], script: str = "train_qlora.py", timeout: int = 6
                           timeout=timeout, env=script_env(**env))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torch.distributed's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(args: list[str], script: str = "train_qlora.py", timeout: int = 600,
+                      **env) -> subprocess.CompletedProcess:
+    """`script args` on 2 CPU processes (gloo) as launch_training.sh starts them on a machine without a
+    GPU: `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1 (`--cpu --num_processes 2` starts one)."""
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(REPO / script), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=script_env(ACCELERATE_USE_CPU="1", **env))
+
+
+def one_and_two_processes(script: str, write_config, tmp_path: Path, micro_batch_size: int, **sections) -> tuple[Path, Path]:
+    """The same config on 1 process with micro batch m x 2 accumulation and on 2 processes with micro
+    batch m (the same rows in each optimizer step): `write_config(dir, **sections)` writes each under
+    tmp_path/one and tmp_path/two; both runs must succeed. Returns the two configs' paths."""
+    one = write_config(tmp_path / "one", optimization={"micro_batch_size": micro_batch_size,
+                                                       "gradient_accumulation_steps": 2}, **sections)
+    two = write_config(tmp_path / "two", optimization={"micro_batch_size": micro_batch_size,
+                                                       "gradient_accumulation_steps": 1}, **sections)
+    result = run_script(["--config", str(one)], script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_two_processes(["--config", str(two)], script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return one, two
+
+
+def check_two_process_resume(script: str, config: Path, run_dir: Path, checkpoint_step: int, final_step: int,
+                             weights_file: str) -> None:
+    """checkpoint-<checkpoint_step> of a finished 2-process run is complete (both processes' RNG state,
+    the optimizer, the weights) and, resumed on 2 processes, ends with the same final weights bitwise
+    and the same training losses as the uninterrupted run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trainkit.fileio import iter_jsonl
+
+    checkpoint = run_dir / f"checkpoint-{checkpoint_step}"
+    for name in ("random_states_0.pkl", "random_states_1.pkl", "optimizer.bin", weights_file, "trainer_state.json"):
+        assert (checkpoint / name).is_file(), name
+    final = run_dir / f"final-checkpoint-{final_step}" / weights_file
+    uninterrupted, losses = load_file(final), [r["loss"] for r in iter_jsonl(run_dir / "logs" / "training_log.jsonl")]
+    result = run_two_processes(["--config", str(config), "--resume_from", str(checkpoint)], script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint}" in result.stdout
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    resumed = load_file(final)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert [r["loss"] for r in iter_jsonl(run_dir / "logs" / "training_log.jsonl")] == losses
+
+
 # Seed of the moments the kill tests draw; a failure prints the drawn state, rerun with the same seed.
 KILL_SEED = int(os.environ.get("TRAINKIT_TEST_SEED", "20261130"))
 

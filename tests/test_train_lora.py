@@ -212,3 +212,54 @@ def test_max_eval_samples_caps_validation_not_the_test_split(tmp_path):
     assert len(predictions) == whole_test
     assert {json.loads(line)["prediction"] for line in predictions} <= {"negative", "positive"}
     assert f"test {whole_test} examples" in result.stdout
+
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gla", "llama"])
+def test_two_processes_match_one_process_and_resume(tmp_path, family):
+    """2 CPU processes (gloo), micro batch 4 == 1 process, micro batch 4 x 2 accumulation: the same
+    losses and tokens, the same eval loss and task metric on the same 11 validation examples (an odd
+    count: the processes get 6 and 5, none repeated or dropped); a checkpoint of the 2-process run
+    resumes on 2 processes to the same adapter. GLA scored by generation, an HF Llama by label likelihood."""
+    from trainkit.evaluate import examples_from_run_predictions
+    from trainkit.tasks import get_task
+
+    from helpers_qlora import check_two_process_resume, one_and_two_processes
+
+    sections = dict(task={"max_eval_samples": 11, "label_likelihood": family == "llama"},
+                    training={"max_steps": 4}, logging={"eval_interval": 2, "checkpoint_interval": 2})
+    if family == "llama":
+        sections.update(model={"config": TINY_LLAMA}, lora={"modules_to_save": ["embed_tokens", "lm_head"]})
+    _, two = one_and_two_processes("train_lora.py", lora_config, tmp_path, 4, **sections)
+    one_dir, two_dir = tmp_path / "one" / "out" / "gla", tmp_path / "two" / "out" / "gla"
+    info = json.loads((two_dir / "run.json").read_text())
+    assert info["world_size"] == 2 and info["num_machines"] == 1 and info["status"] == "finished"
+    assert info["model"]["family"] == family
+    train_one, train_two = stream(one_dir, "training_log.jsonl"), stream(two_dir, "training_log.jsonl")
+    assert [r["step"] for r in train_two] == [2, 4]
+    assert [r["tokens"] for r in train_one] == [r["tokens"] for r in train_two]
+    # fp32 on CPU: measured bitwise equal (GLA and Llama); the bound allows another summation order
+    assert [r["loss"] for r in train_two] == pytest.approx([r["loss"] for r in train_one], rel=1e-5)
+
+    evals_one, evals_two = stream(one_dir, "eval_log.jsonl"), stream(two_dir, "eval_log.jsonl")
+    assert [e["step"] for e in evals_two] == [2, 4]
+    task = get_task("sst2")
+    for e1, e2 in zip(evals_one, evals_two):
+        assert e2["validation_examples"] == e1["validation_examples"] == 11
+        assert e2["eval_tokens"] == e1["eval_tokens"]  # every validation row once, none padded in twice
+        assert e2["eval_loss"] == pytest.approx(e1["eval_loss"], rel=1e-5)  # measured: 1e-7 apart (other batches)
+        rows_one, rows_two = ([json.loads(line) for line in (d / e["predictions"][0]).read_text().splitlines()]
+                              for d, e in ((one_dir, e1), (two_dir, e2)))
+        assert [r["prompt"] for r in rows_two] == [r["prompt"] for r in rows_one]  # every example once, in order
+        assert [r["prediction"] for r in rows_two] == [r["prediction"] for r in rows_one]
+        # the logged metric is the one of these predictions
+        texts, examples, split = examples_from_run_predictions(two_dir / e2["predictions"][0])
+        assert task.score(texts, examples, split=split)["accuracy"] == e2["accuracy"] == e1["accuracy"]
+    if family == "llama":  # label likelihood names a label for every example: a real accuracy, not 0
+        assert {r["prediction"] for r in rows_two} <= {"negative", "positive"}
+
+    check_two_process_resume("train_lora.py", two, two_dir, 2, 4, "adapter_model.safetensors")

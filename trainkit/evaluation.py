@@ -14,9 +14,32 @@ from trainkit.fileio import write_jsonl_atomic
 PREDICTIONS_DIR = "predictions"  # <run_dir>/predictions/<tag>-<split>.jsonl
 
 
+def eval_loader(rows, batch_size: int, accelerator, max_batches: int | None = None, **loader_options):
+    """This process's share of the labelled validation `rows` (a list of dict rows or an HF Dataset
+    with input_ids and labels) as a plain DataLoader (not prepared by
+    accelerate, whose sampler completes the last batches with rows from the start: under several
+    processes those rows would be counted twice in the loss). Every process sees the first
+    `max_batches` x `batch_size` rows of the split between them (the same rows on any number of
+    processes), process i the rows i, i + N, ..., and every process the same number of rows:
+    the shorter shares are filled up with a row whose labels are all -100, which adds no loss and no
+    tokens, so each process runs the same number of forwards (what a sharded model needs)."""
+    from torch.utils.data import DataLoader
+
+    from trainkit.data import IGNORE_INDEX
+
+    count = min(len(rows), max_batches * batch_size) if max_batches else len(rows)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = [rows[i] for i in range(rank, count, world)]
+    if count:
+        filler = {**rows[0], "labels": [IGNORE_INDEX] * len(rows[0]["labels"])}
+        share += [filler] * (-(-count // world) - len(share))
+    return DataLoader(share, batch_size=batch_size, shuffle=False, **loader_options)
+
+
 def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) -> dict:
     """Token-level LM loss on a labelled loader (labels -100 are ignored), summed over processes.
-    Computed from the logits, not the model's loss, which may include a MoE router aux loss."""
+    Computed from the logits, not the model's loss, which may include a MoE router aux loss.
+    `loader`: eval_loader's share of the rows, or a loader prepared by accelerate."""
     import torch
     import torch.nn.functional as F
 
@@ -29,6 +52,7 @@ def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) ->
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),

@@ -146,7 +146,10 @@ def adapter_loader(accelerator, model) -> Callable[[str], None]:
         if is_sharded(accelerator):
             load_sharded_adapter(accelerator, model, directory)
             return
-        state = load_file(os.path.join(directory, "adapter_model.safetensors"), device=str(accelerator.device))
+        # straight onto the GPU; safetensors refuses the CPU device of several CPU processes ("cpu:0")
+        device = accelerator.device
+        state = load_file(os.path.join(directory, "adapter_model.safetensors"),
+                          device="cpu" if device.type == "cpu" else str(device))
         load_adapter_weights(accelerator.unwrap_model(model), state, directory)
 
     return load_adapter

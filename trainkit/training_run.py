@@ -30,7 +30,7 @@ from pathlib import Path
 
 from trainkit.checkpoints import archive_run_dir, final_checkpoint_dir, remove_partial_saves
 from trainkit import runlock
-from trainkit.config import public_config
+from trainkit.config import ConfigError, public_config
 from trainkit.loop import Checkpointer, is_better, optimizer_step, register_weight_hooks, resume_training_state
 from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, RunWriteError
 from trainkit.train_state import TrainState
@@ -65,6 +65,7 @@ class TrainingRun:
     def __enter__(self) -> "TrainingRun":
         from trainkit.preemption import PREEMPTION
 
+        check_same_start(self.accelerator, self.resume_from)  # before the run dir is locked, moved or written
         if self.is_main:
             runlock.acquire(self.run_dir)  # before anything in the run dir is written or moved
             if self.resume_from is None and self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -313,6 +314,22 @@ class TrainingRun:
                                    error=None if status == "finished" else f"stopped: {stop_reason}")
         self.accelerator.end_training()
         return code
+
+
+def check_same_start(accelerator, resume_from: Path | None) -> None:
+    """Every process starts from the same checkpoint, or every process starts fresh. Each machine of a
+    multi-node run decides on resuming from what it sees in the run directory: machines that do not
+    share it (or were started with other flags) would train from different steps, out of step in every
+    collective. A ConfigError (one line, exit 2) names what each machine decided."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    starts = gather_object([os.path.abspath(resume_from) if resume_from else None])
+    if len(set(starts)) > 1:
+        decided = "; ".join(f"rank {rank}: {start or 'a fresh start'}" for rank, start in enumerate(starts))
+        raise ConfigError(f"--resume: the processes disagree on where to start ({decided}): run the same command on "
+                          "every machine, with paths.output_dir on a file system they all share")
 
 
 def tracker_config(public: dict) -> dict:

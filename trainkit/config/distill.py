@@ -30,7 +30,7 @@ class DistillModelSection(ModelSection):
 
 class DistillTrainingSection(TrainingSection):
     max_seq_length: PositiveInt = Field(2048, description="tokens per window (windows of max_seq_length + 1 give inputs and shifted labels)")
-    max_eval_batches: OptionalPositiveInt = Field(8, description="cap on validation batches per evaluation; null: all")
+    max_eval_batches: OptionalPositiveInt = Field(8, description="cap on validation batches per evaluation, counted over all processes (the same windows on any number); null: all")
 
 
 class DistillOptimizationSection(OptimizationSection):
@@ -48,7 +48,7 @@ class DistillLoggingSection(LoggingSection):
 
 
 class TeacherSection(ConfigModel):
-    device: Str = Field("same", description="'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1")
+    device: Str = Field("same", description="'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1 (one process; under several: same or cpu)")
     dtype: Dtype = Field("auto", description="teacher weights dtype; auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs")
 
 
