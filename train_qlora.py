@@ -40,7 +40,7 @@ def main() -> int:
     from trainkit.expert_lora import describe_expert_lora, refuse_sharded_experts
     from trainkit.data import build_datasets, make_collator
     from trainkit.env_overrides import describe
-    from trainkit.evaluation import evaluate_loss
+    from trainkit.evaluation import eval_loader, evaluate_loss
     from trainkit.loop import (accumulation_position, adapter_loader, deepspeed_accumulates, describe_sharding, gradient_sync,
                                is_sharded, pretrained_saver, seeded_loader, training_length)
     from trainkit.models import apply_activation_checkpointing, describe_activation_checkpointing, load_model
@@ -74,7 +74,9 @@ def main() -> int:
         collate = make_collator(tokenizer)
         train_loader = seeded_loader(train_ds, micro_bs, seed, shuffle=True, collate_fn=collate,
                                      num_workers=cfg.memory.dataloader_num_workers)
-        val_loader = seeded_loader(val_ds, micro_bs, seed, shuffle=False, collate_fn=collate) if len(val_ds) else None
+        # this process's share of the validation rows, not padded with repeated rows (eval_loader)
+        val_loader = (eval_loader(val_ds, micro_bs, accelerator, train_cfg.max_eval_batches, collate_fn=collate)
+                      if len(val_ds) else None)
 
         # ------------------------------------------------------------ model: 4-bit base + LoRA
         model, model_info = load_model(cfg, device, tokenizer, cfg.quantization.compute_dtype, cfg.quantization)
@@ -102,7 +104,6 @@ def main() -> int:
             shardable_4bit_weights(model)
             allow_frozen_integer_params_in_fsdp2()
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-        val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with its shards
         if is_sharded(accelerator):
             model_info["sharding"] = describe_sharding(model, accelerator, base_bytes_whole)
@@ -127,7 +128,7 @@ def main() -> int:
         run.begin(state, total_steps, model=model_info, data=data_info, env_overrides=env_applied)
 
         def evaluate() -> None:
-            result = evaluate_loss(model, val_loader, accelerator, train_cfg.max_eval_batches)
+            result = evaluate_loss(model, val_loader, accelerator)
             run.record_evaluation(state, result, f"eval_loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f}",
                                   best_dir, {"eval/loss": result["eval_loss"], "eval/perplexity": result["perplexity"]})
 

@@ -8,6 +8,7 @@ on is safe, warn with a PatchWarning. Never a silent no-op.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import re
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ INTERNALS = [
     (r"\.HF_(HUB|DATASETS)_OFFLINE\s*=(?!=)", "datasets / huggingface_hub offline globals"),
     (r"warnings\.filterwarnings\(\s*[\"']ignore", "a warning filter"),
     (r"\.forward\s*=\s*types\.MethodType", "a library module's forward"),
+    (r"_init_sharded_param|init_dtype_attrs", "torch FSDP2's FSDPParam"),
+    (r"\._models\b|\._optimizers\b", "accelerate's prepared models and optimizers"),
 ]
 
 
@@ -110,6 +113,61 @@ def test_cpu_4bit_layout_flag_missing_warns():
     del model[0].support_avx512bf16_for_cpu
     with pytest.warns(PatchWarning, match=r"^bitsandbytes \S+: Linear4bit has no support_avx512bf16_for_cpu flag"):
         assert keep_cpu_4bit_layout(model) == 0
+
+
+def test_4bit_weights_become_plain_parameters_for_fsdp_and_still_compute():
+    from trainkit.patches.bitsandbytes import shardable_4bit_weights
+    model = _linear4bit().to("cpu")  # .to() quantizes
+    x = torch.randn(3, model[0].in_features)
+    want = model(x)
+    assert shardable_4bit_weights(model) == 1
+    assert type(model[0].weight) is nn.Parameter and model[0].weight.dtype == torch.uint8
+    assert not model[0].weight.requires_grad
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # Linear4bit.forward re-attached the statistics
+    assert "bitsandbytes.shardable_4bit_weights" in [p["name"] for p in patches.applied()]
+
+
+def test_4bit_forward_without_the_quant_state_recovery_is_an_error(monkeypatch):
+    import bitsandbytes as bnb
+    from trainkit.patches.bitsandbytes import shardable_4bit_weights
+    model = _linear4bit().to("cpu")
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: bnb.matmul_4bit(x, self.weight.t()))
+    with pytest.raises(PatchError, match=r"^bitsandbytes \S+: Linear4bit.forward no longer restores") as info:
+        shardable_4bit_weights(model)
+    one_line(info.value)
+    assert model[0].weight.__class__.__name__ == "Params4bit"  # nothing changed
+
+
+def test_fsdp2_integer_params_patch_acts_only_where_needed(monkeypatch):
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    from trainkit.patches.torch import allow_frozen_integer_params_in_fsdp2
+    source = inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
+    if "requires_grad=param.requires_grad" in source:  # torch >= 2.13: FSDP2 does it itself
+        assert allow_frozen_integer_params_in_fsdp2() is False
+    def unknown(self, param, *args):
+        return None
+    monkeypatch.setattr(_fsdp_param.FSDPParam, "_init_sharded_param", unknown)
+    with pytest.raises(PatchError, match=r"^torch \S+: FSDPParam._init_sharded_param is not the code") as info:
+        allow_frozen_integer_params_in_fsdp2()
+    one_line(info.value)
+
+
+def test_accelerate_state_without_model_hides_and_restores_them():
+    from types import SimpleNamespace
+
+    from trainkit.patches.accelerate import hide_models_and_optimizers
+    model, optimizer = object(), object()
+    acc = SimpleNamespace(_models=[model], _optimizers=[optimizer])
+    with pytest.raises(RuntimeError, match="inside"):
+        with hide_models_and_optimizers(acc):
+            assert acc._models == [] and acc._optimizers == []
+            raise RuntimeError("inside")
+    assert acc._models == [model] and acc._optimizers == [optimizer]
+    with pytest.raises(PatchError, match=r"^accelerate \S+: Accelerator has no _models") as info:
+        with hide_models_and_optimizers(SimpleNamespace()):
+            pass
+    one_line(info.value)
 
 
 # ---------------------------------------------------------------- transformers: 4-bit experts

@@ -55,7 +55,7 @@ class TrainingSection(ConfigModel):
     max_seq_length: PositiveInt = Field(512, description="tokens per sequence (packed windows or truncated rows)")
     val_split: Fraction = Field(0.05, description="fraction of rows held out for validation (deterministic by seed)")
     packing: Bool = Field(True, description="pack `text` rows into full max_seq_length windows")
-    max_eval_batches: OptionalPositiveInt = Field(None, description="cap on validation batches per evaluation; null: all")
+    max_eval_batches: OptionalPositiveInt = Field(None, description="cap on validation batches per evaluation, counted over all processes (the same rows on any number of processes); null: all")
     max_consecutive_nonfinite: PositiveInt = Field(5, description="stop after this many consecutive optimizer steps with NaN/inf loss or gradients")
     preemption_grace_seconds: PositiveFloat = Field(25.0, description="on SIGTERM/SIGINT: seconds to finish the current optimizer step and save a checkpoint before exiting anyway (keep it below the scheduler's kill delay: SLURM KillWait, Kubernetes terminationGracePeriodSeconds, both 30 s by default)")
 

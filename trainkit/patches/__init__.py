@@ -14,7 +14,9 @@ keeps that list (``patches``) beside the library versions.
 | --- | --- |
 | ``trainkit.patches.fla`` | transformers >= 5.24 hands fla's models their cache as ``cache=`` (they read ``past_key_values``); the CPU reference backend (fla's Triton forwards -> PyTorch); fused-kernel flags that would bypass an adapter |
 | ``trainkit.patches.transformers`` | the bitsandbytes quantizer swapped in ``AUTO_QUANTIZER_MAPPING`` so MoE experts quantize while loading (``_is_hf_initialized`` on the banks); the 4-bit grouped forward of ``*Experts`` modules and the ``_experts_implementation`` fallback; the gradient-checkpointing rename warning |
-| ``trainkit.patches.bitsandbytes`` | no AVX512-bf16 repacking of CPU ``Linear4bit`` weights (exact resume) |
+| ``trainkit.patches.bitsandbytes`` | no AVX512-bf16 repacking of CPU ``Linear4bit`` weights (exact resume); ``Linear4bit`` weights FSDP2 can shard |
+| ``trainkit.patches.torch`` | FSDP2 shards frozen uint8 parameters, uncast (torch before 2.13) |
+| ``trainkit.patches.accelerate`` | ``save_state`` / ``load_state`` without the model and optimizer under FSDP (trainkit writes the adapter) |
 | ``trainkit.patches.peft`` | PEFT's v4 -> v5 MoE target remap (``_MODEL_TO_CONVERSION_PATTERN``) held off; LoRA layers' forward through ``trainkit.fused_lora``; the ``is_gradient_checkpointing`` warning |
 """
 
