@@ -134,3 +134,20 @@ def test_bench_lora_profile_writes_operator_tables(tmp_path):
         text = (tmp_path / "prof" / f"profile_tiny_{r['model']}_32.txt").read_text()
         assert text.startswith("2 steps, ") and "by GPU time:" in text and "by host time:" in text
         assert "aten::mm" in text or "aten::addmm" in text
+
+
+@pytest.mark.slow
+def test_bench_multi_gpu_tiny_runs_each_setup_through_the_launcher(tmp_path):
+    """benchmarks/bench_multi_gpu.py --tiny on CPU: one process and two (DDP on CPU: accelerate runs FSDP on GPUs
+    only) through ./launch_training.sh, their figures read back from each run's run.json and training log."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_multi_gpu.py", "--tiny", "--setups", "1gpu,ddp2",
+                           "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench_multi_gpu_cpu.json").read_text())
+    rows = {r["setup"]: r for r in result["rows"]}
+    assert rows["1gpu"]["distributed_type"] == "NO" and rows["ddp2"]["distributed_type"] == "MULTI_CPU"
+    for row in rows.values():
+        assert row["tokens_per_sec"] > 0 and row["base_gib_whole"] > 0 and row["loss_last"] > 0
+        assert row["base_gib_per_gpu"] == row["base_gib_whole"]  # DDP: every process holds the whole base
+    table = (tmp_path / "bench_multi_gpu_cpu.md").read_text()
+    assert "| ddp2 | 2 | MULTI_CPU |" in table and "x1.000" in table
