@@ -188,11 +188,17 @@ def load_adapter_weights(peft_model, state: dict, source: str) -> None:
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
     missing = [k for k in result.missing_keys if "lora_" in k]
-    if unexpected or missing:
-        what = (f"{len(missing)} adapter weights missing (e.g. {missing[0]})" if missing else "") + \
-               ("; " if missing and unexpected else "") + \
-               (f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "")
-        raise ValueError(f"adapter {source} does not match the model: {what}")
+    if (error := adapter_mismatch(source, missing, unexpected)) is not None:
+        raise ValueError(error)
+
+
+def adapter_mismatch(source, missing: list[str], unexpected: list[str]) -> str | None:
+    """The one-line error for adapter keys the model lacks or has in excess; None when both lists are empty."""
+    if not missing and not unexpected:
+        return None
+    what = "; ".join(f"{len(keys)} {kind} (e.g. {keys[0]})" for keys, kind in
+                     ((missing, "adapter weights missing"), (unexpected, "unexpected keys")) if keys)
+    return f"adapter {source} does not match the model: {what}"
 
 
 def apply_lora(model: nn.Module, lora: LoraSection):

@@ -240,6 +240,8 @@ def load_sharded_adapter(accelerator, model, directory: str) -> None:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from trainkit.adapters import adapter_mismatch
+
     full = full_trainable_state(model)
     state, error = {}, None
     if accelerator.is_main_process:
@@ -247,11 +249,7 @@ def load_sharded_adapter(accelerator, model, directory: str) -> None:
         names = {id(tensor): key for key, tensor in full.items()}
         peft_keys = {key: names[id(tensor)] for key, tensor in
                      get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=full).items()}
-        missing, unexpected = sorted(peft_keys.keys() - saved.keys()), sorted(saved.keys() - peft_keys.keys())
-        if missing or unexpected:
-            error = (f"adapter {directory} does not match the model: " +
-                     "; ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
-                               ((missing, "adapter weights missing"), (unexpected, "unexpected keys")) if keys))
+        error = adapter_mismatch(directory, sorted(peft_keys.keys() - saved.keys()), sorted(saved.keys() - peft_keys.keys()))
         state = {peft_keys[key]: tensor.to(full[peft_keys[key]].dtype) for key, tensor in saved.items()
                  if key in peft_keys}
     failed = torch.tensor([error is not None], dtype=torch.int32, device=accelerator.device)
