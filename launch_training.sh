@@ -409,6 +409,11 @@ for f in "$EXIT_DIR/rank-0" "$EXIT_DIR"/rank-*; do
     if [[ "$code" != 0 ]]; then script_rc="$code"; break; fi
 done
 if [[ -n "$script_rc" ]]; then rc="$script_rc"; fi
+# A trainer killed by SIGKILL (the OOM killer, a dying GPU process) records nothing, and when it
+# is rank 0 nothing writes the run dir: record it here (error_log.jsonl, run.json failed), exit 1.
+END_ARGS=("$TK_RUN_DIR" --exit-dir "$EXIT_DIR" --exit-code "$rc")
+[[ $MACHINE_RANK == 0 ]] || END_ARGS+=(--report-only)
+if end_rc="$("$PY" -m trainkit.launcher record-end "${END_ARGS[@]}")" && is_int "$end_rc"; then rc="$end_rc"; fi
 if [[ $rc == 0 ]]; then
     say "training finished: $TK_RUN_DIR"
 elif [[ $rc == 143 || $rc == 130 ]]; then

@@ -354,9 +354,10 @@ class RunLog:
         assert event in EVENTS, f"unknown event {event!r}"
         self.write("events", {"step": step, "event": event, "message": message, **fields})
 
-    def error(self, step: int, type_: str, message: str, traceback: str | None = None, fatal: bool = False) -> None:
+    def error(self, step: int, type_: str, message: str, traceback: str | None = None, fatal: bool = False,
+              **fields: Any) -> None:
         self.write("errors", {"step": step, "type": type_, "message": message,
-                              "traceback": traceback, "fatal": fatal})
+                              "traceback": traceback, "fatal": fatal, **fields})
 
     def truncate_after(self, step: int) -> None:
         """Drop the lines with step > ``step`` from every stream (after a resume from ``step``), except
