@@ -66,7 +66,9 @@ Exit code: the training script's exit code; 2 (with one line) for a bad config, 
 model/data path, bad option or a run directory in use; 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) when a signal stopped
 the training: SIGTERM/SIGINT to this script are passed to the training processes, which
 finish the current step, save a checkpoint and exit; this script waits for them. Running
-the same command again resumes.
+the same command again resumes. 1 when a training process died without an exit code of its
+own (SIGKILL, the OOM killer): one line names the rank, also written to the run's
+logs/error_log.jsonl (RankDied), and run.json is set to failed if rank 0 could not do it.
 
 Examples:
   $PROG                                          # default config, CPU or all GPUs

@@ -20,8 +20,8 @@ import torch
 from helpers_qlora import free_port, logged_steps, tiny_config
 from test_preemption import LAUNCHER, adapter, alive, descendants, launcher_env, run_info, start_launcher, stream, trainer_pids
 from trainkit.fileio import iter_jsonl
-
-pytestmark = pytest.mark.slow
+from trainkit.launcher import main as launcher_main
+from trainkit.runlog import RunLog
 
 PROCESSES = 4
 STEPS = 12
@@ -68,6 +68,7 @@ def kill_one_rank(cfg: Path, run_dir: Path, victim: int) -> tuple[subprocess.Com
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), ended_after
 
 
+@pytest.mark.slow
 def test_killed_rank_is_recorded_and_the_same_command_resumes(tmp_path):
     """Rank 1 and, separately, rank 0 (which writes the logs) are killed mid-run. Each time the job
     ends within the guard, the launcher exits 1 and names the dead rank on stderr, error_log.jsonl
@@ -135,3 +136,59 @@ def test_killed_rank_is_recorded_and_the_same_command_resumes(tmp_path):
         for key in got:
             assert torch.equal(got[key], resumed_uninterrupted[step][key]), key
             torch.testing.assert_close(got[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the launcher's end record alone
+def record_end(capsys, run_dir: Path, exit_dir: Path, code: int) -> tuple[int, str]:
+    assert launcher_main(["record-end", str(run_dir), "--exit-dir", str(exit_dir), "--exit-code", str(code)]) == 0
+    out, err = capsys.readouterr()
+    return int(out), err
+
+
+def exit_dir_with(tmp_path: Path, pids: dict[int, int], codes: dict[int, int]) -> Path:
+    exit_dir = tmp_path / "exit"
+    exit_dir.mkdir()
+    for rank, pid in pids.items():
+        (exit_dir / f"pid-{rank}").write_text(f"{pid}\n")
+    for rank, code in codes.items():
+        (exit_dir / f"rank-{rank}").write_text(f"{code}\n")
+    return exit_dir
+
+
+def test_record_end_writes_nothing_when_every_rank_recorded_its_code(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    RunLog(run_dir).update_run_info(status="preempted", exit_code=143)
+    exit_dir = exit_dir_with(tmp_path, {0: 10, 1: 11}, {0: 143, 1: 143})
+    assert record_end(capsys, run_dir, exit_dir, 143) == (143, "")
+    assert not (run_dir / "logs" / "error_log.jsonl").exists()
+    assert run_info(run_dir)["status"] == "preempted"
+
+
+def test_record_end_names_the_dead_rank_and_ends_a_run_left_running(tmp_path, capsys):
+    """Rank 0 recorded no exit code (killed) and run.json still says running: a RankDied line, run.json
+    failed with it, a stop event. Survivors that recorded 143 (torchrun's SIGTERM) do not make it a
+    preemption: the exit code is 1."""
+    run_dir = tmp_path / "run"
+    log = RunLog(run_dir)
+    log.update_run_info(status="running", exit_code=None)
+    log.write("training", {"step": 6, "loss": 1.0})
+    exit_dir = exit_dir_with(tmp_path, {0: 10, 1: 11, 2: 12}, {1: 143, 2: 143})
+    code, err = record_end(capsys, run_dir, exit_dir, 143)
+    assert code == 1
+    assert err.startswith("launch_training.sh: rank 0 (pid 10) on ") and "error_log.jsonl" in err
+    [line] = stream(run_dir, "error_log.jsonl")
+    assert line["type"] == "RankDied" and line["ranks"] == [0] and line["fatal"] is True and line["step"] == 6
+    info = run_info(run_dir)
+    assert info["status"] == "failed" and info["exit_code"] == 1 and info["error"] == line["message"]
+    assert stream(run_dir, "events.jsonl")[-1]["reason"] == "failed"
+
+
+def test_record_end_keeps_the_error_rank_0_recorded(tmp_path, capsys):
+    """Rank 1 died; rank 0 had recorded its own failure (its collective lost the peer): that stays
+    run.json's error, the RankDied line is added."""
+    run_dir = tmp_path / "run"
+    RunLog(run_dir).update_run_info(status="failed", exit_code=1, error="RuntimeError: peer lost")
+    exit_dir = exit_dir_with(tmp_path, {0: 10, 1: 11}, {0: 1})
+    assert record_end(capsys, run_dir, exit_dir, 1)[0] == 1
+    assert [e["ranks"] for e in stream(run_dir, "error_log.jsonl")] == [[1]]
+    assert run_info(run_dir)["error"] == "RuntimeError: peer lost"
