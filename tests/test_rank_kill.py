@@ -192,3 +192,16 @@ def test_record_end_keeps_the_error_rank_0_recorded(tmp_path, capsys):
     assert record_end(capsys, run_dir, exit_dir, 1)[0] == 1
     assert [e["ranks"] for e in stream(run_dir, "error_log.jsonl")] == [[1]]
     assert run_info(run_dir)["error"] == "RuntimeError: peer lost"
+
+
+def test_record_end_ends_a_run_left_running_by_ranks_that_all_recorded_a_failure(tmp_path, capsys):
+    """Every rank recorded its exit code, yet run.json says running (rank 0 failed before it could
+    write it): a RunEnded line and status failed with the launcher's code."""
+    run_dir = tmp_path / "run"
+    RunLog(run_dir).update_run_info(status="running", exit_code=None)
+    exit_dir = exit_dir_with(tmp_path, {0: 10, 1: 11}, {0: 1, 1: 1})
+    code, err = record_end(capsys, run_dir, exit_dir, 1)
+    assert code == 1 and "left run.json saying running" in err
+    [line] = stream(run_dir, "error_log.jsonl")
+    assert line["type"] == "RunEnded" and line["ranks"] == [] and line["fatal"] is True
+    assert run_info(run_dir)["status"] == "failed" and run_info(run_dir)["exit_code"] == 1

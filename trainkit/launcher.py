@@ -332,7 +332,7 @@ def cmd_record_end(args) -> int:
     info = {} if args.report_only else (read_json(run_dir / RUN_INFO_FILE) or {})
     status = info.get("status")
     # `preempted` with a dead rank: torchrun's SIGTERM to the survivors, not a scheduler's stop.
-    stale = status == "running" or (lost and status == "preempted")
+    stale = (status == "running" and code != 0) or (lost and status == "preempted")
     if lost:
         which = ", ".join(f"{rank} (pid {pid})" for rank, pid in lost.items())
         message = (f"rank{'s' if len(lost) > 1 else ''} {which} on {socket.gethostname()} ended without an exit code "

@@ -183,12 +183,12 @@ EXPERT_FIELDS = {
 ERROR_FIELDS = {
     "step": "optimizer step when the error happened",
     "time": "unix seconds",
-    "type": "exception class name, or NonFiniteLoss, or RankDied (written by launch_training.sh: a training process ended without an exit code of its own, killed by SIGKILL or the OOM killer, or crashed hard)",
+    "type": "exception class name, or NonFiniteLoss, or, written by launch_training.sh after the processes ended: RankDied (a training process ended without an exit code of its own: killed by SIGKILL or the OOM killer, or crashed hard) or RunEnded (the processes failed and left run.json saying running)",
     "message": "one-line message",
-    "traceback": "full traceback text (null for non-fatal errors and RankDied lines)",
+    "traceback": "full traceback text (null for non-fatal errors and launch_training.sh's lines)",
     "fatal": "true when the run stopped because of it",
-    "ranks": "RankDied lines: the ranks that ended without an exit code",
-    "exit_code": "RankDied lines: the exit code launch_training.sh exited with",
+    "ranks": "launch_training.sh's lines: the ranks that ended without an exit code",
+    "exit_code": "launch_training.sh's lines: the exit code it exited with",
 }
 
 # logs/events.jsonl
