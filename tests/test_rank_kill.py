@@ -25,7 +25,7 @@ from trainkit.runlog import RunLog
 
 PROCESSES = 4
 STEPS = 12
-# A hang guard only, never a speed claim: on the 2-core CPU machine the job ended 2.7-8.4 s after the kill (8 kills).
+# A hang guard only, never a speed claim: on the 2-core CPU machine the job ended 2.5-8.4 s after the kill (10 kills).
 END_BOUND_S = 120
 
 
