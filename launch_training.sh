@@ -66,7 +66,9 @@ Exit code: the training script's exit code; 2 (with one line) for a bad config, 
 model/data path, bad option or a run directory in use; 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) when a signal stopped
 the training: SIGTERM/SIGINT to this script are passed to the training processes, which
 finish the current step, save a checkpoint and exit; this script waits for them. Running
-the same command again resumes.
+the same command again resumes. 1 when a training process died without an exit code of its
+own (SIGKILL, the OOM killer): one line names the rank, also written to the run's
+logs/error_log.jsonl (RankDied), and run.json is set to failed if rank 0 could not do it.
 
 Examples:
   $PROG                                          # default config, CPU or all GPUs
@@ -409,6 +411,11 @@ for f in "$EXIT_DIR/rank-0" "$EXIT_DIR"/rank-*; do
     if [[ "$code" != 0 ]]; then script_rc="$code"; break; fi
 done
 if [[ -n "$script_rc" ]]; then rc="$script_rc"; fi
+# A trainer killed by SIGKILL (the OOM killer, a dying GPU process) records nothing, and when it
+# is rank 0 nothing writes the run dir: record it here (error_log.jsonl, run.json failed), exit 1.
+END_ARGS=("$TK_RUN_DIR" --exit-dir "$EXIT_DIR" --exit-code "$rc")
+[[ $MACHINE_RANK == 0 ]] || END_ARGS+=(--report-only)
+if end_rc="$("$PY" -m trainkit.launcher record-end "${END_ARGS[@]}")" && is_int "$end_rc"; then rc="$end_rc"; fi
 if [[ $rc == 0 ]]; then
     say "training finished: $TK_RUN_DIR"
 elif [[ $rc == 143 || $rc == 130 ]]; then

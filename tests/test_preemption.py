@@ -213,6 +213,23 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def trainer_pids(pids) -> dict[int, int]:
+    """{RANK: pid} of the training processes among `pids` (`python -m trainkit.launcher exec ...`,
+    which torchrun starts with RANK in their environment)."""
+    ranks = {}
+    for pid in pids:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"trainkit.launcher" in cmdline and b"exec" in cmdline:
+            rank = [e for e in environ if e.startswith(b"RANK=")]
+            if rank:
+                ranks[int(rank[0].split(b"=", 1)[1])] = pid
+    return ranks
+
+
 def start_launcher(cfg: Path, *args: str) -> subprocess.Popen:
     # Its own session, as a terminal gives a job: the group of a Ctrl-C is the launcher's.
     return subprocess.Popen([str(LAUNCHER), "--config", str(cfg), *args], cwd=REPO, env=launcher_env(),
@@ -345,19 +362,9 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     same step and both take part in the checkpoint; no rank is left waiting in a collective."""
     proc, run_dir, tree = start_two_ranks(tmp_path, port_base=29600)
     try:
-        ranks = {}
-        for pid in tree:
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"trainkit.launcher" in cmdline and b"exec" in cmdline:
-                rank = [e for e in environ if e.startswith(b"RANK=")]
-                if rank:
-                    ranks[rank[0].split(b"=", 1)[1].decode()] = pid
-        assert set(ranks) == {"0", "1"}, ranks
-        os.kill(ranks["1"], signal.SIGTERM)
+        ranks = trainer_pids(tree)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -22,6 +22,12 @@
         into 1), and its pid in $TRAINKIT_EXIT_DIR/pid-<RANK>, so the launcher can send
         SIGTERM/SIGINT to the trainers directly. A run stopped by such a signal exits 0
         towards accelerate (no torchrun failure report); its code (143/130) is recorded.
+    python -m trainkit.launcher record-end RUN_DIR --exit-dir D --exit-code N [--report-only]
+        After accelerate has exited: the trainers that wrote a pid but no exit code in D died
+        where no Python ran (SIGKILL, the OOM killer, a hard crash). Records that, and a run.json
+        still saying running, in RUN_DIR (error_log.jsonl, a stop event, status failed), prints
+        one line on stderr and the launcher's exit code on stdout (1 when a rank died).
+        --report-only (machines other than 0, which do not write the run dir): the line only.
 
 Validation: a config whose `script` is one of the entry points (trainkit.config.scripts.SCRIPT_CONFIGS)
 is checked against that script's model, environment overrides (HP_*) included, as the script will
@@ -276,6 +282,82 @@ def record_pid() -> None:
     _write_rank_file("pid-", os.getpid())
 
 
+def ranks_without_exit_code(exit_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the trainers that recorded a pid (pid-<RANK>, at start) but no exit code
+    (rank-<RANK>, written on every way out that runs Python): they were killed by a signal no
+    process can catch (SIGKILL, the OOM killer) or crashed hard (a segfault)."""
+    lost = {}
+    for pid_file in exit_dir.glob("pid-*"):
+        rank = pid_file.name.removeprefix("pid-")
+        if rank.isdigit() and not (exit_dir / f"rank-{rank}").is_file():
+            try:
+                lost[int(rank)] = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                lost[int(rank)] = 0
+    return dict(sorted(lost.items()))
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the latest training log line or event (the current attempt's lines come last)."""
+    from trainkit.fileio import iter_jsonl
+    from trainkit.runlog import LOGS_DIR, STREAMS
+
+    step = 0
+    for stream in ("training", "events"):
+        path = run_dir / LOGS_DIR / STREAMS[stream]
+        last = None
+        if path.is_file():
+            for last in iter_jsonl(path):
+                pass
+        if isinstance(last, dict) and isinstance(last.get("step"), int):
+            step = max(step, last["step"])
+    return step
+
+
+def cmd_record_end(args) -> int:
+    """Record what the trainers could not: ranks that died without an exit code, and a run.json
+    left `running` (rank 0 itself was killed). Prints the launcher's exit code on stdout."""
+    import socket
+    import time
+
+    from trainkit.fileio import read_json
+    from trainkit.preemption import PREEMPTED_EXIT_CODES
+    from trainkit.runlog import RUN_INFO_FILE, RunLog
+
+    run_dir = Path(args.run_dir)
+    lost = ranks_without_exit_code(Path(args.exit_dir))
+    code = args.exit_code
+    if lost and (code == 0 or code in PREEMPTED_EXIT_CODES):
+        code = 1  # a rank died: a failure, whatever the others recorded while torchrun stopped them
+    info = {} if args.report_only else (read_json(run_dir / RUN_INFO_FILE) or {})
+    status = info.get("status")
+    # `preempted` with a dead rank: torchrun's SIGTERM to the survivors, not a scheduler's stop.
+    stale = (status == "running" and code != 0) or (lost and status == "preempted")
+    if lost:
+        which = ", ".join(f"{rank} (pid {pid})" for rank, pid in lost.items())
+        message = (f"rank{'s' if len(lost) > 1 else ''} {which} on {socket.gethostname()} ended without an exit code "
+                   f"of {'their' if len(lost) > 1 else 'its'} own: killed by a signal (SIGKILL, the OOM killer) or a "
+                   f"hard crash; torchrun stopped the other ranks and launch_training.sh exited with code {code}")
+    elif stale:
+        message = (f"the training processes ended (accelerate launch exit code {code}) and left run.json "
+                   "saying running: no rank recorded how the run ended")
+    else:
+        print(code)
+        return 0
+    recorded = ""
+    if not args.report_only and run_dir.is_dir():
+        runlog, step = RunLog(run_dir), last_logged_step(run_dir)
+        runlog.error(step, "RankDied" if lost else "RunEnded", message, fatal=status != "finished",
+                     ranks=list(lost), exit_code=code)
+        if stale:
+            runlog.event(step, "stop", f"run failed: {message}", reason="failed")
+            runlog.update_run_info(status="failed", end_time=time.time(), exit_code=code, error=message)
+        recorded = f" (recorded in {runlog.path('errors')})"
+    print(f"launch_training.sh: {message}{recorded}", file=sys.stderr)
+    print(code)
+    return 0
+
+
 def cmd_exec(argv: list[str]) -> int:
     """Run a script as __main__ and record its exit code (and pid) for the launcher."""
     from trainkit.cli import exit_code_for_exception
@@ -331,11 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show-command", help="print a command with secret-looking key=value arguments redacted")
     p.add_argument("argv", nargs=argparse.REMAINDER)
     sub.add_parser("exec", help="run SCRIPT ARGS... as __main__, recording its exit code")
+    p = sub.add_parser("record-end", help="after the trainers ended: record ranks that died without an exit code")
+    p.add_argument("run_dir")
+    p.add_argument("--exit-dir", required=True, help="the launcher's $TRAINKIT_EXIT_DIR")
+    p.add_argument("--exit-code", type=int, required=True, help="the exit code the launcher has so far")
+    p.add_argument("--report-only", action="store_true", help="print the line, write nothing (machines other than 0)")
     args = parser.parse_args(argv)
     if args.command == "show-command" and args.argv[:1] == ["--"]:
         args.argv = args.argv[1:]
     try:
-        return {"info": cmd_info, "lock": cmd_lock, "archive": cmd_archive, "show-command": cmd_show_command}[args.command](args)
+        return {"info": cmd_info, "lock": cmd_lock, "archive": cmd_archive, "show-command": cmd_show_command,
+                "record-end": cmd_record_end}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

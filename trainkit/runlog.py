@@ -61,7 +61,7 @@ RUN_FIELDS = {
     "run_name": "name of the run (the directory name)",
     "script": "entry point that wrote the run (train_qlora.py, train_lora.py, distill.py)",
     "status": "running | finished | failed | preempted (stopped by SIGTERM/SIGINT; launch_training.sh resumes it) (a reader may show 'stalled' for a running run whose logs stopped)",
-    "exit_code": "exit code of the trainer's processes when the run ended (0 finished, 1 failed, 2 config error, 143/130 preempted by SIGTERM/SIGINT), null while running or when killed without a record (SIGKILL)",
+    "exit_code": "exit code of the trainer's processes when the run ended (0 finished, 1 failed, 2 config error, 143/130 preempted by SIGTERM/SIGINT), null while running or when killed without a record (SIGKILL); launch_training.sh writes 1 when a rank died without an exit code and rank 0 could not record it",
     "start_time": "unix seconds of the first start",
     "last_start_time": "unix seconds of the latest start or resume",
     "end_time": "unix seconds when the run finished or failed, else null",
@@ -183,10 +183,12 @@ EXPERT_FIELDS = {
 ERROR_FIELDS = {
     "step": "optimizer step when the error happened",
     "time": "unix seconds",
-    "type": "exception class name, or NonFiniteLoss",
+    "type": "exception class name, or NonFiniteLoss, or, written by launch_training.sh after the processes ended: RankDied (a training process ended without an exit code of its own: killed by SIGKILL or the OOM killer, or crashed hard) or RunEnded (the processes failed and left run.json saying running)",
     "message": "one-line message",
-    "traceback": "full traceback text (null for non-fatal errors)",
+    "traceback": "full traceback text (null for non-fatal errors and launch_training.sh's lines)",
     "fatal": "true when the run stopped because of it",
+    "ranks": "launch_training.sh's lines: the ranks that ended without an exit code",
+    "exit_code": "launch_training.sh's lines: the exit code it exited with",
 }
 
 # logs/events.jsonl
@@ -354,9 +356,10 @@ class RunLog:
         assert event in EVENTS, f"unknown event {event!r}"
         self.write("events", {"step": step, "event": event, "message": message, **fields})
 
-    def error(self, step: int, type_: str, message: str, traceback: str | None = None, fatal: bool = False) -> None:
+    def error(self, step: int, type_: str, message: str, traceback: str | None = None, fatal: bool = False,
+              **fields: Any) -> None:
         self.write("errors", {"step": step, "type": type_, "message": message,
-                              "traceback": traceback, "fatal": fatal})
+                              "traceback": traceback, "fatal": fatal, **fields})
 
     def truncate_after(self, step: int) -> None:
         """Drop the lines with step > ``step`` from every stream (after a resume from ``step``), except
