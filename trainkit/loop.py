@@ -171,8 +171,8 @@ def pretrained_saver(model, tokenizer) -> Callable[..., None]:
 # ---------------------------------------------------------------- sharded models (FSDP)
 # Under FSDP every process holds a shard of each weight (DTensors). Checkpoints still hold what they hold under
 # DDP: the trainable weights only (the adapter; never the 4-bit or frozen base, which accelerate's own FSDP save
-# would write whole), gathered whole onto the main process, and the optimizer state as one full state dict, so
-# a checkpoint loads on any number of processes and with PEFT on one GPU or a CPU. torch.distributed.checkpoint's
+# would write whole), gathered whole onto the main process, and the optimizer state as one full state dict: the
+# adapter loads with PEFT on one GPU or a CPU, and the files do not depend on how the weights were sharded. torch.distributed.checkpoint's
 # state_dict functions do the gathering and the scattering back.
 OPTIMIZER_FULL_STATE_FILE = "optimizer_full_state.pt"  # FSDP checkpoints; accelerate's optimizer.bin otherwise
 
