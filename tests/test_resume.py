@@ -81,7 +81,8 @@ def test_non_finite_metric_never_ranks():
 
 def test_save_best_refuses_non_finite_weights(tmp_path):
     """Before: save_best skipped the finite-weights check that save has."""
-    accelerator = SimpleNamespace(is_main_process=True)
+    from accelerate.utils import DistributedType
+    accelerator = SimpleNamespace(is_main_process=True, distributed_type=DistributedType.NO)
     written = []
     checkpointer = Checkpointer(accelerator, tmp_path, None, {}, False, written.append,
                                 params_to_check=[torch.tensor([1.0, float("nan")])])
