@@ -36,10 +36,10 @@ def eval_loader(rows, batch_size: int, accelerator, max_batches: int | None = No
     return DataLoader(share, batch_size=batch_size, shuffle=False, **loader_options)
 
 
-def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) -> dict:
+def evaluate_loss(model, loader, accelerator) -> dict:
     """Token-level LM loss on a labelled loader (labels -100 are ignored), summed over processes.
     Computed from the logits, not the model's loss, which may include a MoE router aux loss.
-    `loader`: eval_loader's share of the rows, or a loader prepared by accelerate."""
+    `loader`: eval_loader's share of the rows (which applies training.max_eval_batches)."""
     import torch
     import torch.nn.functional as F
 
@@ -49,9 +49,7 @@ def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) ->
     tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     started = time.time()
     with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
+        for batch in loader:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]

@@ -262,9 +262,8 @@ def refuse_sharded_experts(accelerator, info: dict) -> None:
     adapters included, before the layer runs; DDP and ZeRO-2 keep them whole."""
     if not info.get("expert_targets"):
         return
-    from accelerate.utils import DistributedType
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3:
+    from trainkit.loop import is_zero3
+    if is_zero3(accelerator):
         raise ConfigError("lora.expert_targets: not supported under DeepSpeed ZeRO-3 (it partitions the expert "
                           "adapters' weights outside the experts' forward); use FSDP (--accelerate-config fsdp), DDP "
                           "or ZeRO-2, or lora.expert_targets: none")

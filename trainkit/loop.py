@@ -183,6 +183,14 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def is_zero3(accelerator) -> bool:
+    """DeepSpeed ZeRO stage 3: parameters partitioned into DeepSpeed's own flat buffers."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+
 def describe_sharding(model, accelerator, base_bytes_whole: int) -> dict:
     """What this process holds under FSDP: its shards of the frozen base (4-bit data and statistics included)
     and of the trainable weights, against `base_bytes_whole` (base_weight_bytes of the model before sharding);

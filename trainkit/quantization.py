@@ -433,10 +433,9 @@ def refuse_4bit_under_zero3(accelerator, load_in_4bit: bool) -> None:
     """A 4-bit base under DeepSpeed ZeRO-3: ConfigError. ZeRO-3 flattens every parameter into its own bf16/fp32
     partitions; the packed 4-bit bytes (uint8) and the NF4 expert banks' statistics are not such parameters, and
     their quantization statistics live outside what it gathers. FSDP shards the 4-bit base instead."""
-    from accelerate.utils import DistributedType
+    from trainkit.loop import is_zero3
 
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if load_in_4bit and accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3:
+    if load_in_4bit and is_zero3(accelerator):
         from trainkit.config import ConfigError
         raise ConfigError("quantization.load_in_4bit: DeepSpeed ZeRO-3 cannot shard 4-bit weights; use "
                           "--accelerate-config fsdp (shards the 4-bit base, NF4 experts included), or ZeRO-3 with "

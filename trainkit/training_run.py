@@ -31,7 +31,8 @@ from pathlib import Path
 from trainkit.checkpoints import archive_run_dir, final_checkpoint_dir, remove_partial_saves
 from trainkit import runlock
 from trainkit.config import ConfigError, public_config
-from trainkit.loop import Checkpointer, is_better, optimizer_step, register_weight_hooks, resume_training_state
+from trainkit.loop import (Checkpointer, is_better, is_sharded, optimizer_step, register_weight_hooks,
+                           resume_training_state)
 from trainkit.runlog import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunLog, RunWriteError
 from trainkit.train_state import TrainState
 
@@ -75,7 +76,7 @@ class TrainingRun:
             remove_partial_saves(self.run_dir)  # half-written checkpoints of a killed run
         self.accelerator.wait_for_everyone()
         self.runlog = RunLog(self.run_dir, self.is_main)
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.accelerator.distributed_type.value != "FSDP":
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not is_sharded(self.accelerator):
             # accelerate turns an FSDP config on CPU processes into plain data parallelism without a word
             self.say(f"warning: the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only: these "
                      f"{self.accelerator.num_processes} process(es) run {self.accelerator.distributed_type.value} "
