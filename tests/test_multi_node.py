@@ -161,3 +161,24 @@ def test_preempted_two_machine_job_resumes_on_both(two_machine_run, tmp_path):
     final, expected = (load_file(d / "final-checkpoint-4" / "model.safetensors") for d in (run_dir, reference))
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
     assert losses(run_dir) == losses(reference)
+
+
+@pytest.mark.gpu
+def test_two_launchers_on_two_gpus_form_one_nccl_job(tmp_path):
+    """The same two launchers on a 2-GPU machine, one GPU each (`--gpus 0` / `--gpus 1`): one NCCL job of 2
+    processes whose training equals one launcher running both GPUs (within NCCL's summation order)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs ({torch.cuda.device_count()} visible)")
+    machines = launch_two_machines(distill_config(tmp_path / "nodes", **SECTIONS),
+                                   machine_args=(("--gpus", "0"), ("--gpus", "1")))
+    for rank, result in enumerate(machines):
+        assert result.returncode == 0, (rank, result.stderr[-3000:])
+    one = subprocess.run([str(LAUNCHER), "--config", str(distill_config(tmp_path / "one", **SECTIONS)), "--gpus", "0,1"],
+                         cwd=REPO, env=launcher_env(HF_HUB_OFFLINE="1"), text=True, capture_output=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    nodes_dir, one_dir = tmp_path / "nodes" / "out" / "kd", tmp_path / "one" / "out" / "kd"
+    info = json.loads((nodes_dir / "run.json").read_text())
+    assert (info["world_size"], info["num_machines"], info["distributed_type"]) == (2, 2, "MULTI_GPU")
+    print("2 launchers:", losses(nodes_dir), "\n1 launcher: ", losses(one_dir))
+    for (step, loss, tokens), (step1, loss1, tokens1) in zip(losses(nodes_dir), losses(one_dir), strict=True):
+        assert (step, tokens) == (step1, tokens1) and loss == pytest.approx(loss1, rel=1e-3)
