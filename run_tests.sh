@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY="$(./scripts/setup_env.sh --print-python)" || { echo "run_tests.sh: error: environment setup failed (see above)" >&2; exit 1; }
-exec "$PY" -m pytest -q "$@"
+exec "$PY" -m pytest -q --durations=25 "$@"
