@@ -79,7 +79,7 @@ def main() -> int:
     from trainkit.env_overrides import describe
     from trainkit.kd import StudentKD, evaluate_kd
     from trainkit.loop import (describe_weight_sharding, gradient_sync, is_sharded, load_sharded_weights,
-                               pretrained_saver)
+                               pretrained_saver, shard_frozen_model)
     from trainkit.models import (apply_activation_checkpointing, describe_activation_checkpointing, load_frozen_model,
                                  load_weights_into)
     from trainkit.patches.peft import quiet_known_warnings
@@ -96,8 +96,11 @@ def main() -> int:
     micro_bs, accum = opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
     accelerator = Accelerator(log_with=cfg.logging.report_to or None, project_dir=str(cfg.run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    # Under DDP and FSDP alike every process holds the whole frozen teacher (on its own device, or on the CPU);
-    # FSDP shards the student only (see the README's distill.py section).
+    # Under DDP and FSDP every process holds the whole frozen teacher (on its own device, or on the CPU), unless
+    # teacher.shard: then FSDP shards it too (on the processes' own devices, where the collectives run).
+    if cfg.teacher.shard and not (is_sharded(accelerator) and cfg.teacher.device == "same"):
+        raise ConfigError("teacher.shard: shards the teacher in FSDP runs only (--accelerate-config fsdp on GPUs) "
+                          "with teacher.device: same")
     if world > 1 and cfg.teacher.device not in ("same", "cpu"):  # every process would put its teacher there
         raise ConfigError(f"teacher.device: {cfg.teacher.device} under {world} processes would hold every process's "
                           "teacher; use 'same' (each process's own device) or 'cpu'")
@@ -123,6 +126,11 @@ def main() -> int:
                 f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")
         # The teacher's lm_head is used inside the student's chunked loss: it must sit on the student's device.
         teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
+        teacher_sharding = None
+        if cfg.teacher.shard:  # after build_student, which copies the teacher's whole weights
+            shard_frozen_model(teacher)
+            teacher_sharding = describe_weight_sharding(teacher, accelerator)
+            run.say(f"teacher: {teacher_sharding['summary']} (lm_head whole)")
 
         def teacher_hidden(input_ids):
             with torch.no_grad():
@@ -160,9 +168,9 @@ def main() -> int:
         scheduler = build_staged_scheduler(optimizer, opt_cfg, [(s["steps"], s["lr"] / opt_cfg.learning_rate) for s in stages])
         accelerator.register_for_checkpointing(scheduler)
         trainable = [p for p in student.parameters() if p.requires_grad]  # under FSDP its shards
-        sharding = describe_weight_sharding(student, accelerator) if is_sharded(accelerator) else None
-        if sharding:
-            run.say(sharding["summary"])
+        if is_sharded(accelerator):
+            student_report["sharding"] = describe_weight_sharding(student, accelerator)
+            run.say(f"student: {student_report['sharding']['summary']}")
         # Checkpoints hold the student in save_pretrained form (loads with from_pretrained), not a second copy;
         # under FSDP the whole student (frozen parts too) gathered onto the main process, and scattered back on resume.
         def load_student(directory: str) -> None:
@@ -178,7 +186,7 @@ def main() -> int:
         state = StageTrainState(interval=Interval(KD_STATS))
         run.resume(state, scheduler)
         run.begin(state, total_steps, f"distilling {total_steps} steps in {len(stages)} stage(s)", "distill",
-                  model={**teacher_info, "activation_checkpointing": checkpointing, "sharding": sharding,
+                  model={**teacher_info, "activation_checkpointing": checkpointing, "sharding": teacher_sharding,
                          "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
                   data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]},
                   env_overrides=env_applied)

@@ -40,13 +40,15 @@ def launch(config: Path, fsdp: bool, *extra: str) -> subprocess.CompletedProcess
                           env=launch_env(fsdp))
 
 
-def config(tmp_path: Path) -> Path:
-    # freeze_mlp: the checkpoint must hold the frozen MLPs too (a whole student, not its trainable weights)
+def config(tmp_path: Path, **sections) -> Path:
+    # freeze_mlp: the checkpoint must hold the frozen MLPs too (a whole student, not its trainable weights);
+    # activation checkpointing auto: its probe forward runs before prepare (with a budget nothing fits: every layer)
     return distill_config(tmp_path, training={"max_steps": STEPS, "max_eval_batches": 2},
                           optimization={"micro_batch_size": 2},
                           student={"freeze_mlp": True},
+                          memory={"gradient_checkpointing": "auto", "activation_memory_budget_gib": 1e-9},
                           logging={"log_interval": 1, "eval_interval": CHECKPOINT_EVERY,
-                                   "checkpoint_interval": CHECKPOINT_EVERY})
+                                   "checkpoint_interval": CHECKPOINT_EVERY}, **sections)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -72,11 +74,15 @@ def test_fsdp_shards_the_student_and_trains_as_ddp_does(runs):
     assert json.loads((ddp_dir / "run.json").read_text())["distributed_type"] == "MULTI_CPU"
 
     # each process holds about half of the student (every weight, the frozen MLPs included)
-    sharding = fsdp_info["model"]["sharding"]
-    print(f"\n{sharding['summary']}")
+    sharding = fsdp_info["model"]["student"]["sharding"]
+    print(f"\nstudent: {sharding['summary']}")
     assert 0.45 <= sharding["weight_share_largest_process"] <= 0.55, sharding
     assert sharding["units"] == 4  # each decoder layer its own unit (StudentKD names them for the auto wrap)
-    assert sharding["summary"] in fsdp_result.stdout
+    assert f"student: {sharding['summary']}" in fsdp_result.stdout
+    assert fsdp_info["model"]["sharding"] is None  # the teacher whole on every process (teacher.shard: false)
+    checkpointing = fsdp_info["model"]["activation_checkpointing"]
+    assert (checkpointing["policy"], checkpointing["layers"], checkpointing["budget_from"]) == \
+        ("auto", 4, "memory.activation_memory_budget_gib"), checkpointing
 
     # the same training: FSDP's reduce-scatter and DDP's all-reduce sum the same gradients (fp32, 2 processes)
     assert len(losses(fsdp_dir)) == len(losses(ddp_dir)) == STEPS
@@ -136,3 +142,22 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key  # bitwise: fp32 on CPU, gloo sums in a fixed order
     assert losses(run_dir) == losses(reference_dir)
+
+
+def test_sharded_teacher_trains_the_same_student(runs, tmp_path):
+    """teacher.shard: each process keeps half of the teacher's decoder layers and embeddings (its lm_head whole, read
+    by the KD loss); every teacher forward gathers the same weights, so the run is the unsharded teacher's, bitwise."""
+    reference_dir, _ = runs["fsdp"]
+    result = launch(config(tmp_path, teacher={"shard": True}), True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "out" / "kd"
+    sharding = json.loads((run_dir / "run.json").read_text())["model"]["sharding"]
+    print(f"\nteacher: {sharding['summary']}")
+    assert sharding["units"] == 5  # 4 decoder layers and the base model (embeddings, final norm)
+    assert sharding["weight_share_largest_process"] < 0.6, sharding
+    assert f"teacher: {sharding['summary']} (lm_head whole)" in result.stdout
+    assert losses(run_dir) == losses(reference_dir)
+    final = f"final-checkpoint-{STEPS}"
+    sharded, reference = (load_file(d / final / "model.safetensors") for d in (run_dir, reference_dir))
+    for key in reference:
+        assert torch.equal(sharded[key], reference[key]), key

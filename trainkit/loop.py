@@ -234,6 +234,20 @@ def describe_weight_sharding(model, accelerator) -> dict:
                        f"largest process, {share:.3f}x the whole model's {_size(whole)}"}
 
 
+def shard_frozen_model(model) -> None:
+    """torch's fully_shard over a frozen model that only runs forward (distill's teacher, whose forward is
+    model.base_model): each decoder layer one unit and the base model (embeddings, final norm) the root, every unit
+    resharded after its forward, so each process keeps 1/N of them and gathers one layer at a time. The output head
+    stays whole, outside FSDP (the KD loss reads its weight directly)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from trainkit.models import decoder_layers
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model.base_model, reshard_after_forward=True)
+
+
 def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
