@@ -11,6 +11,8 @@ stages (1: pre-training text; 2, optional: instruction data): teacher forward (n
 forward, KD loss computed in chunks over the tokens (trainkit.kd) so that no full tokens x vocab
 logits exist, backward, AdamW + WSD -> log, evaluate, checkpoint -> final student saved with
 save_pretrained (loads back with from_pretrained after `import trainkit.students`).
+DDP: every process holds the student and the teacher whole. FSDP (--accelerate-config fsdp): the student
+sharded (gathered whole into each checkpoint), the teacher whole, or sharded too with teacher.shard.
 """
 
 from __future__ import annotations
