@@ -473,8 +473,8 @@ class Checkpointer:
         if (full and not self.sharded) or (per_process and self.sharded):
             written, now = ("with", "without") if full else ("without", "with")
             raise ConfigError(f"--resume_from: {directory} was written {written} FSDP and this run is {now} it: resume "
-                              "with the accelerate config that wrote it (the adapter alone loads anywhere: "
-                              "python -m trainkit.generate, trainkit.export or PEFT's from_pretrained)")
+                              "with the accelerate config that wrote it (the weights alone load anywhere: "
+                              "python -m trainkit.generate, trainkit.export, PEFT's or the student's from_pretrained)")
         return full or per_process
 
     def load_state(self, directory: Path) -> None:
