@@ -9,19 +9,16 @@ same config launched without it is the DDP baseline.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, kill_at_drawn_state
+from helpers_qlora import REPO, fsdp_launch_command, fsdp_launch_env, kill_at_drawn_state
 from test_distill import distill_config, stream
-from test_fsdp import launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +26,12 @@ STEPS, CHECKPOINT_EVERY = 8, 4
 
 
 def launch_command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-            "--main_process_port", str(29500 + (os.getpid() + 3 * len(str(config))) % 1000),
-            str(REPO / "distill.py"), "--config", str(config), *extra]
+    return fsdp_launch_command("distill.py", config, *extra)
 
 
 def launch(config: Path, fsdp: bool, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(launch_command(config, *extra), cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=launch_env(fsdp))
+                          env=fsdp_launch_env(fsdp))
 
 
 def config(tmp_path: Path, **sections) -> Path:
@@ -129,7 +123,7 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     cfg = config(tmp_path)
     run_dir = tmp_path / "out" / "kd"
     code, state = kill_at_drawn_state("distill.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
-                                      command=launch_command(cfg), env=launch_env(True))
+                                      command=launch_command(cfg), env=fsdp_launch_env(True))
     assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
     assert not (run_dir / f"final-checkpoint-{STEPS}").exists()
 
