@@ -11,6 +11,8 @@ stages (1: pre-training text; 2, optional: instruction data): teacher forward (n
 forward, KD loss computed in chunks over the tokens (trainkit.kd) so that no full tokens x vocab
 logits exist, backward, AdamW + WSD -> log, evaluate, checkpoint -> final student saved with
 save_pretrained (loads back with from_pretrained after `import trainkit.students`).
+DDP: every process holds the student and the teacher whole. FSDP (--accelerate-config fsdp): the student
+sharded (gathered whole into each checkpoint), the teacher whole, or sharded too with teacher.shard.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def main() -> int:
 
     from trainkit.env_overrides import describe
     from trainkit.kd import StudentKD, evaluate_kd
-    from trainkit.loop import gradient_sync, is_sharded, pretrained_saver
+    from trainkit.loop import (describe_weight_sharding, gradient_sync, is_sharded, load_sharded_weights,
+                               pretrained_saver, shard_frozen_model)
     from trainkit.models import (apply_activation_checkpointing, describe_activation_checkpointing, load_frozen_model,
                                  load_weights_into)
     from trainkit.patches.peft import quiet_known_warnings
@@ -95,11 +98,11 @@ def main() -> int:
     micro_bs, accum = opt_cfg.micro_batch_size, opt_cfg.gradient_accumulation_steps
     accelerator = Accelerator(log_with=cfg.logging.report_to or None, project_dir=str(cfg.run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if is_sharded(accelerator):
-        # the teacher and the student would both be wrapped, and the student's checkpoint (a whole model with
-        # frozen parts) is not gathered yet: refuse rather than save a partial student
-        raise ConfigError("distill.py does not run under FSDP yet: use DDP (--accelerate-config ddp, the default on "
-                          "several GPUs); each GPU then holds the teacher and the student")
+    # Under DDP and FSDP every process holds the whole frozen teacher (on its own device, or on the CPU), unless
+    # teacher.shard: then FSDP shards it too (on the processes' own devices, where the collectives run).
+    if cfg.teacher.shard and not (is_sharded(accelerator) and cfg.teacher.device == "same"):
+        raise ConfigError("teacher.shard: shards the teacher in FSDP runs only (--accelerate-config fsdp on GPUs) "
+                          "with teacher.device: same")
     if world > 1 and cfg.teacher.device not in ("same", "cpu"):  # every process would put its teacher there
         raise ConfigError(f"teacher.device: {cfg.teacher.device} under {world} processes would hold every process's "
                           "teacher; use 'same' (each process's own device) or 'cpu'")
@@ -125,6 +128,11 @@ def main() -> int:
                 f"{student_report.get('summary', '')}; trainable parameters: {trainable_count:,}")
         # The teacher's lm_head is used inside the student's chunked loss: it must sit on the student's device.
         teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
+        teacher_sharding = None
+        if cfg.teacher.shard:  # after build_student, which copies the teacher's whole weights
+            shard_frozen_model(teacher)
+            teacher_sharding = describe_weight_sharding(teacher, accelerator)
+            run.say(f"teacher: {teacher_sharding['summary']} (lm_head whole)")
 
         def teacher_hidden(input_ids):
             with torch.no_grad():
@@ -157,18 +165,30 @@ def main() -> int:
 
         # ------------------------------------------------------------ optimizer, schedule, checkpoints
         optimizer = build_optimizer(weight_decay_groups(student, opt_cfg.weight_decay), opt_cfg, device)
+        # FSDP: each of the student's decoder layers one unit, its embeddings, final norm and lm_head the root's
         kd_model, optimizer = accelerator.prepare(kd_model, optimizer)
         scheduler = build_staged_scheduler(optimizer, opt_cfg, [(s["steps"], s["lr"] / opt_cfg.learning_rate) for s in stages])
         accelerator.register_for_checkpointing(scheduler)
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        # Checkpoints hold the student in save_pretrained form (loads with from_pretrained), not a second copy.
-        run.make_checkpointer(pretrained_saver(student, tokenizer), lambda d: load_weights_into(student, d), trainable)
+        trainable = [p for p in student.parameters() if p.requires_grad]  # under FSDP its shards
+        if is_sharded(accelerator):
+            student_report["sharding"] = describe_weight_sharding(student, accelerator)
+            run.say(f"student: {student_report['sharding']['summary']}")
+        # Checkpoints hold the student in save_pretrained form (loads with from_pretrained), not a second copy;
+        # under FSDP the whole student (frozen parts too) gathered onto the main process, and scattered back on resume.
+        def load_student(directory: str) -> None:
+            if is_sharded(accelerator):
+                load_sharded_weights(accelerator, kd_model, student, directory)
+            else:
+                load_weights_into(student, directory)
+
+        run.make_checkpointer(pretrained_saver(student, tokenizer), load_student, trainable, model=kd_model,
+                              optimizer=optimizer, saved_module=student)
         best_dir = Path(cfg.paths.best_adapter_dir or run.run_dir / "best-student")
 
         state = StageTrainState(interval=Interval(KD_STATS))
         run.resume(state, scheduler)
         run.begin(state, total_steps, f"distilling {total_steps} steps in {len(stages)} stage(s)", "distill",
-                  model={**teacher_info, "activation_checkpointing": checkpointing,
+                  model={**teacher_info, "activation_checkpointing": checkpointing, "sharding": teacher_sharding,
                          "student": {k: v for k, v in student_report.items() if k not in ("copied", "initialised")}},
                   data={"stages": [{k: v for k, v in s.items() if k != "source"} | {"path": s["source"]["path"]} for s in stages]},
                   env_overrides=env_applied)

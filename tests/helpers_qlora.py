@@ -76,6 +76,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CPU_FSDP = REPO / "tests" / "cpu_fsdp"  # test-only shim: accelerate's FSDP2 path on CPU processes
+
+
+def fsdp_launch_command(script: str, config: Path, *extra: str) -> list[str]:
+    """`accelerate launch` of `script --config config` on 2 processes with configs/accelerate/fsdp.yaml, fp32: FSDP
+    with fsdp_launch_env(True), plain DDP without the shim (accelerate runs FSDP on GPUs only)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+            "--main_process_port", str(29500 + (os.getpid() + len(script) + len(str(config))) % 1000),
+            str(REPO / script), "--config", str(config), *extra]
+
+
+def fsdp_launch_env(fsdp: bool) -> dict:
+    """CPU processes; with `fsdp`, tests/cpu_fsdp/sitecustomize.py on PYTHONPATH."""
+    extra = {"ACCELERATE_USE_CPU": "1"}
+    if fsdp:
+        extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CPU_FSDP), os.environ.get("PYTHONPATH")]))
+    return script_env(**extra)
+
+
 def run_two_processes(args: list[str], script: str = "train_qlora.py", timeout: int = 600,
                       **env) -> subprocess.CompletedProcess:
     """`script args` on 2 CPU processes (gloo) as launch_training.sh starts them on a machine without a

@@ -122,7 +122,8 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     cases = {"student.mixer=mamba": "student.mixer: 'mamba' is not one of",
              "paths.data_path=./nowhere/shards": "paths.data_path: no such file or directory",
              "stage2.enabled=true": "stage2.data_path: required",
-             "logging.metric_for_best=accuracy": "logging.metric_for_best"}
+             "logging.metric_for_best=accuracy": "logging.metric_for_best",
+             "teacher.shard=true": "teacher.shard: shards the teacher in FSDP runs only"}
     for override, expected in cases.items():
         result = run_script(["--config", str(cfg), override], script="distill.py", timeout=120)
         lines = result.stderr.strip().splitlines()

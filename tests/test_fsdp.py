@@ -10,41 +10,28 @@ warning a user gets when FSDP falls back to DDP on CPUs.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, kill_at_drawn_state, script_env, tiny_config
+from helpers_qlora import REPO, fsdp_launch_command, fsdp_launch_env, kill_at_drawn_state, tiny_config
 
 pytestmark = pytest.mark.slow
 
-CPU_FSDP = str(REPO / "tests" / "cpu_fsdp")
 STEPS, CHECKPOINT_EVERY = 8, 4
 
 
 def launch_command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-            "--main_process_port", str(29500 + (os.getpid() + len(str(config))) % 1000),
-            str(REPO / "train_qlora.py"), "--config", str(config), *extra]
-
-
-def launch_env(fsdp: bool) -> dict:
-    extra = {"ACCELERATE_USE_CPU": "1"}
-    if fsdp:
-        extra["PYTHONPATH"] = os.pathsep.join(filter(None, [CPU_FSDP, os.environ.get("PYTHONPATH")]))
-    return script_env(**extra)
+    return fsdp_launch_command("train_qlora.py", config, *extra)
 
 
 def launch(config: Path, fsdp: bool, *extra: str):
     import subprocess
     return subprocess.run(launch_command(config, *extra), cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=launch_env(fsdp))
+                          env=fsdp_launch_env(fsdp))
 
 
 def config(tmp_path: Path) -> Path:
@@ -134,7 +121,7 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     cfg = config(tmp_path)
     run_dir = tmp_path / "out" / "tiny"
     code, state = kill_at_drawn_state("train_qlora.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
-                                      command=launch_command(cfg), env=launch_env(True))
+                                      command=launch_command(cfg), env=fsdp_launch_env(True))
     assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
     assert not (run_dir / f"final-checkpoint-{STEPS}").exists()
 
@@ -161,13 +148,11 @@ def test_train_lora_under_fsdp_trains_as_ddp_does(tmp_path):
     steps = 8
     runs = {}
     for name, fsdp in (("fsdp", True), ("ddp", False)):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-                   "--main_process_port", str(29500 + (os.getpid() + 7 + fsdp) % 1000), str(REPO / "train_lora.py"),
-                   "--config", str(REPO / "configs" / "gla_lora_sst2.yaml"), f"paths.output_dir={tmp_path / name}",
-                   f"training.max_steps={steps}", "logging.eval_interval=4", "logging.checkpoint_interval=4",
-                   "logging.progress_bar=false", "lora.dropout=0.0"]
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(fsdp))
+        command = fsdp_launch_command("train_lora.py", REPO / "configs" / "gla_lora_sst2.yaml",
+                                      f"paths.output_dir={tmp_path / name}", f"training.max_steps={steps}",
+                                      "logging.eval_interval=4", "logging.checkpoint_interval=4",
+                                      "logging.progress_bar=false", "lora.dropout=0.0")
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=fsdp_launch_env(fsdp))
         assert result.returncode == 0, result.stderr[-4000:]
         runs[name] = tmp_path / name / "tiny-gla-lora-sst2"
     info = json.loads((runs["fsdp"] / "run.json").read_text())

@@ -350,6 +350,13 @@ class StudentKD(torch.nn.Module):
         super().__init__()
         self.student, self.loss_kind, self.kd_options = student, loss, kd_options
 
+    @property
+    def _no_split_modules(self):
+        # FSDP's TRANSFORMER_BASED_WRAP shards the modules the prepared model names here: the student's decoder
+        # layers, each its own unit. The embeddings, final norm and lm_head stay in this root unit, gathered for
+        # the whole forward: the chunked loss reads lm_head's weight directly, without calling lm_head.
+        return self.student._no_split_modules
+
     def forward(self, input_ids, labels, teacher_hidden, teacher_head) -> KDOutput:
         hidden = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         head = self.student.get_output_embeddings().weight

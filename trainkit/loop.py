@@ -215,6 +215,39 @@ def describe_sharding(model, accelerator, base_bytes_whole: int) -> dict:
                        f"statistics); trainable {_size(trainable_here)} of {_size(trainable_whole)}"}
 
 
+def describe_weight_sharding(model, accelerator) -> dict:
+    """What this process holds of all the weights of `model` under FSDP (its shards, frozen weights included)
+    against the whole model's, and its FSDP units: run.json's model.sharding for a model without a 4-bit base
+    (distill's student)."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor's numel is the whole one's
+    here = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters())
+    largest = torch.tensor([here], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    share = largest.item() / max(whole, 1)
+    return {"processes": accelerator.num_processes, "weight_bytes_whole": whole, "weight_bytes_this_process": here,
+            "weight_bytes_largest_process": int(largest.item()), "weight_share_largest_process": round(share, 4),
+            "units": sum(isinstance(m, FSDPModule) for m in model.modules()),  # each gathered whole while it runs
+            "summary": f"FSDP over {accelerator.num_processes} processes: weights {_size(largest.item())} on the "
+                       f"largest process, {share:.3f}x the whole model's {_size(whole)}"}
+
+
+def shard_frozen_model(model) -> None:
+    """torch's fully_shard over a frozen model that only runs forward (distill's teacher, whose forward is
+    model.base_model): each decoder layer one unit and the base model (embeddings, final norm) the root, every unit
+    resharded after its forward, so each process keeps 1/N of them and gathers one layer at a time. The output head
+    stays whole, outside FSDP (the KD loss reads its weight directly)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from trainkit.models import decoder_layers
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model.base_model, reshard_after_forward=True)
+
+
 def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
@@ -238,6 +271,37 @@ def full_trainable_state(model) -> dict:
     reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=True))
+
+
+def full_module_state(model, module) -> dict:
+    """Collective: every weight of `module` (the prepared `model` or one of its submodules: distill's student in
+    its StudentKD), frozen ones included, whole, on the CPU of the main process, keyed as module.state_dict()
+    (an empty dict on the other processes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_sharded_weights(accelerator, model, module, directory: str) -> None:
+    """Collective: a save_pretrained directory (full_module_state's weights), read on the main process, checked
+    against `module` (trainkit.models.weights_mismatch) and scattered into the shards of the prepared `model`."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from trainkit.models import read_pretrained_weights, weights_mismatch
+
+    state, error = {}, None
+    if accelerator.is_main_process:
+        state = read_pretrained_weights(directory)
+        expected = module.state_dict().keys()  # the keys only: no gathering
+        error = weights_mismatch(module, directory, sorted(expected - state.keys()), sorted(state.keys() - expected))
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item():  # every process stops, not only the one that read it
+        raise RuntimeError(error or f"{directory}: weights do not match the model (see the main process's error)")
+    reshard(model)
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                 strict=False))
 
 
 def load_sharded_adapter(accelerator, model, directory: str) -> None:
@@ -371,7 +435,7 @@ class Checkpointer:
 
     def __init__(self, accelerator, run_dir: Path, runlog: RunLog, log_cfg: dict, save_optimizer_state: bool,
                  save_weights: Callable[..., None], params_to_check=(), run_config: dict | None = None,
-                 model=None, optimizer=None):
+                 model=None, optimizer=None, saved_module=None):
         self.accelerator, self.run_dir, self.runlog, self.log_cfg = accelerator, Path(run_dir), runlog, log_cfg
         self.save_optimizer_state = save_optimizer_state
         self.save_weights = save_weights
@@ -382,6 +446,9 @@ class Checkpointer:
         if self.sharded and (model is None or optimizer is None):
             raise ValueError("Checkpointer under FSDP needs the prepared model and optimizer")
         self.model, self.optimizer = model, optimizer
+        # what save_weights writes under FSDP: every weight of saved_module (distill's student, frozen parts
+        # included), else the trainable weights of model (an adapter)
+        self.saved_module = saved_module
         # Stored in every checkpoint: the config that produced it (checked on resume), and the
         # attempt that wrote it with the attempts its line continues (checkpoints.continue_lineage).
         self.run_config = stored_config(run_config) if run_config is not None else None
@@ -406,8 +473,8 @@ class Checkpointer:
         if (full and not self.sharded) or (per_process and self.sharded):
             written, now = ("with", "without") if full else ("without", "with")
             raise ConfigError(f"--resume_from: {directory} was written {written} FSDP and this run is {now} it: resume "
-                              "with the accelerate config that wrote it (the adapter alone loads anywhere: "
-                              "python -m trainkit.generate, trainkit.export or PEFT's from_pretrained)")
+                              "with the accelerate config that wrote it (the weights alone load anywhere: "
+                              "python -m trainkit.generate, trainkit.export, PEFT's or the student's from_pretrained)")
         return full or per_process
 
     def load_state(self, directory: Path) -> None:
@@ -420,8 +487,12 @@ class Checkpointer:
         load_sharded_optimizer(self.model, self.optimizer, directory / OPTIMIZER_FULL_STATE_FILE, self.is_main)
 
     def gather_weights(self) -> dict | None:
-        """Collective under FSDP: the trainable weights gathered whole for save_weights; None otherwise."""
-        return full_trainable_state(self.model) if self.sharded else None
+        """Collective under FSDP: the weights save_weights writes, gathered whole; None otherwise."""
+        if not self.sharded:
+            return None
+        if self.saved_module is not None:
+            return full_module_state(self.model, self.saved_module)
+        return full_trainable_state(self.model)
 
     def write_weights(self, directory: Path, state: dict | None) -> None:
         """The model's own files (save_weights), on the main process."""

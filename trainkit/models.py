@@ -483,9 +483,8 @@ def load_frozen_model(cfg: TrainConfig, device, tokenizer, dtype: str = "auto") 
                    "summary": f"{name} ({model.config.model_type}): {total:,} parameters in {dtype} ({dtype_reason}), frozen"}
 
 
-def load_weights_into(model: nn.Module, directory) -> None:
-    """Load a save_pretrained directory (single or sharded safetensors) into an existing model, strictly
-    except for weights tied to others (save_pretrained leaves those out)."""
+def read_pretrained_weights(directory) -> dict:
+    """The weights of a save_pretrained directory (single or sharded safetensors), on the CPU."""
     import json
     from pathlib import Path
 
@@ -497,9 +496,24 @@ def load_weights_into(model: nn.Module, directory) -> None:
     state: dict = {}
     for name in files:
         state.update(load_file(directory / name, device="cpu"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return state
+
+
+def weights_mismatch(model: nn.Module, directory, missing, unexpected) -> str | None:
+    """The error for weights of `directory` that do not match `model`, or None; weights tied to others
+    (save_pretrained leaves those out) may be missing."""
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tied |= {k for k in missing if k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"{directory}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return f"{directory}: weights do not match the model (missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
+    return None
+
+
+def load_weights_into(model: nn.Module, directory) -> None:
+    """Load a save_pretrained directory into an existing model, strictly except for tied weights
+    (under FSDP: trainkit.loop.load_sharded_weights)."""
+    missing, unexpected = model.load_state_dict(read_pretrained_weights(directory), strict=False)
+    error = weights_mismatch(model, directory, missing, unexpected)
+    if error:
+        raise RuntimeError(error)

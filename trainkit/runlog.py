@@ -77,7 +77,7 @@ RUN_FIELDS = {
     "lineage": "[[attempt, last step or null], ...]: the checkpoints the latest attempt continues; --resume and the launcher resume the newest checkpoint on it",
     "versions": "python and the installed versions of torch, transformers, accelerate, peft, bitsandbytes, datasets, flash-linear-attention, fla-core, triton, tokenizers, safetensors, deepspeed (those installed), cuda and gpu on a GPU",
     "patches": "patches of library internals that acted in this run (trainkit/patches): [{name, library, version, why}]",
-    "model": "model summary: name, family, is_moe, parameter counts, 4-bit parameter count; activation_checkpointing: memory.gradient_checkpointing's decision {policy (auto, true, false), layers (checkpointed: the first ones), of (decoder layers), tokens (per micro batch), estimated_gib_per_layer, estimated_gib (activations with this choice), budget_gib, budget_from}, the estimates and budget null for true and false",
+    "model": "model summary: name, family, is_moe, parameter counts, 4-bit parameter count; activation_checkpointing: memory.gradient_checkpointing's decision {policy (auto, true, false), layers (checkpointed: the first ones), of (decoder layers), tokens (per micro batch), estimated_gib_per_layer, estimated_gib (activations with this choice), budget_gib, budget_from}, the estimates and budget null for true and false; sharding (FSDP: what the largest process holds against the whole; distill.py: student.sharding for the student, sharding for a teacher.shard teacher, each with units)",
     "config": "the full validated config (secrets redacted)",
     "config_path": "the config file the run was started with",
     "error": "one-line message of the fatal error, when status is failed",

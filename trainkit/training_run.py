@@ -126,17 +126,19 @@ class TrainingRun:
                 pass
 
     # ------------------------------------------------------------ before the loop
-    def make_checkpointer(self, save_weights, load_weights, params_to_check, model=None, optimizer=None):
+    def make_checkpointer(self, save_weights, load_weights, params_to_check, model=None, optimizer=None,
+                          saved_module=None):
         """The run's Checkpointer (trainkit.loop): checkpoints hold the model as `save_weights(dir)`
         writes it (an adapter, a student) besides accelerate's optimizer/scheduler/RNG state, and
         load back through `load_weights(dir)` (trainkit.loop.register_weight_hooks). `model`, `optimizer`:
-        the prepared ones, whose shards an FSDP checkpoint gathers."""
+        the prepared ones, whose shards an FSDP checkpoint gathers: the trainable weights, or every weight
+        of `saved_module` (a submodule of model: distill's student)."""
         register_weight_hooks(self.accelerator, load_weights)
         self.load_weights = load_weights
         self.checkpointer = Checkpointer(self.accelerator, self.run_dir, self.runlog, self.log_cfg,
                                          self.cfg.memory.save_optimizer_state, save_weights,
                                          params_to_check=params_to_check, run_config=self.cfg,
-                                         model=model, optimizer=optimizer)
+                                         model=model, optimizer=optimizer, saved_module=saved_module)
         return self.checkpointer
 
     def resume(self, state: TrainState, scheduler) -> None:

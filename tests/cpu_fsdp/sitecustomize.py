@@ -1,4 +1,4 @@
-"""Test-only: accelerate's FSDP on CPU processes (gloo), put on PYTHONPATH by tests/test_fsdp.py.
+"""Test-only: accelerate's FSDP on CPU processes (gloo), put on PYTHONPATH by tests/helpers_qlora.fsdp_launch_env.
 
 accelerate turns an FSDP config into plain DDP on CPUs (AcceleratorState only enables FSDP for GPU-like
 devices), yet torch's FSDP2 (fully_shard) runs on CPU with gloo. With ACCELERATE_USE_FSDP=true (set by

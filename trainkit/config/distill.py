@@ -50,6 +50,7 @@ class DistillLoggingSection(LoggingSection):
 class TeacherSection(ConfigModel):
     device: Str = Field("same", description="'same' (the student's device) or a device for the frozen teacher, e.g. cuda:1 (one process; under several: same or cpu)")
     dtype: Dtype = Field("auto", description="teacher weights dtype; auto: bfloat16 on GPUs with native bf16, float16 on older GPUs, float32 on CPUs")
+    shard: Bool = Field(False, description="FSDP runs (--accelerate-config fsdp) with device 'same': shard the teacher's decoder layers and embeddings over the processes (forward only; lm_head stays whole); false: every process holds the whole teacher")
 
 
 class StudentSection(ConfigModel):
@@ -111,7 +112,7 @@ class DistillConfig(TrainConfig):
     # Not the stage lengths (training.max_steps/epochs, stage2.max_steps/epochs, data.estimate_rows): the
     # staged schedule runs on the global step, so a stage of another length shifts every later stage.
     RESUME_MUTABLE: ClassVar[frozenset[str]] = (TrainConfig.RESUME_MUTABLE - {"training.epochs", "training.max_steps"}) | {
-        "stage2.learning_rate", "teacher.device", "teacher.dtype", "distill.chunk_size", "distill.loss"}
+        "stage2.learning_rate", "teacher.device", "teacher.dtype", "teacher.shard", "distill.chunk_size", "distill.loss"}
 
     @model_validator(mode="after")
     def consistent(self) -> DistillConfig:
