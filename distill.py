@@ -137,6 +137,8 @@ def main() -> int:
         def teacher_hidden(input_ids):
             with torch.no_grad():
                 hidden = teacher.base_model(input_ids=input_ids.to(teacher_device), use_cache=False).last_hidden_state
+            if cfg.teacher.shard:  # torch's FSDP2 may keep a root unit gathered after forward (it expects a backward)
+                teacher.base_model.reshard()
             return hidden.to(device)
 
         kd_model = StudentKD(student, loss=kd_cfg.loss, temperature=kd_cfg.temperature, top_k=kd_cfg.top_k,

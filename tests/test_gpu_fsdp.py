@@ -1,5 +1,6 @@
-"""FSDP-QLoRA on the GPUs of this machine (NCCL, bf16 mixed precision, as users run it): a kill and a resume
-against an uninterrupted run, adapter-only checkpoints, and the final adapter loaded by plain PEFT on one GPU.
+"""FSDP on the GPUs of this machine: QLoRA (NCCL, bf16 mixed precision, as users run it): a kill and a resume
+against an uninterrupted run, adapter-only checkpoints, and the final adapter loaded by plain PEFT on one GPU;
+distill.py with the student and the teacher sharded, killed and resumed.
 
 Runs on every visible GPU, up to 2 (NCCL allows one process per GPU). On one GPU this is FSDP over one process:
 the NCCL, CUDA and bf16 code paths of checkpointing and resuming, not the sharding itself, which
@@ -29,10 +30,10 @@ def processes() -> int:
     return max(1, min(2, torch.cuda.device_count()))
 
 
-def command(config: Path, *extra: str) -> list[str]:
+def command(config: Path, *extra: str, script: str = "train_qlora.py") -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(processes()),
-            "--main_process_port", str(free_port()), str(REPO / "train_qlora.py"), "--config", str(config), *extra]
+            "--main_process_port", str(free_port()), str(REPO / script), "--config", str(config), *extra]
 
 
 def config(tmp_path: Path) -> Path:
@@ -102,3 +103,50 @@ def test_fsdp_on_gpus_resume_after_a_kill_matches_the_uninterrupted_run(uninterr
     for key in reference:  # NCCL may sum in another order after a restart: within bf16 rounding of the update
         torch.testing.assert_close(resumed[key], reference[key], rtol=2e-2, atol=1e-4, msg=key)
     assert losses(run_dir) == pytest.approx(losses(uninterrupted), rel=1e-2)
+
+
+def test_distill_under_fsdp_on_gpus_resumes_after_a_kill(tmp_path):
+    """distill.py with the student sharded and teacher.shard (NCCL, bf16 mixed precision): killed after a checkpoint
+    and resumed, it ends with the uninterrupted run's student (bitwise, or within bf16 rounding); the final student
+    loads with from_pretrained onto the GPU."""
+    from test_distill import distill_config
+    from transformers import AutoModelForCausalLM
+
+    import trainkit.students  # noqa: F401  (registers the student model types)
+
+    def write(directory: Path) -> Path:
+        return distill_config(directory, training={"max_steps": STEPS}, teacher={"shard": True},
+                              logging={"log_interval": 1, "checkpoint_interval": CHECKPOINT_EVERY,
+                                       "eval_interval": CHECKPOINT_EVERY})
+
+    reference_cfg = write(tmp_path / "reference")
+    result = subprocess.run(command(reference_cfg, script="distill.py"), cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=script_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    reference_dir = tmp_path / "reference" / "out" / "kd"
+    info = json.loads((reference_dir / "run.json").read_text())
+    assert (info["distributed_type"], info["world_size"]) == ("FSDP", processes())
+    print("teacher:", info["model"]["sharding"]["summary"], "\nstudent:", info["model"]["student"]["sharding"]["summary"])
+
+    cfg = write(tmp_path / "killed")
+    run_dir = tmp_path / "killed" / "out" / "kd"
+    code, state = kill_at_drawn_state("distill.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
+                                      command=command(cfg, script="distill.py"), env=script_env())
+    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
+    result = subprocess.run(command(cfg, "--resume", script="distill.py"), cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=script_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    final = f"final-checkpoint-{STEPS}"
+    resumed, reference = (load_file(d / final / "model.safetensors") for d in (run_dir, reference_dir))
+    assert resumed.keys() == reference.keys()
+    diffs = {k: (resumed[k].float() - reference[k].float()).abs().max().item() for k in reference}
+    worst = max(diffs, key=diffs.get)
+    print(f"distill resume vs uninterrupted on {processes()} GPU(s): bitwise="
+          f"{all(torch.equal(resumed[k], reference[k]) for k in reference)}, largest |diff| {diffs[worst]:.3e} ({worst}); "
+          f"losses {losses(run_dir)} vs {losses(reference_dir)}")
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=2e-2, atol=1e-4, msg=key)
+    student = AutoModelForCausalLM.from_pretrained(reference_dir / final).to("cuda:0")
+    for name, tensor in student.state_dict().items():
+        if name in reference:
+            assert torch.equal(tensor.cpu(), reference[name]), name
