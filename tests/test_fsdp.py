@@ -139,24 +139,29 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     assert saved["state"] and all("exp_avg" in s for s in saved["state"].values())
 
 
-def test_train_lora_under_fsdp_trains_as_ddp_does(tmp_path):
-    """train_lora.py (GLA, LoRA plus modules_to_save embeddings and lm_head, task evaluation with generation)
-    under FSDP and under DDP from the same config. Evaluating leaves FSDP's root unit unsharded (no backward
-    follows); the checkpoint after it must still find the optimizer's parameters (trainkit.loop.reshard)."""
+@pytest.mark.parametrize("family", ["gla", "llama"])
+def test_train_lora_under_fsdp_trains_as_ddp_does(tmp_path, family):
+    """train_lora.py (LoRA plus modules_to_save embeddings and lm_head; GLA scored by generation, an HF Llama by
+    label likelihood) under FSDP and under DDP from the same config. Evaluating leaves FSDP's root unit unsharded
+    (no backward follows); the checkpoint after it must still find the optimizer's parameters (trainkit.loop.reshard)."""
     import subprocess
 
+    from test_train_lora import TINY_LLAMA, lora_config
+
     steps = 8
+    sections = dict(training={"max_steps": steps}, lora={"dropout": 0.0},
+                    logging={"eval_interval": 4, "checkpoint_interval": 4})
+    if family == "llama":
+        sections.update(model={"config": TINY_LLAMA}, task={"label_likelihood": True},
+                        lora={"dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]})
     runs = {}
     for name, fsdp in (("fsdp", True), ("ddp", False)):
-        command = fsdp_launch_command("train_lora.py", REPO / "configs" / "gla_lora_sst2.yaml",
-                                      f"paths.output_dir={tmp_path / name}", f"training.max_steps={steps}",
-                                      "logging.eval_interval=4", "logging.checkpoint_interval=4",
-                                      "logging.progress_bar=false", "lora.dropout=0.0")
+        command = fsdp_launch_command("train_lora.py", lora_config(tmp_path / name, **sections))
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=fsdp_launch_env(fsdp))
         assert result.returncode == 0, result.stderr[-4000:]
-        runs[name] = tmp_path / name / "tiny-gla-lora-sst2"
+        runs[name] = tmp_path / name / "out" / "gla"
     info = json.loads((runs["fsdp"] / "run.json").read_text())
-    assert info["distributed_type"] == "FSDP"
+    assert (info["distributed_type"], info["model"]["family"]) == ("FSDP", family)
     assert losses(runs["fsdp"]) == pytest.approx(losses(runs["ddp"]), rel=1e-4)
     evals = {name: [json.loads(line) for line in (d / "logs" / "eval_log.jsonl").read_text().splitlines()]
              for name, d in runs.items()}
@@ -167,6 +172,6 @@ def test_train_lora_under_fsdp_trains_as_ddp_does(tmp_path):
     fsdp_adapter, ddp_adapter = (load_file(d / f"final-checkpoint-{steps}" / "adapter_model.safetensors")
                                  for d in runs.values())
     assert fsdp_adapter.keys() == ddp_adapter.keys()
-    assert any("lm_head" in k for k in fsdp_adapter) and any("embeddings" in k for k in fsdp_adapter)
+    assert any("lm_head" in k for k in fsdp_adapter) and any("embed" in k for k in fsdp_adapter)
     for key in fsdp_adapter:
         torch.testing.assert_close(fsdp_adapter[key], ddp_adapter[key], rtol=1e-3, atol=1e-5, msg=key)
