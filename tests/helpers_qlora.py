@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,21 @@ def logged_steps(run_dir: Path) -> list[int]:
             pass
     return steps
 
+
+
+def kill_then_resume(script: str, config: Path, command: list[str], resume_command: list[str], env: dict, run_dir: Path,
+                     *, checkpoint_step: int, log_step: int, final_step: int) -> subprocess.CompletedProcess:
+    """`command` (a launch of `script --config config` writing run_dir) SIGKILLed at a drawn state (kill_at_drawn_state: checkpoint
+    `checkpoint_step` complete or the log line of `log_step`), then `resume_command` run to the end; checks the
+    kill landed before the end and the resume continued from the checkpoint. Returns the resumed run."""
+    code, state = kill_at_drawn_state(script, config, run_dir, checkpoints=[checkpoint_step],
+                                      log_steps=[log_step], command=command, env=env)
+    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
+    assert not (run_dir / f"final-checkpoint-{final_step}").exists()
+    result = subprocess.run(resume_command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {run_dir / f'checkpoint-{checkpoint_step}'}" in result.stdout
+    return result
 
 def wait_for_log_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
     """Wait (for a state, never for wall time) until the training log has the line of `step`."""

@@ -10,14 +10,13 @@ warning a user gets when FSDP falls back to DDP on CPUs.
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, fsdp_launch_command, fsdp_launch_env, kill_at_drawn_state, tiny_config
+from helpers_qlora import REPO, fsdp_launch_command, fsdp_launch_env, kill_then_resume, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -120,14 +119,8 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     reference_dir, _ = runs["fsdp"]
     cfg = config(tmp_path)
     run_dir = tmp_path / "out" / "tiny"
-    code, state = kill_at_drawn_state("train_qlora.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
-                                      command=launch_command(cfg), env=fsdp_launch_env(True))
-    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
-    assert not (run_dir / f"final-checkpoint-{STEPS}").exists()
-
-    result = launch(cfg, True, "--resume")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"resumed from {run_dir / f'checkpoint-{CHECKPOINT_EVERY}'}" in result.stdout
+    kill_then_resume("train_qlora.py", cfg, launch_command(cfg), launch_command(cfg, "--resume"), fsdp_launch_env(True),
+                     run_dir, checkpoint_step=CHECKPOINT_EVERY, log_step=6, final_step=STEPS)
     final = f"final-checkpoint-{STEPS}"
     resumed, reference = (load_file(d / final / "adapter_model.safetensors") for d in (run_dir, reference_dir))
     assert resumed.keys() == reference.keys()

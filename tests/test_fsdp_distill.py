@@ -9,7 +9,6 @@ same config launched without it is the DDP baseline.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, fsdp_launch_command, fsdp_launch_env, kill_at_drawn_state
+from helpers_qlora import REPO, fsdp_launch_command, fsdp_launch_env, kill_then_resume
 from test_distill import distill_config, stream
 
 pytestmark = pytest.mark.slow
@@ -122,14 +121,8 @@ def test_fsdp_resume_after_a_kill_is_exact(runs, tmp_path):
     reference_dir, _ = runs["fsdp"]
     cfg = config(tmp_path)
     run_dir = tmp_path / "out" / "kd"
-    code, state = kill_at_drawn_state("distill.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
-                                      command=launch_command(cfg), env=fsdp_launch_env(True))
-    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
-    assert not (run_dir / f"final-checkpoint-{STEPS}").exists()
-
-    result = launch(cfg, True, "--resume")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"resumed from {run_dir / f'checkpoint-{CHECKPOINT_EVERY}'}" in result.stdout
+    kill_then_resume("distill.py", cfg, launch_command(cfg), launch_command(cfg, "--resume"), fsdp_launch_env(True),
+                     run_dir, checkpoint_step=CHECKPOINT_EVERY, log_step=6, final_step=STEPS)
     final = f"final-checkpoint-{STEPS}"
     resumed, reference = (load_file(d / final / "model.safetensors") for d in (run_dir, reference_dir))
     assert resumed.keys() == reference.keys()

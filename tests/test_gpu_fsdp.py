@@ -10,7 +10,6 @@ benchmarks/bench_multi_gpu.py and tests/test_fsdp.py (2 CPU processes) measure.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_qlora import REPO, TINY_MOE, free_port, kill_at_drawn_state, script_env, tiny_config
+from helpers_qlora import REPO, TINY_MOE, free_port, kill_then_resume, script_env
+from test_fsdp import CHECKPOINT_EVERY, STEPS, config, losses  # the same tiny run as on CPU processes
 
 pytestmark = pytest.mark.gpu
 
-STEPS, CHECKPOINT_EVERY = 8, 4
 
 
 def processes() -> int:
@@ -34,16 +33,6 @@ def command(config: Path, *extra: str, script: str = "train_qlora.py") -> list[s
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(processes()),
             "--main_process_port", str(free_port()), str(REPO / script), "--config", str(config), *extra]
-
-
-def config(tmp_path: Path) -> Path:
-    return tiny_config(tmp_path, training={"max_steps": STEPS}, lora={"dropout": 0.0, "expert_targets": "auto"},
-                       optimization={"micro_batch_size": 2},
-                       logging={"checkpoint_interval": CHECKPOINT_EVERY, "eval_interval": CHECKPOINT_EVERY})
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "logs" / "training_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +71,8 @@ def test_fsdp_on_gpus_checkpoints_the_adapter_and_peft_loads_it_on_one_gpu(unint
 def test_fsdp_on_gpus_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_path):
     cfg = config(tmp_path)
     run_dir = tmp_path / "out" / "tiny"
-    code, state = kill_at_drawn_state("train_qlora.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
-                                      command=command(cfg), env=script_env())
-    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
-    assert not (run_dir / f"final-checkpoint-{STEPS}").exists()
-    result = subprocess.run(command(cfg, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env=script_env())
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"resumed from {run_dir / f'checkpoint-{CHECKPOINT_EVERY}'}" in result.stdout
+    kill_then_resume("train_qlora.py", cfg, command(cfg), command(cfg, "--resume"), script_env(), run_dir,
+                     checkpoint_step=CHECKPOINT_EVERY, log_step=6, final_step=STEPS)
 
     final = f"final-checkpoint-{STEPS}"
     resumed, reference = (load_file(d / final / "adapter_model.safetensors") for d in (run_dir, uninterrupted))
@@ -130,12 +113,8 @@ def test_distill_under_fsdp_on_gpus_resumes_after_a_kill(tmp_path):
 
     cfg = write(tmp_path / "killed")
     run_dir = tmp_path / "killed" / "out" / "kd"
-    code, state = kill_at_drawn_state("distill.py", cfg, run_dir, checkpoints=[CHECKPOINT_EVERY], log_steps=[6],
-                                      command=command(cfg, script="distill.py"), env=script_env())
-    assert code == -signal.SIGKILL, f"the run ended before the kill at {state}"
-    result = subprocess.run(command(cfg, "--resume", script="distill.py"), cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env=script_env())
-    assert result.returncode == 0, result.stderr[-4000:]
+    kill_then_resume("distill.py", cfg, command(cfg, script="distill.py"), command(cfg, "--resume", script="distill.py"),
+                     script_env(), run_dir, checkpoint_step=CHECKPOINT_EVERY, log_step=6, final_step=STEPS)
     final = f"final-checkpoint-{STEPS}"
     resumed, reference = (load_file(d / final / "model.safetensors") for d in (run_dir, reference_dir))
     assert resumed.keys() == reference.keys()
